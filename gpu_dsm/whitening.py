@@ -1,0 +1,132 @@
+"""Learned whitening of global descriptors: PCA whitening and supervised whitening (Lw).
+
+A :class:`Whitening` is an affine map ``y = P x + b`` (``P``: ``(d, D)``, ``b``: ``(d,)``)
+followed by L2 normalisation. It is fitted once, saved, loaded and applied:
+
+- :func:`fit_pca_whitening`: PCA whitening learned on a set of descriptors (SPoC paper;
+  cnnimageretrieval-pytorch ``pcawhitenlearn``).
+- :func:`fit_supervised_whitening`: Mikolajczyk & Matas' learned whitening from matching pairs
+  (cnnimageretrieval-pytorch ``whitenlearn``; DSM paper 4.1 "supervised whitening"):
+  ``m = mean(X_q)``, ``S = cov(X_q - X_p)``, ``P = chol(S)^-1``, then rotate by the eigenvectors
+  of ``P (X - m) (X - m)^T P^T`` sorted by decreasing eigenvalue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_dsm.io import torch_save
+
+_FORMAT = "gpu_dsm.whitening/1"
+
+
+@dataclass
+class Whitening:
+    """Affine whitening ``y = l2n(P[:dim] x + b[:dim])``; rows of ``P`` sorted by importance."""
+
+    projection: torch.Tensor  # (d, D)
+    bias: torch.Tensor  # (d,)
+    method: str = "pca"
+
+    @classmethod
+    def from_mean_projection(cls, mean: torch.Tensor, projection: torch.Tensor, method: str) -> "Whitening":
+        """Build from the ``(m, P)`` form ``P (x - m)``."""
+        return cls(projection=projection, bias=-(projection @ mean), method=method)
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.projection.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.projection.shape[0])
+
+    def apply(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Whiten ``(N, D)`` descriptors to ``(N, dim)`` L2-normalised ones (``dim`` defaults to all)."""
+        if descriptors.ndim != 2 or descriptors.shape[1] != self.input_dim:
+            raise ValueError(
+                f"whitening expects descriptors of shape (N, {self.input_dim}), got {tuple(descriptors.shape)}"
+            )
+        dim = self.output_dim if dim is None else int(dim)
+        if not 0 < dim <= self.output_dim:
+            raise ValueError(f"whitening dim must be in 1..{self.output_dim}, got {dim}")
+        proj = self.projection[:dim].to(descriptors)
+        bias = self.bias[:dim].to(descriptors)
+        return F.normalize(descriptors @ proj.T + bias, dim=-1)
+
+    def save(self, path: str | Path) -> Path:
+        state = {"format": _FORMAT, "method": self.method, "projection": self.projection.cpu(), "bias": self.bias.cpu()}
+        return torch_save(path, state)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Whitening":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"whitening file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read whitening file {path}: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a gpu_dsm whitening file (expected format {_FORMAT!r})")
+        return cls(projection=state["projection"], bias=state["bias"], method=state["method"])
+
+
+def _check_descriptors(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"{what}: expected (N >= 2, D) descriptors, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what}: descriptors contain NaN or Inf")
+    return x.double()
+
+
+def _sorted_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    order = values.argsort(descending=True)
+    return values[order], vectors[:, order]
+
+
+def fit_pca_whitening(descriptors: torch.Tensor, dim: int | None = None, eps: float = 1e-6) -> Whitening:
+    """PCA whitening of ``(N, D)`` descriptors.
+
+    ``dim`` defaults to the numerical rank (at most ``N - 1``): directions with an eigenvalue
+    below ``eps`` times the largest carry no information and would be blown up by 1/sqrt.
+    """
+    x = _check_descriptors(descriptors, "fit_pca_whitening")
+    mean = x.mean(0)
+    centred = x - mean
+    values, vectors = _sorted_eigh(centred.T @ centred / x.shape[0])
+    rank = int((values > eps * values[0].clamp_min(1e-300)).sum())
+    dim = rank if dim is None else min(int(dim), rank)
+    if dim < 1:
+        raise ValueError("fit_pca_whitening: the descriptors have no variance")
+    projection = vectors[:, :dim].T / values[:dim].sqrt()[:, None]
+    return Whitening.from_mean_projection(mean.float(), projection.float(), method="pca")
+
+
+def fit_supervised_whitening(
+    descriptors: torch.Tensor, query_idx: torch.Tensor, positive_idx: torch.Tensor, eps: float = 1e-9
+) -> Whitening:
+    """Supervised (Mikolajczyk & Matas) whitening from matching pairs ``(query_idx[i], positive_idx[i])``.
+
+    ``descriptors``: ``(N, D)``; the index tensors: ``(M,)`` rows of ``descriptors``. ``eps`` is a
+    ridge added to the intra-pair covariance when it is singular (fewer pairs than dimensions).
+    """
+    x = _check_descriptors(descriptors, "fit_supervised_whitening")
+    query_idx = torch.as_tensor(query_idx, dtype=torch.long)
+    positive_idx = torch.as_tensor(positive_idx, dtype=torch.long)
+    if query_idx.shape != positive_idx.shape or query_idx.ndim != 1 or len(query_idx) == 0:
+        raise ValueError("fit_supervised_whitening: query_idx and positive_idx must be 1-d, non-empty, of equal length")
+    mean = x[query_idx].mean(0)
+    diff = x[query_idx] - x[positive_idx]
+    intra = diff.T @ diff / diff.shape[0]
+    ridge = eps * intra.diagonal().mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(intra + ridge * torch.eye(x.shape[1], dtype=x.dtype))
+    proj = torch.linalg.inv(chol)
+    rotated = (x - mean) @ proj.T
+    _, vectors = _sorted_eigh(rotated.T @ rotated)
+    projection = vectors.T @ proj
+    return Whitening.from_mean_projection(mean.float(), projection.float(), method="supervised")

@@ -1,0 +1,71 @@
+"""The command line on real data: evaluate roxford5k-mini end to end, the demo, --help, bad input."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gpu_dsm.cli import build_parser, main
+
+
+def _help(command):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return sub, sub.format_help()
+
+
+@pytest.mark.parametrize("command", ["demo", "extract", "evaluate"])
+def test_help_states_every_option_and_default(command):
+    parser, text = _help(command)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            if action.default not in (None, False, True) and not action.required:
+                assert "default" in action.help, f"{command} {action.option_strings} does not state its default"
+    assert "paper" in text
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "gpu_dsm.cli", "evaluate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--rerank" not in out.stderr and "--backbone" in out.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_roxford_mini_writes_results_and_reuses_the_cache(tmp_path, data_root, capsys):
+    out = tmp_path / "r.json"
+    args = ["evaluate", "--data-root", str(data_root), "--dataset", "roxford5k-mini", "--image-size", "320",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["dataset"] == "roxford5k-mini" and report["backbone"] == "efficientnet_lite0"
+    assert report["options"]["extract"]["image_size"] == 320
+    res = report["results"]["global"]
+    ranks = res["ranks"]
+    assert len(ranks) == 8 and all(sorted(r) == list(range(133)) for r in ranks)
+    for metric in ("mAP", "mP@10"):
+        assert set(res[metric]) == {"E", "M", "H"}
+    # far above chance (a random ranking gives about 12-20 mAP M on this set)
+    assert res["mAP"]["M"] > 25
+    assert re.search(r"global\s+\d+\.\d+", first)
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    assert second.count("reusing") == 2
+    assert json.loads(out.read_text())["results"]["global"]["ranks"] == ranks
+
+
+def test_bad_input_gets_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", "--data-root", str(tmp_path / "nowhere"), "--dataset", "x", "--no-progress"]) == 2
+    assert "data root not found" in capsys.readouterr().err
+    assert main(["evaluate", "--data-root", str(tmp_path), "--dataset", "roxford5k", "--no-progress"]) == 2
+    assert "gnd_roxford5k.pkl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--data-root", str(tmp_path), "--backbone", "alexnet"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs(capsys):
+    assert main(["demo", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "global" in out and "demo finished" in out
