@@ -19,6 +19,7 @@ import torch
 
 from gpu_dsm.backbones import Backbone, build_backbone
 from gpu_dsm.describe import GlobalConfig, describe_images
+from gpu_dsm.detect import DetectorConfig, detect_image
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import write_json
@@ -40,6 +41,7 @@ class RunConfig:
     upsample: bool = False
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
+    detector: DetectorConfig | None = None  # local features (DSM detector); None: global descriptors only
     whitening: str | None = None  # path of a saved Whitening applied to all global descriptors
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
@@ -55,6 +57,7 @@ class RunConfig:
             "upsample": self.upsample,
             "extract": extract,
             "global": dataclasses.asdict(self.global_),
+            "detector": dataclasses.asdict(self.detector) if self.detector is not None else None,
             "whitening": self.whitening,
             "device": self.device,
             "dtype": self.dtype,
@@ -74,12 +77,21 @@ def make_backbone(cfg: RunConfig) -> Backbone:
 
 
 def write_store(
-    backbone: Backbone, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, cfg: RunConfig, desc: str
+    backbone: Backbone, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, cfg: RunConfig, desc: str,
+    is_query: bool = False,
 ) -> FeatureStore:
-    """Describe ``specs`` and write them to a new store at ``path`` (atomically)."""
-    with StoreWriter(path, names, backbone.out_channels, cfg.options()) as writer:
+    """Describe ``specs`` (global descriptors, and local features when ``cfg.detector`` is set)
+    and write them to a new store at ``path`` (atomically)."""
+    local = None
+    if cfg.detector is not None:
+        local = {"scales": list(cfg.extract.scales), "num_channels": backbone.out_channels}
+    with StoreWriter(path, names, backbone.out_channels, cfg.options(), local=local) as writer:
         def sink(index: int, descriptor: torch.Tensor, maps: list[torch.Tensor]) -> None:
             writer.add_global(index, descriptor)
+            if cfg.detector is not None:
+                features = detect_image(maps, cfg.detector, is_query, backbone.activation_bound)
+                sizes = torch.tensor([list(m.shape[-2:]) for m in maps])
+                writer.add_local(index, features, sizes)
 
         describe_images(backbone, specs, sink, cfg.extract, cfg.global_, desc=desc)
     return FeatureStore(path)
@@ -101,7 +113,8 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
         if backbone is None:
             backbone = make_backbone(cfg)
         start = time.perf_counter()
-        stores[split] = write_store(backbone, specs, names, path, cfg, desc=f"{dataset.name} {split}")
+        stores[split] = write_store(backbone, specs, names, path, cfg, desc=f"{dataset.name} {split}",
+                                    is_query=split == "queries")
         seconds = time.perf_counter() - start
         log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
     return stores["database"], stores["queries"]

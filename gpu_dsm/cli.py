@@ -17,6 +17,7 @@ import torch
 
 from gpu_dsm.backbones import BACKBONES
 from gpu_dsm.describe import GlobalConfig
+from gpu_dsm.detect import LEVEL_MODES, STRENGTHS, DetectorConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.pooling import POOLINGS
 
@@ -74,6 +75,37 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    d = DetectorConfig()
+    g = p.add_argument_group("local features (DSM detector, paper 3.3-3.4)")
+    g.add_argument("--levels", choices=LEVEL_MODES, default=d.levels,
+                   help="activations -> 8-bit levels: round (reference code), range (x*255/bound, ReLU6 nets), "
+                        "channel_max, auto = range for bounded activations else round (default: %(default)s)")
+    g.add_argument("--delta", type=int, default=d.delta,
+                   help="fixed MSER delta (default: per image and scale, 60%% of the cumulative histogram of "
+                        f"non-zero levels capped at {d.delta_max}, paper 4.1 / reference code)")
+    g.add_argument("--level-step", type=int, default=d.level_step,
+                   help="MSER threshold spacing; 1 is exact, larger is faster and approximate (default: %(default)s)")
+    g.add_argument("--strength", choices=STRENGTHS, default=d.strength,
+                   help="pooling of a region's activations into its strength (default: %(default)s, paper 3.4)")
+    g.add_argument("--per-channel-query", type=int, default=d.per_channel_query,
+                   help="strongest features kept per channel and scale of a query (default: %(default)s, paper 4.1)")
+    g.add_argument("--per-channel-database", type=int, default=d.per_channel_database,
+                   help="same for a database image (default: %(default)s, paper 4.1)")
+    g.add_argument("--nms-iou", type=float, default=d.nms_iou,
+                   help="IoU of the NMS over all channels of a database image (default: %(default)s, paper 4.1)")
+    g.add_argument("--max-features", type=int, default=d.max_features,
+                   help="features kept per image over all scales (default: %(default)s; paper 4.1: 512 VGG, 2048 ResNet)")
+
+
+def _detector_config(args: argparse.Namespace) -> DetectorConfig:
+    return DetectorConfig(
+        levels=args.levels, delta=args.delta, level_step=args.level_step, strength=args.strength,
+        per_channel_query=args.per_channel_query, per_channel_database=args.per_channel_database,
+        nms_iou=args.nms_iou, max_features=args.max_features,
+    )
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from gpu_dsm.eval.datasets import default_data_root
 
@@ -86,7 +118,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ... (default: %(default)s)")
 
 
-def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_dir: str | None):
+def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_dir: str | None, local: bool = False):
     from gpu_dsm.eval.run import RunConfig
 
     extract = ExtractConfig(
@@ -96,6 +128,7 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
     return RunConfig(
         data_root=data_root, dataset=dataset, backbone=args.backbone, weights=args.weights, upsample=args.upsample,
         extract=extract, global_=GlobalConfig(pooling=args.pooling, p=args.gem_p),
+        detector=_detector_config(args) if local else None,
         whitening=getattr(args, "whitening", None), cache_dir=cache_dir, device=args.device, dtype=args.dtype,
     )
 
@@ -112,11 +145,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.datasets import RevisitopDataset
     from gpu_dsm.eval.run import dataset_stores
 
-    cfg = _run_config(args, args.data_root, args.dataset, args.out)
+    cfg = _run_config(args, args.data_root, args.dataset, args.out, local=args.local)
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     db, queries = dataset_stores(cfg, dataset, Path(args.out))
     for store in (db, queries):
-        print(f"{store.path}: {store.num_images} images, {store.bytes_per_image() / 1024:.1f} KiB per image")
+        line = f"{store.path}: {store.num_images} images, {store.bytes_per_image() / 1024:.1f} KiB per image"
+        if store.has_local:
+            counts = store.local_features().counts.float()
+            line += f", {counts.mean():.0f} local features per image (min {counts.min():.0f}, max {counts.max():.0f})"
+        print(line)
     return 0
 
 
@@ -149,10 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("extract", help="extract a dataset into feature stores",
-                       description="Write the feature stores (global descriptors) of a revisitop dataset's database and "
-                                   "cropped queries into a folder; evaluate --cache-dir reuses them.")
+                       description="Write the feature stores (global descriptors and DSM local features) of a revisitop "
+                                   "dataset's database and cropped queries into a folder; evaluate --cache-dir reuses them.")
     _add_data_args(p)
     _add_model_args(p)
+    _add_detector_args(p)
+    p.add_argument("--no-local", dest="local", action="store_false",
+                   help="global descriptors only (default: local features too)")
     p.add_argument("--out", required=True, help="folder for the stores")
     p.set_defaults(func=cmd_extract)
 

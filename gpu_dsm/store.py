@@ -2,11 +2,20 @@
 
 A store is a directory, written atomically (see :func:`gpu_dsm.io.atomic_directory`)::
 
-    meta.json      format/version, image names, the options that produced it, array shapes
-    global.npy     (N, D) float32 global descriptors, row i = image i
+    meta.json          format/version, image names, the options that produced it, array shapes
+    global.npy         (N, D) float32 global descriptors, row i = image i
+    local_start.npy    (N,) int64   first row of image i in the local arrays
+    local_count.npy    (N,) int32   number of local features of image i
+    local_xy.npy       (F, 2) float32   ellipse centres, feature-map pixels of their scale
+    local_frame.npy    (F, 3) float32   lower-triangular frame (a11, a21, a22)
+    local_strength.npy (F,) float32
+    local_channel.npy  (F,) int16 (int32 beyond 32767 channels)
+    local_scale.npy    (F,) uint8
+    map_sizes.npy      (N, S, 2) int32  feature-map (height, width) per scale
 
-Arrays are ``.npy`` files opened memory-mapped, so a subset of images (a query's top-100) is
-gathered without reading the rest.
+Local arrays exist when the store was written with a detector. All arrays are ``.npy`` files
+opened memory-mapped, so a subset of images (a query's top-100) is gathered without reading
+the rest. A local feature costs 27 bytes.
 """
 from __future__ import annotations
 
@@ -18,41 +27,89 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from gpu_dsm.features import LocalFeatures
 from gpu_dsm.io import atomic_directory
 
 STORE_FORMAT = "gpu_dsm.store"
 STORE_VERSION = 1
 
+# name -> (dtype, trailing shape) of the per-feature arrays
+_LOCAL_FIELDS = {
+    "xy": (np.float32, (2,)),
+    "frame": (np.float32, (3,)),
+    "strength": (np.float32, ()),
+    "channel": (np.int16, ()),
+    "scale": (np.uint8, ()),
+}
+
+
+def _channel_dtype(num_channels: int):
+    return np.int16 if num_channels <= np.iinfo(np.int16).max else np.int32
+
 
 class StoreWriter:
-    """Fill a store image by image (in any order), then :meth:`close` to publish it atomically.
+    """Fill a store image by image (in any order), then leave the ``with`` block to publish it.
 
-    Use as a context manager: if the block raises, nothing is published and an existing store
-    at ``path`` is left as it was.
+    If the block raises, nothing is published and an existing store at ``path`` is left as it
+    was. ``local`` (``{"scales": [...], "num_channels": K}``) enables local features.
     """
 
-    def __init__(self, path: str | Path, names: Sequence[str], global_dim: int, options: dict[str, Any]):
+    def __init__(self, path: str | Path, names: Sequence[str], global_dim: int, options: dict[str, Any],
+                 local: dict[str, Any] | None = None):
         self.path = Path(path)
         self.names = list(names)
         self.options = options
         self.global_dim = int(global_dim)
+        self.local = dict(local) if local is not None else None
         self._ctx = None
         self._dir: Path | None = None
         self._global = None
         self._written = None
+        self._local_files: dict[str, Any] = {}
+        self._local_done = None
+        self._start = None
+        self._count = None
+        self._sizes = None
+        self._rows = 0
 
     def __enter__(self) -> "StoreWriter":
         self._ctx = atomic_directory(self.path)
         self._dir = self._ctx.__enter__()
-        shape = (len(self.names), self.global_dim)
-        self._global = open_memmap(self._dir / "global.npy", mode="w+", dtype=np.float32, shape=shape)
-        self._written = np.zeros(len(self.names), dtype=bool)
+        n = len(self.names)
+        self._global = open_memmap(self._dir / "global.npy", mode="w+", dtype=np.float32, shape=(n, self.global_dim))
+        self._written = np.zeros(n, dtype=bool)
+        if self.local is not None:
+            self._channel_dtype = _channel_dtype(int(self.local["num_channels"]))
+            self._local_files = {name: open(self._dir / f"local_{name}.bin", "wb") for name in _LOCAL_FIELDS}
+            self._local_done = np.zeros(n, dtype=bool)
+            self._start = np.zeros(n, dtype=np.int64)
+            self._count = np.zeros(n, dtype=np.int32)
+            self._sizes = np.zeros((n, len(self.local["scales"]), 2), dtype=np.int32)
         return self
 
     def add_global(self, index: int, descriptor: torch.Tensor) -> None:
         """Row ``index``: a ``(D,)`` descriptor."""
         self._global[index] = descriptor.detach().float().cpu().numpy()
         self._written[index] = True
+
+    def add_local(self, index: int, features: dict[str, torch.Tensor], map_sizes: torch.Tensor) -> None:
+        """Image ``index``'s features (unpadded: ``xy``, ``frame``, ``strength``, ``channel``,
+        ``scale``, as :meth:`LocalFeatures.image` returns) and ``(S, 2)`` map sizes."""
+        if self.local is None:
+            raise RuntimeError("this store was opened without local features")
+        n = int(features["xy"].shape[0]) if features else 0
+        if n:
+            frame = features["frame"]
+            arrays = dict(features, frame=torch.stack([frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1]], 1))
+        for name, (dtype, _) in _LOCAL_FIELDS.items():
+            if n:
+                dtype = self._channel_dtype if name == "channel" else dtype
+                self._local_files[name].write(arrays[name].detach().cpu().numpy().astype(dtype).tobytes())
+        self._start[index] = self._rows
+        self._count[index] = n
+        self._rows += n
+        self._sizes[index] = map_sizes.cpu().numpy()
+        self._local_done[index] = True
 
     def _finish(self) -> None:
         if not self._written.all():
@@ -66,6 +123,27 @@ class StoreWriter:
             "global_dim": self.global_dim,
             "options": self.options,
         }
+        if self.local is not None:
+            if not self._local_done.all():
+                raise RuntimeError(f"store {self.path}: local features of {int((~self._local_done).sum())} images missing")
+            for name, (dtype, shape) in _LOCAL_FIELDS.items():
+                dtype = self._channel_dtype if name == "channel" else dtype
+                self._local_files[name].close()
+                raw = self._dir / f"local_{name}.bin"
+                out = open_memmap(self._dir / f"local_{name}.npy", mode="w+", dtype=dtype, shape=(self._rows, *shape))
+                if self._rows:
+                    out[:] = np.fromfile(raw, dtype=dtype).reshape(self._rows, *shape)
+                out.flush()
+                del out
+                raw.unlink()
+            np.save(self._dir / "local_start.npy", self._start)
+            np.save(self._dir / "local_count.npy", self._count)
+            np.save(self._dir / "map_sizes.npy", self._sizes)
+            meta["local"] = {
+                "num_features": self._rows,
+                "scales": [float(s) for s in self.local["scales"]],
+                "num_channels": int(self.local["num_channels"]),
+            }
         (self._dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -73,12 +151,17 @@ class StoreWriter:
             if exc_type is None:
                 self._finish()
         except BaseException as err:
-            self._global = None
+            self._close()
             self._ctx.__exit__(type(err), err, err.__traceback__)
             raise
-        self._global = None
+        self._close()
         self._ctx.__exit__(exc_type, exc, tb)
         return False
+
+    def _close(self) -> None:
+        self._global = None
+        for f in self._local_files.values():
+            f.close()
 
 
 class FeatureStore:
@@ -97,7 +180,19 @@ class FeatureStore:
             raise ValueError(f"{self.path} is not a gpu_dsm feature store (format {self.meta.get('format')!r})")
         if self.meta.get("version") != STORE_VERSION:
             raise ValueError(f"feature store {self.path} has version {self.meta.get('version')}, this gpu_dsm reads {STORE_VERSION}")
-        self._global = self._array("global.npy", (self.num_images, self.meta["global_dim"]))
+        n = self.num_images
+        self._global = self._array("global.npy", (n, self.meta["global_dim"]))
+        self._local = None
+        if "local" in self.meta:
+            local = self.meta["local"]
+            f = int(local["num_features"])
+            self._start = self._array("local_start.npy", (n,))
+            self._count = self._array("local_count.npy", (n,))
+            self._sizes = self._array("map_sizes.npy", (n, len(local["scales"]), 2))
+            self._local = {name: self._array(f"local_{name}.npy", (f, *shape)) for name, (_, shape) in _LOCAL_FIELDS.items()}
+            ends = np.asarray(self._start, dtype=np.int64) + np.asarray(self._count, dtype=np.int64)
+            if n and (ends.max() > f or np.asarray(self._start).min() < 0):
+                raise ValueError(f"corrupt feature store {self.path}: local_start/local_count point outside the {f} features")
 
     def _array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         try:
@@ -120,10 +215,38 @@ class FeatureStore:
     def options(self) -> dict[str, Any]:
         return dict(self.meta["options"])
 
+    @property
+    def has_local(self) -> bool:
+        return self._local is not None
+
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
         """``(N, D)`` float32 (or the rows ``indices``), on the CPU."""
         rows = self._global if indices is None else self._global[np.asarray(indices, dtype=np.int64)]
         return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+    def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
+                       capacity: int | None = None) -> LocalFeatures:
+        """Padded :class:`LocalFeatures` of images ``indices`` (all by default), read from the memory map."""
+        if self._local is None:
+            raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
+        idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        per_image = []
+        for i in idx:
+            start, count = int(self._start[i]), int(self._count[i])
+            rows = slice(start, start + count)
+            f3 = torch.from_numpy(np.array(self._local["frame"][rows]))
+            frame = torch.zeros(count, 2, 2)
+            frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1] = f3[:, 0], f3[:, 1], f3[:, 2]
+            per_image.append({
+                "xy": torch.from_numpy(np.array(self._local["xy"][rows])),
+                "frame": frame,
+                "strength": torch.from_numpy(np.array(self._local["strength"][rows])),
+                "channel": torch.from_numpy(np.array(self._local["channel"][rows]).astype(np.int64)),
+                "scale": torch.from_numpy(np.array(self._local["scale"][rows]).astype(np.int64)),
+            })
+        sizes = torch.from_numpy(np.array(self._sizes[idx], dtype=np.int64))
+        local = self.meta["local"]
+        return LocalFeatures.from_images(per_image, sizes, local["scales"], local["num_channels"], capacity=capacity, device=device)
 
     def bytes_per_image(self) -> float:
         total = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())

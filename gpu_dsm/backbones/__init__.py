@@ -56,7 +56,8 @@ def bundled_weights_path(name: str) -> Path:
 
 def _lite(name: str) -> tuple[nn.Module, dict[str, Any]]:
     net = EfficientNetLite(name)
-    return net, dict(out_channels=net.out_channels, stride=32, mean=LITE_MEAN, std=LITE_STD, halvings=("ceil",) * 5)
+    return net, dict(out_channels=net.out_channels, stride=32, mean=LITE_MEAN, std=LITE_STD, halvings=("ceil",) * 5,
+                activation_bound=6.0)
 
 
 def _vgg16(name: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -168,6 +169,7 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
         classifier=classifier if classifier_kept else None,
         weights=weights_label,
         halvings=halvings,
+        activation_bound=facts.get("activation_bound"),
     )
     return backbone.to(memory_format=torch.channels_last).eval()
 

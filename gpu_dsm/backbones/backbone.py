@@ -23,6 +23,7 @@ class Backbone(nn.Module):
         min_input_size: smallest image side (pixels) the network accepts; one ``stride`` gives
             a single activation pixel.
         head: pooling ``p`` / whitening / normalisation carried by a retrieval checkpoint.
+        activation_bound: largest possible activation (6 for ReLU6 networks), else ``None``.
         halvings: rounding ("ceil" or "floor") of each stride-2 step, giving :meth:`output_size`.
         classifier: the ImageNet classifier on top of ``features`` when the weights have one
             (``logits = classifier(activations)``), else ``None``.
@@ -41,6 +42,7 @@ class Backbone(nn.Module):
         classifier: nn.Module | None = None,
         weights: str = "none",
         halvings: Sequence[str] = (),
+        activation_bound: float | None = None,
     ):
         super().__init__()
         self.name = name
@@ -53,6 +55,7 @@ class Backbone(nn.Module):
         self.classifier = classifier
         self.weights = weights
         self.halvings = tuple(halvings)
+        self.activation_bound = activation_bound
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._features_fn = getattr(features, "forward_features", features)

@@ -1,0 +1,234 @@
+"""The DSM detector ``d(A)`` (paper 3.3-3.4): local features read off activations with MSER.
+
+Every channel of every scale is an 8-bit map; its bright-on-dark MSERs become ellipses with a
+strength, the channel acting as the visual word. Per image and scale, in order (reference code,
+notes section 2):
+
+1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
+   the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
+2. MSER on all channels at once (:func:`gpu_dsm.mser.mser`);
+3. drop channels with more than 36 regions (cluttered), then regions with a singular covariance;
+4. strength = max activation in the region (or mean / GeM); ties (frequent: ReLU6 saturates)
+   are ranked by the mean activation;
+5. per channel keep the strongest 20 (query) or 10 (database); database images: NMS over the
+   boxes of all channels jointly (IoU 0.2); keep the strongest ``max_features`` per scale;
+6. over all scales keep the strongest ``max_features``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from gpu_dsm.features import LocalFeatures
+from gpu_dsm.mser import MSERRegions, mser
+
+LEVEL_MODES = ("auto", "round", "range", "channel_max")
+STRENGTHS = ("max", "mean", "gem")
+
+
+@dataclass
+class DetectorConfig:
+    """Parameters of the DSM detector; defaults from the paper (4.1) and its reference code."""
+
+    # activations -> 8-bit levels: "round" = round and saturate at 255 (reference code, VGG/ResNet);
+    # "range" = x * 255 / activation bound (ReLU6 networks: x <= 6); "channel_max" = per channel
+    # max -> 255; "auto" = "range" for bounded activations, else "round".
+    levels: str = "auto"
+    delta: int | None = None  # fixed MSER delta; None = per image and scale from the histogram (paper 4.1)
+    delta_quantile: float = 0.6  # paper 4.1: "60% of the cumulative histogram"
+    delta_max: int = 12  # reference code caps delta at 12
+    max_variation: float = 0.5  # paper 4.1
+    min_diversity: float = 0.7  # paper 4.1
+    min_area: float = 0.001  # reference code (fraction of the map)
+    max_area: float = 0.75  # reference code (fraction of the map)
+    polarity: str = "bright"  # paper 3.3: only regions of high activation
+    level_step: int = 1  # 1 = every grey level (exact)
+    max_regions_per_channel: int = 36  # reference code: a channel with more regions is cluttered
+    strength: str = "max"  # paper 3.4: max (mean / gem also allowed)
+    strength_p: float = 3.0  # exponent of "gem" strength
+    per_channel_query: int = 20  # paper 4.1 / reference: strongest features per (scale, channel), query
+    per_channel_database: int = 10  # paper 4.1 / reference: same, database image
+    nms_iou: float = 0.2  # paper 4.1: NMS over all channels of a database image
+    max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet); 512 matched 1024 for EfficientNet (notes 8)
+    singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
+    labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
+    max_voxels: int = 2**25  # memory budget of one MSER call (level-set voxels)
+
+    def __post_init__(self):
+        if self.levels not in LEVEL_MODES:
+            raise ValueError(f"levels must be one of {LEVEL_MODES}, got {self.levels!r}")
+        if self.strength not in STRENGTHS:
+            raise ValueError(f"strength must be one of {STRENGTHS}, got {self.strength!r}")
+
+
+def activations_to_levels(acts: torch.Tensor, mode: str = "round", bound: float | None = None) -> torch.Tensor:
+    """``(..., K, H, W)`` activations -> uint8 levels of the same shape.
+
+    ``"round"``: round and saturate at 255 (reference code). ``"range"``: ``x * 255 / bound``.
+    ``"channel_max"``: each channel scaled so its maximum is 255. Raises on NaN/Inf.
+    """
+    if not torch.isfinite(acts).all():
+        raise ValueError(f"activations contain {(~torch.isfinite(acts)).sum().item()} NaN/Inf values")
+    x = acts.float()
+    if mode == "range":
+        if bound is None or bound <= 0:
+            raise ValueError("levels='range' needs the activation bound (e.g. 6 for ReLU6 networks)")
+        x = x * (255.0 / bound)
+    elif mode == "channel_max":
+        peak = x.amax(dim=(-2, -1), keepdim=True)
+        x = x * (255.0 / peak.clamp(min=1e-12))
+    elif mode != "round":
+        raise ValueError(f"unknown level mode {mode!r}")
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins: int = 1000) -> int:
+    """MSER delta of one image and scale (paper 4.1, reference code).
+
+    A ``bins``-bin histogram of the non-zero levels of the whole ``(K, H, W)`` tensor; the centre
+    of the bin where the cumulative histogram reaches ``quantile``, truncated to an integer (as
+    VLFeat's 8-bit ``Delta``), clamped to ``[1, cap]``. No non-zero level: ``cap``.
+    """
+    nz = levels[levels > 0].float()
+    if nz.numel() == 0:
+        return int(cap)
+    lo, hi = nz.min(), nz.max()
+    if hi == lo:
+        centre = lo
+    else:
+        hist = torch.histc(nz, bins=bins, min=float(lo), max=float(hi))
+        cumulative = hist.cumsum(0) / hist.sum()
+        b = int((cumulative >= quantile).nonzero()[0])
+        centre = lo + (b + 0.5) * (hi - lo) / bins
+    return int(max(1, min(int(cap), int(centre))))
+
+
+def _cholesky_lower(cov: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular ``A`` with ``A A^T = cov`` for positive definite ``(n, 2, 2)``."""
+    a = cov[:, 0, 0].clamp(min=0).sqrt()
+    b = cov[:, 1, 0] / a
+    c = (cov[:, 1, 1] - b * b).clamp(min=0).sqrt()
+    frame = torch.zeros_like(cov)
+    frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1] = a, b, c
+    return frame
+
+
+def _top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the ``k`` strongest rows of each group (ties: earlier rows)."""
+    if group.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=group.device)
+    order = torch.argsort(strength, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(g.numel(), device=g.device), 0), 0).values
+    rank = torch.arange(g.numel(), device=g.device) - start
+    keep = torch.zeros_like(group, dtype=torch.bool)
+    keep[order[rank < k]] = True
+    return keep
+
+
+def _scale_features(acts: torch.Tensor, cfg: DetectorConfig, is_query: bool, bound: float | None) -> dict[str, torch.Tensor]:
+    """Features of one image at one scale: ``acts`` ``(K, H, W)`` -> unpadded dict."""
+    num_channels = acts.shape[0]
+    mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
+    levels = activations_to_levels(acts, mode, bound)
+    delta = cfg.delta if cfg.delta is not None else auto_delta(levels, cfg.delta_quantile, cfg.delta_max)
+    values = acts.float().pow(cfg.strength_p) if cfg.strength == "gem" else acts.float()
+    regions: MSERRegions = mser(
+        levels, delta=delta, max_variation=cfg.max_variation, min_diversity=cfg.min_diversity,
+        min_area=cfg.min_area, max_area=cfg.max_area, polarity=cfg.polarity, level_step=cfg.level_step,
+        values=values, backend=cfg.labelling, max_voxels=cfg.max_voxels,
+    )
+    per_channel = torch.bincount(regions.map_index, minlength=num_channels)
+    keep = per_channel[regions.map_index] <= cfg.max_regions_per_channel
+    det = regions.cov[:, 0, 0] * regions.cov[:, 1, 1] - regions.cov[:, 0, 1] * regions.cov[:, 1, 0]
+    keep &= det > cfg.singular_det
+    regions = regions.select(keep)
+    mean = regions.sum_value / regions.area
+    if cfg.strength == "max":
+        strength = regions.max_value.double()
+    elif cfg.strength == "mean":
+        strength = mean
+    else:
+        strength = mean.pow(1.0 / cfg.strength_p)
+    # ranking key: strength, ties broken by the mean activation (ReLU6 maps saturate at 6, so
+    # many regions share the maximum); mean <= max keeps the tie-break below one strength unit
+    rank = strength + 1e-6 * mean / mean.max().clamp(min=1e-12) if len(regions) else strength
+    cap = cfg.per_channel_query if is_query else cfg.per_channel_database
+    keep = _top_per_group(regions.map_index, rank, cap)
+    regions, strength, rank = regions.select(keep), strength[keep], rank[keep]
+    if not is_query and cfg.nms_iou < 1 and len(regions):
+        boxes = regions.bbox.double()
+        boxes[:, 2:] += 1  # inclusive pixel bounds -> box edges
+        kept = batched_nms(boxes, rank, torch.zeros_like(regions.map_index), cfg.nms_iou)
+        regions, strength, rank = regions.select(kept), strength[kept], rank[kept]
+    order = torch.argsort(rank, descending=True, stable=True)[: cfg.max_features]
+    regions, strength, rank = regions.select(order), strength[order], rank[order]
+    return {
+        "xy": regions.mean.float(),
+        "frame": _cholesky_lower(regions.cov).float(),
+        "strength": strength.float(),
+        "rank": rank,
+        "channel": regions.map_index,
+    }
+
+
+def detect_image(maps: Sequence[torch.Tensor], cfg: DetectorConfig, is_query: bool, bound: float | None = None) -> dict:
+    """Features of one image from its per-scale activations ``[(K, h_s, w_s)] * S`` (unpadded dict)."""
+    per_scale = []
+    for s, acts in enumerate(maps):
+        if acts.ndim != 3:
+            raise ValueError(f"detect: expected (K, H, W) activations per scale, got {tuple(acts.shape)}")
+        found = _scale_features(acts, cfg, is_query, bound)
+        found["scale"] = torch.full_like(found["channel"], s)
+        per_scale.append(found)
+    merged = {k: torch.cat([f[k] for f in per_scale]) for k in per_scale[0]} if per_scale else {}
+    if merged:
+        order = torch.argsort(merged.pop("rank"), descending=True, stable=True)[: cfg.max_features]
+        merged = {k: v[order] for k, v in merged.items()}
+    return merged
+
+
+def detect(
+    maps_per_image: Sequence[Sequence[torch.Tensor]],
+    cfg: DetectorConfig | None = None,
+    is_query: bool = False,
+    scales: Sequence[float] = (),
+    activation_bound: float | None = None,
+) -> LocalFeatures:
+    """DSM local features of a batch of images.
+
+    Args:
+        maps_per_image: per image, its activations at each scale ``[(K, h_s, w_s)] * S``.
+        cfg: detector parameters (paper defaults).
+        is_query: queries keep 20 per channel and skip NMS; database images 10 and NMS.
+        scales: the scale factors (recorded in the table).
+        activation_bound: upper bound of the activations (6 for ReLU6), used by ``levels="range"``.
+    Returns:
+        :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device.
+    """
+    cfg = cfg or DetectorConfig()
+    per_image = [detect_image(maps, cfg, is_query, activation_bound) for maps in maps_per_image]
+    sizes = torch.tensor([[list(m.shape[-2:]) for m in maps] for maps in maps_per_image], dtype=torch.long).view(
+        len(maps_per_image), -1, 2)
+    num_channels = maps_per_image[0][0].shape[0] if maps_per_image and len(maps_per_image[0]) else 0
+    device = maps_per_image[0][0].device if maps_per_image and len(maps_per_image[0]) else "cpu"
+    return LocalFeatures.from_images(per_image, sizes, scales, num_channels, capacity=cfg.max_features, device=device)
+
+
+class DSMDetector(nn.Module):
+    """``nn.Module`` wrapper of :func:`detect` holding a :class:`DetectorConfig`."""
+
+    def __init__(self, config: DetectorConfig | None = None, activation_bound: float | None = None):
+        super().__init__()
+        self.config = config or DetectorConfig()
+        self.activation_bound = activation_bound
+
+    def forward(self, maps_per_image, is_query: bool = False, scales: Sequence[float] = ()) -> LocalFeatures:
+        return detect(maps_per_image, self.config, is_query, scales, self.activation_bound)
