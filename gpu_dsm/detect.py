@@ -6,7 +6,7 @@ notes section 2):
 
 1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
    the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
-2. MSER on all channels at once (:func:`gpu_dsm.mser.mser`);
+2. MSER on all channels at once (:func:`gpu_dsm.stable_regions.mser`);
 3. drop channels with more than 36 regions (cluttered), then regions with a singular covariance;
 4. strength = max activation in the region (or mean / GeM); ties (frequent: ReLU6 saturates)
    are ranked by the mean activation;
@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.mser import MSERRegions, mser
+from gpu_dsm.stable_regions import MSERRegions, mser
 
 LEVEL_MODES = ("auto", "round", "range", "channel_max")
 STRENGTHS = ("max", "mean", "gem")
