@@ -23,10 +23,14 @@ from gpu_dsm.detect import DetectorConfig, detect_image
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import write_json
+from gpu_dsm.diffusion import DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
+from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
+from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_scores
 from gpu_dsm.search import similarity_topk
 from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.whitening import Whitening
 from gpu_dsm.eval.datasets import RevisitopDataset
+from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
 from gpu_dsm.eval.protocol import evaluate_revisited, format_table
 
 
@@ -42,6 +46,9 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
     detector: DetectorConfig | None = None  # local features (DSM detector); None: global descriptors only
+    rerank: RerankConfig | None = None  # spatial re-ranking of the top-k ("global+dsm"); None: off
+    diffusion: DiffusionConfig | None = None  # diffusion ("global+D", "global+dsm+D"); None: off
+    graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
     whitening: str | None = None  # path of a saved Whitening applied to all global descriptors
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
@@ -58,14 +65,39 @@ class RunConfig:
             "extract": extract,
             "global": dataclasses.asdict(self.global_),
             "detector": dataclasses.asdict(self.detector) if self.detector is not None else None,
+            "rerank": dataclasses.asdict(self.rerank) if self.rerank is not None else None,
+            "diffusion": _diffusion_options(self.diffusion, self.graph),
             "whitening": self.whitening,
             "device": self.device,
             "dtype": self.dtype,
         }
 
 
+def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) -> dict[str, Any] | None:
+    if diffusion is None:
+        return None
+    options = dataclasses.asdict(diffusion)
+    options["dtype"] = str(diffusion.dtype).replace("torch.", "")
+    return {**options, "graph": dataclasses.asdict(graph)}
+
+
+def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
+    """The database's kNN graph, cached beside its store (keyed by store, whitening and graph options)."""
+    keyed = json.dumps({"store": db_store.path.name, "whitening": cfg.whitening, "graph": dataclasses.asdict(cfg.graph)},
+                       sort_keys=True)
+    path = Path(base) / f"{db_store.path.name}-graph-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}.pt"
+    if path.is_file():
+        log(f"graph: reusing {path}")
+        return KnnGraph.load(path, descriptors.device)
+    start = time.perf_counter()
+    graph = build_knn_graph(descriptors, cfg.graph)
+    graph.save(path)
+    log(f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, k={graph.k}, in {time.perf_counter() - start:.2f} s -> {path}")
+    return graph
+
+
 def _store_key(cfg: RunConfig, split: str) -> str:
-    keyed = {k: v for k, v in cfg.options().items() if k not in ("whitening", "device")}
+    keyed = {k: v for k, v in cfg.options().items() if k not in ("whitening", "device", "rerank", "diffusion")}
     keyed.update(dataset=cfg.dataset, split=split, root=str(Path(cfg.data_root).resolve()))
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.dataset}-{split}-{cfg.backbone}-{digest}"
@@ -120,16 +152,63 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     return stores["database"], stores["queries"]
 
 
-def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict[str, Any]:
+def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
     """Run the evaluation of ``cfg`` and return (and write to ``out``) the results dict."""
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     if cfg.cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="gpu_dsm-") as tmp:
-            return _evaluate(cfg, dataset, Path(tmp), out, log)
-    return _evaluate(cfg, dataset, Path(cfg.cache_dir), out, log)
+            return _evaluate(cfg, dataset, Path(tmp), out, log, plot_inliers)
+    return _evaluate(cfg, dataset, Path(cfg.cache_dir), out, log, plot_inliers)
 
 
-def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log) -> dict[str, Any]:
+def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.Tensor, similarities: torch.Tensor,
+                   config: RerankConfig, device: torch.device | str = "cpu", query_batch: int = 8) -> tuple[torch.Tensor, RerankResult]:
+    """Re-rank the top of every query's full ranking ``(Q, N)``; returns the new full ranking
+    and the re-ranking of the top-k (batched ``query_batch`` queries at a time)."""
+    reranker = DSMReranker(config)
+    k = min(config.top_k, ranks.shape[1])
+    new_ranks = ranks.clone()
+    parts = []
+    for start in range(0, ranks.shape[0], query_batch):
+        stop = min(start + query_batch, ranks.shape[0])
+        top = ranks[start:stop, :k]
+        queries = q_store.local_features(range(start, stop), device=device)
+        candidates = db_store.local_features(top.reshape(-1).tolist(), device=device)
+        result = reranker(queries, candidates, similarities[start:stop, :k].to(device), top.to(device))
+        new_ranks[start:stop, :k] = result.indices.cpu()
+        parts.append(result)
+    merged = RerankResult(
+        indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
+        inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
+        match=parts[0].match if len(parts) == 1 else None,
+    )
+    return new_ranks, merged
+
+
+def _method_entry(ranks: torch.Tensor, gnd) -> dict[str, Any]:
+    entry = evaluate_revisited(ranks.cpu().numpy(), gnd)
+    entry["ranks"] = ranks.cpu().tolist()
+    return entry
+
+
+def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) -> None:
+    """Figure 6 of the paper: inlier counts of positive vs negative images in the top-k (Medium)."""
+    from gpu_dsm.visualize import draw_inlier_histogram
+
+    pos, neg = [], []
+    for q, row in enumerate(candidates.tolist()):
+        positives = set(gnd[q].get("easy", [])) | set(gnd[q].get("hard", []))
+        junk = set(gnd[q].get("junk", []))
+        for i, n in zip(row, inliers[q].tolist()):
+            if i in junk:
+                continue
+            (pos if i in positives else neg).append(n)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_inlier_histogram(pos, neg).save(path)
+
+
+def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, plot_inliers=None) -> dict[str, Any]:
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
     device = torch.device(cfg.device)
     db = db_store.global_descriptors().to(device)
@@ -137,14 +216,102 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log) -
     if cfg.whitening:
         whitening = Whitening.load(cfg.whitening)
         db, queries = whitening.apply(db), whitening.apply(queries)
-    _, ranks = similarity_topk(queries, db)
-    results: dict[str, Any] = {}
-    scores = evaluate_revisited(ranks.cpu().numpy(), dataset.gnd)
-    scores["ranks"] = ranks.cpu().tolist()
-    results["global"] = scores
-    report = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(), "results": results}
+    similarities, ranks = similarity_topk(queries, db)
+    results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
+    report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(), "results": results}
+    if cfg.rerank is not None:
+        start = time.perf_counter()
+        dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)
+        seconds = time.perf_counter() - start
+        results["global+dsm"] = _method_entry(dsm_ranks, dataset.gnd)
+        k = reranked.order.shape[1]
+        inliers_initial = torch.zeros_like(reranked.inliers).scatter_(1, reranked.order, reranked.inliers)
+        top_sims = similarities[:, :k].cpu()
+        auc = top_k_separation(
+            ranks[:, :k].cpu().numpy(),
+            {"global": top_sims.numpy(), "inliers": inliers_initial.numpy(),
+             "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
+            dataset.gnd,
+        )
+        report["diagnostics"] = {
+            "rerank_seconds": round(seconds, 3),
+            "rerank_ms_per_query": round(1000 * seconds / max(len(dataset.gnd), 1), 1),
+            "separation_auc": auc,
+            "inliers_top_k": inliers_initial.tolist(),
+        }
+        log(format_separation(auc))
+        if plot_inliers is not None:
+            _plot_inliers(plot_inliers, ranks[:, :k].cpu(), inliers_initial, dataset.gnd)
+            log(f"inlier histogram written to {plot_inliers}")
+        log(f"re-ranking: {1000 * seconds / max(len(dataset.gnd), 1):.0f} ms per query ({k} candidates) on {device}")
+    if cfg.diffusion is not None:
+        dcfg = cfg.diffusion
+        graph = load_or_build_graph(db_store, db, cfg, base, log)
+        n = db.shape[0]
+        f, info = diffuse(graph.affinity, plain_seeds(similarities, ranks, n, dcfg.query_k, dcfg.gamma), dcfg)
+        results["global+D"] = _method_entry(diffusion_ranking(f, ranks), dataset.gnd)
+        cg = {"global+D": {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}}
+        if cfg.rerank is not None:
+            k = reranked.order.shape[1]
+            seeds = dsm_seeds(similarities[:, :k].cpu().gather(1, reranked.order).to(device), reranked.indices.to(device),
+                              reranked.inliers.to(device), n, dcfg.dsm_candidates, dcfg.dsm_keep, dcfg.gamma)
+            f, info = diffuse(graph.affinity, seeds, dcfg)
+            results["global+dsm+D"] = _method_entry(diffusion_ranking(f, dsm_ranks.to(device)), dataset.gnd)
+            cg["global+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
+        report.setdefault("diagnostics", {})["diffusion"] = cg
     log(format_table(results))
     if out is not None:
         write_json(out, report)
         log(f"results written to {out}")
     return report
+
+
+def show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log=print) -> dict[str, Any]:
+    """Draw query ``query`` against its ``rank``-th (1-based) candidate of the global ranking,
+    with the inlier ellipses and correspondences of spatial verification (paper figure 5)."""
+    from gpu_dsm.images import load_image
+    from gpu_dsm.match import spatial_verify
+    from gpu_dsm.visualize import draw_matches, feature_to_image
+    from PIL import Image
+
+    if cfg.detector is None:
+        raise ValueError("show_match needs a detector configuration")
+    dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
+    if not 0 <= query < len(dataset.qimlist):
+        raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
+    base = Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.mkdtemp(prefix="gpu_dsm-"))
+    db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
+    sims = q_store.global_descriptors([query]) @ db_store.global_descriptors().T
+    order = torch.argsort(sims[0], descending=True, stable=True)
+    if not 1 <= rank <= len(order):
+        raise ValueError(f"rank must be in 1..{len(order)}, got {rank}")
+    candidate = int(order[rank - 1])
+    qf = q_store.local_features([query])
+    cf = db_store.local_features([candidate])
+    match_cfg = cfg.rerank.match if cfg.rerank is not None else RerankConfig().match
+    result = spatial_verify(qf, cf, config=match_cfg)
+    pairs = result.matches[0]
+    pairs = pairs[pairs[:, 0] >= 0]
+    images = []
+    points = []
+    for spec, feats, rows in ((dataset.query_specs()[query], qf, pairs[:, 0]), (dataset.database_specs()[candidate], cf, pairs[:, 1])):
+        img = load_image(spec, cfg.extract.image_size, cfg.extract.upscale)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        scale = feats.scale[0, rows]
+        sizes = feats.map_sizes[0]
+        xy, frame = feats.xy[0, rows].clone(), feats.frame[0, rows].clone()
+        for s in scale.unique().tolist():
+            sel = scale == s
+            xy[sel], frame[sel] = feature_to_image(xy[sel], frame[sel], sizes[s].tolist(), pil.size)
+        images.append(pil)
+        points.append((xy, frame))
+    positives = set(dataset.gnd[query].get("easy", [])) | set(dataset.gnd[query].get("hard", []))
+    label = "positive" if candidate in positives else ("junk" if candidate in dataset.gnd[query].get("junk", []) else "negative")
+    title = (f"query {dataset.qimlist[query]} vs rank {rank}: {dataset.imlist[candidate]} ({label}), "
+             f"{int(result.inliers[0])} inliers, scales {result.scale_pair[0].tolist()}")
+    picture = draw_matches(images[0], images[1], points[0], points[1], title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    log(f"{title} -> {out}")
+    return {"candidate": candidate, "inliers": int(result.inliers[0]), "label": label, "path": str(out)}

@@ -18,6 +18,8 @@ import torch
 from gpu_dsm.backbones import BACKBONES
 from gpu_dsm.describe import GlobalConfig
 from gpu_dsm.detect import LEVEL_MODES, STRENGTHS, DetectorConfig
+from gpu_dsm.match import ERRORS, MatchConfig
+from gpu_dsm.rerank import SCORES, RerankConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.pooling import POOLINGS
 
@@ -106,6 +108,73 @@ def _detector_config(args: argparse.Namespace) -> DetectorConfig:
     )
 
 
+def _add_rerank_args(p: argparse.ArgumentParser) -> None:
+    r, m = RerankConfig(), MatchConfig()
+    g = p.add_argument_group("spatial re-ranking (paper 3.5-3.6)")
+    g.add_argument("--rerank", choices=("none", "dsm"), default="none",
+                   help="re-rank each query's top-k by deep spatial matching, adding method 'global+dsm' (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=r.top_k, help="candidates verified per query (default: %(default)s, paper 4.1)")
+    g.add_argument("--score", choices=SCORES, default=r.score,
+                   help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
+                        "similarity (beyond the paper; measured better, README) (default: %(default)s)")
+    g.add_argument("--fuse-weight", type=float, default=r.fuse_weight,
+                   help="weight of inliers in 'fused' (default: %(default)s, measured on roxford5k-mini)")
+    g.add_argument("--threshold", type=float, default=m.threshold,
+                   help="inlier threshold on the transfer error, feature-map pixels (default: %(default)s, measured on "
+                        "roxford5k-mini; paper 4.1: 2)")
+    g.add_argument("--max-scale-change", type=float, default=m.max_scale_change,
+                   help="largest scale change of an inlier relative to the hypothesis (default: %(default)s, paper 4.1)")
+    g.add_argument("--error", choices=ERRORS, default=m.error,
+                   help="symmetric (both directions, reference code) or one_way transfer error (default: %(default)s, "
+                        "measured better on roxford5k-mini, README)")
+    g.add_argument("--paper-rerank", action="store_true",
+                   help="the paper's re-ranking instead of the measured defaults: score inliers, threshold 2, symmetric "
+                        "error (default: off)")
+
+
+def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
+    from gpu_dsm.diffusion import DiffusionConfig
+    from gpu_dsm.graph import GraphConfig
+
+    d, gr = DiffusionConfig(), GraphConfig()
+    g = p.add_argument_group("diffusion (Iscen et al. 2017; paper 3.6, 4.1)")
+    g.add_argument("--diffusion", action="store_true",
+                   help="diffuse on the kNN graph of the database: adds 'global+D' and, with --rerank dsm, 'global+dsm+D' "
+                        "(default: off)")
+    g.add_argument("--graph-k", type=int, default=gr.k, help="neighbours per node of the mutual kNN graph (default: %(default)s)")
+    g.add_argument("--graph-backend", choices=("exact", "faiss"), default=gr.backend,
+                   help="exact chunked products, or approximate FAISS (optional package) (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="diffusion alpha (default: %(default)s, Iscen et al.)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="similarity exponent of graph weights and seeds (default: %(default)s)")
+    g.add_argument("--cg-iterations", type=int, default=d.max_iter, help="conjugate-gradient iterations at most (default: %(default)s)")
+    g.add_argument("--cg-tol", type=float, default=d.tol, help="conjugate-gradient relative residual (default: %(default)s)")
+    g.add_argument("--query-k", type=int, default=d.query_k, help="plain seeds: the query's kq most similar images (default: %(default)s)")
+    g.add_argument("--dsm-keep", type=int, default=d.dsm_keep,
+                   help="DSM seeds kept of the top 10 verified images (default: %(default)s, paper 4.1; the reference code keeps 4)")
+
+
+def _diffusion_config(args: argparse.Namespace):
+    from gpu_dsm.diffusion import DiffusionConfig
+    from gpu_dsm.graph import GraphConfig
+
+    if not getattr(args, "diffusion", False):
+        return None, GraphConfig()
+    return (DiffusionConfig(alpha=args.alpha, gamma=args.gamma, max_iter=args.cg_iterations, tol=args.cg_tol,
+                            query_k=args.query_k, dsm_keep=args.dsm_keep),
+            GraphConfig(k=args.graph_k, gamma=args.gamma, backend=args.graph_backend))
+
+
+def _rerank_config(args: argparse.Namespace) -> RerankConfig | None:
+    if getattr(args, "rerank", "none") == "none":
+        return None
+    if args.paper_rerank:
+        paper = RerankConfig.paper()
+        paper.top_k = args.top_k
+        return paper
+    match = MatchConfig(threshold=args.threshold, max_scale_change=args.max_scale_change, error=args.error)
+    return RerankConfig(top_k=args.top_k, score=args.score, fuse_weight=args.fuse_weight, match=match)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from gpu_dsm.eval.datasets import default_data_root
 
@@ -129,6 +198,8 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
         data_root=data_root, dataset=dataset, backbone=args.backbone, weights=args.weights, upsample=args.upsample,
         extract=extract, global_=GlobalConfig(pooling=args.pooling, p=args.gem_p),
         detector=_detector_config(args) if local else None,
+        rerank=_rerank_config(args),
+        diffusion=_diffusion_config(args)[0], graph=_diffusion_config(args)[1],
         whitening=getattr(args, "whitening", None), cache_dir=cache_dir, device=args.device, dtype=args.dtype,
     )
 
@@ -136,8 +207,19 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.run import evaluate_dataset
 
-    cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir)
-    evaluate_dataset(cfg, out=args.out)
+    cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir, local=args.rerank != "none")
+    if args.plot_inliers and cfg.rerank is None:
+        raise ValueError("--plot-inliers needs --rerank dsm")
+    evaluate_dataset(cfg, out=args.out, plot_inliers=args.plot_inliers)
+    return 0
+
+
+def cmd_show_match(args: argparse.Namespace) -> int:
+    from gpu_dsm.eval.run import show_match
+
+    args.rerank = "dsm"
+    cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir, local=True)
+    show_match(cfg, args.query, args.rank, args.out)
     return 0
 
 
@@ -165,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_dsm-demo-") as tmp:
         root = build_demo_dataset(tmp, image_size=args.image_size)
         print(f"demo set: scikit-image photos with generated viewpoint changes, written to {root / DEMO_NAME}")
-        cfg = _run_config(args, str(root), DEMO_NAME, None)
+        cfg = _run_config(args, str(root), DEMO_NAME, None, local=args.rerank != "none")
         evaluate_dataset(cfg, out=args.out)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
     return 0
@@ -180,8 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline on a built-in set (no download)",
                        description="Build a small retrieval set from scikit-image's bundled photos with generated "
-                                   "viewpoint changes and evaluate every stage on it.")
+                                   "viewpoint changes and evaluate every stage on it: global ranking, DSM re-ranking and "
+                                   "diffusion (the demo turns --rerank dsm and --diffusion on, with --graph-k 5 --alpha 0.8 "
+                                   "for its 59-image database).")
     _add_model_args(p, image_size=384)
+    _add_detector_args(p)
+    _add_rerank_args(p)
+    _add_diffusion_args(p)
+    # the demo database has 59 images: the paper's k=50, alpha=0.99 (for 5k+ images) would link
+    # nearly every pair, so the demo uses a sparser graph and shorter diffusion
+    p.set_defaults(rerank="dsm", diffusion=True, graph_k=5, alpha=0.8)
     p.add_argument("--out", default=None, help="also write the results JSON here (default: none)")
     p.set_defaults(func=cmd_demo)
 
@@ -201,13 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setups of the revisited protocol; write everything as JSON.")
     _add_data_args(p)
     _add_model_args(p)
+    _add_detector_args(p)
+    _add_rerank_args(p)
+    _add_diffusion_args(p)
     p.add_argument("--whitening", default=None,
                    help="a saved whitening (gpu_dsm.whitening.Whitening.save) applied to global descriptors "
                         "(default: none; the paper uses supervised whitening learned on SfM-120k)")
     p.add_argument("--cache-dir", default=".gpu_dsm_cache",
                    help="keep feature stores here so a second run does not re-run the network (default: %(default)s)")
     p.add_argument("--out", default=None, help="results JSON file (default: none)")
+    p.add_argument("--plot-inliers", default=None,
+                   help="with --rerank dsm: write a PNG of the inlier counts of positives vs negatives (paper figure 6) "
+                        "(default: none)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("show-match", help="draw a query and a candidate with their inlier correspondences",
+                       description="Picture of spatial verification (paper figure 5): the query and its RANK-th candidate "
+                                   "of the global ranking, inlier ellipses and correspondence lines.")
+    _add_data_args(p)
+    _add_model_args(p)
+    _add_detector_args(p)
+    _add_rerank_args(p)
+    p.add_argument("--query", type=int, default=0, help="query index (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=1, help="1-based rank of the candidate in the global ranking (default: %(default)s)")
+    p.add_argument("--cache-dir", default=".gpu_dsm_cache", help="feature store cache (default: %(default)s)")
+    p.add_argument("--out", default="match.png", help="PNG to write (default: %(default)s)")
+    p.set_defaults(func=cmd_show_match)
     return parser
 
 

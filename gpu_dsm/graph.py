@@ -1,0 +1,176 @@
+"""The k-nearest-neighbour graph of a database's global descriptors, for diffusion (Iscen et al. 2017).
+
+``build_knn_graph`` keeps mutual neighbours (``j`` among the ``k`` nearest of ``i`` and ``i``
+among those of ``j``), weights ``max(s, 0)^gamma``, zero diagonal, and stores the symmetrically
+normalised affinity ``S = D^-1/2 W D^-1/2`` as a sparse CSR matrix. Isolated nodes (no mutual
+neighbour) keep an empty row: diffusion cannot reach them and leaves their score at the seed's.
+
+Neighbours are exact by default (chunked matrix products on the descriptors' device); the
+``"faiss"`` backend (optional ``faiss-cpu`` package) searches approximately for databases too
+large for that, behind the same interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import warnings
+
+import torch
+
+from gpu_dsm.io import torch_save
+
+_FORMAT = "gpu_dsm.knn_graph/1"
+BACKENDS = ("exact", "faiss")
+
+
+@dataclass
+class GraphConfig:
+    """kNN graph parameters; defaults from the DSM paper's diffusion setting (Iscen et al. 2017)."""
+
+    k: int = 50  # neighbours per node (Iscen et al.; DSM reference code)
+    gamma: float = 3.0  # similarity exponent of the weights (Iscen et al.)
+    mutual: bool = True  # keep mutual neighbours only (Iscen et al.)
+    backend: str = "exact"  # "exact" chunked products, or "faiss" (approximate, optional package)
+    chunk_size: int = 4096  # database rows per similarity block (exact backend): memory = chunk_size x N
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass
+class KnnGraph:
+    """``affinity``: ``(N, N)`` sparse CSR ``S = D^-1/2 W D^-1/2``; ``k``, ``gamma`` as built."""
+
+    affinity: torch.Tensor
+    k: int
+    gamma: float
+    mutual: bool = True
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.affinity.shape[0])
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.affinity._nnz())
+
+    def to(self, device: torch.device | str) -> "KnnGraph":
+        return KnnGraph(self.affinity.to(device), self.k, self.gamma, self.mutual)
+
+    def save(self, path: str | Path) -> Path:
+        a = self.affinity.cpu()
+        state = {"format": _FORMAT, "k": self.k, "gamma": self.gamma, "mutual": self.mutual, "size": list(a.shape),
+                 "crow": a.crow_indices(), "col": a.col_indices(), "values": a.values()}
+        return torch_save(path, state)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "KnnGraph":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"graph file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read graph file {path}: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a gpu_dsm kNN graph (expected format {_FORMAT!r})")
+        n = state["size"][0]
+        if state["crow"].numel() != n + 1 or state["col"].numel() != state["values"].numel():
+            raise ValueError(f"corrupt graph file {path}: index arrays do not match its size")
+        affinity = _csr(state["crow"], state["col"], state["values"], n)
+        return cls(affinity.to(device), state["k"], state["gamma"], state["mutual"])
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=(n, n))
+
+
+def _coo_to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n)).coalesce().to_sparse_csr()
+
+
+def exact_neighbours(x: torch.Tensor, k: int, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` nearest neighbours by inner product of every row of ``x (N, D)``, itself excluded:
+    ``(similarities (N, k), indices (N, k))``, best first."""
+    n = x.shape[0]
+    sims, idx = [], []
+    for start in range(0, n, chunk_size):
+        block = x[start:start + chunk_size] @ x.T
+        rows = torch.arange(start, start + block.shape[0], device=x.device)
+        block[torch.arange(block.shape[0], device=x.device), rows] = float("-inf")
+        s, i = block.topk(k, dim=1)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def faiss_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate neighbours with FAISS (HNSW, inner product); self excluded."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("the 'faiss' graph backend needs the faiss-cpu package (pip install gpu_dsm[faiss])") from exc
+    data = x.detach().float().cpu().numpy()
+    index = faiss.IndexHNSWFlat(data.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = max(2 * (k + 1), 64)
+    index.add(data)
+    sims, idx = index.search(data, k + 1)
+    sims, idx = torch.from_numpy(sims), torch.from_numpy(idx)
+    not_self = idx != torch.arange(len(idx))[:, None]
+    # drop self (or the last neighbour when self was not returned)
+    keep = torch.cumsum(not_self, 1) <= k
+    keep &= not_self
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    return sims.gather(1, order).to(x.device), idx.gather(1, order).to(x.device).long()
+
+
+def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None) -> KnnGraph:
+    """Mutual kNN graph of L2-normalised ``descriptors (N, D)``, on their device.
+
+    ``k`` larger than ``N - 1`` is clamped to ``N - 1`` (every other node is a neighbour).
+    """
+    cfg = config or GraphConfig()
+    if descriptors.ndim != 2 or descriptors.shape[0] == 0:
+        raise ValueError(f"build_knn_graph: expected (N > 0, D) descriptors, got {tuple(descriptors.shape)}")
+    if not torch.isfinite(descriptors).all():
+        raise ValueError("build_knn_graph: descriptors contain NaN or Inf")
+    x = descriptors.float()
+    n = x.shape[0]
+    device = x.device
+    k = min(cfg.k, n - 1)
+    if k < 1:
+        empty = _csr(torch.zeros(n + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), n).to(device)
+        return KnnGraph(empty, k, cfg.gamma, cfg.mutual)
+    sims, idx = exact_neighbours(x, k, cfg.chunk_size) if cfg.backend == "exact" else faiss_neighbours(x, k)
+    rows = torch.arange(n, device=device).repeat_interleave(k)
+    cols = idx.reshape(-1)
+    weights = sims.reshape(-1).clamp(min=0).pow(cfg.gamma)
+    if cfg.mutual:
+        # (i, j) is kept when (j, i) is also an edge: look the reverse key up among the sorted keys
+        key = rows * n + cols
+        sorted_key, _ = torch.sort(key)
+        reverse = cols * n + rows
+        pos = torch.searchsorted(sorted_key, reverse).clamp(max=key.numel() - 1)
+        keep = (sorted_key[pos] == reverse) & (weights > 0)
+        rows, cols, weights = rows[keep], cols[keep], weights[keep]
+    else:
+        # union of both directions, an edge found twice keeps its (equal) weight once
+        key = torch.cat([rows * n + cols, cols * n + rows])
+        unique, inverse = torch.unique(key, return_inverse=True)
+        weights = torch.zeros(unique.numel(), device=device).scatter_reduce_(0, inverse, torch.cat([weights, weights]), "amax")
+        rows, cols = unique // n, unique % n
+        keep = weights > 0
+        rows, cols, weights = rows[keep], cols[keep], weights[keep]
+    degree = torch.zeros(n, device=device).index_add_(0, rows, weights)
+    inv_sqrt = torch.where(degree > 0, degree.clamp(min=1e-30).rsqrt(), torch.zeros_like(degree))
+    values = weights * inv_sqrt[rows] * inv_sqrt[cols]
+    affinity = _coo_to_csr(rows, cols, values, n)
+    return KnnGraph(affinity, k, cfg.gamma, cfg.mutual)

@@ -1,0 +1,309 @@
+"""Fast spatial matching of DSM features (paper 3.5-3.6; reference code, notes section 3).
+
+For each (query, candidate) pair and each of the ``S x S`` (query scale, candidate scale) pairs:
+
+1. tentative correspondences: all (query feature, candidate feature) pairs of the same channel;
+2. one upright-affine hypothesis per correspondence, ``T = A2 A1^-1``, ``t = x2 - T x1``;
+3. every hypothesis scored against every correspondence of its group (one batched matrix
+   product, ``gpu_dsm.kernels.scoring``): inlier if the transfer error is below
+   ``threshold^2`` and the correspondence's own scale change relative to ``T`` is within
+   ``[1 / max_scale_change, max_scale_change]``; the count takes each feature once
+   (``min`` of distinct query and distinct candidate features);
+4. local optimisation of the best ``lo_hypotheses``: gather inliers at ``lo_factor`` times the
+   threshold, least-squares 5-dof fit, re-score, keep if better, at most ``lo_rounds`` rounds;
+5. the pair's score is the best count over its scale pairs.
+
+Correspondence groups of all pairs are padded into one table, sorted by size and processed in
+chunks whose ``groups x hypotheses x correspondences`` stays under ``max_elements``: no Python
+loop over candidates or hypotheses.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gpu_dsm.features import LocalFeatures
+from gpu_dsm.kernels.scoring import ERRORS, count_unique, hypotheses_from_frames, inlier_mask, log_scale
+
+
+@dataclass
+class MatchConfig:
+    """Spatial matching parameters; defaults from the paper (4.1) and the reference code."""
+
+    # inlier threshold, pixels of the activation map. Paper 4.1: 2 (with the symmetric error);
+    # measured on roxford5k-mini with EfficientNet-Lite0 (README, "Re-ranking"): 4 with one_way
+    threshold: float = 4.0
+    max_scale_change: float = 3.0  # paper 4.1: maximal scale change 3
+    # "symmetric" (reference code: both transfer directions summed) or "one_way" (forward only,
+    # measured better here, README)
+    error: str = "one_way"
+    lo_hypotheses: int = 5  # reference code: local optimisation of the best 5 hypotheses
+    lo_factor: float = 4.0  # reference code: gather inliers at 4x the threshold
+    lo_rounds: int = 2  # reference code: at most 2 rounds
+    lo_min_inliers: int = 4  # reference code: hypotheses with <= 3 inliers are not refined
+    max_elements: int = 2**25  # memory budget: groups x hypotheses x correspondences per chunk
+
+    def __post_init__(self):
+        if self.error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, got {self.error!r}")
+        if self.threshold <= 0 or self.max_scale_change < 1:
+            raise ValueError("threshold must be > 0 and max_scale_change >= 1")
+
+
+@dataclass
+class MatchResult:
+    """Spatial verification of ``P`` (query, candidate) pairs.
+
+    Fields:
+        inliers: ``(P,)`` int64, best inlier count over the scale pairs (0 when nothing matches).
+        transform: ``(P, 5)`` float64, winning ``(a, b, c, tx, ty)``: candidate point
+            ``= [[a, 0], [b, c]] @ query point + (tx, ty)``, in feature-map pixels of the
+            winning scales; NaN when ``inliers == 0``.
+        scale_pair: ``(P, 2)`` int64, winning (query scale, candidate scale) indices; -1 if none.
+        matches: ``(P, M, 2)`` int64, inlier correspondences of the winning hypothesis as
+            (query feature row, candidate feature row) in the input tables; -1 padding. A
+            feature may appear in several of them; ``inliers`` counts each feature once.
+        correspondences: ``(P,)`` int64, tentative correspondences over all scale pairs.
+    """
+
+    inliers: torch.Tensor
+    transform: torch.Tensor
+    scale_pair: torch.Tensor
+    matches: torch.Tensor
+    correspondences: torch.Tensor
+
+
+def _check_inputs(query: LocalFeatures, candidates: LocalFeatures, query_index: torch.Tensor) -> None:
+    if query.num_channels and candidates.num_channels and query.num_channels != candidates.num_channels:
+        raise ValueError(
+            f"query features have {query.num_channels} channels, candidates {candidates.num_channels}: "
+            "they come from different backbones"
+        )
+    if query.device != candidates.device:
+        raise ValueError(f"query features on {query.device}, candidate features on {candidates.device}")
+    if query_index.shape != (candidates.num_images,):
+        raise ValueError(f"query_index must be ({candidates.num_images},), got {tuple(query_index.shape)}")
+    if candidates.num_images and (query_index.min() < 0 or query_index.max() >= query.num_images):
+        raise ValueError("query_index points outside the query table")
+
+
+def tentative_correspondences(query: LocalFeatures, candidates: LocalFeatures, query_index: torch.Tensor,
+                              num_scales: int) -> dict[str, torch.Tensor]:
+    """All same-channel (query feature, candidate feature) pairs, grouped by (pair, scale pair).
+
+    A sort-merge join on ``(pair, channel)`` keys: ``O(F log F)`` in the number of features,
+    never a (query x candidate) comparison table. Returns flat tensors sorted by group then
+    (query row, candidate row): ``pair``, ``qrow``, ``crow``, ``group``
+    (``pair * S^2 + query scale * S + candidate scale``).
+    """
+    device = candidates.device
+    channels = int(max(query.num_channels, candidates.num_channels,
+                       int(query.channel.max()) + 1 if query.channel.numel() else 1,
+                       int(candidates.channel.max()) + 1 if candidates.channel.numel() else 1))
+    # candidate side: one key per valid feature, sorted
+    c_pair, c_row = candidates.valid.nonzero(as_tuple=True)
+    c_key = c_pair * channels + candidates.channel[c_pair, c_row]
+    c_order = torch.argsort(c_key, stable=True)
+    c_key, c_pair, c_row = c_key[c_order], c_pair[c_order], c_row[c_order]
+    # query side: the valid features of each pair's query
+    q_valid = query.valid[query_index]
+    q_pair, q_row = q_valid.nonzero(as_tuple=True)
+    q_key = q_pair * channels + query.channel[query_index[q_pair], q_row]
+    lo = torch.searchsorted(c_key, q_key, right=False)
+    hi = torch.searchsorted(c_key, q_key, right=True)
+    n = hi - lo
+    rep = torch.repeat_interleave(torch.arange(q_key.numel(), device=device), n)
+    offset = torch.arange(rep.numel(), device=device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    c_at = lo[rep] + offset
+    pair, qrow, crow = q_pair[rep], q_row[rep], c_row[c_at]
+    qscale = query.scale[query_index[pair], qrow]
+    cscale = candidates.scale[pair, crow]
+    group = pair * num_scales * num_scales + qscale * num_scales + cscale
+    width = max(query.capacity, candidates.capacity, 1)
+    order = torch.argsort((group * width + qrow) * width + crow)
+    return {"pair": pair[order], "qrow": qrow[order], "crow": crow[order], "group": group[order]}
+
+
+def _least_squares(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted 5-dof upright-affine fit: ``x1, x2 (G, C, 2)``, ``weight (G, H, C)`` -> params, ok."""
+    w = weight.double()
+    X, Y = x1[..., 0].double()[:, None], x1[..., 1].double()[:, None]
+    U, V = x2[..., 0].double()[:, None], x2[..., 1].double()[:, None]
+
+    def s(t):
+        return (w * t).sum(-1)
+
+    n, sx, sy = w.sum(-1), s(X), s(Y)
+    sxx, sxy, syy = s(X * X), s(X * Y), s(Y * Y)
+    m2 = torch.stack([torch.stack([sxx, sx], -1), torch.stack([sx, n], -1)], -2)
+    m3 = torch.stack([torch.stack([sxx, sxy, sx], -1), torch.stack([sxy, syy, sy], -1), torch.stack([sx, sy, n], -1)], -2)
+    det2, det3 = torch.linalg.det(m2), torch.linalg.det(m3)
+    ok = (n >= 3) & (det2.abs() > 1e-9 * (1 + sxx * n)) & (det3.abs() > 1e-9 * (1 + sxx * syy * n))
+    eye2, eye3 = torch.eye(2, dtype=w.dtype, device=w.device), torch.eye(3, dtype=w.dtype, device=w.device)
+    m2 = torch.where(ok[..., None, None], m2, eye2)
+    m3 = torch.where(ok[..., None, None], m3, eye3)
+    ax = torch.linalg.solve(m2, torch.stack([s(X * U), s(U)], -1))
+    by = torch.linalg.solve(m3, torch.stack([s(X * V), s(Y * V), s(V)], -1))
+    params = torch.stack([ax[..., 0], by[..., 0], by[..., 1], ax[..., 1], by[..., 2]], -1)
+    ok &= (params[..., 0] > 0) & (params[..., 2] > 0) & torch.isfinite(params).all(-1)
+    return params, ok
+
+
+class _GroupTable:
+    """Padded correspondences of a chunk of groups, ``(G, C)``."""
+
+    def __init__(self, query, candidates, query_index, corr, groups, sizes, starts):
+        device = candidates.device
+        g, cmax = groups.numel(), int(sizes.max())
+        slot = torch.arange(cmax, device=device)
+        self.valid = slot[None, :] < sizes[:, None]
+        flat = (starts[:, None] + slot[None, :]).clamp(max=corr["pair"].numel() - 1)
+        self.pair = corr["pair"][flat]
+        self.qrow = corr["qrow"][flat]
+        self.crow = corr["crow"][flat]
+        qimg = query_index[self.pair]
+        self.x1 = query.xy[qimg, self.qrow]
+        self.x2 = candidates.xy[self.pair, self.crow]
+        params = hypotheses_from_frames(query.frame[qimg, self.qrow].double(), candidates.frame[self.pair, self.crow].double(),
+                                        self.x1.double(), self.x2.double())
+        ok = self.valid & torch.isfinite(params).all(-1) & (params[..., 0] > 0) & (params[..., 2] > 0)
+        self.hyp_valid = ok
+        self.params = torch.where(ok[..., None], params, torch.tensor([1.0, 0, 1.0, 0, 0], dtype=torch.float64, device=device))
+        self.log_scale = log_scale(self.params)
+        # compact per-group feature ids for "each feature counted once"
+        self.qid, self.num_q = self._compact(self.qrow)
+        self.cid, self.num_c = self._compact(self.crow)
+
+    def _compact(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        g, c = rows.shape
+        key = torch.arange(g, device=rows.device)[:, None] * (int(rows.max()) + 1 if rows.numel() else 1) + rows
+        _, inverse = torch.unique(key, return_inverse=True)
+        first = torch.full((g,), inverse.numel(), dtype=torch.long, device=rows.device)
+        first.scatter_reduce_(0, torch.arange(g, device=rows.device)[:, None].expand(g, c).reshape(-1), inverse.reshape(-1), "amin")
+        local = inverse - first[:, None]
+        return local, int(local.max()) + 1 if local.numel() else 1
+
+    def score(self, params: torch.Tensor, log_s: torch.Tensor, threshold_sq: float, cfg: MatchConfig):
+        """Inlier masks ``(G, H, C)`` and deduplicated counts ``(G, H)`` of hypotheses ``(G, H, 5)``."""
+        mask = inlier_mask(params, self.x1, self.x2, self.valid, threshold_sq, cfg.error)
+        mask &= (self.log_scale[:, None, :] - log_s[..., None]).abs() <= math.log(cfg.max_scale_change) + 1e-12
+        count = torch.minimum(count_unique(mask, self.qid, self.num_q), count_unique(mask, self.cid, self.num_c))
+        return mask, count
+
+
+def _verify_groups(table: _GroupTable, cfg: MatchConfig):
+    """Best hypothesis of every group of the table: (count, params, inlier mask)."""
+    th2 = cfg.threshold ** 2
+    mask, count = table.score(table.params, table.log_scale, th2, cfg)
+    count = torch.where(table.hyp_valid, count, torch.zeros_like(count))
+    k = min(cfg.lo_hypotheses, count.shape[1])
+    order = torch.argsort(count, dim=1, descending=True, stable=True)[:, :k]
+    best_params = table.params.gather(1, order[..., None].expand(-1, -1, 5))
+    best_count = count.gather(1, order)
+    best_mask = mask.gather(1, order[..., None].expand(-1, -1, mask.shape[2]))
+    active = best_count >= cfg.lo_min_inliers
+    for _ in range(cfg.lo_rounds):
+        if not active.any():
+            break
+        wide, _ = table.score(best_params, log_scale(best_params), (cfg.lo_factor * cfg.threshold) ** 2, cfg)
+        fitted, ok = _least_squares(table.x1, table.x2, wide & active[..., None])
+        fitted = torch.where(ok[..., None], fitted, best_params)
+        new_mask, new_count = table.score(fitted, log_scale(fitted), th2, cfg)
+        improved = active & ok & (new_count > best_count)
+        best_params = torch.where(improved[..., None], fitted, best_params)
+        best_count = torch.where(improved, new_count, best_count)
+        best_mask = torch.where(improved[..., None], new_mask, best_mask)
+        active = improved
+    top = torch.argmax(best_count, dim=1)  # first of equal counts: the better-ranked initial hypothesis
+    pick = torch.arange(top.numel(), device=top.device)
+    return best_count[pick, top], best_params[pick, top], best_mask[pick, top]
+
+
+def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index: torch.Tensor | None = None,
+                   config: MatchConfig | None = None) -> MatchResult:
+    """Spatially verify every candidate against its query.
+
+    Args:
+        query: ``Q`` query images' features.
+        candidates: ``P`` candidate images' features.
+        query_index: ``(P,)`` which query each candidate belongs to (default: all query 0).
+        config: matching parameters (paper defaults).
+    Returns:
+        :class:`MatchResult` over the ``P`` pairs, on the features' device.
+    """
+    cfg = config or MatchConfig()
+    device = candidates.device
+    if query_index is None:
+        query_index = torch.zeros(candidates.num_images, dtype=torch.long, device=device)
+    query_index = query_index.to(device=device, dtype=torch.long)
+    _check_inputs(query, candidates, query_index)
+    num_pairs = candidates.num_images
+    num_scales = max(int(query.scale.max()) if query.valid.any() else 0,
+                     int(candidates.scale.max()) if candidates.valid.any() else 0) + 1
+    num_scales = max(num_scales, len(query.scales), len(candidates.scales), 1)
+    corr = tentative_correspondences(query, candidates, query_index, num_scales)
+    inliers = torch.zeros(num_pairs, dtype=torch.long, device=device)
+    transform = torch.full((num_pairs, 5), float("nan"), dtype=torch.float64, device=device)
+    scale_pair = torch.full((num_pairs, 2), -1, dtype=torch.long, device=device)
+    n_corr = torch.bincount(corr["pair"], minlength=num_pairs)
+    empty_matches = torch.full((num_pairs, 0, 2), -1, dtype=torch.long, device=device)
+    if corr["group"].numel() == 0:
+        return MatchResult(inliers, transform, scale_pair, empty_matches, n_corr)
+    groups, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    # chunks of groups of similar size, each under the memory budget
+    by_size = torch.argsort(sizes, descending=True, stable=True)
+    best_count = torch.zeros(groups.numel(), dtype=torch.long, device=device)
+    best_params = torch.zeros(groups.numel(), 5, dtype=torch.float64, device=device)
+    sizes_sorted = sizes[by_size].tolist()
+    i = 0
+    chunk_results = []
+    while i < len(sizes_sorted):
+        cmax = sizes_sorted[i]  # largest group of the chunk: hypotheses x correspondences = cmax^2
+        n = max(1, min(len(sizes_sorted) - i, cfg.max_elements // (cmax * cmax)))
+        # groups at least 3/4 of the largest, so padding wastes under half of the work
+        n = max(1, bisect.bisect_left([-v for v in sizes_sorted[i:i + n]], -(cmax * 3 // 4)))
+        idx = by_size[i:i + n]
+        table = _GroupTable(query, candidates, query_index, corr, groups[idx], sizes[idx], starts[idx])
+        count, params, mask = _verify_groups(table, cfg)
+        best_count[idx] = count
+        best_params[idx] = params
+        chunk_results.append((idx, table, mask))
+        i += n
+    # best scale pair per (query, candidate) pair: highest count, then lowest scale-pair index
+    pair_of_group = groups // (num_scales * num_scales)
+    key = best_count * (num_scales * num_scales + 1) + (num_scales * num_scales - groups % (num_scales * num_scales))
+    best_key = torch.zeros(num_pairs, dtype=torch.long, device=device).scatter_reduce_(0, pair_of_group, key, "amax")
+    is_winner = (key == best_key[pair_of_group]) & (best_count > 0)
+    win_groups = is_winner.nonzero().squeeze(1)
+    wp = pair_of_group[win_groups]
+    inliers[wp] = best_count[win_groups]
+    transform[wp] = best_params[win_groups]
+    sp = groups[win_groups] % (num_scales * num_scales)
+    scale_pair[wp] = torch.stack([sp // num_scales, sp % num_scales], 1)
+    # inlier correspondences of the winners
+    rows_q, rows_c, rows_p = [], [], []
+    for idx, table, mask in chunk_results:
+        chosen = is_winner[idx]
+        if not chosen.any():
+            continue
+        g_local, l = mask[chosen].nonzero(as_tuple=True)
+        sel = chosen.nonzero().squeeze(1)[g_local]
+        rows_p.append(table.pair[sel, l])
+        rows_q.append(table.qrow[sel, l])
+        rows_c.append(table.crow[sel, l])
+    if rows_p:
+        p_all, q_all, c_all = torch.cat(rows_p), torch.cat(rows_q), torch.cat(rows_c)
+        order = torch.argsort(p_all, stable=True)
+        p_all, q_all, c_all = p_all[order], q_all[order], c_all[order]
+        counts = torch.bincount(p_all, minlength=num_pairs)
+        slot = torch.arange(p_all.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[p_all]
+        width = int(counts.max())
+        matches = torch.full((num_pairs, width, 2), -1, dtype=torch.long, device=device)
+        matches[p_all, slot] = torch.stack([q_all, c_all], 1)
+    else:
+        matches = empty_matches
+    return MatchResult(inliers, transform, scale_pair, matches, n_corr)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+import torch
+import torch.nn.functional as F
+
+from gpu_dsm.diffusion import DiffusionConfig, conjugate_gradient, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
+from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
+
+
+def _clustered(n, d=32, clusters=20, noise=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    labels = torch.randint(0, clusters, (n,), generator=g)
+    return F.normalize(centres[labels] + noise * torch.randn(n, d, generator=g), dim=1), centres
+
+
+def _reference_affinity(x, k, gamma):
+    """Dense mutual kNN affinity with plain loops."""
+    n = len(x)
+    sims = (x @ x.T).double().numpy()
+    knn = []
+    for i in range(n):
+        s = sims[i].copy()
+        s[i] = -np.inf
+        knn.append(set(np.argsort(-s, kind="stable")[:k].tolist()))
+    w = np.zeros((n, n))
+    for i in range(n):
+        for j in knn[i]:
+            if i in knn[j]:
+                w[i, j] = max(sims[i, j], 0) ** gamma
+    d = w.sum(1)
+    inv = np.where(d > 0, 1 / np.sqrt(np.maximum(d, 1e-300)), 0)
+    return inv[:, None] * w * inv[None, :]
+
+
+def test_graph_matches_plain_loops():
+    x, _ = _clustered(60)
+    g = build_knn_graph(x, GraphConfig(k=7))
+    dense = g.affinity.to_dense().double().numpy()
+    np.testing.assert_allclose(dense, _reference_affinity(x, 7, 3.0), atol=1e-6)
+    np.testing.assert_allclose(dense, dense.T, atol=1e-7)
+    assert np.all(np.diag(dense) == 0)
+    union = build_knn_graph(x, GraphConfig(k=7, mutual=False))
+    assert union.num_edges > g.num_edges
+
+
+def test_isolated_nodes_and_clamped_k(tmp_path):
+    x, _ = _clustered(30)
+    padded = F.pad(x, (0, 1))
+    outlier = torch.zeros(1, x.shape[1] + 1)
+    outlier[0, -1] = 1.0  # orthogonal to everything: similarity 0, so no weighted edge
+    g = build_knn_graph(torch.cat([padded, outlier]), GraphConfig(k=5))
+    assert g.affinity.to_dense()[30].abs().sum() == 0
+    big = build_knn_graph(x[:6], GraphConfig(k=50))
+    assert big.k == 5
+    one = build_knn_graph(x[:1])
+    assert one.num_edges == 0
+    with pytest.raises(ValueError, match="NaN"):
+        build_knn_graph(torch.full((4, 3), float("nan")))
+    g.save(tmp_path / "g.pt")
+    loaded = KnnGraph.load(tmp_path / "g.pt")
+    assert torch.equal(loaded.affinity.to_dense(), g.affinity.to_dense()) and loaded.k == 5
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="cannot read graph file"):
+        KnnGraph.load(tmp_path / "bad.pt")
+
+
+def test_cg_agrees_with_scipy():
+    x, centres = _clustered(3000, seed=1)
+    g = build_knn_graph(x, GraphConfig(k=30))
+    q = F.normalize(centres[:12] + 0.6 * torch.randn(12, centres.shape[1]), dim=1)
+    sims, ranks = torch.sort(q @ x.T, dim=1, descending=True)
+    y = plain_seeds(sims, ranks, len(x))
+    f, info = diffuse(g.affinity, y, DiffusionConfig(max_iter=100))
+    assert info.relative_residual.max() <= 1e-6
+    coo = g.affinity.to_sparse_coo().coalesce()
+    a = sp.csr_matrix((coo.values().double().numpy(), coo.indices().numpy()), shape=coo.shape)
+    system = sp.eye(a.shape[0]) - 0.99 * a
+    for i in range(12):
+        expected, status = sla.cg(system, y[:, i].double().numpy(), rtol=1e-8, maxiter=1000)
+        assert status == 0
+        got = f[:, i].double().numpy()
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+        assert set(np.argsort(-got)[:100]) == set(np.argsort(-expected)[:100])
+
+
+def test_cg_edge_cases():
+    x, _ = _clustered(50)
+    g = build_knn_graph(x, GraphConfig(k=5))
+    y = torch.zeros(50, 3)
+    y[4, 1] = 1.0
+    f, info = conjugate_gradient(g.affinity, y)
+    assert torch.equal(f[:, 0], torch.zeros(50)) and f[4, 1] >= 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        conjugate_gradient(g.affinity, torch.full((50, 1), float("nan")))
+    with pytest.raises(ValueError, match=r"\(50, Q\)"):
+        conjugate_gradient(g.affinity, torch.zeros(49, 1))
+
+
+def test_seeds():
+    sims = torch.tensor([[0.9, 0.5, -0.2]])
+    ranks = torch.tensor([[2, 0, 1]])
+    y = plain_seeds(sims, ranks, 4, query_k=2, gamma=2.0)
+    torch.testing.assert_close(y[:, 0], torch.tensor([0.25, 0.0, 0.81, 0.0]))
+    y = plain_seeds(torch.tensor([[-0.1, -0.3]]), torch.tensor([[0, 1]]), 2)
+    assert y.abs().sum() == 0  # no positive similarity: no seed
+    idx = torch.arange(10).view(1, 10)
+    s = torch.linspace(0.9, 0.45, 10).view(1, 10)
+    inl = torch.tensor([[10, 0, 5, 8, 1, 2, 0, 9, 3, 4]])
+    y = dsm_seeds(s, idx, inl, 12, keep=5)
+    weights = inl.float() / 10 * s
+    expected = torch.zeros(12)
+    best = torch.argsort(weights[0], descending=True)[:5]
+    expected[best] = weights[0, best]
+    torch.testing.assert_close(y[:, 0], expected)
+    assert (dsm_seeds(s, idx, inl, 12, keep=4)[:, 0] > 0).sum() == 4
+    fallback = dsm_seeds(s, idx, torch.zeros_like(inl), 12, keep=5, gamma=3.0)
+    torch.testing.assert_close(fallback[:5, 0], s[0, :5] ** 3)
+
+
+def test_ranking_keeps_initial_order_for_ties():
+    initial = torch.tensor([[3, 1, 0, 2]])
+    scores = torch.tensor([[0.0], [0.5], [0.0], [0.0]])
+    assert diffusion_ranking(scores, initial).tolist() == [[1, 3, 0, 2]]
