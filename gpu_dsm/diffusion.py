@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_dsm.kernels.sparse import SparseOperator
+
 
 @dataclass
 class DiffusionConfig:
@@ -42,7 +44,7 @@ class CGInfo:
     relative_residual: torch.Tensor
 
 
-def conjugate_gradient(affinity: torch.Tensor, rhs: torch.Tensor, alpha: float = 0.99, tol: float = 1e-6,
+def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tensor, alpha: float = 0.99, tol: float = 1e-6,
                        max_iter: int = 20) -> tuple[torch.Tensor, CGInfo]:
     """Solve ``(I - alpha S) F = Y`` for every column of ``rhs (N, Q)``; ``S`` sparse ``(N, N)`` symmetric.
 
@@ -53,10 +55,13 @@ def conjugate_gradient(affinity: torch.Tensor, rhs: torch.Tensor, alpha: float =
         raise ValueError(f"rhs must be ({affinity.shape[0]}, Q), got {tuple(rhs.shape)}")
     if not torch.isfinite(rhs).all():
         raise ValueError("diffusion seeds contain NaN or Inf")
+    op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype)
+    rhs = op.to_internal(rhs)
     f = torch.zeros_like(rhs)
     r = rhs.clone()
     p = r.clone()
-    rs = (r * r).sum(0)
+    ap = torch.empty_like(rhs)  # buffers reused every iteration: large fresh allocations cost page faults
+    rs = torch.linalg.vecdot(r, r, dim=0)
     norm_y = rs.sqrt().clamp(min=1e-30)
     active = rs.sqrt() / norm_y > tol
     it = 0
@@ -64,17 +69,17 @@ def conjugate_gradient(affinity: torch.Tensor, rhs: torch.Tensor, alpha: float =
         if not active.any():
             it -= 1
             break
-        ap = p - alpha * (affinity @ p)
-        denom = (p * ap).sum(0)
+        torch.add(p, op @ p, alpha=-alpha, out=ap)
+        denom = torch.linalg.vecdot(p, ap, dim=0)
         step = torch.where(active & (denom > 0), rs / denom.clamp(min=1e-30), torch.zeros_like(rs))
-        f += step * p
-        r -= step * ap
-        rs_new = (r * r).sum(0)
+        f.addcmul_(p, step)
+        r.addcmul_(ap, step, value=-1.0)
+        rs_new = torch.linalg.vecdot(r, r, dim=0)
         beta = torch.where(active, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))
-        p = r + beta * p
+        p.mul_(beta).add_(r)
         rs = rs_new
         active = active & (rs.sqrt() / norm_y > tol)
-    return f, CGInfo(iterations=it, relative_residual=rs.sqrt() / norm_y)
+    return op.from_internal(f), CGInfo(iterations=it, relative_residual=rs.sqrt() / norm_y)
 
 
 def plain_seeds(similarities: torch.Tensor, ranks: torch.Tensor, num_nodes: int, query_k: int = 10,
@@ -119,5 +124,4 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
 def diffuse(affinity: torch.Tensor, seeds: torch.Tensor, config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on the graph ``affinity``."""
     cfg = config or DiffusionConfig()
-    s = affinity.to(cfg.dtype) if affinity.dtype != cfg.dtype else affinity
-    return conjugate_gradient(s, seeds.to(cfg.dtype), cfg.alpha, cfg.tol, cfg.max_iter)
+    return conjugate_gradient(SparseOperator(affinity, cfg.dtype), seeds.to(cfg.dtype), cfg.alpha, cfg.tol, cfg.max_iter)

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from gpu_dsm.io import torch_save
+from gpu_dsm.io import torch_load_checked, torch_save
 
 _FORMAT = "gpu_dsm.knn_graph/1"
 BACKENDS = ("exact", "faiss")
@@ -69,15 +69,7 @@ class KnnGraph:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "KnnGraph":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"graph file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read graph file {path}: {exc}") from exc
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a gpu_dsm kNN graph (expected format {_FORMAT!r})")
+        state = torch_load_checked(path, _FORMAT, "graph")
         n = state["size"][0]
         if state["crow"].numel() != n + 1 or state["col"].numel() != state["values"].numel():
             raise ValueError(f"corrupt graph file {path}: index arrays do not match its size")

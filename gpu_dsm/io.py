@@ -62,3 +62,18 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def torch_load_checked(path: str | Path, file_format: str, what: str) -> dict:
+    """Load a state dict written by :func:`torch_save` whose ``"format"`` is ``file_format``;
+    errors name ``what`` (e.g. "whitening") and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {what} file {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != file_format:
+        raise ValueError(f"{path} is not a gpu_dsm {what} file (expected format {file_format!r})")
+    return state

@@ -20,13 +20,12 @@ loop over candidates or hypotheses.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 
 import torch
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.kernels.scoring import ERRORS, count_unique, hypotheses_from_frames, inlier_mask, log_scale
+from gpu_dsm.kernels.scoring import ERRORS, count_unique, hypotheses_from_frames, inlier_mask, log_scale, scale_gate
 
 
 @dataclass
@@ -189,7 +188,7 @@ class _GroupTable:
     def score(self, params: torch.Tensor, log_s: torch.Tensor, threshold_sq: float, cfg: MatchConfig):
         """Inlier masks ``(G, H, C)`` and deduplicated counts ``(G, H)`` of hypotheses ``(G, H, 5)``."""
         mask = inlier_mask(params, self.x1, self.x2, self.valid, threshold_sq, cfg.error)
-        mask &= (self.log_scale[:, None, :] - log_s[..., None]).abs() <= math.log(cfg.max_scale_change) + 1e-12
+        mask &= scale_gate(self.log_scale, log_s, cfg.max_scale_change)
         count = torch.minimum(count_unique(mask, self.qid, self.num_q), count_unique(mask, self.cid, self.num_c))
         return mask, count
 

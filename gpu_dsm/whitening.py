@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpu_dsm.io import torch_save
+from gpu_dsm.io import torch_load_checked, torch_save
 
 _FORMAT = "gpu_dsm.whitening/1"
 
@@ -63,15 +63,7 @@ class Whitening:
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"whitening file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read whitening file {path}: {exc}") from exc
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a gpu_dsm whitening file (expected format {_FORMAT!r})")
+        state = torch_load_checked(path, _FORMAT, "whitening")
         return cls(projection=state["projection"], bias=state["bias"], method=state["method"])
 
 

@@ -17,6 +17,8 @@ inlier decisions equal those of the direct float64 formula.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 ERRORS = ("symmetric", "one_way")
@@ -132,11 +134,26 @@ def inlier_mask(
     if work != torch.float64:
         # conservative bound of the float32 rounding: 15 terms, each |psi| |phi| <= |psi|_1 max|phi|
         scale = psi.abs().sum(-1, keepdim=True) * (phi.abs() * valid[..., None]).amax(dim=(1, 2)).view(-1, 1, 1)
-        unsure = ((errors - threshold_sq).abs() <= scale.to(work) * (32 * torch.finfo(work).eps)) & valid[:, None, :]
+        bound = (scale * (32 * torch.finfo(work).eps)).to(work)
+        unsure = errors.sub_(threshold_sq).abs_() <= bound  # errors is not needed any more
+        unsure &= valid[:, None, :]
         if unsure.any():
             g, k, l = unsure.nonzero(as_tuple=True)
             exact = direct_errors(centred[g, k][:, None], c1[g, l][:, None], c2[g, l][:, None], error)[:, 0, 0]
             inside[g, k, l] = exact < threshold_sq
+    return inside
+
+
+def scale_gate(log_scale_corr: torch.Tensor, log_scale_hyp: torch.Tensor, max_change: float) -> torch.Tensor:
+    """``|log det T_l - log det T_k| <= log(max_change)`` for hypotheses ``(G, K)`` and
+    correspondences ``(G, C)`` -> ``(G, K, C)``; float32 with a float64 check near the bound."""
+    limit = math.log(max_change)
+    diff = (log_scale_corr.float()[:, None, :] - log_scale_hyp.float()[..., None]).abs_()
+    inside = diff <= limit
+    unsure = diff.sub_(limit).abs_() <= 1e-5 * (1 + limit)
+    if unsure.any():
+        g, k, l = unsure.nonzero(as_tuple=True)
+        inside[g, k, l] = (log_scale_corr[g, l].double() - log_scale_hyp[g, k].double()).abs() <= limit + 1e-12
     return inside
 
 
@@ -145,4 +162,4 @@ def count_unique(mask: torch.Tensor, ids: torch.Tensor, num_ids: int) -> torch.T
     g, k, c = mask.shape
     seen = torch.zeros(g, k, max(num_ids, 1), dtype=torch.uint8, device=mask.device)
     seen.scatter_reduce_(2, ids[:, None, :].expand(g, k, c), mask.to(torch.uint8), "amax")
-    return seen.sum(-1)
+    return seen.sum(-1, dtype=torch.int32).long()

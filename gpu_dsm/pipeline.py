@@ -1,0 +1,111 @@
+"""One call from images (or activations) to re-ranked results: ``DSMRetrieval``.
+
+    retrieval = DSMRetrieval(build_backbone("efficientnet_lite0"))
+    index = retrieval.index(database_images)               # global descriptors + local features
+    result = retrieval.search(query_images, index)         # global ranking, then DSM re-ranking
+
+Everything stays in memory; for a large database write a feature store with ``gpu-dsm extract``
+(or :class:`gpu_dsm.store.StoreWriter`) and use :class:`gpu_dsm.rerank.DSMReranker` on the
+gathered candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from gpu_dsm.backbones import Backbone
+from gpu_dsm.describe import GlobalConfig, describe_images, global_descriptor
+from gpu_dsm.detect import DetectorConfig, detect_image
+from gpu_dsm.extract import ExtractConfig
+from gpu_dsm.features import LocalFeatures
+from gpu_dsm.images import ImageLike, ImageSpec
+from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
+from gpu_dsm.search import similarity_topk
+from gpu_dsm.whitening import Whitening
+
+
+@dataclass
+class DescribedImages:
+    """Global descriptors ``(N, D)`` (whitened if a whitening is set) and local features of N images."""
+
+    global_descriptors: torch.Tensor
+    local: LocalFeatures
+
+
+@dataclass
+class SearchResult:
+    """``initial``: ``(Q, K)`` database indices by global similarity, with ``similarities``;
+    ``reranked``: the DSM re-ranking of those top-k."""
+
+    initial: torch.Tensor
+    similarities: torch.Tensor
+    reranked: RerankResult
+
+
+@dataclass
+class RetrievalConfig:
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    global_: GlobalConfig = field(default_factory=GlobalConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+
+class DSMRetrieval(nn.Module):
+    """A retrieval model followed by deep spatial matching, as one module."""
+
+    def __init__(self, backbone: Backbone, config: RetrievalConfig | None = None, whitening: Whitening | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config or RetrievalConfig()
+        self.whitening = whitening if whitening is not None else backbone.head.whitening
+        self.reranker = DSMReranker(self.config.rerank)
+
+    def _finish(self, descriptors: torch.Tensor, per_image: list[dict], sizes: list[list[list[int]]]) -> DescribedImages:
+        if self.whitening is not None:
+            descriptors = self.whitening.apply(descriptors)
+        local = LocalFeatures.from_images(
+            per_image, torch.tensor(sizes, dtype=torch.long).view(len(per_image), -1, 2), self.config.extract.scales,
+            self.backbone.out_channels, capacity=self.config.detector.max_features, device=descriptors.device,
+        )
+        return DescribedImages(descriptors, local)
+
+    def describe(self, images: Sequence[ImageLike | ImageSpec], is_query: bool = False) -> DescribedImages:
+        """Global descriptors and local features of ``images`` in one pass of the network."""
+        n = len(images)
+        descriptors = torch.zeros(n, self.backbone.out_channels, device=self.backbone.device)
+        per_image: list[dict] = [{}] * n
+        sizes: list[list[list[int]]] = [[] for _ in range(n)]
+
+        def sink(index: int, descriptor: torch.Tensor, maps: list[torch.Tensor]) -> None:
+            descriptors[index] = descriptor
+            per_image[index] = detect_image(maps, self.config.detector, is_query, self.backbone.activation_bound)
+            sizes[index] = [list(m.shape[-2:]) for m in maps]
+
+        describe_images(self.backbone, images, sink, self.config.extract, self.config.global_, desc="describe")
+        return self._finish(descriptors, per_image, sizes)
+
+    def describe_activations(self, maps_per_image: Sequence[Sequence[torch.Tensor]], is_query: bool = False) -> DescribedImages:
+        """The same from activations computed elsewhere: per image ``[(K, h_s, w_s)] * S``."""
+        p = self.config.global_.resolved_p(self.backbone)
+        descriptors = torch.stack([global_descriptor(maps, self.config.global_.pooling, p) for maps in maps_per_image])
+        per_image = [detect_image(maps, self.config.detector, is_query, self.backbone.activation_bound) for maps in maps_per_image]
+        sizes = [[list(m.shape[-2:]) for m in maps] for maps in maps_per_image]
+        return self._finish(descriptors, per_image, sizes)
+
+    def index(self, database_images: Sequence[ImageLike | ImageSpec]) -> DescribedImages:
+        return self.describe(database_images, is_query=False)
+
+    def search(self, queries: Sequence[ImageLike | ImageSpec] | DescribedImages, index: DescribedImages) -> SearchResult:
+        """Rank ``index`` for every query by global similarity, then re-rank the top-k by DSM."""
+        q = queries if isinstance(queries, DescribedImages) else self.describe(queries, is_query=True)
+        k = min(self.config.rerank.top_k, index.global_descriptors.shape[0])
+        sims, ranks = similarity_topk(q.global_descriptors, index.global_descriptors, k)
+        candidates = index.local[ranks.reshape(-1)]
+        reranked = self.reranker(q.local, candidates, sims, ranks)
+        return SearchResult(initial=ranks, similarities=sims, reranked=reranked)
+
+    def forward(self, queries, database) -> SearchResult:
+        return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))
