@@ -214,6 +214,8 @@ def detect(
         :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device.
     """
     cfg = cfg or DetectorConfig()
+    if len(maps_per_image) == 0:
+        return LocalFeatures.empty(0, len(scales), scales)
     per_image = [detect_image(maps, cfg, is_query, activation_bound) for maps in maps_per_image]
     sizes = torch.tensor([[list(m.shape[-2:]) for m in maps] for maps in maps_per_image], dtype=torch.long).view(
         len(maps_per_image), -1, 2)

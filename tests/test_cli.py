@@ -69,3 +69,31 @@ def test_demo_runs(capsys):
     assert main(["demo", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "global" in out and "demo finished" in out
+
+
+@pytest.mark.slow
+def test_evaluate_with_rerank_and_diffusion(tmp_path, data_root, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "inliers.png"
+    args = ["evaluate", "--data-root", str(data_root), "--image-size", "320", "--cache-dir", str(tmp_path / "cache"),
+            "--rerank", "dsm", "--diffusion", "--graph-k", "5", "--out", str(out), "--plot-inliers", str(png),
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "per-query AUC" in printed
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"global", "global+dsm", "global+D", "global+dsm+D"}
+    for method in report["results"].values():
+        assert all(sorted(r) == list(range(133)) for r in method["ranks"])
+    assert report["options"]["rerank"]["top_k"] == 100 and report["options"]["diffusion"]["graph"]["k"] == 5
+    auc = report["diagnostics"]["separation_auc"]
+    assert set(auc) == {"global", "inliers", "dsm score"} and len(auc["inliers"]) == 8
+    # re-ranking only permutes each query's top 100
+    g, d = report["results"]["global"]["ranks"], report["results"]["global+dsm"]["ranks"]
+    assert all(sorted(a[:100]) == sorted(b[:100]) and a[100:] == b[100:] for a, b in zip(g, d))
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 100
+    picture = tmp_path / "match.png"
+    assert main(["show-match", "--data-root", str(data_root), "--image-size", "320", "--cache-dir", str(tmp_path / "cache"),
+                 "--query", "2", "--rank", "1", "--out", str(picture), "--no-progress", "--device", "cpu"]) == 0
+    assert "reusing" in capsys.readouterr().out and Image.open(picture).size[0] > 320

@@ -62,6 +62,7 @@ def test_empty_and_degenerate_inputs():
     zeros = [torch.zeros(8, 10, 10), torch.zeros(8, 7, 7)]
     feats = detect([zeros, zeros], DetectorConfig(), scales=(1, 0.7))
     assert feats.counts.tolist() == [0, 0] and feats.map_sizes.shape == (2, 2, 2)
+    assert detect([], scales=(1.0,)).num_images == 0
     tiny = detect([[torch.rand(8, 2, 2) * 6]], DetectorConfig(), activation_bound=6.0)
     assert tiny.counts.tolist() == [0]
     with pytest.raises(ValueError, match="NaN/Inf"):
