@@ -24,6 +24,7 @@ from gpu_dsm.backbones import build_backbone
 from gpu_dsm.detect import DetectorConfig, activations_to_levels, auto_delta, detect
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.io import write_json
+from gpu_dsm.eval.timing import add_device_argument, sync
 from gpu_dsm.stable_regions import mser
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 
@@ -42,18 +43,14 @@ def _synthetic_activations(channels: int, size: int, seed: int = 0, device="cpu"
     return out
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
 
 def _time_detect(maps, cfg, bound, device, repeats=3):
     detect([maps], cfg, activation_bound=bound)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         feats = detect([maps], cfg, activation_bound=bound)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / repeats, int(feats.counts[0])
 
 
@@ -63,7 +60,7 @@ def _region_keys(res):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--agreement-images", type=int, default=3, help="images checked against the reference (default: %(default)s)")
     p.add_argument("--timing-images", type=int, default=4, help="real images timed (default: %(default)s)")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow, pure Python) reference check")

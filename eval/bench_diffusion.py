@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from gpu_dsm.diffusion import DiffusionConfig, diffuse, plain_seeds
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.io import write_json
+from gpu_dsm.eval.timing import add_device_argument, sync
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -32,10 +33,6 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0, device="cpu") -> t
     return F.normalize(x, dim=1).to(device)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--queries", type=int, default=100, help="queries solved together (default: %(default)s)")
     p.add_argument("--scipy-queries", type=int, default=10, help="queries solved by scipy one at a time (default: %(default)s)")
     p.add_argument("--graph-backend", choices=("exact", "faiss"), default="exact", help="(default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -58,7 +55,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     graph = build_knn_graph(x, GraphConfig(k=args.k, backend=args.graph_backend))
-    _sync(device)
+    sync(device)
     result["graph_seconds"] = round(time.perf_counter() - start, 2)
     result["graph_edges"] = graph.num_edges
     result["graph_bytes"] = int(graph.num_edges * 12 + (args.nodes + 1) * 8)
@@ -71,10 +68,10 @@ def main(argv=None) -> dict:
     seeds = plain_seeds(sims, ranks, args.nodes)
     cfg = DiffusionConfig()
     diffuse(graph.affinity, seeds[:, :2], cfg)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     f, info = diffuse(graph.affinity, seeds, cfg)
-    _sync(device)
+    sync(device)
     batched = (time.perf_counter() - start) / args.queries
     result["cg_ms_per_query_batched"] = round(1000 * batched, 2)
     result["cg_iterations"] = info.iterations

@@ -18,6 +18,7 @@ from gpu_dsm.backbones import BACKBONES, build_backbone
 from gpu_dsm.describe import describe_global
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import write_json
+from gpu_dsm.eval.timing import add_device_argument, sync
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 
 
@@ -30,7 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="(default: 1 on the CPU, 16 on a GPU)")
     p.add_argument("--images", type=int, default=32, help="how many images to time (default: %(default)s)")
     p.add_argument("--synthetic", action="store_true", help="random 1024x768 images instead of roxford5k-mini")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
@@ -45,13 +46,12 @@ def main(argv=None) -> dict:
         images = RevisitopDataset.load(root, "roxford5k-mini").database_specs()[: args.images]
     cfg = ExtractConfig(image_size=args.image_size, batch_size=args.batch_size, progress=False)
     describe_global(backbone, images[:2], cfg)  # warm-up
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     describe_global(backbone, images, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     result = {
         "benchmark": "extract",

@@ -21,6 +21,7 @@ import torch
 
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.io import write_json
+from gpu_dsm.eval.timing import add_device_argument, sync
 from gpu_dsm.match import MatchConfig, spatial_verify
 
 
@@ -56,14 +57,10 @@ def synthetic_tables(num_features: int, active_channels: int, num_candidates: in
     return q, c
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--queries", type=int, default=2, help="queries verified in one batched call (default: %(default)s)")
     p.add_argument("--reference-pairs", type=int, default=2, help="pairs timed with the plain matcher (default: %(default)s)")
     p.add_argument("--sizes", default="512,2048", help="features per image (default: %(default)s)")
@@ -82,12 +79,12 @@ def main(argv=None) -> dict:
         cs = LocalFeatures.cat([c] * args.queries).to(device)
         qi = torch.arange(args.queries, device=device).repeat_interleave(100)
         spatial_verify(qs[:1], cs[:3], qi[:3] * 0, cfg)  # warm-up
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         res = spatial_verify(qs, cs, qi, cfg)
-        _sync(device)
+        sync(device)
         batched_ms = 1000 * (time.perf_counter() - start) / args.queries
         corr = res.correspondences[:100].float()
         start = time.perf_counter()
