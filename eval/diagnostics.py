@@ -5,6 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
+from gpu_dsm.eval.protocol import setup_ground_truth
+
 
 def separation_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Probability that a random positive outscores a random negative (ties count half); NaN
@@ -27,12 +29,10 @@ def top_k_separation(candidates: np.ndarray, scores: dict[str, np.ndarray], gnd:
         scores: name -> ``(Q, K)`` scores of those candidates (e.g. global similarity, inliers).
     """
     out: dict[str, list] = {name: [] for name in scores}
+    positives, junk = setup_ground_truth(gnd, "M")
     for q, row in enumerate(np.asarray(candidates)):
-        g = gnd[q]
-        positives = set(g.get("easy", [])) | set(g.get("hard", []))
-        junk = set(g.get("junk", []))
-        keep = np.array([i not in junk for i in row])
-        label = np.array([i in positives for i in row])[keep]
+        keep = ~np.isin(row, junk[q])
+        label = np.isin(row, positives[q])[keep]
         for name, s in scores.items():
             out[name].append(separation_auc(np.asarray(s)[q][keep], label))
     return out

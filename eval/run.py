@@ -31,7 +31,7 @@ from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.whitening import Whitening
 from gpu_dsm.eval.datasets import RevisitopDataset
 from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
-from gpu_dsm.eval.protocol import evaluate_revisited, format_table
+from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground_truth
 
 
 @dataclass
@@ -180,7 +180,7 @@ def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.T
     merged = RerankResult(
         indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
         inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
-        match=parts[0].match if len(parts) == 1 else None,
+        match=None,  # per-batch MatchResults are not merged; the inliers above are what callers use
     )
     return new_ranks, merged
 
@@ -195,14 +195,13 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
     """Figure 6 of the paper: inlier counts of positive vs negative images in the top-k (Medium)."""
     from gpu_dsm.visualize import draw_inlier_histogram
 
+    positives, junk = setup_ground_truth(gnd, "M")
     pos, neg = [], []
     for q, row in enumerate(candidates.tolist()):
-        positives = set(gnd[q].get("easy", [])) | set(gnd[q].get("hard", []))
-        junk = set(gnd[q].get("junk", []))
         for i, n in zip(row, inliers[q].tolist()):
-            if i in junk:
+            if i in junk[q]:
                 continue
-            (pos if i in positives else neg).append(n)
+            (pos if i in positives[q] else neg).append(n)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     draw_inlier_histogram(pos, neg).save(path)
@@ -269,6 +268,13 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
 def show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log=print) -> dict[str, Any]:
     """Draw query ``query`` against its ``rank``-th (1-based) candidate of the global ranking,
     with the inlier ellipses and correspondences of spatial verification (paper figure 5)."""
+    if cfg.cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="gpu_dsm-") as tmp:
+            return _show_match(cfg, query, rank, out, log, Path(tmp))
+    return _show_match(cfg, query, rank, out, log, Path(cfg.cache_dir))
+
+
+def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, base: Path) -> dict[str, Any]:
     from gpu_dsm.images import load_image
     from gpu_dsm.match import spatial_verify
     from gpu_dsm.visualize import draw_matches, feature_to_image
@@ -279,7 +285,6 @@ def show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log=print
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     if not 0 <= query < len(dataset.qimlist):
         raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
-    base = Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.mkdtemp(prefix="gpu_dsm-"))
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
     sims = q_store.global_descriptors([query]) @ db_store.global_descriptors().T
     order = torch.argsort(sims[0], descending=True, stable=True)
@@ -305,8 +310,8 @@ def show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log=print
             xy[sel], frame[sel] = feature_to_image(xy[sel], frame[sel], sizes[s].tolist(), pil.size)
         images.append(pil)
         points.append((xy, frame))
-    positives = set(dataset.gnd[query].get("easy", [])) | set(dataset.gnd[query].get("hard", []))
-    label = "positive" if candidate in positives else ("junk" if candidate in dataset.gnd[query].get("junk", []) else "negative")
+    positives, junk = setup_ground_truth(dataset.gnd[query:query + 1], "M")
+    label = "positive" if candidate in positives[0] else ("junk" if candidate in junk[0] else "negative")
     title = (f"query {dataset.qimlist[query]} vs rank {rank}: {dataset.imlist[candidate]} ({label}), "
              f"{int(result.inliers[0])} inliers, scales {result.scale_pair[0].tolist()}")
     picture = draw_matches(images[0], images[1], points[0], points[1], title)

@@ -154,9 +154,9 @@ def _least_squares(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> 
 class _GroupTable:
     """Padded correspondences of a chunk of groups, ``(G, C)``."""
 
-    def __init__(self, query, candidates, query_index, corr, groups, sizes, starts):
+    def __init__(self, query, candidates, query_index, corr, sizes, starts):
         device = candidates.device
-        g, cmax = groups.numel(), int(sizes.max())
+        cmax = int(sizes.max())
         slot = torch.arange(cmax, device=device)
         self.valid = slot[None, :] < sizes[:, None]
         flat = (starts[:, None] + slot[None, :]).clamp(max=corr["pair"].numel() - 1)
@@ -266,7 +266,7 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         # groups at least 3/4 of the largest, so padding wastes under half of the work
         n = max(1, bisect.bisect_left([-v for v in sizes_sorted[i:i + n]], -(cmax * 3 // 4)))
         idx = by_size[i:i + n]
-        table = _GroupTable(query, candidates, query_index, corr, groups[idx], sizes[idx], starts[idx])
+        table = _GroupTable(query, candidates, query_index, corr, sizes[idx], starts[idx])
         count, params, mask = _verify_groups(table, cfg)
         best_count[idx] = count
         best_params[idx] = params

@@ -52,14 +52,15 @@ class RerankResult:
         scores: ``(Q, K)`` the re-ranking score of each, in that order.
         inliers: ``(Q, K)`` inlier counts, in that order.
         order: ``(Q, K)`` positions in the initial top-k, in the new order.
-        match: the :class:`MatchResult` of the ``Q * K`` pairs in the initial order.
+        match: the :class:`MatchResult` of the ``Q * K`` pairs in the initial order (``None``
+            where results of several batches were merged).
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     inliers: torch.Tensor
     order: torch.Tensor
-    match: MatchResult
+    match: MatchResult | None
 
 
 def rerank_scores(inliers: torch.Tensor, similarities: torch.Tensor, score: str = "fused", weight: float = 1.0) -> torch.Tensor:
