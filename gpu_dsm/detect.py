@@ -56,7 +56,7 @@ class DetectorConfig:
     max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet); 512 matched 1024 for EfficientNet (notes 8)
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
-    max_voxels: int = 2**25  # memory budget of one MSER call (level-set voxels)
+    max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
 
     def __post_init__(self):
         if self.levels not in LEVEL_MODES:

@@ -3,15 +3,20 @@
 :func:`mser` reproduces ``vl_mser`` (VLFeat 0.9.x ``mser.c``) exactly, as a threshold-level
 formulation that handles every map of a batch in one pass:
 
-1. For every map, one plane per grey value present in it: the level set ``{u <= v}``, where
-   ``u`` is the map itself (dark-on-bright) or ``255 - map`` (bright-on-dark, VLFeat's
-   ``BrightOnDark``, what DSM uses). All planes are labelled at once (8-connectivity,
-   ``gpu_dsm.kernels.labelling``).
-2. Per component: area, coordinate moments, bounding box, largest ``u`` (one scatter each). A
-   component is an *extremal region* of value ``v`` when it holds a pixel of value ``v``;
-   otherwise it is the same set as a component of a lower plane.
-3. The parent of an extremal region is the next extremal region above it, found by following
-   each component's successor (its label in the next plane) with pointer jumping.
+1. ``u`` is the map itself (dark-on-bright) or ``255 - map`` (bright-on-dark, VLFeat's
+   ``BrightOnDark``, what DSM uses). Each map's root region is the whole map at its top value;
+   every other level set ``{u <= v}`` lies inside the *support* ``{u < top}``, so its components
+   lie inside the support's components (*blobs*). Activations after a ReLU are sparse, so blobs
+   are small: labelling level sets blob by blob instead of whole planes cut the labelled volume
+   10-30x on real and VGG/ResNet-shaped activations.
+2. One *tile* per (blob, grey value present in the blob): the blob's level set in that set's
+   bounding box. All tiles of all maps are shelf-packed into pages with one-pixel gaps and
+   labelled in one call (8-connectivity, ``gpu_dsm.kernels.labelling``).
+3. Per component: area, representative (first pixel in raster order), largest ``u`` (one
+   scatter each). A component is an *extremal region* of value ``v`` when it holds a pixel of
+   value ``v``. The parent of an extremal region is the next extremal region above it, found by
+   following each component's successor (the component of the blob's next tile holding its
+   representative; the root after the blob's last tile) with pointer jumping.
 4. Variation ``(|R_top| - |R|) / |R|``, ``R_top`` the component at level ``v + delta``;
    stability: a region is compared with its parent when the parent's value is ``v + 1``, the
    one with the larger variation (ties: the child) is not maximally stable.
@@ -26,12 +31,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from gpu_dsm.kernels.labelling import label_planes
 
 POLARITIES = ("bright", "dark", "both")
 MAX_LEVEL = 255
+_PAGE_SIDE = 2048  # side of the pages that level-set tiles are packed into for labelling
 
 
 @dataclass
@@ -106,6 +113,54 @@ def _pointer_jump(succ: torch.Tensor) -> torch.Tensor:
         succ = nxt
 
 
+def _pack_tiles(heights: np.ndarray, widths: np.ndarray, page_height: int, page_width: int):
+    """Shelf-pack ``T`` tiles of ``heights x widths`` pixels into pages of ``page_height x page_width``,
+    with a one-pixel gap after every tile (8-connected components never touch across it).
+
+    Returns ``(page, y0, x0)`` per tile (numpy int64), the number of pages and the height used
+    on the fullest page.
+    """
+    count = heights.size
+    order = np.argsort(-heights, kind="stable")
+    right = np.cumsum(widths[order] + 1)  # right edge of each tile if all lay on one line
+    page, y0, x0 = (np.zeros(count, dtype=np.int64) for _ in range(3))
+    start, line_start, page_index, shelf_y, used = 0, 0, 0, 0, 0
+    while start < count:
+        stop = max(int(np.searchsorted(right, line_start + page_width, side="right")), start + 1)
+        shelf_height = int(heights[order[start]]) + 1
+        if shelf_y + shelf_height > page_height:
+            page_index, shelf_y = page_index + 1, 0
+        members = order[start:stop]
+        x0[members] = right[start:stop] - (widths[members] + 1) - line_start
+        y0[members] = shelf_y
+        page[members] = page_index
+        shelf_y += shelf_height
+        used = max(used, shelf_y)
+        line_start, start = int(right[stop - 1]), stop
+    return page, y0, x0, page_index + 1, used
+
+
+def _geometry(row, xs, ys, peak_src, area, n_rows, device):
+    """Centroid, covariance, box, peak and sum of ``n_rows`` regions from their pixels."""
+    big = torch.iinfo(torch.long).max
+
+    def reduce(src, how, init):
+        out = torch.full((n_rows,), init, dtype=src.dtype, device=device)
+        return out.scatter_reduce_(0, row, src, how, include_self=True)
+
+    xf, yf = xs.double(), ys.double()
+    area_d = area.double()
+    mean = torch.stack([torch.bincount(row, xf, minlength=n_rows), torch.bincount(row, yf, minlength=n_rows)], 1)
+    mean = mean / area_d[:, None]
+    dx, dy = xf - mean[row, 0], yf - mean[row, 1]
+    second = torch.stack([torch.bincount(row, w, minlength=n_rows) for w in (dx * dx, dx * dy, dy * dy)], 1) / area_d[:, None]
+    cov = torch.stack([second[:, [0, 1]], second[:, [1, 2]]], 1)
+    lowest = float("-inf") if peak_src.dtype.is_floating_point else torch.iinfo(peak_src.dtype).min
+    bbox = torch.stack([reduce(xs, "amin", big), reduce(ys, "amin", big), reduce(xs, "amax", -1), reduce(ys, "amax", -1)], 1)
+    total = torch.zeros(n_rows, dtype=torch.float64, device=device).index_add_(0, row, peak_src.double())
+    return dict(mean=mean, cov=cov, peak=reduce(peak_src, "amax", lowest), total=total, bbox=bbox)
+
+
 def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area, max_area, backend, map_offset):
     """VLFeat MSER (dark-on-bright, regions of ``{u <= v}``) of maps ``u`` ``(M, H, W)`` int64.
 
@@ -116,48 +171,105 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
     num_maps, height, width = u.shape
     nel = height * width
     vspan = int(u.max().item()) + 1
-    # --- planes: one per (map, value present in the map), sorted by map then value
-    plane_key = torch.unique(torch.arange(num_maps, device=device).view(-1, 1, 1) * vspan + u)
-    plane_map, plane_val = plane_key // vspan, plane_key % vspan
-    small = torch.uint8 if vspan <= 256 else torch.int16  # gathers one byte per voxel
-    masks = u.to(small)[plane_map] <= plane_val.to(small).view(-1, 1, 1)
-    labels, num_regions = label_planes(masks, backend)
-    # --- per-component statistics over the on-voxels
-    plane_of, ys, xs = masks.nonzero(as_tuple=True)
-    del masks
-    region = labels[plane_of, ys, xs].long() - 1
-    maps_of = plane_map[plane_of]
+    big = torch.iinfo(torch.long).max
+    map_ids = torch.arange(num_maps, device=device)
+    # --- blobs: components of each map's support {u < top}. Every level set below the top lies
+    # in the support, so each of its components lies in one blob
+    top = u.view(num_maps, -1).amax(1)
+    support = u < top.view(-1, 1, 1)
+    blob_labels, num_blobs = label_planes(support, backend)
+    sm, sy, sx = support.nonzero(as_tuple=True)
+    del support
+    blob = blob_labels[sm, sy, sx].long() - 1
+    del blob_labels
+    # support pixels sorted by (blob, value): a blob's level set {u <= v} is a prefix of its pixels
+    pixel_key = blob * vspan + u[sm, sy, sx]
+    order = torch.argsort(pixel_key, stable=True)
+    pixel_key, sm, sy, sx, blob = pixel_key[order], sm[order], sy[order], sx[order], blob[order]
+    del order
+
+    blob_map = torch.zeros(num_blobs, dtype=torch.long, device=device).scatter_(0, blob, sm)
+    blob_size = torch.bincount(blob, minlength=num_blobs)
+    blob_start = torch.cumsum(blob_size, 0) - blob_size
+    # --- tiles: one per (blob, value present in it), sorted by blob then value, holding the blob's
+    # level set {u <= value} in that set's box
+    tile_key, tile_count = torch.unique_consecutive(pixel_key, return_counts=True)
+    num_tiles = tile_key.numel()
+    tile_blob, tile_val = tile_key // vspan, tile_key % vspan
+    tile_end = torch.cumsum(tile_count, 0)
+    tile_len = tile_end - blob_start[tile_blob]
+    # box of each prefix: running maxima of (blob, coordinate) keys restart at every blob
+    span = max(height, width)
+
+    def running_max(coord):
+        return torch.cummax(blob * span + coord, 0).values[tile_end - 1] - tile_blob * span
+
+    tile_x1, tile_y1 = running_max(sx), running_max(sy)
+    tile_x0, tile_y0 = span - 1 - running_max(span - 1 - sx), span - 1 - running_max(span - 1 - sy)
+    page_width = max(width + 1, _PAGE_SIDE)
+    page, y0, x0, num_pages, page_height = _pack_tiles(
+        (tile_y1 - tile_y0 + 1).cpu().numpy(), (tile_x1 - tile_x0 + 1).cpu().numpy(), max(height + 1, _PAGE_SIDE), page_width)
+    tile_page = torch.from_numpy(page).to(device)
+    tile_dy, tile_dx = torch.from_numpy(y0).to(device) - tile_y0, torch.from_numpy(x0).to(device) - tile_x0
+    # --- on-voxels: every pixel of every tile's level set, labelled in one call
+    voxel_tile = torch.repeat_interleave(torch.arange(num_tiles, device=device), tile_len)
+    first_voxel = torch.cumsum(tile_len, 0) - tile_len
+    voxel_pixel = (blob_start[tile_blob] - first_voxel)[voxel_tile] + torch.arange(voxel_tile.numel(), device=device)
+    ys, xs, voxel_u = sy[voxel_pixel], sx[voxel_pixel], pixel_key[voxel_pixel] % vspan
+    # flat canvas index of map pixel (y, x) in tile t: y * page_width + x + offset[t]
+    tile_offset = (tile_page * page_height + tile_dy) * page_width + tile_dx
+    voxel_at = tile_offset[voxel_tile] + ys * page_width + xs
+    del voxel_pixel, pixel_key
+    canvas = torch.zeros((num_pages, page_height, page_width), dtype=torch.bool, device=device)
+    canvas.view(-1)[voxel_at] = True
+    labels, num_labelled = label_planes(canvas, backend)
+    del canvas
+    labels = labels.view(-1)
+    region = labels[voxel_at].long() - 1
+    del voxel_at
+
+    def lookup(tiles, pixel):
+        """Component of tile ``tiles`` holding map pixel ``pixel`` (flat ``y * W + x``)."""
+        return labels[tile_offset[tiles] + pixel // width * page_width + pixel % width].long() - 1
 
     def reduce(src, how, init):
-        out = torch.full((num_regions,), init, dtype=src.dtype, device=device)
+        out = torch.full((num_labelled,), init, dtype=src.dtype, device=device)
         return out.scatter_reduce_(0, region, src, how, include_self=True)
 
-    area = torch.bincount(region, minlength=num_regions)
-    big = torch.iinfo(torch.long).max
-    region_plane = reduce(plane_of, "amin", big)
+    # --- per component: tile, area, representative pixel, largest u. Then the roots (each whole
+    # map at its top value) as regions num_labelled + map
+    region_tile = reduce(voxel_tile, "amin", big)
     representative = reduce(ys * width + xs, "amin", big)
-    max_u = reduce(u[maps_of, ys, xs], "amax", -1)
-    del plane_of
-    value = plane_val[region_plane]
-    region_map = plane_map[region_plane]
-    is_extremal = max_u == value
-    # --- successor in the next plane of the same map; the top plane (whole map) is the root
-    next_plane = region_plane + 1
-    is_top = (next_plane >= plane_key.numel()) | (plane_map[next_plane.clamp(max=plane_key.numel() - 1)] != region_map)
-    lab_flat = labels.view(labels.shape[0], -1)
-    succ = torch.arange(num_regions, device=device)
-    not_top = ~is_top
-    succ[not_top] = lab_flat[next_plane[not_top], representative[not_top]].long() - 1
-    # chain head: the first extremal region at or above each component
-    head = _pointer_jump(torch.where(is_extremal | is_top, torch.arange(num_regions, device=device), succ))
-    parent = torch.where(is_top, torch.arange(num_regions, device=device), head[succ])
-    # --- variation against the component at level value + delta
-    top_key = region_map * vspan + (value + delta[region_map]).clamp(max=vspan - 1)
-    top_plane = torch.searchsorted(plane_key, top_key, right=True) - 1
-    top_region = lab_flat[top_plane, representative].long() - 1
-    area_f = area.to(torch.float32)
-    variation = (area[top_region] - area).to(torch.float32) / area_f
-    del labels, lab_flat
+    comp_extremal = reduce(voxel_u, "amax", -1) == tile_val[region_tile]
+    comp_map = blob_map[tile_blob[region_tile]]
+    num_regions = num_labelled + num_maps
+    root = num_labelled + map_ids
+    arange = torch.arange(num_regions, device=device)
+    region_map = torch.cat([comp_map, map_ids])
+    value = torch.cat([tile_val[region_tile], top])
+    area = torch.cat([torch.bincount(region, minlength=num_labelled), torch.full((num_maps,), nel, device=device)])
+    is_extremal = torch.cat([comp_extremal, torch.ones(num_maps, dtype=torch.bool, device=device)])
+    is_top = arange >= num_labelled
+    # --- successor: the component of the blob's next tile holding the representative; the root
+    # after a blob's last tile (the whole blob)
+    next_tile = (region_tile + 1).clamp(max=num_tiles - 1)
+    has_next = (region_tile + 1 < num_tiles) & (tile_blob[next_tile] == tile_blob[region_tile])
+    comp_succ = root[comp_map]
+    comp_succ[has_next] = lookup(next_tile[has_next], representative[has_next])
+    succ = torch.cat([comp_succ, root])
+    head = _pointer_jump(torch.where(is_extremal | is_top, arange, succ))
+    parent = torch.where(is_top, arange, head[succ])
+    # --- variation against the component at level value + delta: the root once that reaches the
+    # map's top, else the component of the blob's last tile at or below it
+    target = tile_val[region_tile] + delta[comp_map]
+    inside = target < top[comp_map]
+    comp_top = root[comp_map]
+    top_tile = torch.searchsorted(tile_key, tile_blob[region_tile[inside]] * vspan + target[inside], right=True) - 1
+    comp_top[inside] = lookup(top_tile, representative[inside])
+    top_region = torch.cat([comp_top, root])
+    variation = (area[top_region] - area).to(torch.float32) / area.to(torch.float32)
+    del labels
+    representative = torch.cat([representative, torch.zeros(num_maps, dtype=torch.long, device=device)])
 
     # restrict to extremal regions from here on
     er = is_extremal.nonzero().squeeze(1)
@@ -196,49 +308,32 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
         stable[g] = keep
         nearest[g] = torch.where(keep | is_root[g], g, nearest[er_parent[g]])
     kept = er[stable]
-    # --- geometry of the kept regions only, from their voxels
-    is_kept = torch.zeros(num_regions, dtype=torch.bool, device=device)
-    is_kept[kept] = True
-    on_kept = is_kept[region]
-    region, ys, xs, maps_of = region[on_kept], ys[on_kept], xs[on_kept], maps_of[on_kept]
+    # --- geometry of the kept regions only, from their pixels (a kept root: the whole map)
     slot = torch.full((num_regions,), -1, dtype=torch.long, device=device)
     slot[kept] = torch.arange(kept.numel(), device=device)
     row = slot[region]
-    n_kept = kept.numel()
-
-    def reduce_kept(src, how, init):
-        out = torch.full((n_kept,), init, dtype=src.dtype, device=device)
-        return out.scatter_reduce_(0, row, src, how, include_self=True)
-
-    xf, yf = xs.double(), ys.double()
-    area_k = area[kept].double()
-    mean = torch.stack([torch.bincount(row, xf, minlength=n_kept), torch.bincount(row, yf, minlength=n_kept)], 1)
-    mean = mean / area_k[:, None]
-    dx, dy = xf - mean[row, 0], yf - mean[row, 1]
-    second = torch.stack([torch.bincount(row, w, minlength=n_kept) for w in (dx * dx, dx * dy, dy * dy)], 1) / area_k[:, None]
-    cov = torch.stack([second[:, [0, 1]], second[:, [1, 2]]], 1)
-    peak_src = peak_source[maps_of, ys, xs]
-    lowest = float("-inf") if peak_src.dtype.is_floating_point else torch.iinfo(peak_src.dtype).min
-    bbox = torch.stack([reduce_kept(xs, "amin", big), reduce_kept(ys, "amin", big),
-                        reduce_kept(xs, "amax", -1), reduce_kept(ys, "amax", -1)], 1)
-    return dict(
-        map_index=region_map[kept] + map_offset,
-        area=area[kept],
-        value=value[kept],
-        mean=mean,
-        cov=cov,
-        peak=reduce_kept(peak_src, "amax", lowest),
-        total=torch.zeros(n_kept, dtype=torch.float64, device=device).index_add_(0, row, peak_src.double()),
-        bbox=bbox,
-    )
+    on_kept = row >= 0
+    row, xs, ys, maps_of = row[on_kept], xs[on_kept], ys[on_kept], comp_map[region[on_kept]]
+    kept_roots = kept[kept >= num_labelled] - num_labelled
+    if kept_roots.numel():
+        pixel = torch.arange(nel, device=device)
+        row = torch.cat([row, slot[root[kept_roots]].repeat_interleave(nel)])
+        maps_of = torch.cat([maps_of, kept_roots.repeat_interleave(nel)])
+        xs = torch.cat([xs, (pixel % width).repeat(kept_roots.numel())])
+        ys = torch.cat([ys, (pixel // width).repeat(kept_roots.numel())])
+    geometry = _geometry(row, xs, ys, peak_source[maps_of, ys, xs], area[kept], kept.numel(), device)
+    return dict(map_index=region_map[kept] + map_offset, area=area[kept], value=value[kept],
+                representative=representative[kept], **geometry)
 
 
 def _chunks(u: torch.Tensor, max_voxels: int) -> list[tuple[int, int]]:
-    """Split maps so that each chunk's level-set volume stays under ``max_voxels``."""
+    """Split maps so that each chunk's labelled voxels (its level sets below each map's top,
+    one per grey value present) stay under ``max_voxels``."""
     num_maps, height, width = u.shape
-    distinct = torch.zeros(num_maps, MAX_LEVEL + 2, dtype=torch.bool, device=u.device)
-    distinct[torch.arange(num_maps, device=u.device).view(-1, 1), u.view(num_maps, -1).clamp(max=MAX_LEVEL + 1)] = True
-    voxels = (distinct.sum(1) * height * width).tolist()
+    flat = u.view(num_maps, -1).clamp(max=MAX_LEVEL + 1)
+    hist = torch.zeros(num_maps, MAX_LEVEL + 2, dtype=torch.long, device=u.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    voxels = ((hist.cumsum(1) * (hist > 0)).sum(1) - height * width).tolist()
     chunks, start, total = [], 0, 0
     for i, v in enumerate(voxels):
         if total and total + v > max_voxels:
@@ -261,7 +356,7 @@ def mser(
     level_step: int = 1,
     values: torch.Tensor | None = None,
     backend: str = "auto",
-    max_voxels: int = 2**25,
+    max_voxels: int = 2**24,
 ) -> MSERRegions:
     """MSER of every map of ``levels`` (VLFeat semantics; module docstring).
 
@@ -280,8 +375,9 @@ def mser(
         values: optional ``(..., H, W)`` tensor; ``max_value`` / ``sum_value`` are then its
             maximum / sum over each region (default: of ``levels``).
         backend: connected-component labelling backend (``gpu_dsm.kernels.labelling``).
-        max_voxels: memory budget: maps are processed in chunks of at most this many
-            ``planes x H x W`` level-set voxels.
+        max_voxels: memory budget: maps are processed in chunks of at most this many level-set
+            voxels (for every map and grey value present below its top, the pixels at or below
+            it); about 40 bytes each at the peak (measured).
     Returns:
         :class:`MSERRegions` on ``levels``' device. Maps smaller than 3x3 and empty inputs give
         no regions; so do constant maps.
@@ -298,7 +394,7 @@ def mser(
     if values is not None and values.shape != levels.shape:
         raise ValueError(f"mser: values {tuple(values.shape)} must have the shape of levels {tuple(levels.shape)}")
     height, width = levels.shape[-2:]
-    maps = levels.reshape(-1, height, width).long()
+    maps = levels.reshape(-1, height, width).long().contiguous()
     num_maps = maps.shape[0]
     value_dtype = values.dtype if values is not None else torch.long
     if num_maps == 0 or height < 3 or width < 3:
@@ -310,7 +406,7 @@ def mser(
     if deltas.numel() not in (1, num_maps):
         raise ValueError(f"mser: {deltas.numel()} deltas for {num_maps} maps")
     step_delta = torch.div(deltas.expand(num_maps) + step // 2, step, rounding_mode="floor").clamp(min=1)
-    parts = []
+    parts, first_pixels = [], []
     for bright in ([True, False] if polarity == "both" else [polarity == "bright"]):
         u = MAX_LEVEL - maps if bright else maps
         if step > 1:
@@ -326,8 +422,11 @@ def mser(
                 mean=found["mean"], cov=found["cov"], max_value=found["peak"], sum_value=found["total"], bbox=found["bbox"],
                 bright=torch.full_like(found["area"], bright, dtype=torch.bool), num_maps=num_maps,
             ))
+            first_pixels.append(found["representative"])
     if not parts:
         return _empty(levels.device, value_dtype, num_maps)
     out = MSERRegions.cat(parts, num_maps)
-    order = torch.argsort(out.map_index * (2 * (MAX_LEVEL + 1)) + out.level + (~out.bright) * (MAX_LEVEL + 1), stable=True)
+    # canonical order: map, polarity (bright first), level, first pixel in raster order
+    key = out.map_index * (2 * (MAX_LEVEL + 1)) + out.level + (~out.bright) * (MAX_LEVEL + 1)
+    order = torch.argsort(key * (height * width) + torch.cat(first_pixels))
     return out.select(order)

@@ -41,11 +41,11 @@ def _label_propagate(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     # label = area - (index of a pixel of the component), so max-pooling finds the smallest index;
     # exact in float32 because area < 2^24
     index = torch.arange(area, device=masks.device, dtype=torch.float32).view(1, height, width)
-    on = masks.to(torch.float32)
+    on = masks.to(torch.float32).contiguous()
     labels = (area - index) * on
     plane_offset = (torch.arange(planes, device=masks.device) * area).view(planes, 1)
     while True:
-        pooled = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * on
+        pooled = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0].contiguous() * on
         # pointer jumping: take the label of the pixel named by the label
         named = (area - pooled).long().clamp_(0, area - 1).view(planes, -1) + plane_offset
         jumped = labels.view(-1)[named.view(-1)].view(planes, height, width) * on

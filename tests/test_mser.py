@@ -146,3 +146,30 @@ def test_matches_reference_on_real_activations(mini, lite0):
             _assert_same(_batched_regions(maps, delta, **DSM), expected)
             compared += len(expected)
     assert compared > 5000
+
+
+def test_gpu_labelling_path_and_packing_give_the_same_regions(mini, lite0, monkeypatch):
+    """The GPU path's labelling (``propagate``, run here on the CPU) and any page size for the
+    packed level-set tiles give exactly the regions of the default CPU path, on real activations."""
+    import gpu_dsm.stable_regions as stable_regions
+    from gpu_dsm.extract import ExtractConfig, extract_activations
+
+    acts = extract_activations(lite0, [mini.database_specs()[7]], ExtractConfig(image_size=512, scales=(1.0,), progress=False))
+    levels = activations_to_levels(acts[0][0][:320], "range", 6.0)
+    delta = auto_delta(levels)
+    expected = mser(levels, delta=delta, values=acts[0][0][:320], **DSM)
+    assert len(expected) > 300
+    monkeypatch.setattr(stable_regions, "_PAGE_SIDE", 40)  # many small pages
+    for backend in ("scipy", "propagate"):
+        got = mser(levels, delta=delta, values=acts[0][0][:320], backend=backend, **DSM)
+        for name in ("map_index", "area", "level", "bbox", "mean", "cov", "max_value"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (backend, name)
+        torch.testing.assert_close(got.sum_value, expected.sum_value, rtol=1e-12, atol=0)
+
+
+def test_dense_maps_without_zeros():
+    """Maps with no background (the support is almost the whole map) match the reference."""
+    rng = np.random.default_rng(5)
+    x = ndimage.gaussian_filter(rng.random((12, 18, 22)), (0, 1.5, 1.5))
+    maps = np.round((x - x.min()) / np.ptp(x) * 200 + 30).astype(np.int64)
+    _assert_same(_batched_regions(maps, 3, "both", **DSM), _reference_regions(maps, 3, "both", **DSM))
