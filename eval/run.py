@@ -247,14 +247,14 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
         dcfg = cfg.diffusion
         graph = load_or_build_graph(db_store, db, cfg, base, log)
         n = db.shape[0]
-        f, info = diffuse(graph.affinity, plain_seeds(similarities, ranks, n, dcfg.query_k, dcfg.gamma), dcfg)
+        f, info = diffuse(graph, plain_seeds(similarities, ranks, n, dcfg.query_k, dcfg.gamma), dcfg)
         results["global+D"] = _method_entry(diffusion_ranking(f, ranks), dataset.gnd)
         cg = {"global+D": {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}}
         if cfg.rerank is not None:
             k = reranked.order.shape[1]
             seeds = dsm_seeds(similarities[:, :k].cpu().gather(1, reranked.order).to(device), reranked.indices.to(device),
                               reranked.inliers.to(device), n, dcfg.dsm_candidates, dcfg.dsm_keep, dcfg.gamma)
-            f, info = diffuse(graph.affinity, seeds, dcfg)
+            f, info = diffuse(graph, seeds, dcfg)
             results["global+dsm+D"] = _method_entry(diffusion_ranking(f, dsm_ranks.to(device)), dataset.gnd)
             cg["global+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
         report.setdefault("diagnostics", {})["diffusion"] = cg

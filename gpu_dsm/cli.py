@@ -108,17 +108,22 @@ def _detector_config(args: argparse.Namespace) -> DetectorConfig:
     )
 
 
-def _add_rerank_args(p: argparse.ArgumentParser) -> None:
+def _add_rerank_args(p: argparse.ArgumentParser, ranking: bool = True) -> None:
+    """Re-ranking options; without ``ranking`` only the matcher's (for commands that always verify)."""
     r, m = RerankConfig(), MatchConfig()
-    g = p.add_argument_group("spatial re-ranking (paper 3.5-3.6)")
-    g.add_argument("--rerank", choices=("none", "dsm"), default="none",
-                   help="re-rank each query's top-k by deep spatial matching, adding method 'global+dsm' (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=r.top_k, help="candidates verified per query (default: %(default)s, paper 4.1)")
-    g.add_argument("--score", choices=SCORES, default=r.score,
-                   help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
-                        "similarity (beyond the paper; measured better, README) (default: %(default)s)")
-    g.add_argument("--fuse-weight", type=float, default=r.fuse_weight,
-                   help="weight of inliers in 'fused' (default: %(default)s, measured on roxford5k-mini)")
+    if ranking:
+        g = p.add_argument_group("spatial re-ranking (paper 3.5-3.6)")
+        g.add_argument("--rerank", choices=("none", "dsm"), default="none",
+                       help="re-rank each query's top-k by deep spatial matching, adding method 'global+dsm' (default: %(default)s)")
+        g.add_argument("--top-k", type=int, default=r.top_k, help="candidates verified per query (default: %(default)s, paper 4.1)")
+        g.add_argument("--score", choices=SCORES, default=r.score,
+                       help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
+                            "similarity (beyond the paper; measured better, README) (default: %(default)s)")
+        g.add_argument("--fuse-weight", type=float, default=r.fuse_weight,
+                       help="weight of inliers in 'fused' (default: %(default)s, measured on roxford5k-mini)")
+    else:
+        g = p.add_argument_group("spatial matching (paper 3.5)")
+        p.set_defaults(rerank="dsm", top_k=r.top_k, score=r.score, fuse_weight=r.fuse_weight)
     g.add_argument("--threshold", type=float, default=m.threshold,
                    help="inlier threshold on the transfer error, feature-map pixels (default: %(default)s, measured on "
                         "roxford5k-mini; paper 4.1: 2)")
@@ -128,8 +133,8 @@ def _add_rerank_args(p: argparse.ArgumentParser) -> None:
                    help="symmetric (both directions, reference code) or one_way transfer error (default: %(default)s, "
                         "measured better on roxford5k-mini, README)")
     g.add_argument("--paper-rerank", action="store_true",
-                   help="the paper's re-ranking instead of the measured defaults: score inliers, threshold 2, symmetric "
-                        "error (default: off)")
+                   help="the paper's matching settings instead of the measured defaults: threshold 2, symmetric error "
+                        "(and, when re-ranking, score inliers) (default: off)")
 
 
 def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
@@ -217,7 +222,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_show_match(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.run import show_match
 
-    args.rerank = "dsm"
     cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir, local=True)
     show_match(cfg, args.query, args.rank, args.out)
     return 0
@@ -311,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     _add_detector_args(p)
-    _add_rerank_args(p)
+    _add_rerank_args(p, ranking=False)
     p.add_argument("--query", type=int, default=0, help="query index (default: %(default)s)")
     p.add_argument("--rank", type=int, default=1, help="1-based rank of the candidate in the global ranking (default: %(default)s)")
     p.add_argument("--cache-dir", default=".gpu_dsm_cache", help="feature store cache (default: %(default)s)")

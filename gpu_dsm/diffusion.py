@@ -12,6 +12,9 @@ product. ``y`` holds the seeds:
 
 The final ranking sorts the whole database by ``f``; images diffusion does not reach keep the
 order of the initial ranking after those it does.
+
+The solve runs on the connected components of the graph that hold a seed (the rest of ``f`` is
+exactly zero), with the products and column reductions of ``gpu_dsm.kernels``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_dsm.graph import KnnGraph
+from gpu_dsm.kernels.dots import column_dots
 from gpu_dsm.kernels.sparse import SparseOperator
+
+
+_RESTRICT_BELOW = 0.8  # solve on the seeded components when they hold less than this fraction of the nodes
 
 
 @dataclass
@@ -45,41 +53,64 @@ class CGInfo:
 
 
 def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tensor, alpha: float = 0.99, tol: float = 1e-6,
-                       max_iter: int = 20) -> tuple[torch.Tensor, CGInfo]:
+                       max_iter: int = 20, restrict: bool = True) -> tuple[torch.Tensor, CGInfo]:
     """Solve ``(I - alpha S) F = Y`` for every column of ``rhs (N, Q)``; ``S`` sparse ``(N, N)`` symmetric.
 
     Columns are independent CG runs sharing the products; a column whose relative residual is
-    at most ``tol`` stops moving. Zero columns give zero solutions.
+    at most ``tol`` stops moving. Zero columns give zero solutions. With ``restrict`` the solve
+    runs on the connected components of the graph that hold a seed of some column: elsewhere
+    every iterate is exactly zero, so the result is the same, for less work on fragmented
+    graphs (mutual kNN graphs often are).
     """
-    if rhs.ndim != 2 or rhs.shape[0] != affinity.shape[0]:
-        raise ValueError(f"rhs must be ({affinity.shape[0]}, Q), got {tuple(rhs.shape)}")
+    n = affinity.shape[0]
+    if rhs.ndim != 2 or rhs.shape[0] != n:
+        raise ValueError(f"rhs must be ({n}, Q), got {tuple(rhs.shape)}")
     if not torch.isfinite(rhs).all():
         raise ValueError("diffusion seeds contain NaN or Inf")
     op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype)
-    rhs = op.to_internal(rhs)
-    f = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    ap = torch.empty_like(rhs)  # buffers reused every iteration: large fresh allocations cost page faults
-    rs = torch.linalg.vecdot(r, r, dim=0)
+    rhs = op.to_internal(rhs.to(op.dtype)).contiguous()  # a copy this function owns
+    if restrict and n:
+        reached = op.reached_by(rhs)
+        # extracting the sub-graph copies its part of the matrix: worth it when it is clearly smaller
+        if reached.sum() < _RESTRICT_BELOW * n:
+            rows = reached.nonzero().squeeze(1)
+            f_reached, info = _conjugate_gradient(op.restricted(reached), rhs[rows], alpha, tol, max_iter)
+            f = torch.zeros_like(rhs)
+            f[op.original_index(rows)] = f_reached
+            return f, info
+    f, info = _conjugate_gradient(op, rhs, alpha, tol, max_iter)
+    return op.from_internal(f), info
+
+
+def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol: float, max_iter: int) -> tuple[torch.Tensor, CGInfo]:
+    """Batched CG on ``op``'s internal order (see :func:`conjugate_gradient`); overwrites ``rhs``.
+
+    Few fresh ``(N, Q)`` buffers: on the CPU their first touch (page faults) costs as much as
+    several iterations' vector operations.
+    """
+    rs = column_dots(rhs, rhs)
     norm_y = rs.sqrt().clamp(min=1e-30)
+    r = rhs.contiguous()
+    p = r.clone()
+    f = torch.zeros_like(r)
+    ap = torch.empty_like(r)
     active = rs.sqrt() / norm_y > tol
     it = 0
     for it in range(1, max_iter + 1):
         if not active.any():
             it -= 1
             break
-        torch.add(p, op @ p, alpha=-alpha, out=ap)
-        denom = torch.linalg.vecdot(p, ap, dim=0)
+        op.shifted_product(p, alpha, out=ap)
+        denom = column_dots(p, ap)
         step = torch.where(active & (denom > 0), rs / denom.clamp(min=1e-30), torch.zeros_like(rs))
         f.addcmul_(p, step)
         r.addcmul_(ap, step, value=-1.0)
-        rs_new = torch.linalg.vecdot(r, r, dim=0)
+        rs_new = column_dots(r, r)
         beta = torch.where(active, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))
-        p.mul_(beta).add_(r)
+        torch.addcmul(r, p, beta, out=p)
         rs = rs_new
         active = active & (rs.sqrt() / norm_y > tol)
-    return op.from_internal(f), CGInfo(iterations=it, relative_residual=rs.sqrt() / norm_y)
+    return f, CGInfo(iterations=it, relative_residual=rs.sqrt() / norm_y)
 
 
 def plain_seeds(similarities: torch.Tensor, ranks: torch.Tensor, num_nodes: int, query_k: int = 10,
@@ -121,7 +152,15 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
     return initial_ranks.gather(1, order)
 
 
-def diffuse(affinity: torch.Tensor, seeds: torch.Tensor, config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
-    """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on the graph ``affinity``."""
+def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor,
+            config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
+    """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a :class:`KnnGraph` (its
+    product operator is built once and kept), a :class:`SparseOperator`, or a sparse affinity."""
     cfg = config or DiffusionConfig()
-    return conjugate_gradient(SparseOperator(affinity, cfg.dtype), seeds.to(cfg.dtype), cfg.alpha, cfg.tol, cfg.max_iter)
+    if isinstance(graph, KnnGraph):
+        op = graph.operator(cfg.dtype)
+    elif isinstance(graph, SparseOperator):
+        op = graph
+    else:
+        op = SparseOperator(graph, cfg.dtype)
+    return conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha, cfg.tol, cfg.max_iter)

@@ -11,7 +11,7 @@ large for that, behind the same interface.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import warnings
@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from gpu_dsm.io import torch_load_checked, torch_save
+from gpu_dsm.kernels.sparse import SparseOperator, csr_tensor
 
 _FORMAT = "gpu_dsm.knn_graph/1"
 BACKENDS = ("exact", "faiss")
@@ -49,6 +50,14 @@ class KnnGraph:
     k: int
     gamma: float
     mutual: bool = True
+    _operators: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def operator(self, dtype: torch.dtype = torch.float32) -> SparseOperator:
+        """The product operator of ``affinity`` for diffusion (node reordering, threads, connected
+        components), built on first use and kept."""
+        if dtype not in self._operators:
+            self._operators[dtype] = SparseOperator(self.affinity, dtype)
+        return self._operators[dtype]
 
     @property
     def num_nodes(self) -> int:
@@ -73,14 +82,8 @@ class KnnGraph:
         n = state["size"][0]
         if state["crow"].numel() != n + 1 or state["col"].numel() != state["values"].numel():
             raise ValueError(f"corrupt graph file {path}: index arrays do not match its size")
-        affinity = _csr(state["crow"], state["col"], state["values"], n)
+        affinity = csr_tensor(state["crow"], state["col"], state["values"], n)
         return cls(affinity.to(device), state["k"], state["gamma"], state["mutual"])
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size=(n, n))
 
 
 def _coo_to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,7 +142,7 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
     device = x.device
     k = min(cfg.k, n - 1)
     if k < 1:
-        empty = _csr(torch.zeros(n + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), n).to(device)
+        empty = csr_tensor(torch.zeros(n + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), n).to(device)
         return KnnGraph(empty, k, cfg.gamma, cfg.mutual)
     sims, idx = exact_neighbours(x, k, cfg.chunk_size) if cfg.backend == "exact" else faiss_neighbours(x, k)
     rows = torch.arange(n, device=device).repeat_interleave(k)

@@ -132,3 +132,87 @@ def test_faiss_backend_finds_the_exact_graph_on_small_data():
     exact = build_knn_graph(x, GraphConfig(k=10)).affinity.to_dense() > 0
     approx = build_knn_graph(x, GraphConfig(k=10, backend="faiss")).affinity.to_dense() > 0
     assert (exact & approx).sum() >= 0.99 * exact.sum()
+
+
+def _reached_by_loops(dense_affinity, seeded_nodes):
+    """Nodes connected to a seeded node, by breadth-first search over a dense matrix."""
+    n = len(dense_affinity)
+    reached, frontier = set(seeded_nodes), list(seeded_nodes)
+    while frontier:
+        i = frontier.pop()
+        for j in range(n):
+            if dense_affinity[i, j] != 0 and j not in reached:
+                reached.add(j)
+                frontier.append(j)
+    return reached
+
+
+def test_sparse_operator_backends_and_threads_agree():
+    from gpu_dsm.kernels.sparse import SparseOperator
+
+    x, _ = _clustered(400, clusters=30, noise=0.3, seed=3)
+    g = build_knn_graph(x, GraphConfig(k=8))
+    dense = g.affinity.to_dense().double()
+    rhs = torch.randn(400, 7, dtype=torch.float64)
+    expected_product = dense @ rhs
+    expected_shifted = rhs - 0.9 * expected_product
+    for kwargs in (dict(), dict(threads=1), dict(threads=3), dict(reorder=False), dict(backend="torch")):
+        op = SparseOperator(g.affinity, torch.float64, **kwargs)
+        internal = op.to_internal(rhs)
+        torch.testing.assert_close(op.from_internal(op @ internal), expected_product, rtol=1e-12, atol=1e-12)
+        out = torch.empty_like(internal)
+        assert op.shifted_product(internal, 0.9, out=out) is out
+        torch.testing.assert_close(op.from_internal(out), expected_shifted, rtol=1e-12, atol=1e-12)
+        # the connected components a set of seeds reaches, against a breadth-first search
+        seeds = torch.zeros(400, 2, dtype=torch.float64)
+        seeds[[5, 77], 0] = 1.0
+        seeds[300, 1] = 2.0
+        expected = _reached_by_loops(dense.numpy(), [5, 77, 300])
+        reached = op.from_internal(op.reached_by(op.to_internal(seeds)))
+        assert set(reached.nonzero().squeeze(1).tolist()) == expected
+        assert 0 < len(expected) < 400
+        # the operator of the reached sub-graph gives the full products there
+        sub = op.restricted(op.reached_by(op.to_internal(seeds)))
+        keep = op.reached_by(op.to_internal(seeds))
+        full = op.shifted_product(op.to_internal(seeds), 0.9)
+        torch.testing.assert_close(sub.shifted_product(op.to_internal(seeds)[keep], 0.9), full[keep], rtol=1e-12, atol=1e-12)
+        assert torch.equal(full[~keep], torch.zeros_like(full[~keep]))
+    with pytest.raises(ValueError, match="unknown sparse backend"):
+        SparseOperator(g.affinity, backend="cuda")
+    with pytest.raises(ValueError, match="square"):
+        SparseOperator(torch.zeros(3, 4).to_sparse())
+
+
+def test_restricted_solve_equals_the_whole_graph_solve():
+    """Solving only on the components the seeds reach gives the whole-graph solution."""
+    x, centres = _clustered(1500, clusters=40, noise=0.3, seed=4)
+    g = build_knn_graph(x, GraphConfig(k=10))
+    op = g.operator()
+    assert int(op.components.max()) + 1 > 10  # a fragmented graph
+    q = F.normalize(centres[:6] + 0.3 * torch.randn(6, centres.shape[1]), dim=1)
+    sims, ranks = torch.sort(q @ x.T, dim=1, descending=True)
+    y = plain_seeds(sims, ranks, len(x))
+    assert op.reached_by(op.to_internal(y)).float().mean() < 0.5
+    restricted, info_r = conjugate_gradient(op, y)
+    whole, info_w = conjugate_gradient(op, y, restrict=False)
+    assert info_r.iterations == info_w.iterations
+    torch.testing.assert_close(restricted, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(info_r.relative_residual, info_w.relative_residual, rtol=1e-3, atol=1e-9)
+    # diffuse() on the graph reuses its operator
+    f, _ = diffuse(g, y)
+    assert g.operator() is op and torch.equal(f, restricted)
+
+
+def test_column_dots_against_float64_loops():
+    from gpu_dsm.kernels.dots import column_dots
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.rand(5000, 6, generator=g), torch.rand(5000, 6, generator=g) - 0.3
+    expected = [sum(float(a[i, j]) * float(b[i, j]) for i in range(5000)) for j in range(6)]
+    got = column_dots(a, b, chunk_rows=700)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-6)
+    torch.testing.assert_close(column_dots(a.double(), b.double()), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.equal(column_dots(torch.zeros(0, 3), torch.zeros(0, 3)), torch.zeros(3))
+    with pytest.raises(ValueError, match="one shape"):
+        column_dots(a, b[:, :5])
