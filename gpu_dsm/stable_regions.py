@@ -140,13 +140,20 @@ def _pack_tiles(heights: np.ndarray, widths: np.ndarray, page_height: int, page_
     return page, y0, x0, page_index + 1, used
 
 
+_BIG = torch.iinfo(torch.long).max
+
+
+def _segment_reduce(index: torch.Tensor, src: torch.Tensor, how: str, init, size: int) -> torch.Tensor:
+    """``(size,)``: ``how`` ("amin"/"amax") of ``src`` over equal ``index``; ``init`` where none."""
+    out = torch.full((size,), init, dtype=src.dtype, device=src.device)
+    return out.scatter_reduce_(0, index, src, how, include_self=True)
+
+
 def _geometry(row, xs, ys, peak_src, area, n_rows, device):
     """Centroid, covariance, box, peak and sum of ``n_rows`` regions from their pixels."""
-    big = torch.iinfo(torch.long).max
 
     def reduce(src, how, init):
-        out = torch.full((n_rows,), init, dtype=src.dtype, device=device)
-        return out.scatter_reduce_(0, row, src, how, include_self=True)
+        return _segment_reduce(row, src, how, init, n_rows)
 
     xf, yf = xs.double(), ys.double()
     area_d = area.double()
@@ -156,9 +163,53 @@ def _geometry(row, xs, ys, peak_src, area, n_rows, device):
     second = torch.stack([torch.bincount(row, w, minlength=n_rows) for w in (dx * dx, dx * dy, dy * dy)], 1) / area_d[:, None]
     cov = torch.stack([second[:, [0, 1]], second[:, [1, 2]]], 1)
     lowest = float("-inf") if peak_src.dtype.is_floating_point else torch.iinfo(peak_src.dtype).min
-    bbox = torch.stack([reduce(xs, "amin", big), reduce(ys, "amin", big), reduce(xs, "amax", -1), reduce(ys, "amax", -1)], 1)
+    bbox = torch.stack([reduce(xs, "amin", _BIG), reduce(ys, "amin", _BIG), reduce(xs, "amax", -1), reduce(ys, "amax", -1)], 1)
     total = torch.zeros(n_rows, dtype=torch.float64, device=device).index_add_(0, row, peak_src.double())
     return dict(mean=mean, cov=cov, peak=reduce(peak_src, "amax", lowest), total=total, bbox=bbox)
+
+
+def _select_stable(is_extremal, parent, value, variation, area, nel, max_variation, min_diversity, min_area, max_area):
+    """Indices of the regions VLFeat keeps, given every component's tree links and measures
+    (steps 4-5 of the module docstring; ``parent`` of a root is itself)."""
+    device = value.device
+    num_regions = value.numel()
+    # extremal regions only
+    er = is_extremal.nonzero().squeeze(1)
+    index_of = torch.full((num_regions,), -1, dtype=torch.long, device=device)
+    index_of[er] = torch.arange(er.numel(), device=device)
+    er_parent = index_of[parent[er]]
+    er_value, er_var, er_area = value[er], variation[er], area[er]
+    n_er = er.numel()
+    # --- maximal stability: compare with the parent when it is exactly one level up
+    stable = torch.ones(n_er, dtype=torch.bool, device=device)
+    compare = er_value[er_parent] <= er_value + 1
+    child_wins = er_var < er_var[er_parent]
+    stable[er_parent[compare & child_wins]] = False
+    stable[torch.arange(n_er, device=device)[compare & ~child_wins]] = False
+    # --- filters, from the highest value down (ancestors are final before their children)
+    max_area_f = torch.tensor(max_area, dtype=torch.float32) * nel
+    min_area_f = torch.tensor(min_area, dtype=torch.float32) * nel
+    max_var_f = torch.tensor(max_variation, dtype=torch.float32)
+    min_div_f = torch.tensor(min_diversity, dtype=torch.float32)
+    er_area_f = er_area.to(torch.float32)
+    passes = (er_var < max_var_f) & (er_area_f <= max_area_f) & (er_area_f >= min_area_f)
+    is_root = er_parent == torch.arange(n_er, device=device)
+    nearest = torch.arange(n_er, device=device)  # nearest stable ancestor-or-self (root if none)
+    order = torch.argsort(er_value, descending=True, stable=True)
+    group_values, group_sizes = torch.unique_consecutive(er_value[order], return_counts=True)
+    start = 0
+    for size in group_sizes.tolist():
+        g = order[start:start + size]
+        start += size
+        keep = stable[g] & passes[g]
+        if min_diversity < 1.0:
+            anc = nearest[er_parent[g]]
+            p_area = er_area_f[anc]
+            diverse = ~((p_area - er_area_f[g]) / p_area < min_div_f)
+            keep &= diverse | is_root[g]
+        stable[g] = keep
+        nearest[g] = torch.where(keep | is_root[g], g, nearest[er_parent[g]])
+    return er[stable]
 
 
 def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area, max_area, backend, map_offset):
@@ -171,7 +222,6 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
     num_maps, height, width = u.shape
     nel = height * width
     vspan = int(u.max().item()) + 1
-    big = torch.iinfo(torch.long).max
     map_ids = torch.arange(num_maps, device=device)
     # --- blobs: components of each map's support {u < top}. Every level set below the top lies
     # in the support, so each of its components lies in one blob
@@ -232,15 +282,11 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
         """Component of tile ``tiles`` holding map pixel ``pixel`` (flat ``y * W + x``)."""
         return labels[tile_offset[tiles] + pixel // width * page_width + pixel % width].long() - 1
 
-    def reduce(src, how, init):
-        out = torch.full((num_labelled,), init, dtype=src.dtype, device=device)
-        return out.scatter_reduce_(0, region, src, how, include_self=True)
-
     # --- per component: tile, area, representative pixel, largest u. Then the roots (each whole
     # map at its top value) as regions num_labelled + map
-    region_tile = reduce(voxel_tile, "amin", big)
-    representative = reduce(ys * width + xs, "amin", big)
-    comp_extremal = reduce(voxel_u, "amax", -1) == tile_val[region_tile]
+    region_tile = _segment_reduce(region, voxel_tile, "amin", _BIG, num_labelled)
+    representative = _segment_reduce(region, ys * width + xs, "amin", _BIG, num_labelled)
+    comp_extremal = _segment_reduce(region, voxel_u, "amax", -1, num_labelled) == tile_val[region_tile]
     comp_map = blob_map[tile_blob[region_tile]]
     num_regions = num_labelled + num_maps
     root = num_labelled + map_ids
@@ -271,43 +317,8 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
     del labels
     representative = torch.cat([representative, torch.zeros(num_maps, dtype=torch.long, device=device)])
 
-    # restrict to extremal regions from here on
-    er = is_extremal.nonzero().squeeze(1)
-    index_of = torch.full((num_regions,), -1, dtype=torch.long, device=device)
-    index_of[er] = torch.arange(er.numel(), device=device)
-    er_parent = index_of[parent[er]]
-    er_value, er_var, er_area = value[er], variation[er], area[er]
-    n_er = er.numel()
-    # --- maximal stability: compare with the parent when it is exactly one level up
-    stable = torch.ones(n_er, dtype=torch.bool, device=device)
-    compare = er_value[er_parent] <= er_value + 1
-    child_wins = er_var < er_var[er_parent]
-    stable[er_parent[compare & child_wins]] = False
-    stable[torch.arange(n_er, device=device)[compare & ~child_wins]] = False
-    # --- filters, from the highest value down (ancestors are final before their children)
-    max_area_f = torch.tensor(max_area, dtype=torch.float32) * nel
-    min_area_f = torch.tensor(min_area, dtype=torch.float32) * nel
-    max_var_f = torch.tensor(max_variation, dtype=torch.float32)
-    min_div_f = torch.tensor(min_diversity, dtype=torch.float32)
-    er_area_f = er_area.to(torch.float32)
-    passes = (er_var < max_var_f) & (er_area_f <= max_area_f) & (er_area_f >= min_area_f)
-    is_root = er_parent == torch.arange(n_er, device=device)
-    nearest = torch.arange(n_er, device=device)  # nearest stable ancestor-or-self (root if none)
-    order = torch.argsort(er_value, descending=True, stable=True)
-    group_values, group_sizes = torch.unique_consecutive(er_value[order], return_counts=True)
-    start = 0
-    for size in group_sizes.tolist():
-        g = order[start:start + size]
-        start += size
-        keep = stable[g] & passes[g]
-        if min_diversity < 1.0:
-            anc = nearest[er_parent[g]]
-            p_area = er_area_f[anc]
-            diverse = ~((p_area - er_area_f[g]) / p_area < min_div_f)
-            keep &= diverse | is_root[g]
-        stable[g] = keep
-        nearest[g] = torch.where(keep | is_root[g], g, nearest[er_parent[g]])
-    kept = er[stable]
+    kept = _select_stable(is_extremal, parent, value, variation, area, nel,
+                          max_variation, min_diversity, min_area, max_area)
     # --- geometry of the kept regions only, from their pixels (a kept root: the whole map)
     slot = torch.full((num_regions,), -1, dtype=torch.long, device=device)
     slot[kept] = torch.arange(kept.numel(), device=device)
