@@ -19,7 +19,7 @@ import torch
 
 from gpu_dsm.backbones import Backbone, build_backbone
 from gpu_dsm.describe import GlobalConfig, describe_images
-from gpu_dsm.detect import DetectorConfig, detect_image
+from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import write_json
@@ -118,12 +118,13 @@ def write_store(
     if cfg.detector is not None:
         local = {"scales": list(cfg.extract.scales), "num_channels": backbone.out_channels}
     with StoreWriter(path, names, backbone.out_channels, cfg.options(), local=local) as writer:
-        def sink(index: int, descriptor: torch.Tensor, maps: list[torch.Tensor]) -> None:
-            writer.add_global(index, descriptor)
+        def sink(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+            for index, descriptor in zip(indices, descriptors):
+                writer.add_global(index, descriptor)
             if cfg.detector is not None:
-                features = detect_image(maps, cfg.detector, is_query, backbone.activation_bound)
-                sizes = torch.tensor([list(m.shape[-2:]) for m in maps])
-                writer.add_local(index, features, sizes)
+                features = detect_images(maps_per_image, cfg.detector, is_query, backbone.activation_bound)
+                for index, maps, found in zip(indices, maps_per_image, features):
+                    writer.add_local(index, found, torch.tensor([list(m.shape[-2:]) for m in maps]))
 
         describe_images(backbone, specs, sink, cfg.extract, cfg.global_, desc=desc)
     return FeatureStore(path)

@@ -51,21 +51,23 @@ def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: flo
 def describe_images(
     backbone: Backbone,
     images: Sequence[ImageLike | ImageSpec],
-    sink: Callable[[int, torch.Tensor, list[torch.Tensor]], None],
+    sink: Callable[[list[int], torch.Tensor, list[list[torch.Tensor]]], None],
     extract: ExtractConfig | None = None,
     config: GlobalConfig | None = None,
     desc: str = "describe",
 ) -> None:
-    """One pass over ``images``: for each, ``sink(index, global_descriptor (K,), maps [(K, h, w)] * S)``.
+    """One pass over ``images``; for each batch of the network,
+    ``sink(indices [B], global descriptors (B, K), maps per image [[(K, h, w)] * S] * B)``, so the
+    sink can process a batch at once (the detector runs one MSER call per map size).
 
     Global descriptors are the raw (unwhitened) multi-scale ones; whitening is a search-time step.
     """
     config = config or GlobalConfig()
     p = config.resolved_p(backbone)
     for batch in iterate_activations(backbone, images, extract, desc=desc):
-        for i, index in enumerate(batch.indices):
-            maps = batch.of_image(i)
-            sink(index, global_descriptor(maps, config.pooling, p), maps)
+        maps_per_image = [batch.of_image(i) for i in range(len(batch.indices))]
+        descriptors = torch.stack([global_descriptor(maps, config.pooling, p) for maps in maps_per_image])
+        sink(list(batch.indices), descriptors, maps_per_image)
 
 
 def describe_global(
@@ -82,8 +84,8 @@ def describe_global(
     """
     out = torch.zeros(len(images), backbone.out_channels, device=backbone.device)
 
-    def keep(index: int, descriptor: torch.Tensor, maps: list[torch.Tensor]) -> None:
-        out[index] = descriptor
+    def keep(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+        out[indices] = descriptors
 
     describe_images(backbone, images, keep, extract, config, desc)
     whitening = whitening if whitening is not None else backbone.head.whitening

@@ -6,7 +6,8 @@ notes section 2):
 
 1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
    the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
-2. MSER on all channels at once (:func:`gpu_dsm.stable_regions.mser`);
+2. MSER on all channels at once (:func:`gpu_dsm.stable_regions.mser`); :func:`detect` runs one
+   call for all the maps of a batch that share a size (all images, all channels);
 3. drop channels with more than 36 regions (cluttered), then regions with a singular covariance;
 4. strength = max activation in the region (or mean / GeM); ties (frequent: ReLU6 saturates)
    are ranked by the mean activation;
@@ -133,18 +134,44 @@ def _top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch
     return keep
 
 
-def _scale_features(acts: torch.Tensor, cfg: DetectorConfig, is_query: bool, bound: float | None) -> dict[str, torch.Tensor]:
-    """Features of one image at one scale: ``acts`` ``(K, H, W)`` -> unpadded dict."""
-    num_channels = acts.shape[0]
+def _scale_levels(acts: torch.Tensor, cfg: DetectorConfig, bound: float | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One image at one scale: ``acts`` ``(K, H, W)`` -> levels, delta and the strength source."""
     mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
     levels = activations_to_levels(acts, mode, bound)
     delta = cfg.delta if cfg.delta is not None else auto_delta(levels, cfg.delta_quantile, cfg.delta_max)
     values = acts.float().pow(cfg.strength_p) if cfg.strength == "gem" else acts.float()
-    regions: MSERRegions = mser(
-        levels, delta=delta, max_variation=cfg.max_variation, min_diversity=cfg.min_diversity,
-        min_area=cfg.min_area, max_area=cfg.max_area, polarity=cfg.polarity, level_step=cfg.level_step,
-        values=values, backend=cfg.labelling, max_voxels=cfg.max_voxels,
-    )
+    return levels, delta, values
+
+
+def _regions_of_all(jobs: list[torch.Tensor], cfg: DetectorConfig, bound: float | None) -> list[MSERRegions]:
+    """MSER of every ``(K, H, W)`` activation tensor of ``jobs``; tensors of one size share one call."""
+    prepared = [_scale_levels(acts, cfg, bound) for acts in jobs]
+    out: list[MSERRegions | None] = [None] * len(jobs)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for j, acts in enumerate(jobs):
+        by_size.setdefault(tuple(acts.shape), []).append(j)
+    for shape, members in by_size.items():
+        num_channels = shape[0]
+        levels = torch.cat([prepared[j][0] for j in members])
+        values = torch.cat([prepared[j][2] for j in members])
+        deltas = torch.tensor([prepared[j][1] for j in members], device=levels.device).repeat_interleave(num_channels)
+        regions = mser(
+            levels, delta=deltas, max_variation=cfg.max_variation, min_diversity=cfg.min_diversity,
+            min_area=cfg.min_area, max_area=cfg.max_area, polarity=cfg.polarity, level_step=cfg.level_step,
+            values=values, backend=cfg.labelling, max_voxels=cfg.max_voxels,
+        )
+        # regions are ordered by map: each job's rows are one slice
+        bounds = torch.searchsorted(regions.map_index, torch.arange(len(members) + 1, device=levels.device) * num_channels).tolist()
+        for k, j in enumerate(members):
+            part = regions.select(slice(bounds[k], bounds[k + 1]))
+            part.map_index = part.map_index - k * num_channels
+            part.num_maps = num_channels
+            out[j] = part
+    return out
+
+
+def _scale_features(regions: MSERRegions, num_channels: int, cfg: DetectorConfig, is_query: bool) -> dict[str, torch.Tensor]:
+    """Features of one image at one scale from its regions (steps 3-5) -> unpadded dict."""
     per_channel = torch.bincount(regions.map_index, minlength=num_channels)
     keep = per_channel[regions.map_index] <= cfg.max_regions_per_channel
     det = regions.cov[:, 0, 0] * regions.cov[:, 1, 1] - regions.cov[:, 0, 1] * regions.cov[:, 1, 0]
@@ -179,13 +206,11 @@ def _scale_features(acts: torch.Tensor, cfg: DetectorConfig, is_query: bool, bou
     }
 
 
-def detect_image(maps: Sequence[torch.Tensor], cfg: DetectorConfig, is_query: bool, bound: float | None = None) -> dict:
-    """Features of one image from its per-scale activations ``[(K, h_s, w_s)] * S`` (unpadded dict)."""
+def _image_features(regions_per_scale: Sequence[MSERRegions], cfg: DetectorConfig, is_query: bool) -> dict:
+    """Features of one image from its regions at each scale (step 6) -> unpadded dict."""
     per_scale = []
-    for s, acts in enumerate(maps):
-        if acts.ndim != 3:
-            raise ValueError(f"detect: expected (K, H, W) activations per scale, got {tuple(acts.shape)}")
-        found = _scale_features(acts, cfg, is_query, bound)
+    for s, regions in enumerate(regions_per_scale):
+        found = _scale_features(regions, regions.num_maps, cfg, is_query)
         found["scale"] = torch.full_like(found["channel"], s)
         per_scale.append(found)
     merged = {k: torch.cat([f[k] for f in per_scale]) for k in per_scale[0]} if per_scale else {}
@@ -193,6 +218,23 @@ def detect_image(maps: Sequence[torch.Tensor], cfg: DetectorConfig, is_query: bo
         order = torch.argsort(merged.pop("rank"), descending=True, stable=True)[: cfg.max_features]
         merged = {k: v[order] for k, v in merged.items()}
     return merged
+
+
+def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: DetectorConfig, is_query: bool,
+                   bound: float | None) -> list[dict]:
+    """Features of a batch of images, one unpadded dict per image (``xy``, ``frame``, ``strength``,
+    ``channel``, ``scale``), from per-image activations ``[(K, h_s, w_s)] * S``. All maps of one
+    size (every image and channel) share one MSER call."""
+    for maps in maps_per_image:
+        for acts in maps:
+            if acts.ndim != 3:
+                raise ValueError(f"detect: expected (K, H, W) activations per scale, got {tuple(acts.shape)}")
+    regions = _regions_of_all([acts for maps in maps_per_image for acts in maps], cfg, bound)
+    out, start = [], 0
+    for maps in maps_per_image:
+        out.append(_image_features(regions[start:start + len(maps)], cfg, is_query))
+        start += len(maps)
+    return out
 
 
 def detect(
@@ -216,7 +258,7 @@ def detect(
     cfg = cfg or DetectorConfig()
     if len(maps_per_image) == 0:
         return LocalFeatures.empty(0, len(scales), scales)
-    per_image = [detect_image(maps, cfg, is_query, activation_bound) for maps in maps_per_image]
+    per_image = detect_images(maps_per_image, cfg, is_query, activation_bound)
     sizes = torch.tensor([[list(m.shape[-2:]) for m in maps] for maps in maps_per_image], dtype=torch.long).view(
         len(maps_per_image), -1, 2)
     num_channels = maps_per_image[0][0].shape[0] if maps_per_image and len(maps_per_image[0]) else 0

@@ -18,7 +18,7 @@ from torch import nn
 
 from gpu_dsm.backbones import Backbone
 from gpu_dsm.describe import GlobalConfig, describe_images, global_descriptor
-from gpu_dsm.detect import DetectorConfig, detect_image
+from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.images import ImageLike, ImageSpec
@@ -79,10 +79,12 @@ class DSMRetrieval(nn.Module):
         per_image: list[dict] = [{}] * n
         sizes: list[list[list[int]]] = [[] for _ in range(n)]
 
-        def sink(index: int, descriptor: torch.Tensor, maps: list[torch.Tensor]) -> None:
-            descriptors[index] = descriptor
-            per_image[index] = detect_image(maps, self.config.detector, is_query, self.backbone.activation_bound)
-            sizes[index] = [list(m.shape[-2:]) for m in maps]
+        def sink(indices: list[int], batch_descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+            descriptors[indices] = batch_descriptors
+            features = detect_images(maps_per_image, self.config.detector, is_query, self.backbone.activation_bound)
+            for index, maps, found in zip(indices, maps_per_image, features):
+                per_image[index] = found
+                sizes[index] = [list(m.shape[-2:]) for m in maps]
 
         describe_images(self.backbone, images, sink, self.config.extract, self.config.global_, desc="describe")
         return self._finish(descriptors, per_image, sizes)
@@ -91,7 +93,7 @@ class DSMRetrieval(nn.Module):
         """The same from activations computed elsewhere: per image ``[(K, h_s, w_s)] * S``."""
         p = self.config.global_.resolved_p(self.backbone)
         descriptors = torch.stack([global_descriptor(maps, self.config.global_.pooling, p) for maps in maps_per_image])
-        per_image = [detect_image(maps, self.config.detector, is_query, self.backbone.activation_bound) for maps in maps_per_image]
+        per_image = detect_images(maps_per_image, self.config.detector, is_query, self.backbone.activation_bound)
         sizes = [[list(m.shape[-2:]) for m in maps] for maps in maps_per_image]
         return self._finish(descriptors, per_image, sizes)
 

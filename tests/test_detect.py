@@ -83,3 +83,18 @@ def test_local_features_table(real_maps):
     assert trimmed.capacity == int(feats.counts.max())
     moved = feats.to("meta")
     assert moved.xy.device.type == "meta" and moved.map_sizes.device.type == "meta"
+
+
+def test_batched_detection_equals_one_image_at_a_time(real_maps):
+    """Images of one size share MSER calls; each image's features are those it gets alone."""
+    from gpu_dsm.detect import detect_images
+
+    cfg = DetectorConfig()
+    half = [[m[:, :, : m.shape[-1] // 2] for m in maps] for maps in real_maps]  # another size per scale
+    batch = [real_maps[0], real_maps[1], half[0], real_maps[0]]
+    together = detect_images(batch, cfg, is_query=False, bound=6.0)
+    for maps, got in zip(batch, together):
+        alone = detect_images([maps], cfg, is_query=False, bound=6.0)[0]
+        assert alone.keys() == got.keys() and len(alone["xy"]) > 20
+        for key in alone:
+            assert torch.equal(alone[key], got[key]), key
