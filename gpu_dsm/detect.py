@@ -170,9 +170,9 @@ def _regions_of_all(jobs: list[torch.Tensor], cfg: DetectorConfig, bound: float 
     return out
 
 
-def _scale_features(regions: MSERRegions, num_channels: int, cfg: DetectorConfig, is_query: bool) -> dict[str, torch.Tensor]:
+def _scale_features(regions: MSERRegions, cfg: DetectorConfig, is_query: bool) -> dict[str, torch.Tensor]:
     """Features of one image at one scale from its regions (steps 3-5) -> unpadded dict."""
-    per_channel = torch.bincount(regions.map_index, minlength=num_channels)
+    per_channel = torch.bincount(regions.map_index, minlength=regions.num_maps)
     keep = per_channel[regions.map_index] <= cfg.max_regions_per_channel
     det = regions.cov[:, 0, 0] * regions.cov[:, 1, 1] - regions.cov[:, 0, 1] * regions.cov[:, 1, 0]
     keep &= det > cfg.singular_det
@@ -210,7 +210,7 @@ def _image_features(regions_per_scale: Sequence[MSERRegions], cfg: DetectorConfi
     """Features of one image from its regions at each scale (step 6) -> unpadded dict."""
     per_scale = []
     for s, regions in enumerate(regions_per_scale):
-        found = _scale_features(regions, regions.num_maps, cfg, is_query)
+        found = _scale_features(regions, cfg, is_query)
         found["scale"] = torch.full_like(found["channel"], s)
         per_scale.append(found)
     merged = {k: torch.cat([f[k] for f in per_scale]) for k in per_scale[0]} if per_scale else {}
