@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from gpu_dsm.backbones import build_backbone
 from gpu_dsm.detect import DetectorConfig, activations_to_levels, auto_delta, detect
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.io import write_json
-from gpu_dsm.eval.timing import add_device_argument, sync
+from gpu_dsm.eval.timing import benchmark_parser, sync
 from gpu_dsm.stable_regions import mser
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 
@@ -60,12 +59,10 @@ def _region_keys(res):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_device_argument(p)
+    p = benchmark_parser(__doc__)
     p.add_argument("--agreement-images", type=int, default=3, help="images checked against the reference (default: %(default)s)")
     p.add_argument("--timing-images", type=int, default=4, help="real images timed (default: %(default)s)")
     p.add_argument("--skip-reference", action="store_true", help="skip the (slow, pure Python) reference check")
-    p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     result: dict = {"benchmark": "detect", "device": str(device), "threads": torch.get_num_threads()}

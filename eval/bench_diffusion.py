@@ -17,7 +17,6 @@ the fraction of nodes the batch reaches; ``--no-restrict`` solves on the whole g
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from gpu_dsm.diffusion import DiffusionConfig, conjugate_gradient, plain_seeds
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.io import write_json
-from gpu_dsm.eval.timing import add_device_argument, sync
+from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int = 0, device="cpu", noise: float = 0.7) -> torch.Tensor:
@@ -41,7 +40,7 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0, device="cpu", nois
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--nodes", type=int, default=100_000, help="database size (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="descriptor dimension (default: %(default)s)")
     p.add_argument("--k", type=int, default=50, help="graph neighbours (default: %(default)s)")
@@ -51,8 +50,6 @@ def main(argv=None) -> dict:
     p.add_argument("--noise", type=float, default=0.7, help="spread of the clusters (see above; default: %(default)s)")
     p.add_argument("--no-restrict", action="store_true", help="solve on the whole graph, not the seeded components")
     p.add_argument("--repeats", type=int, default=3, help="timed runs, median reported (default: %(default)s)")
-    add_device_argument(p)
-    p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     x = clustered(args.nodes, args.dim, max(10, args.nodes // 500), device=device, noise=args.noise)
@@ -61,8 +58,7 @@ def main(argv=None) -> dict:
                     "nodes": args.nodes, "dim": args.dim, "k": args.k, "graph_backend": args.graph_backend,
                     "noise": args.noise, "restrict": not args.no_restrict}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     start = time.perf_counter()
     graph = build_knn_graph(x, GraphConfig(k=args.k, backend=args.graph_backend))
     sync(device)
@@ -71,7 +67,7 @@ def main(argv=None) -> dict:
     result["graph_bytes"] = int(graph.num_edges * 12 + (args.nodes + 1) * 8)
     result["peak_rss_growth_mb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
     if device.type == "cuda":
-        result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result["peak_gpu_memory_mb"] = peak_gpu_memory_mb(device)
     print(f"graph: {args.nodes} nodes, {graph.num_edges} edges, {result['graph_seconds']} s")
 
     sims, ranks = torch.topk(q @ x.T, 100, dim=1)

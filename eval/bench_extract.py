@@ -7,7 +7,6 @@ Runs on the roxford5k-mini database images (or on synthetic 1024x768 images with
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 
@@ -18,12 +17,12 @@ from gpu_dsm.backbones import BACKBONES, build_backbone
 from gpu_dsm.describe import describe_global
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import write_json
-from gpu_dsm.eval.timing import add_device_argument, sync
+from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES), help="(default: %(default)s)")
     p.add_argument("--weights", default="default", help="(default: %(default)s; 'none' for VGG/ResNet timing)")
     p.add_argument("--upsample", action="store_true", help="activation upsampling (default: off)")
@@ -31,9 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="(default: 1 on the CPU, 16 on a GPU)")
     p.add_argument("--images", type=int, default=32, help="how many images to time (default: %(default)s)")
     p.add_argument("--synthetic", action="store_true", help="random 1024x768 images instead of roxford5k-mini")
-    add_device_argument(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="(default: %(default)s)")
-    p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -47,8 +44,7 @@ def main(argv=None) -> dict:
     cfg = ExtractConfig(image_size=args.image_size, batch_size=args.batch_size, progress=False)
     describe_global(backbone, images[:2], cfg)  # warm-up
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     start = time.perf_counter()
     describe_global(backbone, images, cfg)
     sync(device)
@@ -67,7 +63,7 @@ def main(argv=None) -> dict:
         "images": len(images),
         "seconds": round(seconds, 3),
         "images_per_second": round(len(images) / seconds, 3),
-        "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(device),
     }
     print(f"{args.backbone}{'↑' if args.upsample else ''} {args.image_size}px 3 scales on {device}: "
           f"{result['images_per_second']:.2f} images/s ({len(images)} images, {seconds:.1f} s)")

@@ -11,7 +11,6 @@ pairs, extrapolated to 100), their ratio, and the peak GPU memory on CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.io import write_json
-from gpu_dsm.eval.timing import add_device_argument, sync
+from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 from gpu_dsm.match import MatchConfig, spatial_verify
 
 
@@ -59,12 +58,10 @@ def synthetic_tables(num_features: int, active_channels: int, num_candidates: in
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_device_argument(p)
+    p = benchmark_parser(__doc__)
     p.add_argument("--queries", type=int, default=2, help="queries verified in one batched call (default: %(default)s)")
     p.add_argument("--reference-pairs", type=int, default=2, help="pairs timed with the plain matcher (default: %(default)s)")
     p.add_argument("--sizes", default="512,2048", help="features per image (default: %(default)s)")
-    p.add_argument("--out", default=None, help="results JSON (default: none)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -80,8 +77,7 @@ def main(argv=None) -> dict:
         qi = torch.arange(args.queries, device=device).repeat_interleave(100)
         spatial_verify(qs[:1], cs[:3], qi[:3] * 0, cfg)  # warm-up
         sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
         start = time.perf_counter()
         res = spatial_verify(qs, cs, qi, cfg)
         sync(device)
@@ -102,7 +98,7 @@ def main(argv=None) -> dict:
             "reference_agrees_on_timed_pairs": agree,
             "inliers_true_matches_mean": float(res.inliers[:100:3].float().mean()),
             "inliers_others_mean": float(res.inliers[:100][torch.arange(100) % 3 != 0].float().mean()),
-            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(device),
         }
         result["tables"][str(n)] = entry
         print(f"{n} features ({entry['correspondences_per_scale_pair']} correspondences per scale pair): batched "
