@@ -5,12 +5,15 @@ as ``roxford5k-mini``. Queries are cropped to their ``bbx`` as in the protocol.
 """
 from __future__ import annotations
 
+import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gpu_dsm.images import ImageSpec
+from gpu_dsm.io import load_plain_pickle
 
 #: environment variable naming a data root that holds ``roxford5k-mini/``
 DATA_ROOT_ENV = "GPU_DSM_DATA"
@@ -20,8 +23,9 @@ DATA_ROOT_ENV = "GPU_DSM_DATA"
 class RevisitopDataset:
     """Ground truth and image paths of one revisitop-format dataset.
 
-    ``gnd[q]`` has ``bbx`` (query box ``[x0, y0, x1, y1]``), ``easy``, ``hard``, ``junk``
-    (indices into ``imlist``).
+    ``gnd[q]`` has ``easy``, ``hard``, ``junk`` (indices into ``imlist``) and optionally ``bbx``
+    (query box ``[x0, y0, x1, y1]``; without it the whole query image is used). :meth:`load`
+    validates all of them (see :func:`validate_ground_truth`).
     """
 
     root: Path
@@ -41,13 +45,11 @@ class RevisitopDataset:
             known = sorted(p.name for p in data_root.iterdir() if (p / f"gnd_{p.name}.pkl").is_file())
             raise FileNotFoundError(f"ground truth file not found: {gnd_path} (datasets under {data_root}: {known or 'none'})")
         try:
-            with open(gnd_path, "rb") as f:
-                cfg = pickle.load(f)
+            cfg = load_plain_pickle(gnd_path)
             imlist, qimlist, gnd = list(cfg["imlist"]), list(cfg["qimlist"]), list(cfg["gnd"])
         except Exception as exc:
             raise ValueError(f"cannot read revisitop ground truth {gnd_path}: {exc}") from exc
-        if len(gnd) != len(qimlist):
-            raise ValueError(f"{gnd_path}: {len(qimlist)} queries but {len(gnd)} ground-truth entries")
+        validate_ground_truth(gnd, imlist, qimlist, gnd_path)
         dataset = cls(root=folder, name=name, imlist=imlist, qimlist=qimlist, gnd=gnd)
         missing = [p for p in dataset.database_paths + dataset.query_paths if not p.is_file()]
         if missing:
@@ -70,7 +72,50 @@ class RevisitopDataset:
 
     def query_specs(self) -> list[ImageSpec]:
         """Queries with their boxes (the protocol crops queries before extraction)."""
-        return [ImageSpec(str(p), tuple(float(v) for v in g["bbx"])) for p, g in zip(self.query_paths, self.gnd)]
+        return [ImageSpec(str(p), tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None)
+                for p, g in zip(self.query_paths, self.gnd)]
+
+
+GROUND_TRUTH_KEYS = ("easy", "hard", "junk")
+
+
+def validate_ground_truth(gnd: list, imlist: list[str], qimlist: list[str], path: str | Path = "ground truth") -> None:
+    """Raise ``ValueError`` naming the query unless every entry of ``gnd`` has ``easy``, ``hard``
+    and ``junk`` lists of integer indices in ``0..len(imlist) - 1`` and, if present, a box of
+    four finite numbers with ``x0 < x1``, ``y0 < y1``."""
+    n = len(imlist)
+    if len(gnd) != len(qimlist):
+        raise ValueError(f"{path}: {len(qimlist)} queries but {len(gnd)} ground-truth entries")
+    for q, entry in enumerate(gnd):
+        who = f"{path}: query {q} ({qimlist[q]})"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{who}: ground-truth entry is a {type(entry).__name__}, expected a dict")
+        missing = [k for k in GROUND_TRUTH_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"{who}: ground truth has no {', '.join(repr(k) for k in missing)} list")
+        for key in GROUND_TRUTH_KEYS:
+            values = np.asarray(entry[key]).reshape(-1)
+            if values.size and values.dtype.kind not in "iu":
+                if values.dtype.kind != "f" or not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+                    raise ValueError(f"{who}: {key!r} must hold integer image indices, got {values[:5].tolist()}")
+            bad = values[(values < 0) | (values >= n)]
+            if bad.size:
+                raise ValueError(f"{who}: {key!r} holds indices outside 0..{n - 1} (the database has {n} images): "
+                                 f"{bad[:5].tolist()}")
+        box = entry.get("bbx")
+        if box is not None:
+            coords = np.asarray(box, dtype=np.float64).reshape(-1) if _numeric(box) else None
+            if coords is None or coords.size != 4 or not all(math.isfinite(v) for v in coords) \
+                    or coords[2] <= coords[0] or coords[3] <= coords[1]:
+                raise ValueError(f"{who}: 'bbx' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}")
+
+
+def _numeric(value) -> bool:
+    try:
+        np.asarray(value, dtype=np.float64)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def default_data_root() -> Path | None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,12 +19,12 @@ from typing import Any, Sequence
 
 import torch
 
-from gpu_dsm.backbones import Backbone, build_backbone
+from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
-from gpu_dsm.images import ImageSpec
-from gpu_dsm.io import write_json
+from gpu_dsm.images import ImageSpec, target_size
+from gpu_dsm.io import FileLock, check_output_dir, check_output_file, file_digest, stat_digest, write_json
 from gpu_dsm.diffusion import DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_scores
@@ -53,6 +55,21 @@ class RunConfig:
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
+    trust_weights_file: bool = False  # unpickle the weights file in full (it could run code); default: tensors only
+    _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
+        caches are keyed on it, so a weights file overwritten in place is never mistaken for the old one."""
+        if self._weights_sha256 is None:
+            if str(self.weights) == "none":
+                self._weights_sha256 = "none"
+            else:
+                path = bundled_weights_path(self.backbone) if str(self.weights) == "default" else Path(self.weights)
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"weights file not found: {path}")
+                self._weights_sha256 = file_digest(path)
+        return self._weights_sha256
 
     def options(self) -> dict[str, Any]:
         extract = dataclasses.asdict(self.extract)
@@ -61,6 +78,7 @@ class RunConfig:
         return {
             "backbone": self.backbone,
             "weights": self.weights,
+            "weights_sha256": self.weights_sha256(),
             "upsample": self.upsample,
             "extract": extract,
             "global": dataclasses.asdict(self.global_),
@@ -96,15 +114,29 @@ def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: 
     return graph
 
 
-def _store_key(cfg: RunConfig, split: str) -> str:
-    keyed = {k: v for k, v in cfg.options().items() if k not in ("whitening", "device", "rerank", "diffusion")}
-    keyed.update(dataset=cfg.dataset, split=split, root=str(Path(cfg.data_root).resolve()))
-    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.dataset}-{split}-{cfg.backbone}-{digest}"
+def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec]) -> tuple[str, str]:
+    """``(global part, full name)`` of a split's store in the cache.
+
+    The global part keys everything the global descriptors depend on: extraction options, the
+    weights file's content, and the images (names, sizes and modification times of the files,
+    query boxes), so a changed file gives a new store. The full name adds the detector options
+    (``-global`` for global descriptors only).
+    """
+    keyed = {k: v for k, v in cfg.options().items() if k not in ("whitening", "device", "rerank", "diffusion", "detector")}
+    paths = [str(Path(spec.source).resolve()) for spec in specs]
+    keyed.update(dataset=cfg.dataset, split=split, root=str(Path(cfg.data_root).resolve()),
+                 images=stat_digest(paths), boxes=[spec.box for spec in specs])
+    global_part = f"{cfg.dataset}-{split}-{cfg.backbone}-{_digest(keyed)}"
+    detector = cfg.options()["detector"]
+    return global_part, f"{global_part}-{_digest(detector) if detector is not None else 'global'}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def make_backbone(cfg: RunConfig) -> Backbone:
-    backbone = build_backbone(cfg.backbone, cfg.weights, upsample=cfg.upsample)
+    backbone = build_backbone(cfg.backbone, cfg.weights, upsample=cfg.upsample, trust_weights_file=cfg.trust_weights_file)
     return backbone.to(device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype))
 
 
@@ -130,32 +162,129 @@ def write_store(
     return FeatureStore(path)
 
 
+def _open_cached(path: Path, log) -> FeatureStore | None:
+    """The store at ``path`` if it is a readable store; a corrupt one is reported and ``None``
+    returned (the caller rebuilds it)."""
+    if not (path / "meta.json").is_file():
+        return None
+    try:
+        return FeatureStore(path)
+    except ValueError as exc:
+        log(f"cache: {exc}; rebuilding it")
+        return None
+
+
+def _cached_store(base: Path, global_part: str, name: str, local: bool, log) -> FeatureStore | None:
+    """A usable cached store: the exact one, or for a global-only run any store with the same
+    global part (a local-feature store holds the same global descriptors)."""
+    store = _open_cached(base / name, log)
+    if store is not None or local:
+        return store
+    for candidate in sorted(base.glob(f"{global_part}-*")):
+        store = _open_cached(candidate, log) if candidate.is_dir() else None
+        if store is not None:
+            return store
+    return None
+
+
 def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print):
-    """Stores of the database and of the (cropped) queries under ``base``, reused when present."""
+    """Stores of the database and of the (cropped) queries under ``base``, reused when present.
+
+    A lock file per store makes a second run on the same cache wait for the first and reuse
+    what it wrote instead of extracting the same store again.
+    """
     backbone = None
     stores = {}
+    base = Path(base)
     for split, specs, names in (
         ("database", dataset.database_specs(), dataset.imlist),
         ("queries", dataset.query_specs(), dataset.qimlist),
     ):
-        path = Path(base) / _store_key(cfg, split)
-        if (path / "meta.json").is_file():
-            stores[split] = FeatureStore(path)
-            log(f"{split}: reusing {path}")
-            continue
-        if backbone is None:
-            backbone = make_backbone(cfg)
-        start = time.perf_counter()
-        stores[split] = write_store(backbone, specs, names, path, cfg, desc=f"{dataset.name} {split}",
-                                    is_query=split == "queries")
+        global_part, name = _store_name(cfg, split, specs)
+        path = base / name
+        lock = FileLock(base / f".{global_part}.lock",
+                        on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
+        with lock:
+            store = _cached_store(base, global_part, name, cfg.detector is not None, log)
+            if store is not None:
+                stores[split] = store
+                log(f"{split}: reusing {store.path}")
+                continue
+            if backbone is None:
+                backbone = make_backbone(cfg)
+            start = time.perf_counter()
+            stores[split] = write_store(backbone, specs, names, path, cfg, desc=f"{dataset.name} {split}",
+                                        is_query=split == "queries")
         seconds = time.perf_counter() - start
         log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
     return stores["database"], stores["queries"]
 
 
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)``, refusing a device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def check_queries(cfg: RunConfig, dataset: RevisitopDataset) -> None:
+    """Every query box overlaps its image and every cropped query, resized as extraction will,
+    is large enough for the network at the smallest scale (file headers only, no decoding)."""
+    stride = backbone_stride(cfg.backbone, cfg.upsample)
+    smallest = min(cfg.extract.scales)
+    for q, spec in enumerate(dataset.query_specs()):
+        who = f"query {q} ({dataset.qimlist[q]})"
+        try:
+            width, height = target_size(spec, cfg.extract.image_size, cfg.extract.upscale)
+        except ValueError as exc:
+            raise ValueError(f"{who}: {exc}") from None
+        side = math.floor(min(width, height) * smallest)
+        if side < stride:
+            raise ValueError(
+                f"{who}: its crop is {width}x{height} px after resizing, {side} px at scale {smallest:.3f}, smaller than "
+                f"{cfg.backbone} needs ({stride} px per side); use a larger --image-size, drop small --scales, or "
+                "leave --no-upscale off"
+            )
+
+
+def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | Path | None] = (),
+              dirs: dict[str, str | Path | None] = ()) -> None:
+    """Everything that can be checked before extracting anything, each failure one ``ValueError``
+    (or ``FileNotFoundError``) naming the problem: output paths (``{what: path}``), the device,
+    optional backends, the weights and whitening files, the queries' boxes and sizes."""
+    for what, path in dict(files).items():
+        if path is not None:
+            check_output_file(path, what)
+    for what, path in dict(dirs).items():
+        if path is not None:
+            check_output_dir(path, what)
+    check_device(cfg.device)
+    if cfg.diffusion is not None and cfg.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise ImportError("--graph-backend faiss needs the faiss-cpu package: pip install -e \".[faiss]\"")
+    if cfg.whitening:
+        Whitening.load(cfg.whitening)
+    cfg.weights_sha256()
+    check_queries(cfg, dataset)
+
+
 def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
-    """Run the evaluation of ``cfg`` and return (and write to ``out``) the results dict."""
+    """Run the evaluation of ``cfg`` and return (and write to ``out``) the results dict.
+
+    Everything that can fail without extracting (paths, device, backends, queries) is checked
+    first (:func:`preflight`).
+    """
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
+    preflight(cfg, dataset, files={"--out": out, "--plot-inliers": plot_inliers}, dirs={"--cache-dir": cfg.cache_dir})
     if cfg.cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="gpu_dsm-") as tmp:
             return _evaluate(cfg, dataset, Path(tmp), out, log, plot_inliers)
@@ -286,6 +415,7 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     if not 0 <= query < len(dataset.qimlist):
         raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
+    preflight(cfg, dataset, files={"--out": out}, dirs={"--cache-dir": cfg.cache_dir})
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
     sims = q_store.global_descriptors([query]) @ db_store.global_descriptors().T
     order = torch.argsort(sims[0], descending=True, stable=True)

@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +56,9 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
     g.add_argument("--weights", default="default",
                    help="'default' (bundled ImageNet weights, EfficientNet-Lite only), 'none' (random), or the path of a "
                         "torchvision state dict or a cnnimageretrieval-pytorch checkpoint (default: %(default)s)")
+    g.add_argument("--trust-weights-file", action="store_true",
+                   help="unpickle --weights in full; needed only for files holding more than tensors and plain data, and "
+                        "a crafted file can then run code (default: off: tensors, plain data and numpy arrays only)")
     g.add_argument("--upsample", action="store_true",
                    help="activation upsampling '↑' (paper 4.1): stride 32 -> 16 for ResNet/EfficientNet (default: off)")
     g.add_argument("--image-size", type=int, default=image_size,
@@ -206,6 +210,7 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
         rerank=_rerank_config(args),
         diffusion=_diffusion_config(args)[0], graph=_diffusion_config(args)[1],
         whitening=getattr(args, "whitening", None), cache_dir=cache_dir, device=args.device, dtype=args.dtype,
+        trust_weights_file=args.trust_weights_file,
     )
 
 
@@ -229,10 +234,11 @@ def cmd_show_match(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.datasets import RevisitopDataset
-    from gpu_dsm.eval.run import dataset_stores
+    from gpu_dsm.eval.run import dataset_stores, preflight
 
     cfg = _run_config(args, args.data_root, args.dataset, args.out, local=args.local)
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
+    preflight(cfg, dataset, dirs={"--out": args.out})
     db, queries = dataset_stores(cfg, dataset, Path(args.out))
     for store in (db, queries):
         line = f"{store.path}: {store.num_images} images, {store.bytes_per_image() / 1024:.1f} KiB per image"
@@ -325,12 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Errors a user can fix (bad paths, options, files, data) print one line
+    and exit 2; Ctrl-C prints one line and exits 130 (stores written so far are complete and kept:
+    every store is published atomically); warnings print one line each."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"gpu-dsm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    prog = f"gpu-dsm {args.command}"
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; completed stores kept", file=sys.stderr)
+            return 130
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"{prog}: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 local features), read off the same multi-scale activations in one pass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -24,6 +25,8 @@ class GlobalConfig:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; known: {POOLINGS}")
+        if self.p is not None and not (math.isfinite(self.p) and self.p > 0):
+            raise ValueError(f"GeM p must be > 0, got {self.p}")
 
     def resolved_p(self, backbone: Backbone) -> float:
         if self.p is not None:

@@ -17,6 +17,8 @@ notes section 2):
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +27,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.stable_regions import MSERRegions, mser
+from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
 
 LEVEL_MODES = ("auto", "round", "range", "channel_max")
 STRENGTHS = ("max", "mean", "gem")
@@ -39,6 +41,10 @@ class DetectorConfig:
     # "range" = x * 255 / activation bound (ReLU6 networks: x <= 6); "channel_max" = per channel
     # max -> 255; "auto" = "range" for bounded activations, else "round".
     levels: str = "auto"
+    # largest possible activation (6 for ReLU6 networks such as EfficientNet-Lite), used by
+    # levels="range"/"auto"; None: the one passed to detect() (DSMDetector.from_backbone and the
+    # pipeline pass Backbone.activation_bound), else unbounded
+    activation_bound: float | None = None
     delta: int | None = None  # fixed MSER delta; None = per image and scale from the histogram (paper 4.1)
     delta_quantile: float = 0.6  # paper 4.1: "60% of the cumulative histogram"
     delta_max: int = 12  # reference code caps delta at 12
@@ -64,6 +70,20 @@ class DetectorConfig:
             raise ValueError(f"levels must be one of {LEVEL_MODES}, got {self.levels!r}")
         if self.strength not in STRENGTHS:
             raise ValueError(f"strength must be one of {STRENGTHS}, got {self.strength!r}")
+        if self.polarity not in POLARITIES:
+            raise ValueError(f"polarity must be one of {POLARITIES}, got {self.polarity!r}")
+        if self.activation_bound is not None and not (math.isfinite(self.activation_bound) and self.activation_bound > 0):
+            raise ValueError(f"activation_bound must be > 0, got {self.activation_bound}")
+        if self.delta is not None and not 1 <= self.delta <= 255:
+            raise ValueError(f"delta must be in 1..255, got {self.delta}")
+        if not 0 < self.delta_quantile < 1 or self.delta_max < 1:
+            raise ValueError("delta_quantile must lie in (0, 1) and delta_max be >= 1")
+        if not (0 <= self.min_area <= self.max_area <= 1) or self.max_variation < 0 or not 0 <= self.min_diversity <= 1:
+            raise ValueError("need 0 <= min_area <= max_area <= 1, max_variation >= 0, 0 <= min_diversity <= 1")
+        if self.level_step < 1 or self.max_regions_per_channel < 1 or self.max_features < 1 or self.max_voxels < 1:
+            raise ValueError("level_step, max_regions_per_channel, max_features and max_voxels must be >= 1")
+        if self.per_channel_query < 1 or self.per_channel_database < 1 or not 0 < self.nms_iou <= 1:
+            raise ValueError("per_channel_query/per_channel_database must be >= 1 and nms_iou in (0, 1]")
 
 
 def activations_to_levels(acts: torch.Tensor, mode: str = "round", bound: float | None = None) -> torch.Tensor:
@@ -134,10 +154,25 @@ def _top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch
     return keep
 
 
+#: fewest grey levels a rounded map should span; fewer means the activations are too small for
+#: "round" (e.g. ReLU6 maps, 0..6) and MSER sees a handful of levels: most regions are lost
+_FEW_LEVELS = 16
+
+
 def _scale_levels(acts: torch.Tensor, cfg: DetectorConfig, bound: float | None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One image at one scale: ``acts`` ``(K, H, W)`` -> levels, delta and the strength source."""
     mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
     levels = activations_to_levels(acts, mode, bound)
+    if mode == "round" and levels.numel():
+        top = int(levels.max())
+        if 0 < top < _FEW_LEVELS:
+            warnings.warn(
+                f"detect: activations reach only {float(acts.max()):.3g}, so rounding them gives {top + 1} grey levels and "
+                "MSER finds few regions. For a bounded network (ReLU6: EfficientNet-Lite) pass its bound: "
+                "DetectorConfig(activation_bound=backbone.activation_bound) or DSMDetector.from_backbone(backbone); "
+                "otherwise levels='channel_max'",
+                stacklevel=4,
+            )
     delta = cfg.delta if cfg.delta is not None else auto_delta(levels, cfg.delta_quantile, cfg.delta_max)
     values = acts.float().pow(cfg.strength_p) if cfg.strength == "gem" else acts.float()
     return levels, delta, values
@@ -224,11 +259,17 @@ def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: Detecto
                    bound: float | None) -> list[dict]:
     """Features of a batch of images, one unpadded dict per image (``xy``, ``frame``, ``strength``,
     ``channel``, ``scale``), from per-image activations ``[(K, h_s, w_s)] * S``. All maps of one
-    size (every image and channel) share one MSER call."""
+    size (every image and channel) share one MSER call. ``bound``: as ``activation_bound`` of
+    :func:`detect` (``None``: ``cfg.activation_bound``)."""
+    bound = bound if bound is not None else cfg.activation_bound
     for maps in maps_per_image:
         for acts in maps:
+            if not isinstance(acts, torch.Tensor):
+                raise TypeError(f"detect: activations must be torch tensors (K, H, W), got {type(acts).__name__}")
             if acts.ndim != 3:
                 raise ValueError(f"detect: expected (K, H, W) activations per scale, got {tuple(acts.shape)}")
+            if not acts.is_floating_point() and acts.dtype != torch.uint8:
+                raise TypeError(f"detect: activations must be floating point, got {acts.dtype}")
     regions = _regions_of_all([acts for maps in maps_per_image for acts in maps], cfg, bound)
     out, start = [], 0
     for maps in maps_per_image:
@@ -251,7 +292,9 @@ def detect(
         cfg: detector parameters (paper defaults).
         is_query: queries keep 20 per channel and skip NMS; database images 10 and NMS.
         scales: the scale factors (recorded in the table).
-        activation_bound: upper bound of the activations (6 for ReLU6), used by ``levels="range"``.
+        activation_bound: upper bound of the activations (6 for ReLU6: ``backbone.activation_bound``),
+            used by ``levels="range"`` / ``"auto"``; default ``cfg.activation_bound``. Without a bound,
+            ``"auto"`` rounds the raw activations (VGG/ResNet) and warns if that leaves few levels.
     Returns:
         :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device.
     """
@@ -273,6 +316,11 @@ class DSMDetector(nn.Module):
         super().__init__()
         self.config = config or DetectorConfig()
         self.activation_bound = activation_bound
+
+    @classmethod
+    def from_backbone(cls, backbone, config: DetectorConfig | None = None) -> "DSMDetector":
+        """The detector for ``backbone``'s activations (its activation bound: 6 for ReLU6 networks)."""
+        return cls(config, backbone.activation_bound)
 
     def forward(self, maps_per_image, is_query: bool = False, scales: Sequence[float] = ()) -> LocalFeatures:
         return detect(maps_per_image, self.config, is_query, scales, self.activation_bound)

@@ -18,10 +18,13 @@ exactly zero), with the products and column reductions of ``gpu_dsm.kernels``.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from gpu_dsm.checks import as_tensor, check_shape
 from gpu_dsm.graph import KnnGraph
 from gpu_dsm.kernels.dots import column_dots
 from gpu_dsm.kernels.sparse import SparseOperator
@@ -43,6 +46,24 @@ class DiffusionConfig:
     dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4)
     dtype: torch.dtype = torch.float32  # fp32 suffices: condition number <= 1 / (1 - alpha)
 
+    def __post_init__(self):
+        # I - alpha S is positive definite (CG converges) only for 0 < alpha < 1: |eig(S)| <= 1
+        if not (math.isfinite(self.alpha) and 0 < self.alpha < 1):
+            raise ValueError(f"diffusion alpha must lie in (0, 1), got {self.alpha}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"diffusion tol must be > 0, got {self.tol}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"diffusion gamma must be > 0, got {self.gamma}")
+        for name in ("max_iter", "query_k", "dsm_candidates", "dsm_keep"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"diffusion {name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"diffusion dtype must be torch.float32 or torch.float64, got {self.dtype}")
+
+
+class ConvergenceWarning(UserWarning):
+    """Conjugate gradient stopped at its iteration limit above its tolerance."""
+
 
 @dataclass
 class CGInfo:
@@ -62,7 +83,10 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     every iterate is exactly zero, so the result is the same, for less work on fragmented
     graphs (mutual kNN graphs often are).
     """
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
     n = affinity.shape[0]
+    rhs = as_tensor(rhs, "rhs", kind="float")
     if rhs.ndim != 2 or rhs.shape[0] != n:
         raise ValueError(f"rhs must be ({n}, Q), got {tuple(rhs.shape)}")
     # max and min propagate NaN: two reductions instead of a (N, Q) bool mask (20x faster on the CPU)
@@ -117,6 +141,7 @@ def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol
 def plain_seeds(similarities: torch.Tensor, ranks: torch.Tensor, num_nodes: int, query_k: int = 10,
                 gamma: float = 3.0) -> torch.Tensor:
     """``(N, Q)`` seeds from each query's ``query_k`` best initial similarities ``(Q, >= query_k)``."""
+    similarities, ranks = _seed_inputs(similarities, ranks, num_nodes, "ranks")
     k = min(query_k, ranks.shape[1])
     y = torch.zeros(num_nodes, ranks.shape[0], dtype=torch.float32, device=ranks.device)
     weights = similarities[:, :k].float().clamp(min=0).pow(gamma)
@@ -131,6 +156,9 @@ def dsm_seeds(similarities: torch.Tensor, indices: torch.Tensor, inliers: torch.
     Args (rows in re-ranked order): ``similarities``, ``indices`` and ``inliers`` ``(Q, K)``: the
     global similarity, database index and inlier count of each re-ranked candidate.
     """
+    similarities, indices = _seed_inputs(similarities, indices, num_nodes, "indices")
+    inliers = as_tensor(inliers, "inliers", kind="number", device=indices.device)
+    check_shape(inliers, tuple(indices.shape), "inliers (like indices)")
     c = min(candidates, indices.shape[1])
     inl = inliers[:, :c].float()
     sim = similarities[:, :c].float().clamp(min=0)
@@ -145,6 +173,19 @@ def dsm_seeds(similarities: torch.Tensor, indices: torch.Tensor, inliers: torch.
     return y
 
 
+def _seed_inputs(similarities, indices, num_nodes: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``similarities`` and database ``indices``: both ``(Q, K)``, finite, in ``0..num_nodes-1``."""
+    indices = as_tensor(indices, name, ndim=2, kind="int")
+    similarities = as_tensor(similarities, "similarities", kind="number", device=indices.device, finite=True)
+    check_shape(similarities, (indices.shape[0], None), "similarities")
+    if similarities.shape[1] < indices.shape[1]:
+        raise ValueError(f"similarities {tuple(similarities.shape)} must have at least as many columns as {name} "
+                         f"{tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_nodes):
+        raise ValueError(f"{name} must be database indices in 0..{num_nodes - 1}")
+    return similarities, indices
+
+
 def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torch.Tensor:
     """Full ranking ``(Q, N)`` by diffusion scores ``(N, Q)``, ties (unreached images) in initial order."""
     # scores in initial order, then a stable sort: equal scores keep the initial order
@@ -156,12 +197,28 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
 def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor,
             config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a :class:`KnnGraph` (its
-    product operator is built once and kept), a :class:`SparseOperator`, or a sparse affinity."""
+    product operator is built once and kept), a :class:`SparseOperator`, or a sparse affinity.
+
+    Warns (:class:`ConvergenceWarning`) when CG stops at ``max_iter`` with a column's relative
+    residual above ``tol`` (the reference code's 20 iterations often do at alpha = 0.99): the
+    result is then the truncated solve, and the warning says by how much.
+    """
     cfg = config or DiffusionConfig()
+    seeds = as_tensor(seeds, "seeds", kind="float")
     if isinstance(graph, KnnGraph):
         op = graph.operator(cfg.dtype)
     elif isinstance(graph, SparseOperator):
         op = graph
     else:
         op = SparseOperator(graph, cfg.dtype)
-    return conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha, cfg.tol, cfg.max_iter)
+    f, info = conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha, cfg.tol, cfg.max_iter)
+    residual = info.relative_residual
+    unconverged = int((residual > cfg.tol).sum()) if residual.numel() else 0
+    if unconverged:
+        warnings.warn(
+            f"diffusion: conjugate gradient stopped after {info.iterations} iterations with {unconverged} of "
+            f"{residual.numel()} queries above tol {cfg.tol:g} (largest relative residual {float(residual.max()):.2e}); "
+            "raise max_iter (--cg-iterations) for the exact solution",
+            ConvergenceWarning, stacklevel=2,
+        )
+    return f, info

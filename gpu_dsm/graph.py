@@ -11,13 +11,14 @@ large for that, behind the same interface.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import warnings
-
 import torch
 
+from gpu_dsm.checks import as_tensor
 from gpu_dsm.io import torch_load_checked, torch_save
 from gpu_dsm.kernels.sparse import SparseOperator, csr_tensor
 
@@ -40,6 +41,10 @@ class GraphConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"graph gamma must be > 0, got {self.gamma}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -133,6 +138,7 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
     ``k`` larger than ``N - 1`` is clamped to ``N - 1`` (every other node is a neighbour).
     """
     cfg = config or GraphConfig()
+    descriptors = as_tensor(descriptors, "descriptors", kind="float")
     if descriptors.ndim != 2 or descriptors.shape[0] == 0:
         raise ValueError(f"build_knn_graph: expected (N > 0, D) descriptors, got {tuple(descriptors.shape)}")
     if not torch.isfinite(descriptors).all():

@@ -20,10 +20,12 @@ loop over candidates or hypotheses.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import torch
 
+from gpu_dsm.checks import as_tensor
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.kernels.scoring import ERRORS, count_unique, hypotheses_from_frames, inlier_mask, log_scale, scale_gate
 
@@ -48,8 +50,11 @@ class MatchConfig:
     def __post_init__(self):
         if self.error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {self.error!r}")
-        if self.threshold <= 0 or self.max_scale_change < 1:
-            raise ValueError("threshold must be > 0 and max_scale_change >= 1")
+        if not (math.isfinite(self.threshold) and self.threshold > 0) or not self.max_scale_change >= 1:
+            raise ValueError(f"threshold must be > 0 and max_scale_change >= 1, got {self.threshold} and "
+                             f"{self.max_scale_change}")
+        if not self.lo_factor >= 1 or self.lo_hypotheses < 0 or self.lo_rounds < 0 or self.max_elements < 1:
+            raise ValueError("lo_factor must be >= 1, lo_hypotheses and lo_rounds >= 0, max_elements >= 1")
 
 
 @dataclass
@@ -234,7 +239,12 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         :class:`MatchResult` over the ``P`` pairs, on the features' device.
     """
     cfg = config or MatchConfig()
+    for name, features in (("query", query), ("candidates", candidates)):
+        if not isinstance(features, LocalFeatures):
+            raise TypeError(f"spatial_verify: {name} must be LocalFeatures, got {type(features).__name__}")
     device = candidates.device
+    if query_index is not None:
+        query_index = as_tensor(query_index, "query_index", kind="int")
     if query_index is None:
         query_index = torch.zeros(candidates.num_images, dtype=torch.long, device=device)
     query_index = query_index.to(device=device, dtype=torch.long)

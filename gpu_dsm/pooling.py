@@ -42,7 +42,10 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
 
 
 def pool(x: torch.Tensor, method: str, p: float = 3.0) -> torch.Tensor:
-    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name."""
+    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name; ``x``: ``(B, K, H, W)``, H, W >= 1."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[-1] * x.shape[-2] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"pool: expected activations (B, K, H, W) with H, W >= 1, got {shape}")
     if method == "gem":
         return gem(x, p)
     if method == "mac":

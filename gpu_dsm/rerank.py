@@ -11,11 +11,13 @@ re-ranked top-k. Scores:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from gpu_dsm.checks import as_tensor, check_shape
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
 
@@ -41,6 +43,8 @@ class RerankConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+        if not (math.isfinite(self.fuse_weight) and self.fuse_weight >= 0):
+            raise ValueError(f"fuse_weight must be a finite number >= 0, got {self.fuse_weight}")
 
 
 @dataclass
@@ -64,7 +68,10 @@ class RerankResult:
 
 
 def rerank_scores(inliers: torch.Tensor, similarities: torch.Tensor, score: str = "fused", weight: float = 1.0) -> torch.Tensor:
-    """Scores ``(Q, K)`` from inlier counts and initial similarities ``(Q, K)``."""
+    """Scores ``(Q, K)`` from inlier counts and initial similarities ``(Q, K)`` (finite)."""
+    inliers = as_tensor(inliers, "inliers", ndim=2, kind="number")
+    similarities = as_tensor(similarities, "similarities", ndim=2, kind="number", finite=True)
+    check_shape(similarities, tuple(inliers.shape), "similarities")
     inl = inliers.to(torch.float64)
     if score == "inliers":
         return inl
@@ -97,9 +104,14 @@ class DSMReranker(nn.Module):
     def forward(self, query_features: LocalFeatures, candidate_features: LocalFeatures, similarities: torch.Tensor,
                 indices: torch.Tensor | None = None) -> RerankResult:
         cfg = self.config
-        if similarities.ndim != 2:
-            raise ValueError(f"similarities must be (Q, K), got {tuple(similarities.shape)}")
+        for name, features in (("query_features", query_features), ("candidate_features", candidate_features)):
+            if not isinstance(features, LocalFeatures):
+                raise TypeError(f"{name} must be LocalFeatures, got {type(features).__name__}")
+        similarities = as_tensor(similarities, "similarities", ndim=2, kind="number", finite=True)
         q, k = similarities.shape
+        if indices is not None:
+            indices = as_tensor(indices, "indices", kind="int")
+            check_shape(indices, (q, k), "indices (like similarities)")
         if q != query_features.num_images or candidate_features.num_images != q * k:
             raise ValueError(
                 f"{query_features.num_images} queries and {candidate_features.num_images} candidates do not fit "

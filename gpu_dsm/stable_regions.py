@@ -34,6 +34,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from gpu_dsm.checks import as_tensor
+
 from gpu_dsm.kernels.labelling import label_planes
 
 POLARITIES = ("bright", "dark", "both")
@@ -393,6 +395,9 @@ def mser(
         :class:`MSERRegions` on ``levels``' device. Maps smaller than 3x3 and empty inputs give
         no regions; so do constant maps.
     """
+    levels = as_tensor(levels, "mser: levels")
+    if values is not None:
+        values = as_tensor(values, "mser: values", kind="number", device=levels.device)
     if levels.ndim < 2:
         raise ValueError(f"mser: levels must be (..., H, W), got shape {tuple(levels.shape)}")
     if levels.dtype.is_floating_point or levels.dtype == torch.bool or levels.is_complex():

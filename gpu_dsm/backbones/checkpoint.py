@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpu_dsm.io import torch_load_weights
 from gpu_dsm.whitening import Whitening
 
 
@@ -29,15 +30,13 @@ class RetrievalHead:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_weights_file(path: str | Path) -> dict[str, Any]:
-    """Load a weights file on the CPU with a clear error when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+def read_weights_file(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """Load a weights file on the CPU with a clear error when it is missing or unreadable.
+
+    The file is read without executing code (``weights_only``; see
+    :func:`gpu_dsm.io.torch_load_weights`) unless ``trust``.
+    """
+    obj = torch_load_weights(path, "weights file", trust=trust)
     if not isinstance(obj, dict):
         raise ValueError(f"weights file {path} holds a {type(obj).__name__}, expected a state dict or a checkpoint dict")
     return obj
