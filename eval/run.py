@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
+from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
 from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
@@ -51,12 +52,45 @@ class RunConfig:
     rerank: RerankConfig | None = None  # spatial re-ranking of the top-k ("global+dsm"); None: off
     diffusion: DiffusionConfig | None = None  # diffusion ("global+D", "global+dsm+D"); None: off
     graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
-    whitening: str | None = None  # path of a saved Whitening applied to all global descriptors
+    # learned whitening applied to the global descriptors at search time: None = the checkpoint's
+    # meta['Lw'] if it has one (['ms'] for several scales, ['ss'] for one, as cnnimageretrieval-pytorch),
+    # else none; "checkpoint[:NAME]" = the checkpoint's (required); "none"; or the path of a saved Whitening
+    whitening: str | None = None
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
     trust_weights_file: bool = False  # unpickle the weights file in full (it could run code); default: tensors only
     _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
+    _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
+    _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def checkpoint_head(self) -> RetrievalHead:
+        """What the weights file carries besides convolutions (pooling, p, whitenings), read once
+        without building the network; empty for bundled/random weights and plain state dicts."""
+        if self._head is None:
+            head = RetrievalHead()
+            if str(self.weights) not in ("default", "none"):
+                obj = read_weights_file(self.weights, trust=self.trust_weights_file)
+                if is_retrieval_checkpoint(obj):
+                    _, head = split_retrieval_checkpoint(obj, architecture=self.backbone)
+            self._head = head
+        return self._head
+
+    def resolved_whitening(self) -> tuple[str | None, Whitening | None]:
+        """``(label, whitening)`` applied at search time (see the ``whitening`` field)."""
+        if self._whitening is None:
+            choice = self.whitening
+            if choice is None or str(choice).startswith("checkpoint"):
+                name = str(choice).split(":", 1)[1] if choice and ":" in str(choice) else None
+                learned = self.checkpoint_head().post_whitening(len(self.extract.scales), name)
+                if learned is None and choice is not None:
+                    raise ValueError(f"--whitening {choice}: the weights file has no learned whitening (meta['Lw'])")
+                self._whitening = learned if learned is not None else (None, None)
+            elif choice == "none":
+                self._whitening = (None, None)
+            else:
+                self._whitening = (str(choice), Whitening.load(choice))
+        return self._whitening
 
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
@@ -81,11 +115,11 @@ class RunConfig:
             "weights_sha256": self.weights_sha256(),
             "upsample": self.upsample,
             "extract": extract,
-            "global": dataclasses.asdict(self.global_),
+            "global": {**dataclasses.asdict(self.global_), "resolved": self.global_.resolve(self.checkpoint_head()).options()},
             "detector": dataclasses.asdict(self.detector) if self.detector is not None else None,
             "rerank": dataclasses.asdict(self.rerank) if self.rerank is not None else None,
             "diffusion": _diffusion_options(self.diffusion, self.graph),
-            "whitening": self.whitening,
+            "whitening": self.resolved_whitening()[0],
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -101,7 +135,9 @@ def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) ->
 
 def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
     """The database's kNN graph, cached beside its store (keyed by store, whitening and graph options)."""
-    keyed = json.dumps({"store": db_store.path.name, "whitening": cfg.whitening, "graph": dataclasses.asdict(cfg.graph)},
+    keyed = json.dumps({"store": db_store.path.name, "whitening": cfg.resolved_whitening()[0],
+                        "whitening_sha256": file_digest(cfg.whitening) if cfg.resolved_whitening()[0] == str(cfg.whitening) else None,
+                        "graph": dataclasses.asdict(cfg.graph)},
                        sort_keys=True)
     path = Path(base) / f"{db_store.path.name}-graph-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}.pt"
     if path.is_file():
@@ -149,7 +185,8 @@ def write_store(
     local = None
     if cfg.detector is not None:
         local = {"scales": list(cfg.extract.scales), "num_channels": backbone.out_channels}
-    with StoreWriter(path, names, backbone.out_channels, cfg.options(), local=local) as writer:
+    dim = cfg.global_.resolve(backbone).descriptor_dim(backbone.out_channels)
+    with StoreWriter(path, names, dim, cfg.options(), local=local) as writer:
         def sink(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
             for index, descriptor in zip(indices, descriptors):
                 writer.add_global(index, descriptor)
@@ -271,9 +308,9 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
     check_device(cfg.device)
     if cfg.diffusion is not None and cfg.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ImportError("--graph-backend faiss needs the faiss-cpu package: pip install -e \".[faiss]\"")
-    if cfg.whitening:
-        Whitening.load(cfg.whitening)
     cfg.weights_sha256()
+    cfg.checkpoint_head()
+    cfg.resolved_whitening()
     check_queries(cfg, dataset)
 
 
@@ -342,9 +379,10 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     device = torch.device(cfg.device)
     db = db_store.global_descriptors().to(device)
     queries = q_store.global_descriptors().to(device)
-    if cfg.whitening:
-        whitening = Whitening.load(cfg.whitening)
+    label, whitening = cfg.resolved_whitening()
+    if whitening is not None:
         db, queries = whitening.apply(db), whitening.apply(queries)
+        log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
     similarities, ranks = similarity_topk(queries, db)
     results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
     report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(), "results": results}

@@ -7,12 +7,16 @@ Where things are:
 - ``gpu_dsm.pooling`` / ``gpu_dsm.whitening`` / ``gpu_dsm.describe``: global descriptors.
 - ``gpu_dsm.search``: nearest neighbours by cosine similarity.
 - ``gpu_dsm.mser`` (function; module ``gpu_dsm.stable_regions``) / ``gpu_dsm.detect`` / ``gpu_dsm.features``: the DSM detector and its tables.
+- ``gpu_dsm.match`` / ``gpu_dsm.rerank``: spatial verification and the re-ranker (``DSMReranker``).
+- ``gpu_dsm.graph`` / ``gpu_dsm.diffusion``: the kNN graph and diffusion.
+- ``gpu_dsm.pipeline``: ``DSMRetrieval``, one module from images to re-ranked results.
+- ``gpu_dsm.laf``: features as kornia local affine frames.
 - ``gpu_dsm.store``: the on-disk feature store.
 - ``gpu_dsm.kernels``: low-level tensor kernels (repository folder ``kernels/``).
 - ``gpu_dsm.eval``: datasets, the revisited protocol, the demo, benchmarks (folder ``eval/``).
 """
 from gpu_dsm.backbones import BACKBONES, Backbone, build_backbone, save_retrieval_checkpoint
-from gpu_dsm.detect import DSMDetector, DetectorConfig
+from gpu_dsm.detect import DSMDetector, DetectorConfig, detect
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.stable_regions import MSERRegions, mser
 from gpu_dsm.describe import GlobalConfig, describe_global, describe_images, global_descriptor
@@ -22,5 +26,11 @@ from gpu_dsm.pooling import MAC, SPoC, GeM, gem, mac, spoc
 from gpu_dsm.search import similarity_topk
 from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.whitening import Whitening, fit_pca_whitening, fit_supervised_whitening
+from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
+from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
+from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
+from gpu_dsm.diffusion import DiffusionConfig, diffuse, dsm_seeds, plain_seeds
+from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig, SearchResult
+from gpu_dsm.laf import features_to_laf, laf_to_features
 
 __version__ = "0.1.0"

@@ -71,8 +71,9 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
     g.add_argument("--batch-size", type=int, default=None,
                    help="images of one size per forward pass (default: 1 on the CPU, measured fastest there; 16 on a GPU)")
     g.add_argument("--workers", type=int, default=0, help="image-reading processes (default: %(default)s)")
-    g.add_argument("--pooling", choices=POOLINGS, default="gem",
-                   help="global descriptor pooling (default: %(default)s; paper 4.1 uses GeM for off-the-shelf networks)")
+    g.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="global descriptor pooling (default: the checkpoint's meta['pooling'], else gem; paper 4.1 uses GeM "
+                        "for off-the-shelf networks)")
     g.add_argument("--gem-p", type=float, default=None,
                    help="GeM exponent (default: the checkpoint's learned p, else 3 as Radenović et al.)")
     g.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available, else cpu)")
@@ -305,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rerank_args(p)
     _add_diffusion_args(p)
     p.add_argument("--whitening", default=None,
-                   help="a saved whitening (gpu_dsm.whitening.Whitening.save) applied to global descriptors "
-                        "(default: none; the paper uses supervised whitening learned on SfM-120k)")
+                   help="learned whitening of the global descriptors: a saved gpu_dsm Whitening file, 'checkpoint[:NAME]' "
+                        "for the weights file's meta['Lw'][NAME] (['ms'] with several scales, ['ss'] with one, as "
+                        "cnnimageretrieval-pytorch), or 'none' (default: the checkpoint's learned whitening if it has "
+                        "one, else none; the paper uses supervised whitening learned on SfM-120k)")
     p.add_argument("--cache-dir", default=".gpu_dsm_cache",
                    help="keep feature stores here so a second run does not re-run the network (default: %(default)s)")
     p.add_argument("--out", default=None, help="results JSON file (default: none)")

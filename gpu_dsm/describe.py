@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from gpu_dsm.backbones import Backbone
+from gpu_dsm.backbones.checkpoint import RetrievalHead
 from gpu_dsm.extract import ExtractConfig, iterate_activations
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.pooling import POOLINGS, multiscale_aggregate, multiscale_p, pool
@@ -19,26 +21,66 @@ from gpu_dsm.whitening import Whitening
 class GlobalConfig:
     """How a global descriptor is pooled from the activations."""
 
-    pooling: str = "gem"  # paper 4.1: GeM for off-the-shelf networks ("better than MAC on such networks")
+    # None: the checkpoint's pooling (meta['pooling']), else gem (paper 4.1: GeM for off-the-shelf
+    # networks, "better than MAC on such networks")
+    pooling: str | None = None
     p: float | None = None  # GeM exponent; None: the checkpoint's learned p, else 3 (Radenović et al. 2018)
+    # exponent of the power mean over scales; None: cnnimageretrieval-pytorch's rule (multiscale_p):
+    # GeM's p for gem networks without a whitening layer, else 1
+    multiscale_power: float | None = None
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; known: {POOLINGS}")
-        if self.p is not None and not (math.isfinite(self.p) and self.p > 0):
-            raise ValueError(f"GeM p must be > 0, got {self.p}")
+        for name in ("p", "multiscale_power"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value}")
 
-    def resolved_p(self, backbone: Backbone) -> float:
+    def resolve(self, source: Backbone | RetrievalHead) -> "GlobalRecipe":
+        """The pooling, exponents and in-network whitening for a backbone's weights (or its head)."""
+        head = source.head if isinstance(source, Backbone) else source
+        pooling = self.pooling or head.pooling or "gem"
         if self.p is not None:
-            return float(self.p)
-        return backbone.head.gem_p if backbone.head.gem_p is not None else 3.0
+            p: float | torch.Tensor = float(self.p)
+        elif head.gem_p is not None and pooling in ("gem", "gemmp"):
+            p = head.gem_p
+        else:
+            p = 3.0
+        whitening = head.network_whitening
+        power = self.multiscale_power if self.multiscale_power is not None else multiscale_p(pooling, p, whitening is not None)
+        return GlobalRecipe(pooling, p, power, whitening)
 
 
-def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: float = 3.0) -> torch.Tensor:
-    """Multi-scale global descriptor of one image: ``[(K, h_s, w_s)] * S -> (K,)``, L2-normalised.
+@dataclass
+class GlobalRecipe:
+    """A :class:`GlobalConfig` resolved for one backbone: what :func:`global_descriptor` is called with."""
 
-    Each scale is pooled and L2-normalised, scales are combined by a power mean (GeM: ``p``;
-    MAC/SPoC: average) and the result is L2-normalised (paper 4.1).
+    pooling: str
+    p: float | torch.Tensor
+    multiscale_power: float
+    network_whitening: Whitening | None
+
+    def options(self) -> dict:
+        p = self.p.tolist() if isinstance(self.p, torch.Tensor) else self.p
+        return {"pooling": self.pooling, "p": p, "multiscale_power": self.multiscale_power,
+                "network_whitening": self.network_whitening is not None}
+
+    def descriptor_dim(self, num_channels: int) -> int:
+        return self.network_whitening.output_dim if self.network_whitening is not None else num_channels
+
+    def __call__(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return global_descriptor(maps, self.pooling, self.p, self.multiscale_power, self.network_whitening)
+
+
+def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: float | torch.Tensor = 3.0,
+                      multiscale_power: float | None = None, network_whitening: Whitening | None = None) -> torch.Tensor:
+    """Multi-scale global descriptor of one image: ``[(K, h_s, w_s)] * S -> (D,)``, L2-normalised.
+
+    Each scale is pooled and L2-normalised (and, with ``network_whitening``, whitened and
+    L2-normalised again: a whitening layer inside the network, as in cnnimageretrieval-pytorch);
+    scales are combined by a power mean with ``multiscale_power`` (default :func:`multiscale_p`:
+    GeM's p, or 1) and the result is L2-normalised (paper 4.1; cnnimageretrieval-pytorch ``extract_ms``).
     """
     per_scale = []
     for m in maps:
@@ -46,8 +88,13 @@ def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: flo
             raise ValueError(f"global_descriptor: expected non-empty (K, h, w) maps, got {tuple(m.shape)}")
         if not torch.isfinite(m).all():
             raise ValueError("global_descriptor: activations contain NaN or Inf")
-        per_scale.append(pool(m[None].float(), pooling, p)[0])
-    return multiscale_aggregate(per_scale, multiscale_p(pooling, p))
+        v = F.normalize(pool(m[None].float(), pooling, p), dim=-1)
+        if network_whitening is not None:
+            v = network_whitening.apply(v)
+        per_scale.append(v[0])
+    if multiscale_power is None:
+        multiscale_power = multiscale_p(pooling, p, network_whitening is not None)
+    return multiscale_aggregate(per_scale, multiscale_power)
 
 
 @torch.no_grad()
@@ -63,13 +110,14 @@ def describe_images(
     ``sink(indices [B], global descriptors (B, K), maps per image [[(K, h, w)] * S] * B)``, so the
     sink can process a batch at once (the detector runs one MSER call per map size).
 
-    Global descriptors are the raw (unwhitened) multi-scale ones; whitening is a search-time step.
+    Global descriptors are the network's multi-scale ones (a checkpoint's whitening layer included,
+    as the network applies it); learned whitening (``Lw``, ``--whitening``) is a search-time step.
     """
     config = config or GlobalConfig()
-    p = config.resolved_p(backbone)
+    recipe = config.resolve(backbone)
     for batch in iterate_activations(backbone, images, extract, desc=desc):
         maps_per_image = [batch.of_image(i) for i in range(len(batch.indices))]
-        descriptors = torch.stack([global_descriptor(maps, config.pooling, p) for maps in maps_per_image])
+        descriptors = torch.stack([recipe(maps) for maps in maps_per_image])
         sink(list(batch.indices), descriptors, maps_per_image)
 
 
@@ -83,13 +131,18 @@ def describe_global(
 ) -> torch.Tensor:
     """Global descriptors ``(N, D)`` of ``images``, float32 on the backbone's device.
 
-    ``whitening`` (or, if None, the whitening a retrieval checkpoint carries) is applied last.
+    ``whitening`` (or, if None, the learned whitening a retrieval checkpoint carries, ``Lw[..]['ms']``
+    for several scales and ``['ss']`` for one) is applied last.
     """
-    out = torch.zeros(len(images), backbone.out_channels, device=backbone.device)
+    extract = extract or ExtractConfig()
+    recipe = (config or GlobalConfig()).resolve(backbone)
+    out = torch.zeros(len(images), recipe.descriptor_dim(backbone.out_channels), device=backbone.device)
 
     def keep(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
         out[indices] = descriptors
 
     describe_images(backbone, images, keep, extract, config, desc)
-    whitening = whitening if whitening is not None else backbone.head.whitening
+    if whitening is None:
+        learned = backbone.head.post_whitening(len(extract.scales))
+        whitening = learned[1] if learned is not None else None
     return whitening.apply(out) if whitening is not None else out

@@ -40,7 +40,7 @@ class ExtractConfig:
     # at 4 for EfficientNet-Lite0 at 1024 px), 16 on a GPU
     batch_size: int | None = None
     num_workers: int = 0  # DataLoader processes reading images
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (on a terminal only: never written into a log file)
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)
@@ -134,7 +134,9 @@ def iterate_activations(
     batch_size = cfg.batch_size or (1 if backbone.device.type == "cpu" else 16)
     sampler = _SizeBatchSampler(sizes, batch_size)
     loader = DataLoader(_ImageDataset(specs, cfg), batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate)
-    with tqdm(total=len(specs), desc=desc, unit="img", disable=not cfg.progress, leave=False) as bar:
+    # disable=None: tqdm turns itself off when stderr is not a terminal, so a log file never
+    # fills with carriage-return updates
+    with tqdm(total=len(specs), desc=desc, unit="img", disable=None if cfg.progress else True, leave=False) as bar:
         for indices, loaded in loader:
             batch = torch.stack(loaded)
             acts, image_sizes = [], []

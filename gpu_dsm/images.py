@@ -1,6 +1,12 @@
-"""Reading images for extraction: crop to a box, resize to a maximum side, as uint8 RGB tensors."""
+"""Reading images for extraction: crop to a box, resize to a maximum side, as uint8 RGB tensors.
+
+The standard image protocol of revisitop and cnnimageretrieval-pytorch, exactly: RGB
+conversion, PIL's crop, PIL's ``thumbnail`` (never enlarging; Lanczos), and a query crop scaled
+as its full image is. ``upscale=True`` departs from it on purpose (see :func:`crop_bound`).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -64,45 +70,82 @@ def source_size(spec: ImageSpec) -> tuple[int, int]:
 
 
 def _crop_box(spec: ImageSpec, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box PIL's ``Image.crop`` uses: each coordinate rounded (Python's ``round``). It must
+    overlap the image; parts outside it are black, as PIL (and so cnnimageretrieval-pytorch) pads them."""
     if spec.box is None:
         return 0, 0, width, height
-    x0, y0, x1, y1 = spec.box
-    box = (max(0, int(round(x0))), max(0, int(round(y0))), min(width, int(round(x1))), min(height, int(round(y1))))
-    if box[2] <= box[0] or box[3] <= box[1]:
+    x0, y0, x1, y1 = (int(round(v)) for v in spec.box)
+    if min(x1, width) <= max(x0, 0) or min(y1, height) <= max(y0, 0):
         raise ValueError(f"box {spec.box} of {spec.name} is empty inside its {width}x{height} image")
-    return box
+    return x0, y0, x1, y1
 
 
-def resized_size(width: int, height: int, max_size: int, upscale: bool) -> tuple[int, int]:
-    """Size after scaling the longer side to ``max_size`` (only down unless ``upscale``).
+def _aspect_size(width: int, height: int, bound: int) -> tuple[int, int]:
+    """Largest size within ``bound x bound`` with the aspect of ``width x height``, rounded as PIL's
+    ``Image.thumbnail`` rounds (``preserve_aspect_ratio``: of floor and ceil, the one closer in aspect)."""
+    aspect = width / height
+    if 1 >= aspect:  # bound / bound >= aspect: height is the binding side
+        x = min(math.floor(bound * aspect), math.ceil(bound * aspect), key=lambda n: abs(aspect - n / bound))
+        return max(x, 1), bound
+    y = min(math.floor(bound / aspect), math.ceil(bound / aspect), key=lambda n: 0 if n == 0 else abs(aspect - bound / n))
+    return bound, max(y, 1)
 
-    As PIL's ``thumbnail`` in cnnimageretrieval-pytorch, which never enlarges; the shorter
-    side is rounded to the nearest pixel.
+
+def resized_size(width: int, height: int, max_size: float, upscale: bool) -> tuple[int, int]:
+    """Size after fitting the image into ``max_size x max_size`` (``max_size`` floored, as PIL does).
+
+    Without ``upscale`` this is exactly PIL's ``Image.thumbnail((max_size, max_size))``, which
+    cnnimageretrieval-pytorch and revisitop use: never enlarged. With ``upscale`` an image smaller
+    than the bound is enlarged to it, with the same rounding.
     """
-    factor = max_size / max(width, height)
-    if factor >= 1 and not upscale:
+    bound = math.floor(max_size)
+    if bound < 1:
+        raise ValueError(f"image size bound must be >= 1 pixel, got {max_size}")
+    if bound >= width and bound >= height and (not upscale or bound == max(width, height)):
         return width, height
-    if width >= height:
-        return max_size, max(1, round(height * factor))
-    return max(1, round(width * factor)), max_size
+    return _aspect_size(width, height, bound)
+
+
+def crop_bound(spec: ImageSpec, width: int, height: int, max_size: int, upscale: bool) -> float:
+    """The ``max_size`` a (cropped) image is fitted into, given its source's ``width x height``.
+
+    The standard protocol (revisitop, cnnimageretrieval-pytorch), ``upscale=False``: a query crop
+    keeps the scale its full image gets, ``max_size * crop's longer side / image's longer side``.
+    With ``upscale`` the crop's longer side is brought to ``max_size`` itself.
+    """
+    if spec.box is None or upscale:
+        return float(max_size)
+    x0, y0, x1, y1 = _crop_box(spec, width, height)
+    return max_size * max(x1 - x0, y1 - y0) / max(width, height)
 
 
 def target_size(spec: ImageSpec, max_size: int, upscale: bool) -> tuple[int, int]:
     """``(width, height)`` the image will have after cropping and resizing, without decoding it."""
     width, height = source_size(spec)
     x0, y0, x1, y1 = _crop_box(spec, width, height)
-    return resized_size(x1 - x0, y1 - y0, max_size, upscale)
+    return resized_size(x1 - x0, y1 - y0, crop_bound(spec, width, height, max_size, upscale), upscale)
 
 
 def load_image(spec: ImageSpec, max_size: int = 1024, upscale: bool = False) -> torch.Tensor:
-    """Load, crop to ``spec.box`` and resize (Lanczos, longer side ``max_size``): uint8 ``(3, H, W)``."""
+    """Load, crop to ``spec.box`` and resize: uint8 ``(3, H, W)``.
+
+    Downscaling is PIL's ``thumbnail`` with Lanczos filtering (its default two-step reduction,
+    ``reducing_gap=2``), as cnnimageretrieval-pytorch's ``imresize``; with ``upscale`` a smaller
+    image is enlarged by a Lanczos ``resize``. See :func:`crop_bound` for the size of query crops.
+    """
     image = _open(spec)
-    box = _crop_box(spec, *image.size)
-    if box != (0, 0, *image.size):
+    width, height = image.size
+    box = _crop_box(spec, width, height)
+    if box != (0, 0, width, height):
         image = image.crop(box)
-    size = resized_size(*image.size, max_size, upscale)
-    if size != image.size:
+    bound = crop_bound(spec, width, height, max_size, upscale)
+    size = resized_size(*image.size, bound, upscale)
+    if size[0] < image.size[0] or size[1] < image.size[1]:
+        image.thumbnail((bound, bound), Image.LANCZOS)
+    elif size != image.size:
         image = image.resize(size, Image.LANCZOS)
+    if image.size != size:
+        raise RuntimeError(f"{spec.name}: resized to {image.size}, expected {size}")
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gpu_dsm.backbones import Backbone
-from gpu_dsm.describe import GlobalConfig, describe_images, global_descriptor
+from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.features import LocalFeatures
@@ -60,7 +60,11 @@ class DSMRetrieval(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = config or RetrievalConfig()
-        self.whitening = whitening if whitening is not None else backbone.head.whitening
+        if whitening is None:
+            learned = backbone.head.post_whitening(len(self.config.extract.scales))
+            whitening = learned[1] if learned is not None else None
+        self.whitening = whitening  # learned (search-time) whitening; a checkpoint's whiten layer acts inside the network
+        self.recipe = self.config.global_.resolve(backbone)
         self.reranker = DSMReranker(self.config.rerank)
 
     def _finish(self, descriptors: torch.Tensor, per_image: list[dict], sizes: list[list[list[int]]]) -> DescribedImages:
@@ -75,7 +79,7 @@ class DSMRetrieval(nn.Module):
     def describe(self, images: Sequence[ImageLike | ImageSpec], is_query: bool = False) -> DescribedImages:
         """Global descriptors and local features of ``images`` in one pass of the network."""
         n = len(images)
-        descriptors = torch.zeros(n, self.backbone.out_channels, device=self.backbone.device)
+        descriptors = torch.zeros(n, self.recipe.descriptor_dim(self.backbone.out_channels), device=self.backbone.device)
         per_image: list[dict] = [{}] * n
         sizes: list[list[list[int]]] = [[] for _ in range(n)]
 
@@ -91,8 +95,7 @@ class DSMRetrieval(nn.Module):
 
     def describe_activations(self, maps_per_image: Sequence[Sequence[torch.Tensor]], is_query: bool = False) -> DescribedImages:
         """The same from activations computed elsewhere: per image ``[(K, h_s, w_s)] * S``."""
-        p = self.config.global_.resolved_p(self.backbone)
-        descriptors = torch.stack([global_descriptor(maps, self.config.global_.pooling, p) for maps in maps_per_image])
+        descriptors = torch.stack([self.recipe(maps) for maps in maps_per_image])
         per_image = detect_images(maps_per_image, self.config.detector, is_query, self.backbone.activation_bound)
         sizes = [[list(m.shape[-2:]) for m in maps] for maps in maps_per_image]
         return self._finish(descriptors, per_image, sizes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLINGS = ("gem", "mac", "spoc")
+POOLINGS = ("gem", "mac", "spoc", "gemmp")  # gemmp: GeM with one p per channel (cnnimageretrieval-pytorch)
 
 
 def mac(x: torch.Tensor) -> torch.Tensor:
@@ -41,13 +41,17 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def pool(x: torch.Tensor, method: str, p: float = 3.0) -> torch.Tensor:
-    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name; ``x``: ``(B, K, H, W)``, H, W >= 1."""
+def pool(x: torch.Tensor, method: str, p: float | torch.Tensor = 3.0) -> torch.Tensor:
+    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name (``gemmp``: :func:`gem` with a
+    ``(K,)`` tensor ``p``, one exponent per channel); ``x``: ``(B, K, H, W)``, H, W >= 1."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[-1] * x.shape[-2] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"pool: expected activations (B, K, H, W) with H, W >= 1, got {shape}")
     if method == "gem":
         return gem(x, p)
+    if method == "gemmp":
+        p = torch.as_tensor(p, dtype=x.dtype, device=x.device).reshape(-1)
+        return x.clamp(min=1e-6).pow(p[:, None, None]).mean(dim=(-2, -1)).pow(1.0 / p)
     if method == "mac":
         return mac(x)
     if method == "spoc":
@@ -101,9 +105,11 @@ class GeM(nn.Module):
         return f"p={self.p.item():.4f}, eps={self.eps}"
 
 
-def multiscale_p(method: str, p: float) -> float:
-    """Exponent used across scales for a pooling method (GeM: its p; MAC/SPoC: 1, averaging)."""
-    return float(p) if method == "gem" else 1.0
+def multiscale_p(method: str, p: float | torch.Tensor, network_whitening: bool = False) -> float:
+    """Exponent used across scales, as cnnimageretrieval-pytorch's test script sets it: GeM's p for
+    a ``gem`` network without a whitening layer; 1 (averaging) for MAC, SPoC, ``gemmp`` and any
+    network that whitens inside."""
+    return float(p) if method == "gem" and not network_whitening else 1.0
 
 
 __all__ = ["mac", "spoc", "gem", "pool", "multiscale_aggregate", "multiscale_p", "MAC", "SPoC", "GeM", "POOLINGS"]

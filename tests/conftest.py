@@ -3,6 +3,8 @@ must run (not skip) when CI=true."""
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from gpu_dsm.eval.datasets import default_data_root
 
 MINI = "roxford5k-mini"
+TINY = "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +44,27 @@ def lite0():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def tiny_root(tmp_path, mini):
+    """A revisitop set under ``tmp_path/data``: 2 queries of roxford5k-mini and 8 database images
+    (positives and negatives of them), with the official labels re-indexed."""
+    root = tmp_path / "data"
+    (root / TINY / "jpg").mkdir(parents=True)
+    chosen: list[int] = []
+    for g in mini.gnd[:2]:
+        for key in ("easy", "hard", "junk"):
+            chosen += [i for i in g[key][:2] if i not in chosen]
+    chosen += [i for i in range(len(mini.imlist)) if i not in chosen][: max(0, 8 - len(chosen))]
+    chosen = chosen[:8]
+    position = {old: new for new, old in enumerate(chosen)}
+    gnd = []
+    for g in mini.gnd[:2]:
+        gnd.append({"bbx": list(g["bbx"]), **{k: [position[i] for i in g[k] if i in position] for k in ("easy", "hard", "junk")}})
+    names = [mini.imlist[i] for i in chosen] + mini.qimlist[:2]
+    for name in names:
+        shutil.copy(mini.image_path(name), root / TINY / "jpg" / f"{name}.jpg")
+    with open(root / TINY / f"gnd_{TINY}.pkl", "wb") as f:
+        pickle.dump({"imlist": [mini.imlist[i] for i in chosen], "qimlist": mini.qimlist[:2], "gnd": gnd}, f)
+    return root

@@ -68,7 +68,7 @@ def test_retrieval_checkpoint_round_trip(tmp_path, name):
     with torch.no_grad():
         assert torch.equal(loaded(x), source(x))
     assert loaded.head.gem_p == pytest.approx(2.5)
-    assert torch.equal(loaded.head.whitening.projection, whitening.projection)
+    assert torch.equal(loaded.head.network_whitening.projection, whitening.projection)
     raw = torch.load(tmp_path / "ckpt.pth", weights_only=False)
     assert set(raw) == {"state_dict", "meta"} and all(k.startswith(("features.", "pool.", "whiten.")) for k in raw["state_dict"])
 

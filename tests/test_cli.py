@@ -97,3 +97,26 @@ def test_evaluate_with_rerank_and_diffusion(tmp_path, data_root, capsys):
     assert main(["show-match", "--data-root", str(data_root), "--image-size", "320", "--cache-dir", str(tmp_path / "cache"),
                  "--query", "2", "--rank", "1", "--out", str(picture), "--no-progress", "--device", "cpu"]) == 0
     assert "reusing" in capsys.readouterr().out and Image.open(picture).size[0] > 320
+
+
+def test_the_drop_in_modules_are_one_import_away():
+    import gpu_dsm
+    from gpu_dsm.pipeline import DSMRetrieval
+    from gpu_dsm.rerank import DSMReranker
+
+    assert gpu_dsm.DSMRetrieval is DSMRetrieval and gpu_dsm.DSMReranker is DSMReranker
+    for name in ("RerankConfig", "MatchConfig", "DetectorConfig", "DiffusionConfig", "GraphConfig", "ExtractConfig",
+                 "GlobalConfig", "build_backbone", "spatial_verify", "diffuse", "build_knn_graph", "features_to_laf"):
+        assert hasattr(gpu_dsm, name), name
+
+
+def test_progress_bars_stay_out_of_logs(tiny_root, tmp_path):
+    """Progress is on by default; with stderr redirected to a file (not a terminal) nothing of it is written."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        out = subprocess.run([sys.executable, "-m", "gpu_dsm.cli", "evaluate", "--data-root", str(tiny_root), "--dataset",
+                              "tiny", "--image-size", "128", "--scales", "1", "--cache-dir", str(tmp_path / "c"),
+                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=f, text=True)
+    assert out.returncode == 0 and "global" in out.stdout
+    text = log.read_text()
+    assert "\r" not in text and "img/s" not in text and "it/s" not in text

@@ -43,8 +43,9 @@ def test_upscale_and_crop_box(tmp_path):
     spec = ImageSpec(str(path), (100, 50, 300, 250))
     assert target_size(spec, 1024, upscale=False) == (200, 200)
     assert target_size(spec, 1024, upscale=True) == (1024, 1024)
-    img = load_image(spec, 100, upscale=False)
-    assert img.shape == (3, 100, 100) and img.dtype == torch.uint8
+    img = load_image(spec, 100, upscale=False)  # the standard protocol: the crop keeps its image's scale
+    assert img.shape == (3, 39, 39) and img.dtype == torch.uint8  # floor(100 * 200 / 512)
+    assert load_image(spec, 100, upscale=True).shape == (3, 100, 100)
 
 
 def test_bad_images(tmp_path, lite0):
@@ -75,3 +76,43 @@ def test_global_descriptors_follow_device_and_dtype(lite0):
     bf16 = describe_global(lite0.to(torch.bfloat16), _photos(), cfg)
     lite0.float()
     assert bf16.dtype == torch.float32 and (bf16 * d32).sum(1).min() > 0.98
+
+
+def _cirtorch_image(path, imsize, bbx=None):
+    """cnnimageretrieval-pytorch's ImagesFromList.__getitem__ + imresize, literally."""
+    with open(path, "rb") as f:
+        img = Image.open(f).convert("RGB")
+    imfullsize = max(img.size)
+    if bbx is not None:
+        img = img.crop(bbx)
+        img.thumbnail((imsize * max(img.size) / imfullsize,) * 2, Image.LANCZOS)
+    else:
+        img.thumbnail((imsize, imsize), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.data
+def test_standard_image_protocol_is_reproduced_exactly(data_root):
+    from gpu_dsm.eval.datasets import RevisitopDataset
+
+    dataset = RevisitopDataset.load(data_root, "roxford5k-19q")
+    boxed = [s for s in dataset.query_specs() if s.box != (0.0, 0.0, *Image.open(s.source).size)]
+    assert len(boxed) >= 10, "the set has queries with a real box on the full photo"
+    for spec in boxed + dataset.query_specs()[:3] + dataset.database_specs()[:4]:
+        for imsize in (1024, 517, 300):
+            expected = _cirtorch_image(spec.source, imsize, spec.box)
+            ours = load_image(spec, imsize, upscale=False)
+            assert torch.equal(ours, expected), (spec, imsize)
+            assert target_size(spec, imsize, upscale=False) == (expected.shape[2], expected.shape[1])
+
+
+def test_target_sizes_follow_pil_thumbnail_rounding(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(20, 1600, (300, 2), generator=g).tolist() + [[1024, 768], [768, 1024], [333, 1000], [999, 1]]
+    for (w, h), bound in zip(sizes, torch.randint(10, 1100, (len(sizes),), generator=g).tolist()):
+        im = Image.new("RGB", (w, h))
+        im.thumbnail((bound + 0.7, bound + 0.7))
+        spec = ImageSpec(np.zeros((h, w, 3), dtype=np.uint8))
+        assert target_size(spec, bound, upscale=False) == im.size, (w, h, bound)
+        up = target_size(spec, bound, upscale=True)
+        assert max(up) == bound and abs(min(up) - max(1.0, bound * min(w, h) / max(w, h))) <= 1, (w, h, bound, up)

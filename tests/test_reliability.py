@@ -22,31 +22,7 @@ from gpu_dsm.eval.datasets import RevisitopDataset
 from gpu_dsm.io import FileLock, torch_save, write_json
 from gpu_dsm.store import FeatureStore, StoreWriter
 
-TINY = "tiny"
-
-
-@pytest.fixture()
-def tiny_root(tmp_path, mini):
-    """A revisitop set under ``tmp_path/data``: 2 queries of roxford5k-mini and 8 database images
-    (positives and negatives of them), with the official labels re-indexed."""
-    root = tmp_path / "data"
-    (root / TINY / "jpg").mkdir(parents=True)
-    chosen: list[int] = []
-    for g in mini.gnd[:2]:
-        for key in ("easy", "hard", "junk"):
-            chosen += [i for i in g[key][:2] if i not in chosen]
-    chosen += [i for i in range(len(mini.imlist)) if i not in chosen][: max(0, 8 - len(chosen))]
-    chosen = chosen[:8]
-    position = {old: new for new, old in enumerate(chosen)}
-    gnd = []
-    for g in mini.gnd[:2]:
-        gnd.append({"bbx": list(g["bbx"]), **{k: [position[i] for i in g[k] if i in position] for k in ("easy", "hard", "junk")}})
-    names = [mini.imlist[i] for i in chosen] + mini.qimlist[:2]
-    for name in names:
-        shutil.copy(mini.image_path(name), root / TINY / "jpg" / f"{name}.jpg")
-    with open(root / TINY / f"gnd_{TINY}.pkl", "wb") as f:
-        pickle.dump({"imlist": [mini.imlist[i] for i in chosen], "qimlist": mini.qimlist[:2], "gnd": gnd}, f)
-    return root
+from conftest import TINY
 
 
 def _args(root, cache, *extra):
@@ -311,7 +287,7 @@ def test_cirtorch_checkpoint_with_numpy_whitening_loads_safely(tmp_path):
             "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-6)}]}}
     torch.save(ckpt, tmp_path / "cirtorch.pth")
     loaded = build_backbone("resnet50", weights=tmp_path / "cirtorch.pth")
-    assert loaded.head.gem_p == pytest.approx(3.2) and loaded.head.whitening.output_dim == 32
+    assert loaded.head.gem_p == pytest.approx(3.2) and loaded.head.post_whitening(3)[1].output_dim == 32
 
 
 def test_written_files_take_the_umask(tmp_path):

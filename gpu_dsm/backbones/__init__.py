@@ -159,7 +159,7 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
     elif str(weights) != "none":
         obj = read_weights_file(weights, trust=trust_weights_file)
         if is_retrieval_checkpoint(obj):
-            state, head = split_retrieval_checkpoint(obj)
+            state, head = split_retrieval_checkpoint(obj, architecture=name)
             features, _ = _split(name, net)
             lite = name.startswith("efficientnet_lite")
             has_classifier = lite and "_fc.weight" in state
@@ -191,20 +191,32 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
     return backbone.to(memory_format=torch.channels_last).eval()
 
 
-def save_retrieval_checkpoint(backbone: Backbone, path: str | Path, gem_p: float | None = None, whitening=None) -> Path:
-    """Save ``backbone`` as a cnnimageretrieval-pytorch style checkpoint (atomic)."""
+def save_retrieval_checkpoint(backbone: Backbone, path: str | Path, gem_p: float | torch.Tensor | None = None,
+                              whitening=None, pooling: str | None = None, learned_whitening: dict | None = None) -> Path:
+    """Save ``backbone`` as a cnnimageretrieval-pytorch style checkpoint (atomic).
+
+    ``pooling`` defaults to ``gem`` with ``gem_p`` (``gemmp`` for a ``(K,)`` tensor), else ``mac``;
+    ``whitening`` becomes the ``whiten`` layer; ``learned_whitening`` is saved as ``meta['Lw']``
+    (``{name: {"ss": {"m", "P"}, "ms": {...}}}`` with numpy arrays, as cnnimageretrieval-pytorch does).
+    """
     state = {f"features.{k}": v.cpu() for k, v in backbone.features.state_dict().items()}
+    if pooling is None:
+        pooling = "mac" if gem_p is None else ("gemmp" if torch.as_tensor(gem_p).numel() > 1 else "gem")
     if gem_p is not None:
-        state["pool.p"] = torch.tensor([float(gem_p)])
+        state["pool.p"] = torch.as_tensor(gem_p, dtype=torch.float32).reshape(-1).clone()
     if whitening is not None:
         state["whiten.weight"] = whitening.projection.cpu()
         state["whiten.bias"] = whitening.bias.cpu()
     meta = {
         "architecture": backbone.name,
-        "pooling": "gem" if gem_p is not None else "mac",
+        "pooling": pooling,
+        "regional": False,
+        "local_whitening": False,
         "whitening": whitening is not None,
         "mean": backbone.mean.flatten().tolist(),
         "std": backbone.std.flatten().tolist(),
         "outputdim": whitening.output_dim if whitening is not None else backbone.out_channels,
     }
+    if learned_whitening:
+        meta["Lw"] = learned_whitening
     return torch_save(path, {"state_dict": state, "meta": meta})
