@@ -385,7 +385,8 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
     similarities, ranks = similarity_topk(queries, db)
     results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
-    report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(), "results": results}
+    report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
+                              "queries": list(dataset.qimlist), "results": results}
     if cfg.rerank is not None:
         start = time.perf_counter()
         dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)

@@ -18,7 +18,7 @@ import torch
 
 from gpu_dsm.backbones import BACKBONES
 from gpu_dsm.describe import GlobalConfig
-from gpu_dsm.detect import LEVEL_MODES, STRENGTHS, DetectorConfig
+from gpu_dsm.detect import LEVEL_MODES, RULES, STRENGTHS, DetectorConfig
 from gpu_dsm.match import ERRORS, MatchConfig
 from gpu_dsm.rerank import SCORES, RerankConfig
 from gpu_dsm.extract import ExtractConfig
@@ -85,6 +85,10 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     d = DetectorConfig()
     g = p.add_argument_group("local features (DSM detector, paper 3.3-3.4)")
+    g.add_argument("--detector", choices=RULES, default=d.rules,
+                   help="feature selection around MSER: 'reference' = the DSM authors' code (both polarities, strength "
+                        "in the 1-sigma ellipse, NMS before the per-channel cap, MATLAB rounding and tie order; "
+                        "DetectorConfig.reference()), 'gpu_dsm' = ours (README, 'Local features') (default: %(default)s)")
     g.add_argument("--levels", choices=LEVEL_MODES, default=d.levels,
                    help="activations -> 8-bit levels: round (reference code), range (x*255/bound, ReLU6 nets), "
                         "channel_max, auto = range for bounded activations else round (default: %(default)s)")
@@ -106,7 +110,8 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
 
 
 def _detector_config(args: argparse.Namespace) -> DetectorConfig:
-    return DetectorConfig(
+    make = DetectorConfig.reference if args.detector == "reference" else DetectorConfig
+    return make(
         levels=args.levels, delta=args.delta, level_step=args.level_step, strength=args.strength,
         per_channel_query=args.per_channel_query, per_channel_database=args.per_channel_database,
         nms_iou=args.nms_iou, max_features=args.max_features,
@@ -264,6 +269,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gpu_dsm.eval.compare import compare_reports, format_comparison, load_report
+    from gpu_dsm.io import check_output_file, write_json
+
+    if args.out:
+        check_output_file(args.out, "--out")
+    base = load_report(args.results[0])
+    other = load_report(args.results[-1])
+    methods = args.methods or ["global", "global+dsm"]
+    if len(methods) != 2:
+        raise ValueError("--methods takes two method names: A B (B is compared against A)")
+    result = compare_reports(base, other, methods[0], methods[1], samples=args.samples)
+    print(format_comparison(result))
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu-dsm",
@@ -330,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".gpu_dsm_cache", help="feature store cache (default: %(default)s)")
     p.add_argument("--out", default="match.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=cmd_show_match)
+
+    p = sub.add_parser("compare", help="paired comparison of two methods (or two results files) over the same queries",
+                       description="Mean AP difference of method B against method A with a paired bootstrap 95%% interval "
+                                   "over queries (a landmark's queries resampled together), and the queries that gain and "
+                                   "lose, for Easy/Medium/Hard. With two files, A is read from the first and B from the second.")
+    p.add_argument("results", nargs="+", help="one or two results JSON files of gpu-dsm evaluate")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="A B: the methods compared (default: global global+dsm)")
+    p.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--out", default=None, help="also write the comparison as JSON (default: none)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

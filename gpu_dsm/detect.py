@@ -27,9 +27,11 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale
 from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
 
 LEVEL_MODES = ("auto", "round", "range", "channel_max")
+RULES = ("gpu_dsm", "reference")
 STRENGTHS = ("max", "mean", "gem")
 
 
@@ -63,9 +65,24 @@ class DetectorConfig:
     max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet); 512 matched 1024 for EfficientNet (notes 8)
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
+    # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
+    # "reference" (the DSM authors' code, gpu_dsm.reference_selection; use DetectorConfig.reference())
+    rules: str = "gpu_dsm"
     max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
 
+    @classmethod
+    def reference(cls, **overrides) -> "DetectorConfig":
+        """The DSM authors' detector (reference code): both polarities, MATLAB rounding, delta from
+        the float histogram, singular regions removed before the clutter count, strength inside the
+        1-sigma ellipse, NMS on ellipse boxes before the per-channel cap, stable tie order
+        (:mod:`gpu_dsm.reference_selection`). Other fields keep their defaults (the same values)."""
+        return cls(**{"rules": "reference", "polarity": "both", "strength": "max", **overrides})
+
     def __post_init__(self):
+        if self.rules not in RULES:
+            raise ValueError(f"rules must be one of {RULES}, got {self.rules!r}")
+        if self.rules == "reference" and (self.strength != "max" or self.level_step != 1):
+            raise ValueError("rules='reference' takes the max activation in the ellipse (strength='max') and level_step=1")
         if self.levels not in LEVEL_MODES:
             raise ValueError(f"levels must be one of {LEVEL_MODES}, got {self.levels!r}")
         if self.strength not in STRENGTHS:
@@ -86,24 +103,29 @@ class DetectorConfig:
             raise ValueError("per_channel_query/per_channel_database must be >= 1 and nms_iou in (0, 1]")
 
 
-def activations_to_levels(acts: torch.Tensor, mode: str = "round", bound: float | None = None) -> torch.Tensor:
-    """``(..., K, H, W)`` activations -> uint8 levels of the same shape.
-
-    ``"round"``: round and saturate at 255 (reference code). ``"range"``: ``x * 255 / bound``.
-    ``"channel_max"``: each channel scaled so its maximum is 255. Raises on NaN/Inf.
-    """
+def _scaled(acts: torch.Tensor, mode: str, bound: float | None) -> torch.Tensor:
+    """The float values that are rounded into levels (see :func:`activations_to_levels`)."""
     if not torch.isfinite(acts).all():
         raise ValueError(f"activations contain {(~torch.isfinite(acts)).sum().item()} NaN/Inf values")
     x = acts.float()
     if mode == "range":
         if bound is None or bound <= 0:
             raise ValueError("levels='range' needs the activation bound (e.g. 6 for ReLU6 networks)")
-        x = x * (255.0 / bound)
-    elif mode == "channel_max":
-        peak = x.amax(dim=(-2, -1), keepdim=True)
-        x = x * (255.0 / peak.clamp(min=1e-12))
-    elif mode != "round":
+        return x * (255.0 / bound)
+    if mode == "channel_max":
+        return x * (255.0 / x.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12))
+    if mode != "round":
         raise ValueError(f"unknown level mode {mode!r}")
+    return x
+
+
+def activations_to_levels(acts: torch.Tensor, mode: str = "round", bound: float | None = None) -> torch.Tensor:
+    """``(..., K, H, W)`` activations -> uint8 levels of the same shape.
+
+    ``"round"``: round and saturate at 255 (reference code). ``"range"``: ``x * 255 / bound``.
+    ``"channel_max"``: each channel scaled so its maximum is 255. Raises on NaN/Inf.
+    """
+    x = _scaled(acts, mode, bound)
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -162,6 +184,10 @@ _FEW_LEVELS = 16
 def _scale_levels(acts: torch.Tensor, cfg: DetectorConfig, bound: float | None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One image at one scale: ``acts`` ``(K, H, W)`` -> levels, delta and the strength source."""
     mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
+    if cfg.rules == "reference":
+        scaled = _scaled(acts, mode, bound)
+        delta = cfg.delta if cfg.delta is not None else reference_delta(scaled, cfg.delta_quantile, cfg.delta_max)
+        return reference_levels(scaled), delta, acts.float()
     levels = activations_to_levels(acts, mode, bound)
     if mode == "round" and levels.numel():
         top = int(levels.max())
@@ -241,11 +267,32 @@ def _scale_features(regions: MSERRegions, cfg: DetectorConfig, is_query: bool) -
     }
 
 
-def _image_features(regions_per_scale: Sequence[MSERRegions], cfg: DetectorConfig, is_query: bool) -> dict:
+def _scale_features_reference(regions: MSERRegions, acts: torch.Tensor, cfg: DetectorConfig, is_query: bool) -> dict:
+    """Features of one image at one scale by the authors' rules (gpu_dsm.reference_selection)."""
+    frame = _cholesky_lower(regions.cov)
+    rows, strength = select_scale(
+        regions, acts, frame, is_query=is_query, max_regions_per_channel=cfg.max_regions_per_channel,
+        singular_det=cfg.singular_det, per_channel=cfg.per_channel_query if is_query else cfg.per_channel_database,
+        nms_iou=cfg.nms_iou, max_features=cfg.max_features,
+    )
+    return {
+        "xy": regions.mean[rows].float(),
+        "frame": frame[rows].float(),
+        "strength": strength.float(),
+        "rank": strength,  # no tie-break: the stable order of the rows decides ties, as in the reference
+        "channel": regions.map_index[rows],
+    }
+
+
+def _image_features(regions_per_scale: Sequence[MSERRegions], maps: Sequence[torch.Tensor], cfg: DetectorConfig,
+                    is_query: bool) -> dict:
     """Features of one image from its regions at each scale (step 6) -> unpadded dict."""
     per_scale = []
-    for s, regions in enumerate(regions_per_scale):
-        found = _scale_features(regions, cfg, is_query)
+    for s, (regions, acts) in enumerate(zip(regions_per_scale, maps)):
+        if cfg.rules == "reference":
+            found = _scale_features_reference(regions, acts, cfg, is_query)
+        else:
+            found = _scale_features(regions, cfg, is_query)
         found["scale"] = torch.full_like(found["channel"], s)
         per_scale.append(found)
     merged = {k: torch.cat([f[k] for f in per_scale]) for k in per_scale[0]} if per_scale else {}
@@ -273,7 +320,7 @@ def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: Detecto
     regions = _regions_of_all([acts for maps in maps_per_image for acts in maps], cfg, bound)
     out, start = [], 0
     for maps in maps_per_image:
-        out.append(_image_features(regions[start:start + len(maps)], cfg, is_query))
+        out.append(_image_features(regions[start:start + len(maps)], maps, cfg, is_query))
         start += len(maps)
     return out
 
