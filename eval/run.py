@@ -135,10 +135,12 @@ def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) ->
 
 def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
     """The database's kNN graph, cached beside its store (keyed by store, whitening and graph options)."""
-    keyed = json.dumps({"store": db_store.path.name, "whitening": cfg.resolved_whitening()[0],
-                        "whitening_sha256": file_digest(cfg.whitening) if cfg.resolved_whitening()[0] == str(cfg.whitening) else None,
-                        "graph": dataclasses.asdict(cfg.graph)},
-                       sort_keys=True)
+    label = cfg.resolved_whitening()[0]
+    # a whitening file is keyed on its content; a checkpoint's whitening is covered by the store's key
+    from_file = label is not None and label == str(cfg.whitening)
+    keyed = json.dumps({"store": db_store.path.name, "whitening": label,
+                        "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
+                        "graph": dataclasses.asdict(cfg.graph)}, sort_keys=True)
     path = Path(base) / f"{db_store.path.name}-graph-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}.pt"
     if path.is_file():
         log(f"graph: reusing {path}")
@@ -158,12 +160,13 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec]) -> tuple
     query boxes), so a changed file gives a new store. The full name adds the detector options
     (``-global`` for global descriptors only).
     """
-    keyed = {k: v for k, v in cfg.options().items() if k not in ("whitening", "device", "rerank", "diffusion", "detector")}
+    options = cfg.options()
+    keyed = {k: v for k, v in options.items() if k not in ("whitening", "device", "rerank", "diffusion", "detector")}
     paths = [str(Path(spec.source).resolve()) for spec in specs]
     keyed.update(dataset=cfg.dataset, split=split, root=str(Path(cfg.data_root).resolve()),
                  images=stat_digest(paths), boxes=[spec.box for spec in specs])
     global_part = f"{cfg.dataset}-{split}-{cfg.backbone}-{_digest(keyed)}"
-    detector = cfg.options()["detector"]
+    detector = options["detector"]
     return global_part, f"{global_part}-{_digest(detector) if detector is not None else 'global'}"
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale
+from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale, top_per_group
 from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
 
 LEVEL_MODES = ("auto", "round", "range", "channel_max")
@@ -164,22 +164,6 @@ def _cholesky_lower(cov: torch.Tensor) -> torch.Tensor:
     return frame
 
 
-def _top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask keeping the ``k`` strongest rows of each group (ties: earlier rows)."""
-    if group.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=group.device)
-    order = torch.argsort(strength, descending=True, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    g = group[order]
-    first = torch.ones_like(g, dtype=torch.bool)
-    first[1:] = g[1:] != g[:-1]
-    start = torch.cummax(torch.where(first, torch.arange(g.numel(), device=g.device), 0), 0).values
-    rank = torch.arange(g.numel(), device=g.device) - start
-    keep = torch.zeros_like(group, dtype=torch.bool)
-    keep[order[rank < k]] = True
-    return keep
-
-
 #: fewest grey levels a rounded map should span; fewer means the activations are too small for
 #: "round" (e.g. ReLU6 maps, 0..6) and MSER sees a handful of levels: most regions are lost
 _FEW_LEVELS = 16
@@ -253,7 +237,7 @@ def _scale_features(regions: MSERRegions, cfg: DetectorConfig, is_query: bool) -
     # many regions share the maximum); mean <= max keeps the tie-break below one strength unit
     rank = strength + 1e-6 * mean / mean.max().clamp(min=1e-12) if len(regions) else strength
     cap = cfg.per_channel_query if is_query else cfg.per_channel_database
-    keep = _top_per_group(regions.map_index, rank, cap)
+    keep = top_per_group(regions.map_index, rank, cap)
     regions, strength, rank = regions.select(keep), strength[keep], rank[keep]
     if not is_query and cfg.nms_iou < 1 and len(regions):
         boxes = regions.bbox.double()

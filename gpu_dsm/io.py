@@ -128,8 +128,6 @@ def check_output_file(path: str | Path, what: str) -> Path:
         raise ValueError(f"{what} {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: directory {existing} is not writable")
-    if path.exists() and not os.access(path, os.W_OK) and not os.access(path.parent, os.W_OK):
-        raise ValueError(f"{what} {path} is not writable")
     return path
 
 

@@ -170,16 +170,28 @@ def ellipse_strength(acts: torch.Tensor, channel: torch.Tensor, mean: torch.Tens
     return strength, box, keep
 
 
-def _stable_top(strength: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` largest, in stable descending order (ties: earlier rows)."""
-    return torch.argsort(strength, descending=True, stable=True)[:k]
+def top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the ``k`` strongest rows of each group, a stable selection (ties: earlier
+    rows), as the reference's per-channel cap; the default rules use it too."""
+    if group.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=group.device)
+    order = torch.argsort(strength, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(g.numel(), device=g.device), 0), 0).values
+    rank = torch.arange(g.numel(), device=g.device) - start
+    keep = torch.zeros_like(group, dtype=torch.bool)
+    keep[order[rank < k]] = True
+    return keep
 
 
 def select_scale(regions: MSERRegions, acts: torch.Tensor, frame: torch.Tensor, *, is_query: bool,
                  max_regions_per_channel: int, singular_det: float, per_channel: int, nms_iou: float,
                  max_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rules 2-6 (per scale) for one image: ``(rows of regions, strengths)`` kept, in the
-    reference's final row order. ``frame``: ``(N, 2, 2)`` float64 Cholesky frames of ``regions``."""
+    """Rules 2-6 (per scale) for one image: ``(rows of regions, strengths)`` kept, in an order whose
+    ties break as the reference's (channel, then the reference's order within a channel). ``frame``: ``(N, 2, 2)`` float64 Cholesky frames of ``regions``."""
     device = regions.area.device
     rows = reference_order(regions)
     cov = regions.cov[rows]
@@ -196,18 +208,14 @@ def select_scale(regions: MSERRegions, acts: torch.Tensor, frame: torch.Tensor, 
         rank[torch.argsort(strength, stable=True)] = torch.arange(rows.numel(), dtype=torch.float64, device=device)
         picked = nms(box, rank, nms_iou)  # pick order: highest score first
         rows, strength = rows[picked], strength[picked]
-    # per channel, channels in increasing order, rows within a channel in their current order
+    # per channel, channels in increasing order, rows within a channel in their current order (the
+    # reference also sorts a capped channel by strength, stably: later stable sorts by strength
+    # break ties the same way, so the kept sets are equal)
     by_channel = torch.argsort(regions.map_index[rows], stable=True)
     rows, strength = rows[by_channel], strength[by_channel]
-    channel = regions.map_index[rows]
-    within = torch.argsort(strength, descending=True, stable=True)
-    within = within[torch.argsort(channel[within], stable=True)]
-    first = torch.ones(within.numel(), dtype=torch.bool, device=device)
-    first[1:] = channel[within][1:] != channel[within][:-1]
-    start = torch.cummax(torch.where(first, torch.arange(within.numel(), device=device), 0), 0).values
-    kept = within[(torch.arange(within.numel(), device=device) - start) < per_channel]
-    rows, strength = rows[kept], strength[kept]
+    keep = top_per_group(regions.map_index[rows], strength, per_channel)
+    rows, strength = rows[keep], strength[keep]
     if rows.numel() > max_features:
-        top = _stable_top(strength, max_features)
+        top = torch.argsort(strength, descending=True, stable=True)[:max_features]
         rows, strength = rows[top], strength[top]
     return rows, strength

@@ -50,7 +50,7 @@ _CHECK_ROWS = 1 << 16
 
 
 def _count_non_finite_rows(array: np.ndarray) -> int:
-    """Rows of ``array`` (memory-mapped, any shape ``(N, ...)``) holding a NaN or Inf, read in blocks."""
+    """Rows of ``array`` (in memory or memory-mapped, shape ``(N, ...)``) holding a NaN or Inf, read in blocks."""
     bad = 0
     for start in range(0, array.shape[0], _CHECK_ROWS):
         block = np.asarray(array[start:start + _CHECK_ROWS], dtype=np.float32).reshape(min(_CHECK_ROWS, array.shape[0] - start), -1)
@@ -264,17 +264,17 @@ class FeatureStore:
     def has_local(self) -> bool:
         return self._local is not None
 
-    def _non_finite(self, name: str, rows: np.ndarray, total: int) -> None:
-        bad = int((~np.isfinite(rows.reshape(rows.shape[0], -1))).any(axis=1).sum()) if rows.size else 0
+    def _non_finite(self, name: str, rows: np.ndarray) -> None:
+        bad = _count_non_finite_rows(rows)
         if bad:
-            raise ValueError(f"corrupt feature store {self.path}: {name} has {bad} rows with NaN/Inf values (of {total} "
-                             f"read); delete the store to rebuild it")
+            raise ValueError(f"corrupt feature store {self.path}: {name} has {bad} rows with NaN/Inf values (of "
+                             f"{rows.shape[0]} read); delete the store to rebuild it")
 
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
         """``(N, D)`` float32 (or the rows ``indices``), on the CPU; raises if any row read is not finite."""
         rows = self._global if indices is None else self._global[np.asarray(indices, dtype=np.int64)]
         rows = np.array(rows, dtype=np.float32)
-        self._non_finite("global.npy", rows, rows.shape[0])
+        self._non_finite("global.npy", rows)
         return torch.from_numpy(rows)
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
@@ -298,8 +298,8 @@ class FeatureStore:
                 "scale": torch.from_numpy(np.array(self._local["scale"][rows]).astype(np.int64)),
             })
         for name in _FINITE_FIELDS:
-            for image in per_image:
-                self._non_finite(f"local_{name}.npy", image[name].numpy(), int(image[name].shape[0]))
+            read = [(image[name].flatten(1) if image[name].ndim > 1 else image[name][:, None]).numpy() for image in per_image]
+            self._non_finite(f"local_{name}.npy", np.concatenate(read) if read else np.zeros((0, 1), np.float32))
         sizes = torch.from_numpy(np.array(self._sizes[idx], dtype=np.int64))
         local = self.meta["local"]
         return LocalFeatures.from_images(per_image, sizes, local["scales"], local["num_channels"], capacity=capacity, device=device)
