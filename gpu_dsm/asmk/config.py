@@ -1,0 +1,33 @@
+"""ASMK parameters. The reference library (jenicek/asmk) has no defaults of its own: each value
+below is the one of its HOW configuration (``examples/params/_eccv20_how.yml``) or the HOW paper
+(Tolias, Jenicek, Chum, ECCV 2020), as noted."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class ASMKConfig:
+    """Codebook, assignment, kernel and memory settings of the aggregated selective match kernel."""
+
+    codebook_size: int = 65536  # "64k" visual words (HOW paper 4.1; _eccv20_how.yml: size 65536)
+    kmeans_iterations: int = 10  # faiss Clustering niter in the reference codebook training
+    seed: int = 1234  # the reference's faiss k-means seed (our torch k-means: the sampling seed)
+    database_assignments: int = 1  # nearest words per database feature (_eccv20_how.yml)
+    query_assignments: int = 5  # nearest words per query feature, multiple assignment (_eccv20_how.yml)
+    binary: bool = True  # binarised aggregated residuals (HOW paper; ASMK*, Tolias et al. 2013)
+    alpha: float = 3.0  # selectivity exponent: sigma(s) = s^alpha (_eccv20_how.yml)
+    tau: float = 0.0  # selectivity threshold: sigma(s) = 0 below it (_eccv20_how.yml)
+    memory_budget: int = 1 << 30  # bytes per chunk of assignment, residual, pair and score tensors (ours)
+
+    def __post_init__(self):
+        for name in ("codebook_size", "kmeans_iterations", "database_assignments", "query_assignments"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ASMKConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"ASMKConfig.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.tau) and -1 <= self.tau < 1):
+            raise ValueError(f"ASMKConfig.tau must lie in [-1, 1), got {self.tau}")
+        if int(self.memory_budget) < 1 << 16:
+            raise ValueError(f"ASMKConfig.memory_budget must be at least 64 KiB, got {self.memory_budget}")

@@ -1,0 +1,218 @@
+"""The ASMK inverted file as flat tensors, and batched search of many queries at once.
+
+Layout (CSR by visual word): the entries of word ``w`` are rows ``offsets[w]:offsets[w + 1]``
+of ``image_ids (E,)`` and ``codes (E, B)`` (packed bits, uint8, or float64 vectors in the
+non-binary mode); ``image_words (N,)`` holds ``|C_X|``, the number of words of each database
+image. The index is built in one pass of tensor operations (no loop per vector).
+
+Search: the query's word vectors are aggregated with multiple assignment; every (query word,
+database entry of that word) pair is one row of a flat pair table, scored
+``sigma(s)`` at once, and scattered into a dense ``(queries, N)`` float64 score block, normalised
+by ``sqrt(|C_X|) sqrt(|C_Q|)`` (``|C_Q|`` counts the query's distinct words, also words that no
+database image has). Pair tables and score blocks are chunked to ``config.memory_budget``.
+A query or an image without words scores 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpu_dsm.checks import as_tensor
+from gpu_dsm.io import torch_load_checked, torch_save
+from gpu_dsm.asmk.codes import WordVectors, aggregate_residuals, binary_codes, code_similarity, normalized_codes, selectivity
+from gpu_dsm.asmk.config import ASMKConfig
+
+_FORMAT = "gpu_dsm.asmk_index/1"
+
+
+def _codes(vectors: WordVectors, binary: bool) -> torch.Tensor:
+    return binary_codes(vectors.vector) if binary else normalized_codes(vectors.vector)
+
+
+@dataclass
+class ASMKIndex:
+    """An ASMK inverted file over ``num_images`` database images (see the module docstring)."""
+
+    codebook: torch.Tensor
+    offsets: torch.Tensor
+    image_ids: torch.Tensor
+    codes: torch.Tensor
+    image_words: torch.Tensor
+    config: ASMKConfig
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_words.numel())
+
+    @property
+    def num_words(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.device
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.image_ids.numel())
+
+    def bytes_per_image(self) -> float:
+        """Memory of codes + image ids per database image (the inverted file without the codebook)."""
+        total = self.codes.numel() * self.codes.element_size() + self.image_ids.numel() * self.image_ids.element_size()
+        return total / max(self.num_images, 1)
+
+    @classmethod
+    def build(cls, codebook: torch.Tensor, descriptors: torch.Tensor, image_ids: torch.Tensor,
+              config: ASMKConfig | None = None, num_images: int | None = None) -> "ASMKIndex":
+        """Index ``descriptors (F, d)`` of database images ``image_ids (F,)`` in ``0..num_images - 1``
+        (default: ``max + 1``) against ``codebook (K, d)``, on the descriptors' device."""
+        cfg = config or ASMKConfig()
+        x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
+        ids = as_tensor(image_ids, "image_ids", ndim=1, kind="int", device=x.device)
+        c = as_tensor(codebook, "codebook", ndim=2, kind="float", device=x.device, finite=True)
+        n = _num_images(ids, num_images, "num_images")
+        vectors = aggregate_residuals(x, ids, c, cfg.database_assignments, cfg.memory_budget)
+        # entries sorted by word, then image: one stable sort of the (image, word)-sorted rows
+        order = torch.argsort(vectors.word, stable=True)
+        words = vectors.word[order]
+        offsets = torch.zeros(c.shape[0] + 1, dtype=torch.long, device=x.device)
+        offsets[1:] = torch.cumsum(torch.bincount(words, minlength=c.shape[0]), 0)
+        codes = _codes(vectors, cfg.binary)[order]
+        image_words = torch.bincount(vectors.image, minlength=n)
+        # int32 ids (4 bytes per entry) while they fit
+        id_dtype = torch.int32 if n < 2 ** 31 else torch.long
+        return cls(codebook=c.to(x.dtype), offsets=offsets, image_ids=vectors.image[order].to(id_dtype), codes=codes,
+                   image_words=image_words, config=cfg)
+
+    def search(self, query_descriptors: torch.Tensor, query_image_ids: torch.Tensor, k: int | None = None,
+               num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score every database image for every query.
+
+        Args:
+            query_descriptors: ``(Fq, d)`` local descriptors of all queries, on the index's device.
+            query_image_ids: ``(Fq,)`` query of each descriptor, in ``0..num_queries - 1``.
+            k: images returned per query (``None``: all, a full ranking).
+            num_queries: ``Q`` (default ``max id + 1``; queries without descriptors score 0).
+        Returns:
+            ``(scores (Q, k) float64, indices (Q, k) int64)``, best first; equal scores keep the
+            database order.
+        """
+        cfg = self.config
+        x = as_tensor(query_descriptors, "query_descriptors", ndim=2, kind="float", device=self.device, finite=True)
+        ids = as_tensor(query_image_ids, "query_image_ids", ndim=1, kind="int", device=self.device)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"query descriptors are {x.shape[1]}-D, the index's codebook {self.dim}-D")
+        q = _num_images(ids, num_queries, "num_queries")
+        if k is not None and int(k) < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        vectors = aggregate_residuals(x, ids, self.codebook.to(x.dtype), cfg.query_assignments, cfg.memory_budget)
+        return self.search_codes(vectors.image, vectors.word, _codes(vectors, cfg.binary), q, k)
+
+    def search_codes(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int,
+                     k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` from the queries' aggregated codes: one row per (query, word) pair,
+        sorted by query (``query (E,)``, ``word (E,)``, ``codes (E, B)`` as the index's)."""
+        cfg = self.config
+        q, n = int(num_queries), self.num_images
+        k = n if k is None else min(int(k), n)
+        if codes.dtype != self.codes.dtype or codes.shape[1:] != self.codes.shape[1:]:
+            raise ValueError(f"query codes {tuple(codes.shape)} {codes.dtype} do not match the index's "
+                             f"{tuple(self.codes.shape[1:])} {self.codes.dtype}")
+        if query.numel() and bool((query[1:] < query[:-1]).any()):
+            raise ValueError("search_codes: rows must be sorted by query")
+        vectors = WordVectors(query, word, codes)
+        query_words = torch.bincount(vectors.image, minlength=q)
+        # queries per block: a (block, N) float64 score matrix within the budget
+        per_block = max(1, int(cfg.memory_budget) // max(1, 8 * 3 * n))
+        out_scores = torch.zeros(q, k, dtype=torch.float64, device=self.device)
+        out_index = torch.zeros(q, k, dtype=torch.long, device=self.device)
+        entry_start = torch.searchsorted(vectors.image, torch.arange(q + 1, device=self.device))
+        for lo in range(0, q, per_block):
+            hi = min(q, lo + per_block)
+            rows = slice(int(entry_start[lo]), int(entry_start[hi]))
+            block = self._score_block(vectors.image[rows] - lo, vectors.word[rows], vectors.vector[rows], hi - lo)
+            norm = query_words[lo:hi, None].double().sqrt() * self.image_words[None, :].double().sqrt()
+            block = torch.where(norm > 0, block / norm.clamp(min=1e-300), torch.zeros_like(block))
+            order = torch.sort(block, dim=1, descending=True, stable=True)
+            out_scores[lo:hi], out_index[lo:hi] = order.values[:, :k], order.indices[:, :k]
+        return out_scores, out_index
+
+    def _score_block(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """Unnormalised ``(num_queries, N)`` sums of ``sigma(s)`` over shared words, from the
+        block's query word vectors (``query`` relative to the block)."""
+        cfg = self.config
+        n = self.num_images
+        scores = torch.zeros(num_queries * n, dtype=torch.float64, device=self.device)
+        lengths = self.offsets[word + 1] - self.offsets[word]
+        # pairs per chunk within the budget: two codes, the similarity and the indices per pair
+        pair_bytes = 2 * self.codes.shape[1] * self.codes.element_size() + 8 * 4
+        max_pairs = max(1, int(cfg.memory_budget) // pair_bytes)
+        ends = torch.cumsum(lengths, 0)
+        begin = 0
+        total = int(ends[-1]) if ends.numel() else 0
+        done = 0
+        while done < total:
+            stop = int(torch.searchsorted(ends, torch.tensor(done + max_pairs, device=self.device), right=True))
+            stop = max(stop, begin + 1)
+            counts = lengths[begin:stop]
+            entry = torch.repeat_interleave(torch.arange(begin, stop, device=self.device), counts)
+            first = torch.cumsum(counts, 0) - counts
+            within = torch.arange(entry.numel(), device=self.device) - torch.repeat_interleave(first, counts)
+            position = self.offsets[word[entry]] + within
+            s = code_similarity(codes[entry], self.codes[position], self.dim)
+            weight = selectivity(s, cfg.alpha, cfg.tau)
+            scores.index_add_(0, query[entry] * n + self.image_ids[position].long(), weight)
+            done = int(ends[stop - 1])
+            begin = stop
+        return scores.view(num_queries, n)
+
+    def state_dict(self) -> dict:
+        return {"format": _FORMAT, "config": dataclasses.asdict(self.config), "codebook": self.codebook.cpu(),
+                "offsets": self.offsets.cpu(), "image_ids": self.image_ids.cpu(), "codes": self.codes.cpu(),
+                "image_words": self.image_words.cpu()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index (atomically: an interrupted save leaves the old file or none)."""
+        return torch_save(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "ASMKIndex":
+        state = torch_load_checked(path, _FORMAT, "ASMK index")
+        try:
+            config = ASMKConfig(**state["config"])
+            index = cls(codebook=state["codebook"], offsets=state["offsets"], image_ids=state["image_ids"],
+                        codes=state["codes"], image_words=state["image_words"], config=config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"corrupt ASMK index {path}: {exc}") from None
+        index._check(path)
+        return index.to(device)
+
+    def _check(self, path) -> None:
+        e, k, n = self.image_ids.numel(), self.num_words, self.num_images
+        bad = (self.offsets.numel() != k + 1 or int(self.offsets[0]) != 0 or int(self.offsets[-1]) != e
+               or self.codes.shape[0] != e or (e and (int(self.image_ids.min()) < 0 or int(self.image_ids.max()) >= n))
+               or bool((self.offsets[1:] < self.offsets[:-1]).any()))
+        if bad:
+            raise ValueError(f"corrupt ASMK index {path}: offsets, codes and image ids do not fit together")
+
+    def to(self, device: torch.device | str) -> "ASMKIndex":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if f.name != "config"})
+
+
+def _num_images(ids: torch.Tensor, given: int | None, name: str) -> int:
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("image ids must be >= 0")
+    largest = int(ids.max()) + 1 if ids.numel() else 0
+    if given is None:
+        return largest
+    if int(given) < largest:
+        raise ValueError(f"{name}={given} but an image id is {largest - 1}")
+    return int(given)

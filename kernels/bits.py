@@ -1,0 +1,33 @@
+"""Bit counting for packed binary codes (ASMK's Hamming similarity), on any device.
+
+``hamming(a, b)``: row-wise Hamming distance of packed uint8 codes ``(E, B)``. When ``B`` is a
+multiple of 8 the bytes are read as int64 words and counted by the SWAR population count
+(shifts, masks and adds only: every intermediate stays non-negative, so arithmetic shifts are
+exact); otherwise through a 256-entry table.
+"""
+from __future__ import annotations
+
+import torch
+
+_M1 = 0x5555555555555555
+_M2 = 0x3333333333333333
+_M4 = 0x0F0F0F0F0F0F0F0F
+
+
+def popcount64(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of every int64 element (as its 64-bit pattern), as int64."""
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4  # each byte now holds its count (<= 8): x >= 0 from here on
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(E,)`` int64 Hamming distances of packed uint8 codes ``a``, ``b`` of shape ``(E, B)``."""
+    if a.shape[-1] % 8 == 0 and a.is_contiguous() and b.is_contiguous():
+        return popcount64(a.view(torch.int64) ^ b.view(torch.int64)).sum(-1)
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=a.device)
+    return table[(a ^ b).long()].sum(-1)
