@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     result["reached_fraction"] = round(float(reached.float().mean()), 4)
 
     def solve():
-        return conjugate_gradient(op, seeds, cfg.alpha, cfg.tol, cfg.max_iter,
+        return conjugate_gradient(op, seeds, cfg.alpha_for(args.nodes), cfg.tol, cfg.max_iter,
                                   restrict=not args.no_restrict)
 
     solve()  # warm-up
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
 
     coo = graph.affinity.cpu().to_sparse_coo().coalesce()
     a = sp.csr_matrix((coo.values().numpy(), coo.indices().numpy()), shape=coo.shape)
-    system = (sp.eye(args.nodes, dtype=np.float32, format="csr") - cfg.alpha * a).tocsr()
+    system = (sp.eye(args.nodes, dtype=np.float32, format="csr") - cfg.alpha_for(args.nodes) * a).tocsr()
     y = seeds.cpu().numpy()
 
     def one_by_one(matrix, dtype):

@@ -92,3 +92,18 @@ def load_report(path: str | Path) -> dict:
         raise FileNotFoundError(f"results file not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read results file {path}: {exc}") from None
+
+
+def plot_comparison(result: dict, path: str | Path) -> Path:
+    """Draw ``result``'s per-query differences (one panel per setup with a defined mean) as a PNG, atomically."""
+    from gpu_dsm.io import atomic_write
+    from gpu_dsm.visualize import draw_delta_plot
+
+    panels = []
+    for setup, r in result["setups"].items():
+        if r["delta"] is None:
+            continue
+        ci = f" [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]"
+        panels.append((f"{setup}{ci}", r["per_query"]))
+    picture = draw_delta_plot(panels, title=f"{result['b']} minus {result['a']}: AP per query (points)")
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

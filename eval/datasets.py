@@ -125,3 +125,66 @@ def default_data_root() -> Path | None:
         return Path(env)
     candidate = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
     return candidate if candidate.is_dir() else None
+
+
+#: image-list files a distractor folder may hold, looked for in this order (``revisitop1m.txt`` is
+#: the list that comes with the R1M distractors)
+DISTRACTOR_LISTS = ("imlist.txt", "revisitop1m.txt")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+@dataclass
+class DistractorSet:
+    """Negatives appended to a database: ``<folder>/jpg/`` and a list of their names.
+
+    The list is ``imlist.txt`` (or ``revisitop1m.txt``, or the one ``*.txt`` file of the folder):
+    one image per line, relative to ``jpg/``, with or without its extension (``.jpg`` is added
+    when it has none) and with or without a leading ``jpg/``. Distractors are negatives for every
+    query and never queries.
+    """
+
+    root: Path
+    names: list[str]
+    list_file: Path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DistractorSet":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--distractors: folder not found: {folder}")
+        lists = [folder / name for name in DISTRACTOR_LISTS if (folder / name).is_file()]
+        if not lists:
+            lists = sorted(folder.glob("*.txt"))
+            if len(lists) != 1:
+                raise FileNotFoundError(f"--distractors {folder}: no image list (expected one of "
+                                        f"{', '.join(DISTRACTOR_LISTS)} or a single *.txt file, found {len(lists)})")
+        list_file = lists[0]
+        try:
+            lines = list_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--distractors: cannot read {list_file}: {exc}") from None
+        names = [line.strip() for line in lines if line.strip()]
+        names = [n[len("jpg/"):] if n.startswith("jpg/") else n for n in names]
+        if not names:
+            raise ValueError(f"--distractors: {list_file} lists no images")
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"--distractors: {list_file} lists {name!r} twice")
+            seen.add(name)
+        distractors = cls(root=folder, names=names, list_file=list_file)
+        missing = [p for p in distractors.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--distractors: {len(missing)} of the {len(names)} images listed in {list_file} "
+                                    f"are missing, first: {missing[0]}")
+        return distractors
+
+    def image_path(self, name: str) -> Path:
+        return self.root / "jpg" / (name if name.endswith(_IMAGE_SUFFIXES) else f"{name}.jpg")
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.image_path(n) for n in self.names]
+
+    def specs(self) -> list[ImageSpec]:
+        return [ImageSpec(str(p)) for p in self.paths]

@@ -11,8 +11,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,14 +27,15 @@ from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, target_size
-from gpu_dsm.io import FileLock, check_output_dir, check_output_file, file_digest, stat_digest, write_json
+from gpu_dsm.io import (FileLock, atomic_write, check_output_dir, check_output_file, file_digest, stat_digest,
+                        unfinished_directories, write_json)
 from gpu_dsm.diffusion import DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_scores
 from gpu_dsm.search import similarity_topk
-from gpu_dsm.store import FeatureStore, StoreWriter
+from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
 from gpu_dsm.whitening import Whitening
-from gpu_dsm.eval.datasets import RevisitopDataset
+from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
 from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
 from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground_truth
 
@@ -56,6 +59,8 @@ class RunConfig:
     # meta['Lw'] if it has one (['ms'] for several scales, ['ss'] for one, as cnnimageretrieval-pytorch),
     # else none; "checkpoint[:NAME]" = the checkpoint's (required); "none"; or the path of a saved Whitening
     whitening: str | None = None
+    # a folder of negatives appended to the database (gpu_dsm.eval.datasets.DistractorSet); None: none
+    distractors: str | None = None
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
@@ -120,6 +125,7 @@ class RunConfig:
             "rerank": dataclasses.asdict(self.rerank) if self.rerank is not None else None,
             "diffusion": _diffusion_options(self.diffusion, self.graph),
             "whitening": self.resolved_whitening()[0],
+            "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -138,7 +144,7 @@ def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: 
     label = cfg.resolved_whitening()[0]
     # a whitening file is keyed on its content; a checkpoint's whitening is covered by the store's key
     from_file = label is not None and label == str(cfg.whitening)
-    keyed = json.dumps({"store": db_store.path.name, "whitening": label,
+    keyed = json.dumps({"store": db_store.key, "whitening": label,
                         "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
                         "graph": dataclasses.asdict(cfg.graph)}, sort_keys=True)
     path = Path(base) / f"{db_store.path.name}-graph-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}.pt"
@@ -152,20 +158,24 @@ def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: 
     return graph
 
 
-def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec]) -> tuple[str, str]:
+def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: tuple[str, str | Path] | None = None
+                ) -> tuple[str, str]:
     """``(global part, full name)`` of a split's store in the cache.
 
     The global part keys everything the global descriptors depend on: extraction options, the
     weights file's content, and the images (names, sizes and modification times of the files,
     query boxes), so a changed file gives a new store. The full name adds the detector options
-    (``-global`` for global descriptors only).
+    (``-global`` for global descriptors only). ``owner`` = ``(name, folder)`` of the images
+    (default: the dataset); distractors are their own owner, so their store serves every dataset.
     """
     options = cfg.options()
-    keyed = {k: v for k, v in options.items() if k not in ("whitening", "device", "rerank", "diffusion", "detector")}
+    keyed = {k: v for k, v in options.items()
+             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors")}
+    name, folder = owner if owner is not None else (cfg.dataset, cfg.data_root)
     paths = [str(Path(spec.source).resolve()) for spec in specs]
-    keyed.update(dataset=cfg.dataset, split=split, root=str(Path(cfg.data_root).resolve()),
+    keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
                  images=stat_digest(paths), boxes=[spec.box for spec in specs])
-    global_part = f"{cfg.dataset}-{split}-{cfg.backbone}-{_digest(keyed)}"
+    global_part = f"{name}-{split}-{cfg.backbone}-{_digest(keyed)}"
     detector = options["detector"]
     return global_part, f"{global_part}-{_digest(detector) if detector is not None else 'global'}"
 
@@ -227,37 +237,53 @@ def _cached_store(base: Path, global_part: str, name: str, local: bool, log) -> 
     return None
 
 
-def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print):
+def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print, timing: dict | None = None):
     """Stores of the database and of the (cropped) queries under ``base``, reused when present.
 
-    A lock file per store makes a second run on the same cache wait for the first and reuse
-    what it wrote instead of extracting the same store again.
+    With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
+    followed by the distractors (their store is keyed on their images alone, so one extraction
+    serves every dataset). A lock file per store makes a second run on the same cache wait for
+    the first and reuse what it wrote instead of extracting the same store again. ``timing``
+    receives the seconds each extraction took (``None`` for a store reused from the cache).
     """
-    backbone = None
+    splits = [("database", dataset.database_specs(), dataset.imlist, None),
+              ("queries", dataset.query_specs(), dataset.qimlist, None)]
+    if cfg.distractors is not None:
+        distractors = DistractorSet.load(cfg.distractors)
+        splits.append(("distractors", distractors.specs(), distractors.names, (distractors.root.name, distractors.root)))
+    backbone: list[Backbone] = []
     stores = {}
     base = Path(base)
-    for split, specs, names in (
-        ("database", dataset.database_specs(), dataset.imlist),
-        ("queries", dataset.query_specs(), dataset.qimlist),
-    ):
-        global_part, name = _store_name(cfg, split, specs)
+    for split, specs, names, owner in splits:
+        global_part, name = _store_name(cfg, split, specs, owner)
         path = base / name
         lock = FileLock(base / f".{global_part}.lock",
                         on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
+        seconds = None
         with lock:
             store = _cached_store(base, global_part, name, cfg.detector is not None, log)
             if store is not None:
-                stores[split] = store
                 log(f"{split}: reusing {store.path}")
-                continue
-            if backbone is None:
-                backbone = make_backbone(cfg)
-            start = time.perf_counter()
-            stores[split] = write_store(backbone, specs, names, path, cfg, desc=f"{dataset.name} {split}",
-                                        is_query=split == "queries")
-        seconds = time.perf_counter() - start
-        log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
-    return stores["database"], stores["queries"]
+            else:
+                for leftover in unfinished_directories(path):
+                    log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
+                    shutil.rmtree(leftover, ignore_errors=True)
+                if not backbone:
+                    backbone.append(make_backbone(cfg))
+                start = time.perf_counter()
+                label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
+                store = write_store(backbone[0], specs, names, path, cfg, desc=label, is_query=split == "queries")
+                seconds = time.perf_counter() - start
+        stores[split] = store
+        if timing is not None:
+            timing[f"extract_{split}_s"] = None if seconds is None else round(seconds, 3)
+        if seconds is not None:
+            log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
+    database = stores["database"]
+    if "distractors" in stores:
+        database = StoreStack([database, stores["distractors"]])
+        log(f"database: {dataset.name}'s {len(dataset.imlist)} images + {stores['distractors'].num_images} distractors")
+    return database, stores["queries"]
 
 
 def check_device(device: str) -> torch.device:
@@ -315,6 +341,8 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
     cfg.checkpoint_head()
     cfg.resolved_whitening()
     check_queries(cfg, dataset)
+    if cfg.distractors is not None:
+        DistractorSet.load(cfg.distractors)
 
 
 def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
@@ -329,6 +357,60 @@ def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, p
         with tempfile.TemporaryDirectory(prefix="gpu_dsm-") as tmp:
             return _evaluate(cfg, dataset, Path(tmp), out, log, plot_inliers)
     return _evaluate(cfg, dataset, Path(cfg.cache_dir), out, log, plot_inliers)
+
+
+def dataset_outputs(datasets: Sequence[str], out: str | Path | None, summary: str | Path | None = None
+                    ) -> tuple[list[Path | None], Path | None]:
+    """Results file of each dataset and the summary file of a multi-dataset run.
+
+    One dataset: ``out`` as given, no summary unless asked. Several: ``out`` is a template
+    (``{dataset}`` replaced by the name; without it ``<stem>-<dataset><suffix>``) and the summary
+    defaults to ``{dataset}`` = ``summary`` (``<stem>-summary.md``); the summary's JSON form goes
+    beside its markdown with the suffix ``.json``.
+    """
+    if out is None:
+        return [None] * len(datasets), None if summary is None else Path(summary)
+    out = Path(out)
+    if len(datasets) == 1 and "{dataset}" not in str(out):
+        return [out], None if summary is None else Path(summary)
+
+    def named(name: str, suffix: str | None = None) -> Path:
+        if "{dataset}" in str(out):
+            path = Path(str(out).replace("{dataset}", name))
+        else:
+            path = out.with_name(f"{out.stem}-{name}{out.suffix}")
+        return path.with_suffix(suffix) if suffix else path
+
+    return [named(d) for d in datasets], Path(summary) if summary is not None else named("summary", ".md")
+
+
+def evaluate_datasets(cfgs: Sequence[RunConfig], outs: Sequence[str | Path | None], summary: str | Path | None = None,
+                      log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
+    """:func:`evaluate_dataset` for each config (one per dataset, checked up front, all before any
+    extraction), then the summary table across them, printed and written to ``summary`` (markdown)
+    and ``summary`` with suffix ``.json``."""
+    from gpu_dsm.eval.summary import format_markdown, summarize
+
+    if summary is not None:
+        check_output_file(summary, "--summary")
+        check_output_file(Path(summary).with_suffix(".json"), "--summary (JSON)")
+    for cfg, out in zip(cfgs, outs):
+        preflight(cfg, RevisitopDataset.load(cfg.data_root, cfg.dataset), files={"--out": out},
+                  dirs={"--cache-dir": cfg.cache_dir})
+    reports = []
+    for cfg, out in zip(cfgs, outs):
+        if len(cfgs) > 1:
+            log(f"== {cfg.dataset} ==")
+        reports.append(evaluate_dataset(cfg, out=out, log=log, plot_inliers=plot_inliers if len(cfgs) == 1 else None))
+    table = summarize(reports, [str(o) if o is not None else None for o in outs])
+    if len(cfgs) > 1:
+        log(format_markdown(table))
+    if summary is not None:
+        text = format_markdown(table) + "\n"
+        atomic_write(summary, lambda path: path.write_text(text))
+        write_json(Path(summary).with_suffix(".json"), table)
+        log(f"summary written to {summary} and {Path(summary).with_suffix('.json')}")
+    return table
 
 
 def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.Tensor, similarities: torch.Tensor,
@@ -355,6 +437,27 @@ def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.T
     return new_ranks, merged
 
 
+def diffuse_global(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig):
+    """``global+D``: diffusion seeded by each query's most similar images; ``(ranking (Q, N), CGInfo)``."""
+    device = graph.device
+    f, info = diffuse(graph, plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k,
+                                         config.gamma), config)
+    return diffusion_ranking(f, ranks.to(device)), info
+
+
+def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: RerankResult, dsm_ranks: torch.Tensor,
+                     config: DiffusionConfig):
+    """``global+dsm+D``: diffusion seeded by the verified top of each query (:func:`dsm_seeds`);
+    ``(ranking (Q, N), CGInfo)``. ``similarities (Q, >= K)`` in the initial order, ``reranked``
+    the re-ranking of the top ``K``, ``dsm_ranks (Q, N)`` the re-ranked full ranking."""
+    device = graph.device
+    k = reranked.order.shape[1]
+    seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
+                      reranked.inliers.to(device), graph.num_nodes, config.dsm_candidates, config.dsm_keep, config.gamma)
+    f, info = diffuse(graph, seeds, config)
+    return diffusion_ranking(f, dsm_ranks.to(device)), info
+
+
 def _method_entry(ranks: torch.Tensor, gnd) -> dict[str, Any]:
     entry = evaluate_revisited(ranks.cpu().numpy(), gnd)
     entry["ranks"] = ranks.cpu().tolist()
@@ -377,23 +480,41 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
     draw_inlier_histogram(pos, neg).save(path)
 
 
+@contextmanager
+def _timed(timing: dict[str, Any], stage: str, device: torch.device):
+    """Seconds a stage took, into ``timing[stage + "_s"]`` (the results' ``timing``)."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timing[f"{stage}_s"] = round(time.perf_counter() - start, 4)
+
+
 def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, plot_inliers=None) -> dict[str, Any]:
-    db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
+    timing: dict[str, Any] = {}
     device = torch.device(cfg.device)
-    db = db_store.global_descriptors().to(device)
-    queries = q_store.global_descriptors().to(device)
-    label, whitening = cfg.resolved_whitening()
+
+    def stage(name: str):
+        return _timed(timing, name, device)
+
+    db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing)
+    with stage("search"):
+        db = db_store.global_descriptors().to(device)
+        queries = q_store.global_descriptors().to(device)
+        label, whitening = cfg.resolved_whitening()
+        if whitening is not None:
+            db, queries = whitening.apply(db), whitening.apply(queries)
+        similarities, ranks = similarity_topk(queries, db)
     if whitening is not None:
-        db, queries = whitening.apply(db), whitening.apply(queries)
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
-    similarities, ranks = similarity_topk(queries, db)
     results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
     report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
-                              "queries": list(dataset.qimlist), "results": results}
+                              "database": {"images": len(dataset.imlist), "distractors": db.shape[0] - len(dataset.imlist)},
+                              "queries": list(dataset.qimlist), "results": results, "timing": timing}
     if cfg.rerank is not None:
-        start = time.perf_counter()
-        dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)
-        seconds = time.perf_counter() - start
+        with stage("rerank"):
+            dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)
+        seconds = timing["rerank_s"]
         results["global+dsm"] = _method_entry(dsm_ranks, dataset.gnd)
         k = reranked.order.shape[1]
         inliers_initial = torch.zeros_like(reranked.inliers).scatter_(1, reranked.order, reranked.inliers)
@@ -417,19 +538,18 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
         log(f"re-ranking: {1000 * seconds / max(len(dataset.gnd), 1):.0f} ms per query ({k} candidates) on {device}")
     if cfg.diffusion is not None:
         dcfg = cfg.diffusion
-        graph = load_or_build_graph(db_store, db, cfg, base, log)
-        n = db.shape[0]
-        f, info = diffuse(graph, plain_seeds(similarities, ranks, n, dcfg.query_k, dcfg.gamma), dcfg)
-        results["global+D"] = _method_entry(diffusion_ranking(f, ranks), dataset.gnd)
+        with stage("graph"):
+            graph = load_or_build_graph(db_store, db, cfg, base, log)
+        with stage("diffusion_global"):
+            diffused, info = diffuse_global(graph, similarities, ranks, dcfg)
+        results["global+D"] = _method_entry(diffused, dataset.gnd)
         cg = {"global+D": {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}}
         if cfg.rerank is not None:
-            k = reranked.order.shape[1]
-            seeds = dsm_seeds(similarities[:, :k].cpu().gather(1, reranked.order).to(device), reranked.indices.to(device),
-                              reranked.inliers.to(device), n, dcfg.dsm_candidates, dcfg.dsm_keep, dcfg.gamma)
-            f, info = diffuse(graph, seeds, dcfg)
-            results["global+dsm+D"] = _method_entry(diffusion_ranking(f, dsm_ranks.to(device)), dataset.gnd)
+            with stage("diffusion_dsm"):
+                diffused, info = diffuse_verified(graph, similarities, reranked, dsm_ranks, dcfg)
+            results["global+dsm+D"] = _method_entry(diffused, dataset.gnd)
             cg["global+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
-        report.setdefault("diagnostics", {})["diffusion"] = cg
+        report.setdefault("diagnostics", {})["diffusion"] = {**cg, "graph_k": graph.k, "graph_edges": graph.num_edges}
     log(format_table(results))
     if out is not None:
         write_json(out, report)

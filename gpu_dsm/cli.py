@@ -132,18 +132,18 @@ def _add_rerank_args(p: argparse.ArgumentParser, ranking: bool = True) -> None:
                        help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
                             "similarity (beyond the paper; measured better, README) (default: %(default)s)")
         g.add_argument("--fuse-weight", type=float, default=r.fuse_weight,
-                       help="weight of inliers in 'fused' (default: %(default)s, measured on roxford5k-mini)")
+                       help="weight of inliers in 'fused' (default: %(default)s, measured on four sets, README)")
     else:
         g = p.add_argument_group("spatial matching (paper 3.5)")
         p.set_defaults(rerank="dsm", top_k=r.top_k, score=r.score, fuse_weight=r.fuse_weight)
     g.add_argument("--threshold", type=float, default=m.threshold,
-                   help="inlier threshold on the transfer error, feature-map pixels (default: %(default)s, measured on "
-                        "roxford5k-mini; paper 4.1: 2)")
+                   help="inlier threshold on the transfer error, feature-map pixels (default: %(default)s, measured on four sets, "
+                        "README; paper 4.1: 2)")
     g.add_argument("--max-scale-change", type=float, default=m.max_scale_change,
                    help="largest scale change of an inlier relative to the hypothesis (default: %(default)s, paper 4.1)")
     g.add_argument("--error", choices=ERRORS, default=m.error,
                    help="symmetric (both directions, reference code) or one_way transfer error (default: %(default)s, "
-                        "measured better on roxford5k-mini, README)")
+                        "measured on four sets, README)")
     g.add_argument("--paper-rerank", action="store_true",
                    help="the paper's matching settings instead of the measured defaults: threshold 2, symmetric error "
                         "(and, when re-ranking, score inliers) (default: off)")
@@ -158,10 +158,15 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--diffusion", action="store_true",
                    help="diffuse on the kNN graph of the database: adds 'global+D' and, with --rerank dsm, 'global+dsm+D' "
                         "(default: off)")
-    g.add_argument("--graph-k", type=int, default=gr.k, help="neighbours per node of the mutual kNN graph (default: %(default)s)")
+    g.add_argument("--graph-k", type=int, default=gr.k,
+                   help=f"neighbours per node of the mutual kNN graph (default: scaled to the database, "
+                        f"{gr.k_fraction:g} x images within [{gr.k_min}, {gr.k_max}]: the paper's {gr.k_max} from "
+                        f"{round(gr.k_max / gr.k_fraction)} images on, {gr.k_min} for a 133-image set; measured, README)")
     g.add_argument("--graph-backend", choices=("exact", "faiss"), default=gr.backend,
                    help="exact chunked products, or approximate FAISS (optional package) (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="diffusion alpha (default: %(default)s, Iscen et al.)")
+    g.add_argument("--alpha", type=float, default=d.alpha,
+                   help=f"diffusion alpha (default: scaled to the database: {d.large_alpha} as Iscen et al. and the paper "
+                        f"from {d.large_database} images on, {d.small_alpha} below; measured, README)")
     g.add_argument("--gamma", type=float, default=d.gamma, help="similarity exponent of graph weights and seeds (default: %(default)s)")
     g.add_argument("--cg-iterations", type=int, default=d.max_iter, help="conjugate-gradient iterations at most (default: %(default)s)")
     g.add_argument("--cg-tol", type=float, default=d.tol, help="conjugate-gradient relative residual (default: %(default)s)")
@@ -192,7 +197,7 @@ def _rerank_config(args: argparse.Namespace) -> RerankConfig | None:
     return RerankConfig(top_k=args.top_k, score=args.score, fuse_weight=args.fuse_weight, match=match)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     from gpu_dsm.eval.datasets import default_data_root
 
     root = default_data_root()
@@ -200,8 +205,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=str(root) if root else None, required=root is None,
                    help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (default: $GPU_DSM_DATA, else "
                         "../shared/data beside the repository: %(default)s)")
-    g.add_argument("--dataset", default="roxford5k-mini",
-                   help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ... (default: %(default)s)")
+    if several:
+        g.add_argument("--dataset", nargs="+", default=["roxford5k-mini"],
+                       help="revisitop dataset names: roxford5k, rparis6k, roxford5k-mini, ...; with several, one results "
+                            "file each and a summary table across them (default: roxford5k-mini)")
+        g.add_argument("--distractors", default=None, metavar="DIR",
+                       help="append the images of DIR (jpg/ and imlist.txt, or revisitop1m.txt as the R1M distractors come) "
+                            "to every database as negatives, never queries; their features are extracted once per "
+                            "extraction setting and cached for every dataset (default: none)")
+    else:
+        g.add_argument("--dataset", default="roxford5k-mini",
+                       help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ... (default: %(default)s)")
 
 
 def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_dir: str | None, local: bool = False):
@@ -217,18 +231,24 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
         detector=_detector_config(args) if local else None,
         rerank=_rerank_config(args),
         diffusion=_diffusion_config(args)[0], graph=_diffusion_config(args)[1],
-        whitening=getattr(args, "whitening", None), cache_dir=cache_dir, device=args.device, dtype=args.dtype,
+        whitening=getattr(args, "whitening", None), distractors=getattr(args, "distractors", None), cache_dir=cache_dir,
+        device=args.device, dtype=args.dtype,
         trust_weights_file=args.trust_weights_file,
     )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gpu_dsm.eval.run import evaluate_dataset
+    from gpu_dsm.eval.run import dataset_outputs, evaluate_datasets
 
-    cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir, local=args.rerank != "none")
-    if args.plot_inliers and cfg.rerank is None:
+    if len(set(args.dataset)) != len(args.dataset):
+        raise ValueError(f"--dataset names a dataset twice: {args.dataset}")
+    cfgs = [_run_config(args, args.data_root, name, args.cache_dir, local=args.rerank != "none") for name in args.dataset]
+    if args.plot_inliers and cfgs[0].rerank is None:
         raise ValueError("--plot-inliers needs --rerank dsm")
-    evaluate_dataset(cfg, out=args.out, plot_inliers=args.plot_inliers)
+    if args.plot_inliers and len(cfgs) > 1:
+        raise ValueError("--plot-inliers takes one --dataset")
+    outs, summary = dataset_outputs(args.dataset, args.out, args.summary)
+    evaluate_datasets(cfgs, outs, summary, plot_inliers=args.plot_inliers)
     return 0
 
 
@@ -275,8 +295,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.compare import compare_reports, format_comparison, load_report
     from gpu_dsm.io import check_output_file, write_json
 
-    if args.out:
-        check_output_file(args.out, "--out")
+    for what, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, what)
     base = load_report(args.results[0])
     other = load_report(args.results[-1])
     methods = args.methods or ["global", "global+dsm"]
@@ -286,6 +307,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_comparison(result))
     if args.out:
         write_json(args.out, result)
+    if args.plot:
+        from gpu_dsm.eval.compare import plot_comparison
+
+        plot_comparison(result, args.plot)
+        print(f"per-query differences drawn in {args.plot}")
     return 0
 
 
@@ -325,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="rank a revisitop dataset and report E/M/H mAP and mP@k",
                        description="Rank the database for every query and print mAP and mP@10 for the Easy/Medium/Hard "
                                    "setups of the revisited protocol; write everything as JSON.")
-    _add_data_args(p)
+    _add_data_args(p, several=True)
     _add_model_args(p)
     _add_detector_args(p)
     _add_rerank_args(p)
@@ -337,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "one, else none; the paper uses supervised whitening learned on SfM-120k)")
     p.add_argument("--cache-dir", default=".gpu_dsm_cache",
                    help="keep feature stores here so a second run does not re-run the network (default: %(default)s)")
-    p.add_argument("--out", default=None, help="results JSON file (default: none)")
+    p.add_argument("--out", default=None,
+                   help="results JSON file; with several datasets a template: '{dataset}' is replaced by each name, else "
+                        "the name is appended to the file's stem (default: none)")
+    p.add_argument("--summary", default=None,
+                   help="markdown table of every dataset and method (its JSON form beside it, suffix .json) (default: with "
+                        "several datasets and --out, the --out name for dataset 'summary' with suffix .md)")
     p.add_argument("--plot-inliers", default=None,
                    help="with --rerank dsm: write a PNG of the inlier counts of positives vs negatives (paper figure 6) "
                         "(default: none)")
@@ -365,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A B: the methods compared (default: global global+dsm)")
     p.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write the comparison as JSON (default: none)")
+    p.add_argument("--plot", default=None,
+                   help="also draw the per-query AP differences, sorted, one panel per setup, as a PNG (default: none)")
     p.set_defaults(func=cmd_compare)
     return parser
 

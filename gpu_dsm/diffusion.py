@@ -37,19 +37,28 @@ _RESTRICT_BELOW = 0.8  # solve on the seeded components when they hold less than
 class DiffusionConfig:
     """Diffusion parameters; defaults from Iscen et al. 2017 and the DSM reference code."""
 
-    alpha: float = 0.99  # Iscen et al.
+    # None: scaled to the database, alpha_for(N) = 0.99 (Iscen et al., the paper) from
+    # large_database images on, small_alpha below (README, "Diffusion on small databases"); a float: that alpha
+    alpha: float | None = None
+    small_alpha: float = 0.5  # measured on roxford5k-mini, roxford5k-19q, roxford5k-19q + distractors (README)
+    large_alpha: float = 0.99  # Iscen et al.; DSM paper 4.1 (5k to 1M images)
+    large_database: int = 5000  # where GraphConfig's size rule reaches the paper's k = 50
     tol: float = 1e-6  # relative residual at which CG stops (reference code)
     max_iter: int = 20  # reference code
     gamma: float = 3.0  # similarity exponent of the plain seeds (Iscen et al.)
-    query_k: int = 10  # plain seeds: kq most similar images (Iscen et al. use 5 or 10)
+    query_k: int = 10  # plain seeds: kq most similar images (Iscen et al.; 3 / 5 no better on all sets, README)
     dsm_candidates: int = 10  # DSM seeds come from the top 10 re-ranked images (paper 4.1)
-    dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4)
+    dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, README)
     dtype: torch.dtype = torch.float32  # fp32 suffices: condition number <= 1 / (1 - alpha)
 
     def __post_init__(self):
         # I - alpha S is positive definite (CG converges) only for 0 < alpha < 1: |eig(S)| <= 1
-        if not (math.isfinite(self.alpha) and 0 < self.alpha < 1):
-            raise ValueError(f"diffusion alpha must lie in (0, 1), got {self.alpha}")
+        for name in ("alpha", "small_alpha", "large_alpha"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 < value < 1):
+                raise ValueError(f"diffusion {name} must lie in (0, 1), got {value}")
+        if self.large_database < 1:
+            raise ValueError(f"diffusion large_database must be >= 1, got {self.large_database}")
         if not (math.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"diffusion tol must be > 0, got {self.tol}")
         if not (math.isfinite(self.gamma) and self.gamma > 0):
@@ -59,6 +68,13 @@ class DiffusionConfig:
                 raise ValueError(f"diffusion {name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"diffusion dtype must be torch.float32 or torch.float64, got {self.dtype}")
+
+
+    def alpha_for(self, num_nodes: int) -> float:
+        """The alpha used on a database of ``num_nodes`` images."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        return float(self.large_alpha if num_nodes >= self.large_database else self.small_alpha)
 
 
 class ConvergenceWarning(UserWarning):
@@ -211,7 +227,7 @@ def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor
         op = graph
     else:
         op = SparseOperator(graph, cfg.dtype)
-    f, info = conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha, cfg.tol, cfg.max_iter)
+    f, info = conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha_for(seeds.shape[0]), cfg.tol, cfg.max_iter)
     residual = info.relative_residual
     unconverged = int((residual > cfg.tol).sum()) if residual.numel() else 0
     if unconverged:

@@ -30,21 +30,34 @@ BACKENDS = ("exact", "faiss")
 class GraphConfig:
     """kNN graph parameters; defaults from the DSM paper's diffusion setting (Iscen et al. 2017)."""
 
-    k: int = 50  # neighbours per node (Iscen et al.; DSM reference code)
+    # neighbours per node; None: scaled to the database, neighbours(N) = round(k_fraction * N)
+    # clamped to [k_min, k_max] (README, "Diffusion on small databases"); an int: that k
+    k: int | None = None
+    k_fraction: float = 0.01  # 50 at the 5k images of R-Oxford/R-Paris, the paper's setting (measured, README)
+    k_min: int = 3  # the floor that keeps a 133-image database intact (measured on roxford5k-mini, README)
+    k_max: int = 50  # Iscen et al. and the DSM reference code use k = 50 for 5k to 1M images
     gamma: float = 3.0  # similarity exponent of the weights (Iscen et al.)
     mutual: bool = True  # keep mutual neighbours only (Iscen et al.)
     backend: str = "exact"  # "exact" chunked products, or "faiss" (approximate, optional package)
     chunk_size: int = 4096  # database rows per similarity block (exact backend): memory = chunk_size x N
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1 (or None: scaled to the database), got {self.k}")
+        if not (1 <= self.k_min <= self.k_max) or not (math.isfinite(self.k_fraction) and self.k_fraction > 0):
+            raise ValueError(f"need 1 <= k_min <= k_max and k_fraction > 0, got {self.k_min}, {self.k_max}, {self.k_fraction}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ValueError(f"graph gamma must be > 0, got {self.gamma}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+    def neighbours(self, num_nodes: int) -> int:
+        """The k used for a database of ``num_nodes`` images (at most ``num_nodes - 1``)."""
+        k = self.k if self.k is not None else min(self.k_max, max(self.k_min, round(self.k_fraction * num_nodes)))
+        return max(0, min(int(k), int(num_nodes) - 1))
 
 
 @dataclass
@@ -67,6 +80,10 @@ class KnnGraph:
     @property
     def num_nodes(self) -> int:
         return int(self.affinity.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.affinity.device
 
     @property
     def num_edges(self) -> int:
@@ -135,7 +152,8 @@ def faiss_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None) -> KnnGraph:
     """Mutual kNN graph of L2-normalised ``descriptors (N, D)``, on their device.
 
-    ``k`` larger than ``N - 1`` is clamped to ``N - 1`` (every other node is a neighbour).
+    ``k`` is ``config.neighbours(N)`` (a k larger than ``N - 1`` is clamped to ``N - 1``: every
+    other node is a neighbour).
     """
     cfg = config or GraphConfig()
     descriptors = as_tensor(descriptors, "descriptors", kind="float")
@@ -146,7 +164,7 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
     x = descriptors.float()
     n = x.shape[0]
     device = x.device
-    k = min(cfg.k, n - 1)
+    k = cfg.neighbours(n)
     if k < 1:
         empty = csr_tensor(torch.zeros(n + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), n).to(device)
         return KnnGraph(empty, k, cfg.gamma, cfg.mutual)

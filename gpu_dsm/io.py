@@ -108,6 +108,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def unfinished_directories(path: str | Path) -> list[Path]:
+    """Temporary directories :func:`atomic_directory` left for ``path`` when its process was killed
+    before it could clean up (SIGKILL, power loss). Only safe to remove while holding the lock
+    that guards writing ``path``."""
+    path = Path(path)
+    return sorted(p for p in path.parent.glob(f".{path.name}.*.tmp") if p.is_dir())
+
+
 # --- checks of output paths, before any work ---------------------------------------------------
 
 def _nearest_existing(path: Path) -> Path:

@@ -277,6 +277,18 @@ class FeatureStore:
         self._non_finite("global.npy", rows)
         return torch.from_numpy(rows)
 
+    @property
+    def key(self) -> str:
+        """A name that identifies what the store holds (its folder name: caches key on it)."""
+        return self.path.name
+
+    def feature_counts(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """``(n,)`` number of local features of images ``indices`` (all by default)."""
+        if self._local is None:
+            raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
+        idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        return np.asarray(self._count[idx], dtype=np.int64)
+
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
         """Padded :class:`LocalFeatures` of images ``indices`` (all by default), read from the memory map."""
@@ -306,4 +318,94 @@ class FeatureStore:
 
     def bytes_per_image(self) -> float:
         total = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return total / max(self.num_images, 1)
+
+
+class StoreStack:
+    """Several stores read as one database, in order: image ``i`` of the stack is image
+    ``i - offset[s]`` of the store ``s`` that holds it (a dataset's database followed by
+    distractors). Offers the reading side of :class:`FeatureStore`.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore]):
+        if not stores:
+            raise ValueError("StoreStack: no stores")
+        self.stores = list(stores)
+        first = self.stores[0]
+        for store in self.stores[1:]:
+            if store.meta["global_dim"] != first.meta["global_dim"]:
+                raise ValueError(f"StoreStack: {store.path} has {store.meta['global_dim']}-D global descriptors, "
+                                 f"{first.path} {first.meta['global_dim']}-D")
+            if store.has_local != first.has_local:
+                raise ValueError(f"StoreStack: {store.path} and {first.path} differ in holding local features")
+            if first.has_local and (store.meta["local"]["scales"] != first.meta["local"]["scales"]
+                                    or store.meta["local"]["num_channels"] != first.meta["local"]["num_channels"]):
+                raise ValueError(f"StoreStack: {store.path} and {first.path} were extracted at different scales or "
+                                 "with different networks")
+        self.offsets = np.cumsum([0] + [s.num_images for s in self.stores])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def names(self) -> list[str]:
+        return [name for store in self.stores for name in store.names]
+
+    @property
+    def has_local(self) -> bool:
+        return self.stores[0].has_local
+
+    @property
+    def key(self) -> str:
+        return "+".join(store.key for store in self.stores)
+
+    @property
+    def path(self) -> Path:
+        """The first store's folder (the dataset's own database)."""
+        return self.stores[0].path
+
+    def _split(self, indices: Sequence[int] | None) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+        """``(indices, [(store, positions in indices)])`` for the stores that hold some of them."""
+        idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+            raise IndexError(f"StoreStack: image indices must lie in 0..{self.num_images - 1}")
+        owner = np.searchsorted(self.offsets, idx, side="right") - 1
+        return idx, [(s, np.nonzero(owner == s)[0]) for s in range(len(self.stores)) if (owner == s).any()]
+
+    def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        if indices is None:
+            return torch.cat([store.global_descriptors() for store in self.stores])
+        idx, parts = self._split(indices)
+        out = torch.empty(idx.size, self.stores[0].meta["global_dim"])
+        for s, pos in parts:
+            out[torch.from_numpy(pos)] = self.stores[s].global_descriptors(idx[pos] - self.offsets[s])
+        return out
+
+    def feature_counts(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        idx, parts = self._split(indices)
+        out = np.zeros(idx.size, dtype=np.int64)
+        for s, pos in parts:
+            out[pos] = self.stores[s].feature_counts(idx[pos] - self.offsets[s])
+        return out
+
+    def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
+                       capacity: int | None = None) -> LocalFeatures:
+        idx, parts = self._split(indices)
+        if capacity is None:
+            capacity = int(self.feature_counts(idx).max(initial=0))
+        tables, positions = [], []
+        for s, pos in parts:
+            tables.append(self.stores[s].local_features(idx[pos] - self.offsets[s], device=device, capacity=capacity))
+            positions.append(pos)
+        if not tables:
+            local = self.stores[0].meta["local"]
+            return LocalFeatures.from_images([], torch.zeros(0, len(local["scales"]), 2, dtype=torch.long),
+                                             local["scales"], local["num_channels"], capacity=capacity, device=device)
+        back = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable")).to(tables[0].device)
+        return tables[0]._replace(**{name: torch.cat([getattr(t, name) for t in tables])[back]
+                                     for name in LocalFeatures._TENSORS})
+
+    def bytes_per_image(self) -> float:
+        total = sum(store.bytes_per_image() * store.num_images for store in self.stores)
         return total / max(self.num_images, 1)

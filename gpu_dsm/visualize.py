@@ -97,3 +97,38 @@ def draw_inlier_histogram(positive: Sequence[int], negative: Sequence[int], titl
     draw.text((left, bottom + 20), "inliers", fill=(0, 0, 0))
     draw.text((4, top), f"{peak:.2f}", fill=(0, 0, 0))
     return img
+
+
+def draw_delta_plot(panels: Sequence[tuple[str, Sequence[float | None]]], title: str = "per-query AP difference",
+                    width: int = 720, panel_height: int = 200) -> Image.Image:
+    """Per-query differences (one panel per ``(label, deltas)``), sorted from largest gain to
+    largest loss: green bars gain, red bars lose, the dashed line is the mean; ``None`` (a query
+    undefined in that setup) is left out."""
+    panels = list(panels)
+    img = Image.new("RGB", (width, 28 + panel_height * max(len(panels), 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 8), title, fill=(0, 0, 0))
+    for p, (label, deltas) in enumerate(panels):
+        values = np.sort(np.asarray([d for d in deltas if d is not None], dtype=np.float64))[::-1]
+        top = 28 + p * panel_height + 18
+        bottom = 28 + (p + 1) * panel_height - 10
+        left, right = 60, width - 10
+        mid = (top + bottom) / 2
+        peak = max(float(np.abs(values).max(initial=0.0)), 1e-9)
+        draw.text((8, top - 16), f"{label}: {values.size} queries, mean {values.mean() if values.size else 0:+.2f}, "
+                                 f"{int((values > 1e-9).sum())} gain, {int((values < -1e-9).sum())} lose", fill=(0, 0, 0))
+        draw.line([(left, top), (left, bottom)], fill=(0, 0, 0))
+        draw.line([(left, mid), (right, mid)], fill=(0, 0, 0))
+        draw.text((4, top), f"{peak:+.1f}", fill=(0, 0, 0))
+        draw.text((4, bottom - 10), f"{-peak:+.1f}", fill=(0, 0, 0))
+        step = (right - left) / max(values.size, 1)
+        half = (bottom - top) / 2
+        for i, v in enumerate(values):
+            y = mid - half * v / peak
+            colour = (40, 170, 60) if v > 1e-9 else (220, 50, 50) if v < -1e-9 else (150, 150, 150)
+            draw.rectangle([left + i * step, min(mid, y), left + i * step + max(step * 0.8, 1), max(mid, y)], fill=colour)
+        if values.size:
+            y = mid - half * values.mean() / peak
+            for x in range(left, right, 8):
+                draw.line([(x, y), (min(x + 4, right), y)], fill=(30, 30, 200))
+    return img

@@ -73,7 +73,7 @@ def test_cg_agrees_with_scipy():
     q = F.normalize(centres[:12] + 0.6 * torch.randn(12, centres.shape[1]), dim=1)
     sims, ranks = torch.sort(q @ x.T, dim=1, descending=True)
     y = plain_seeds(sims, ranks, len(x))
-    f, info = diffuse(g.affinity, y, DiffusionConfig(max_iter=100))
+    f, info = diffuse(g.affinity, y, DiffusionConfig(alpha=0.99, max_iter=100))
     assert info.relative_residual.max() <= 1e-6
     coo = g.affinity.to_sparse_coo().coalesce()
     a = sp.csr_matrix((coo.values().double().numpy(), coo.indices().numpy()), shape=coo.shape)
@@ -200,7 +200,7 @@ def test_restricted_solve_equals_the_whole_graph_solve():
     torch.testing.assert_close(info_r.relative_residual, info_w.relative_residual, rtol=1e-3, atol=1e-9)
     # diffuse() on the graph reuses its operator (and says that 20 iterations did not reach tol)
     with pytest.warns(ConvergenceWarning, match="queries above tol"):
-        f, _ = diffuse(g, y)
+        f, _ = diffuse(g, y, DiffusionConfig(alpha=0.99))
     assert g.operator() is op and torch.equal(f, restricted)
 
 

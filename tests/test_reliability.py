@@ -447,3 +447,18 @@ def test_file_lock_excludes_a_second_holder(tmp_path):
         assert not done.is_set() and waited == [tmp_path / "l"]
     t.join(5)
     assert done.is_set()
+
+
+def test_a_killed_runs_unfinished_store_is_removed_when_the_store_is_next_built(tiny_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(_args(tiny_root, cache)) == 0
+    database = next(p for p in cache.iterdir() if p.is_dir() and "-database-" in p.name)
+    shutil.rmtree(database)
+    leftover = cache / f".{database.name}.k1ll3d.tmp"  # what atomic_directory leaves after a SIGKILL
+    leftover.mkdir()
+    (leftover / "global.npy").write_bytes(b"half written")
+    capsys.readouterr()
+    assert main(_args(tiny_root, cache)) == 0
+    printed = capsys.readouterr().out
+    assert f"removing {leftover.name}, an unfinished store of a run that was killed" in printed
+    assert not leftover.exists() and (database / "meta.json").is_file()
