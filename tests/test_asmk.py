@@ -134,6 +134,19 @@ def test_hamming_distance_of_packed_codes(width):
     assert hamming(a, b).tolist() == want and want[0] == 0 and want[1] == 8 * width
 
 
+def test_popcount_paths_agree():
+    from gpu_dsm.kernels.bits import gather_rows, popcount64
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-2 ** 63, 2 ** 63 - 1, (5000,), generator=g)
+    x[:3] = torch.tensor([-1, 0, -2 ** 63])
+    want = [bin(v & (2 ** 64 - 1)).count("1") for v in x.tolist()]
+    assert popcount64(x).tolist() == want and popcount64(x, native=False).tolist() == want
+    codes = torch.randint(0, 256, (50, 16), dtype=torch.uint8, generator=g)
+    rows = torch.tensor([7, 0, 49, 7])
+    assert torch.equal(gather_rows(codes, rows), codes[rows]) and torch.equal(gather_rows(codes[:, :15], rows), codes[rows, :15])
+
+
 def test_scores_equal_the_authors_asmk_package():
     """The authors' implementation (PyPI ``asmk``, needs faiss-cpu) given the same descriptors and
     codebook. Its residual sums and quantisation run in float32: scores agree to 1e-5."""

@@ -24,6 +24,7 @@ from gpu_dsm.checks import as_tensor
 from gpu_dsm.io import torch_load_checked, torch_save
 from gpu_dsm.asmk.codes import WordVectors, aggregate_residuals, binary_codes, code_similarity, normalized_codes, selectivity
 from gpu_dsm.asmk.config import ASMKConfig
+from gpu_dsm.kernels.bits import gather_rows
 
 _FORMAT = "gpu_dsm.asmk_index/1"
 
@@ -166,7 +167,7 @@ class ASMKIndex:
             first = torch.cumsum(counts, 0) - counts
             within = torch.arange(entry.numel(), device=self.device) - torch.repeat_interleave(first, counts)
             position = self.offsets[word[entry]] + within
-            s = code_similarity(codes[entry], self.codes[position], self.dim)
+            s = code_similarity(gather_rows(codes, entry), gather_rows(self.codes, position), self.dim)
             weight = selectivity(s, cfg.alpha, cfg.tau)
             scores.index_add_(0, query[entry] * n + self.image_ids[position].long(), weight)
             done = int(ends[stop - 1])
