@@ -49,7 +49,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, groups: np.ndarray, samples: 
             "tie": int((np.abs(delta) <= 1e-9).sum())}
 
 
-def _aps(entry: dict, setup: str) -> np.ndarray:
+def setup_aps(entry: dict, setup: str) -> np.ndarray:
+    """Per-query APs of one setup of a results entry, ``None`` (undefined) as NaN."""
     return np.asarray([np.nan if v is None else v for v in entry["AP"][setup]], dtype=np.float64)
 
 
@@ -65,7 +66,7 @@ def compare_reports(base: dict, other: dict, method_a: str, method_b: str, sampl
     groups = query_groups(names)
     out = {"a": method_a, "b": method_b, "setups": {}}
     for setup in SETUPS:
-        a, b = _aps(base["results"][method_a], setup), _aps(other["results"][method_b], setup)
+        a, b = setup_aps(base["results"][method_a], setup), setup_aps(other["results"][method_b], setup)
         if a.shape != b.shape:
             raise ValueError(f"{setup}: {a.size} and {b.size} queries")
         out["setups"][setup] = paired_bootstrap(a, b, groups, samples)

@@ -68,6 +68,13 @@ class RunConfig:
     _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
     _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
     _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _distractor_set: DistractorSet | None = field(default=None, init=False, repr=False, compare=False)
+
+    def distractor_set(self) -> DistractorSet | None:
+        """The ``distractors`` folder's images, listed and checked once (``None`` without distractors)."""
+        if self.distractors is not None and self._distractor_set is None:
+            self._distractor_set = DistractorSet.load(self.distractors)
+        return self._distractor_set
 
     def checkpoint_head(self) -> RetrievalHead:
         """What the weights file carries besides convolutions (pooling, p, whitenings), read once
@@ -248,10 +255,10 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     """
     splits = [("database", dataset.database_specs(), dataset.imlist, None),
               ("queries", dataset.query_specs(), dataset.qimlist, None)]
-    if cfg.distractors is not None:
-        distractors = DistractorSet.load(cfg.distractors)
+    distractors = cfg.distractor_set()
+    if distractors is not None:
         splits.append(("distractors", distractors.specs(), distractors.names, (distractors.root.name, distractors.root)))
-    backbone: list[Backbone] = []
+    backbone = None
     stores = {}
     base = Path(base)
     for split, specs, names, owner in splits:
@@ -268,11 +275,11 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                 for leftover in unfinished_directories(path):
                     log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
                     shutil.rmtree(leftover, ignore_errors=True)
-                if not backbone:
-                    backbone.append(make_backbone(cfg))
+                if backbone is None:
+                    backbone = make_backbone(cfg)
                 start = time.perf_counter()
                 label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
-                store = write_store(backbone[0], specs, names, path, cfg, desc=label, is_query=split == "queries")
+                store = write_store(backbone, specs, names, path, cfg, desc=label, is_query=split == "queries")
                 seconds = time.perf_counter() - start
         stores[split] = store
         if timing is not None:
@@ -341,8 +348,7 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
     cfg.checkpoint_head()
     cfg.resolved_whitening()
     check_queries(cfg, dataset)
-    if cfg.distractors is not None:
-        DistractorSet.load(cfg.distractors)
+    cfg.distractor_set()
 
 
 def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
@@ -437,6 +443,19 @@ def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.T
     return new_ranks, merged
 
 
+def global_ranking(cfg: RunConfig, db_store, q_store: FeatureStore, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(database descriptors (N, D), similarities (Q, N), ranks (Q, N))`` on ``device``: the
+    stores' global descriptors, whitened as ``cfg`` says, every query against the whole database."""
+    db = db_store.global_descriptors().to(device)
+    queries = q_store.global_descriptors().to(device)
+    whitening = cfg.resolved_whitening()[1]
+    if whitening is not None:
+        db, queries = whitening.apply(db), whitening.apply(queries)
+    similarities, ranks = similarity_topk(queries, db)
+    return db, similarities, ranks
+
+
 def diffuse_global(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig):
     """``global+D``: diffusion seeded by each query's most similar images; ``(ranking (Q, N), CGInfo)``."""
     device = graph.device
@@ -499,12 +518,8 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
 
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing)
     with stage("search"):
-        db = db_store.global_descriptors().to(device)
-        queries = q_store.global_descriptors().to(device)
-        label, whitening = cfg.resolved_whitening()
-        if whitening is not None:
-            db, queries = whitening.apply(db), whitening.apply(queries)
-        similarities, ranks = similarity_topk(queries, db)
+        db, similarities, ranks = global_ranking(cfg, db_store, q_store, device)
+    label, whitening = cfg.resolved_whitening()
     if whitening is not None:
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
     results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
@@ -517,7 +532,7 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
         seconds = timing["rerank_s"]
         results["global+dsm"] = _method_entry(dsm_ranks, dataset.gnd)
         k = reranked.order.shape[1]
-        inliers_initial = torch.zeros_like(reranked.inliers).scatter_(1, reranked.order, reranked.inliers)
+        inliers_initial = reranked.initial_order_inliers()
         top_sims = similarities[:, :k].cpu()
         auc = top_k_separation(
             ranks[:, :k].cpu().numpy(),

@@ -35,13 +35,13 @@ from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.io import check_output_file, write_json
-from gpu_dsm.match import ERRORS, MatchConfig
-from gpu_dsm.rerank import SCORES, RerankConfig, rerank_by_inliers
-from gpu_dsm.search import similarity_topk
-from gpu_dsm.eval.compare import paired_bootstrap, query_groups
+from gpu_dsm.match import ERRORS
+from gpu_dsm.rerank import RerankConfig, rerank_by_inliers
+from gpu_dsm.eval.compare import paired_bootstrap, query_groups, setup_aps
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.protocol import SETUPS, evaluate_revisited
-from gpu_dsm.eval.run import RunConfig, dataset_stores, diffuse_global, diffuse_verified, preflight, rerank_dataset
+from gpu_dsm.eval.run import (RunConfig, dataset_stores, diffuse_global, diffuse_verified, global_ranking, preflight,
+                              rerank_dataset)
 
 
 @dataclass
@@ -65,9 +65,7 @@ def _entry(ranks: torch.Tensor, gnd) -> dict[str, Any]:
 def _paired(a: dict, b: dict, groups) -> dict[str, Any]:
     out = {}
     for setup in SETUPS:
-        pa = [float("nan") if v is None else v for v in a["AP"][setup]]
-        pb = [float("nan") if v is None else v for v in b["AP"][setup]]
-        r = paired_bootstrap(pa, pb, groups, samples=4000)
+        r = paired_bootstrap(setup_aps(a, setup), setup_aps(b, setup), groups, samples=4000)
         out[setup] = {k: r[k] for k in ("delta", "ci", "gain", "loss") if k in r}
     return out
 
@@ -76,18 +74,16 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
     """All rows of the sweep on ``cfg``'s dataset (see the module docstring)."""
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     device = torch.device(cfg.device)
+    default_rerank, default_diffusion, default_graph = RerankConfig(), DiffusionConfig(), GraphConfig()
+    d = default_rerank
+    if d.match.threshold not in grid.thresholds or d.match.error not in grid.errors:
+        raise ValueError(f"the grid must include the default threshold {d.match.threshold} and error {d.match.error}")
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    db = db_store.global_descriptors().to(device)
-    queries = q_store.global_descriptors().to(device)
-    whitening = cfg.resolved_whitening()[1]
-    if whitening is not None:
-        db, queries = whitening.apply(db), whitening.apply(queries)
-    similarities, ranks = similarity_topk(queries, db)
+    db, similarities, ranks = global_ranking(cfg, db_store, q_store, device)
     similarities, ranks = similarities.cpu(), ranks.cpu()
     gnd, groups = dataset.gnd, query_groups(dataset.qimlist)
     top = min(max(grid.top_k), ranks.shape[1])
 
-    default_rerank, default_diffusion, default_graph = RerankConfig(), DiffusionConfig(), GraphConfig()
     rows: list[dict[str, Any]] = []
     global_entry = _entry(ranks, gnd)
     rows.append({"method": "global", "setting": {}, **global_entry})
@@ -98,7 +94,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
         for error in grid.errors:
             match = dataclasses.replace(default_rerank.match, threshold=threshold, error=error)
             _, result = rerank_dataset(db_store, q_store, ranks, similarities, RerankConfig(top_k=top, match=match), device)
-            inliers[(threshold, error)] = torch.zeros_like(result.inliers).scatter_(1, result.order, result.inliers)
+            inliers[(threshold, error)] = result.initial_order_inliers()
     log(f"{cfg.dataset}: {len(inliers)} verifications of the top {top} in {time.perf_counter() - start:.1f} s")
 
     def rerank(threshold: float, error: str, score: str, weight: float, k: int):
@@ -109,13 +105,10 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
         new_ranks[:, :top] = result.indices
         return new_ranks, result
 
-    d = default_rerank
     settings = {(t, e, d.score, d.fuse_weight, d.top_k) for t in grid.thresholds for e in grid.errors}
     settings |= {(d.match.threshold, d.match.error, s, w, d.top_k) for s, w in grid.scores}
     settings |= {(d.match.threshold, d.match.error, d.score, d.fuse_weight, k) for k in grid.top_k}
     default_key = (d.match.threshold, d.match.error, d.score, d.fuse_weight, d.top_k)
-    if (d.match.threshold, d.match.error) not in inliers:
-        raise ValueError(f"the grid must include the default threshold {d.match.threshold} and error {d.match.error}")
     reranked = {key: rerank(*key) for key in sorted(settings, key=str)}
     dsm_default = _entry(reranked[default_key][0], gnd)
     for key, (new_ranks, _) in reranked.items():
@@ -143,8 +136,9 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
         config = dataclasses.replace(default_diffusion, alpha=alpha, query_k=query_k, dsm_keep=keep)
         plain, verified = diffused(k, config)
         setting = {"graph_k": k, "alpha": alpha, "query_k": query_k, "dsm_keep": keep}
+        plain_vs_global = _paired(global_entry, plain, groups)  # global+D builds on global: one comparison for both keys
         rows.append({"method": "global+D", "setting": setting, **plain, "vs_default": _paired(base_plain, plain, groups),
-                     "vs_base": _paired(global_entry, plain, groups), "vs_global": _paired(global_entry, plain, groups)})
+                     "vs_base": plain_vs_global, "vs_global": plain_vs_global})
         rows.append({"method": "global+dsm+D", "setting": setting, **verified,
                      "vs_default": _paired(base_verified, verified, groups), "vs_base": _paired(plain, verified, groups),
                      "vs_global": _paired(global_entry, verified, groups)})

@@ -69,7 +69,6 @@ class DiffusionConfig:
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"diffusion dtype must be torch.float32 or torch.float64, got {self.dtype}")
 
-
     def alpha_for(self, num_nodes: int) -> float:
         """The alpha used on a database of ``num_nodes`` images."""
         if self.alpha is not None:

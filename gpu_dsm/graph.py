@@ -53,7 +53,6 @@ class GraphConfig:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
-
     def neighbours(self, num_nodes: int) -> int:
         """The k used for a database of ``num_nodes`` images (at most ``num_nodes - 1``)."""
         k = self.k if self.k is not None else min(self.k_max, max(self.k_min, round(self.k_fraction * num_nodes)))

@@ -66,6 +66,10 @@ class RerankResult:
     order: torch.Tensor
     match: MatchResult | None
 
+    def initial_order_inliers(self) -> torch.Tensor:
+        """``(Q, K)`` inlier counts in the initial (pre-re-ranking) order of the candidates."""
+        return torch.zeros_like(self.inliers).scatter_(1, self.order, self.inliers)
+
 
 def rerank_scores(inliers: torch.Tensor, similarities: torch.Tensor, score: str = "fused", weight: float = 1.0) -> torch.Tensor:
     """Scores ``(Q, K)`` from inlier counts and initial similarities ``(Q, K)`` (finite)."""

@@ -6,7 +6,6 @@ The command-line runs use the tiny revisitop set of roxford5k-mini photos (see c
 other roxford5k-mini photos as distractors, at 128 px and one scale.
 """
 import json
-import pickle
 import shutil
 
 import numpy as np

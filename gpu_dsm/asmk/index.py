@@ -128,17 +128,16 @@ class ASMKIndex:
                              f"{tuple(self.codes.shape[1:])} {self.codes.dtype}")
         if query.numel() and bool((query[1:] < query[:-1]).any()):
             raise ValueError("search_codes: rows must be sorted by query")
-        vectors = WordVectors(query, word, codes)
-        query_words = torch.bincount(vectors.image, minlength=q)
+        query_words = torch.bincount(query, minlength=q)
         # queries per block: a (block, N) float64 score matrix within the budget
         per_block = max(1, int(cfg.memory_budget) // max(1, 8 * 3 * n))
         out_scores = torch.zeros(q, k, dtype=torch.float64, device=self.device)
         out_index = torch.zeros(q, k, dtype=torch.long, device=self.device)
-        entry_start = torch.searchsorted(vectors.image, torch.arange(q + 1, device=self.device))
+        entry_start = torch.searchsorted(query, torch.arange(q + 1, device=self.device))
         for lo in range(0, q, per_block):
             hi = min(q, lo + per_block)
             rows = slice(int(entry_start[lo]), int(entry_start[hi]))
-            block = self._score_block(vectors.image[rows] - lo, vectors.word[rows], vectors.vector[rows], hi - lo)
+            block = self._score_block(query[rows] - lo, word[rows], codes[rows], hi - lo)
             norm = query_words[lo:hi, None].double().sqrt() * self.image_words[None, :].double().sqrt()
             block = torch.where(norm > 0, block / norm.clamp(min=1e-300), torch.zeros_like(block))
             order = torch.sort(block, dim=1, descending=True, stable=True)
