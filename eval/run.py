@@ -250,7 +250,9 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
     followed by the distractors (their store is keyed on their images alone, so one extraction
     serves every dataset). A lock file per store makes a second run on the same cache wait for
-    the first and reuse what it wrote instead of extracting the same store again. ``timing``
+    the first and reuse what it wrote instead of extracting the same store again; a split's lock
+    is released only once the next split's is taken (every run takes them in the same order, so
+    no deadlock), so a run that waited on one store never overtakes the first on the next. ``timing``
     receives the seconds each extraction took (``None`` for a store reused from the cache).
     """
     splits = [("database", dataset.database_specs(), dataset.imlist, None),
@@ -261,13 +263,18 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     backbone = None
     stores = {}
     base = Path(base)
-    for split, specs, names, owner in splits:
-        global_part, name = _store_name(cfg, split, specs, owner)
-        path = base / name
-        lock = FileLock(base / f".{global_part}.lock",
-                        on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
-        seconds = None
-        with lock:
+    held: FileLock | None = None  # the previous split's lock, released once the next one is taken
+    try:
+        for split, specs, names, owner in splits:
+            global_part, name = _store_name(cfg, split, specs, owner)
+            path = base / name
+            lock = FileLock(base / f".{global_part}.lock",
+                            on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
+            lock.__enter__()
+            if held is not None:
+                held.__exit__(None, None, None)
+            held = lock
+            seconds = None
             store = _cached_store(base, global_part, name, cfg.detector is not None, log)
             if store is not None:
                 log(f"{split}: reusing {store.path}")
@@ -281,11 +288,14 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                 label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
                 store = write_store(backbone, specs, names, path, cfg, desc=label, is_query=split == "queries")
                 seconds = time.perf_counter() - start
-        stores[split] = store
-        if timing is not None:
-            timing[f"extract_{split}_s"] = None if seconds is None else round(seconds, 3)
-        if seconds is not None:
-            log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
+            stores[split] = store
+            if timing is not None:
+                timing[f"extract_{split}_s"] = None if seconds is None else round(seconds, 3)
+            if seconds is not None:
+                log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
+    finally:
+        if held is not None:
+            held.__exit__(None, None, None)
     database = stores["database"]
     if "distractors" in stores:
         database = StoreStack([database, stores["distractors"]])
