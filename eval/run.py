@@ -7,6 +7,7 @@ descriptor. Methods that re-rank (``"global+dsm"``) or diffuse (``"global+D"``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -35,6 +36,7 @@ from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_score
 from gpu_dsm.search import similarity_topk
 from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
 from gpu_dsm.whitening import Whitening
+from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_ranking, check_run
 from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
 from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
 from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground_truth
@@ -61,6 +63,10 @@ class RunConfig:
     whitening: str | None = None
     # a folder of negatives appended to the database (gpu_dsm.eval.datasets.DistractorSet); None: none
     distractors: str | None = None
+    # the initial ranking besides "global": "asmk" (HOW + ASMK, gpu_dsm.eval.asmk_initial) adds
+    # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
+    initial: str = "global"
+    asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
@@ -69,6 +75,10 @@ class RunConfig:
     _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
     _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _distractor_set: DistractorSet | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.initial not in ("global", "asmk"):
+            raise ValueError(f"initial must be 'global' or 'asmk', got {self.initial!r}")
 
     def distractor_set(self) -> DistractorSet | None:
         """The ``distractors`` folder's images, listed and checked once (``None`` without distractors)."""
@@ -133,6 +143,8 @@ class RunConfig:
             "diffusion": _diffusion_options(self.diffusion, self.graph),
             "whitening": self.resolved_whitening()[0],
             "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
+            "initial": self.initial,
+            "asmk": self.asmk.options(self.backbone) if self.initial == "asmk" else None,
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -177,7 +189,7 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: t
     """
     options = cfg.options()
     keyed = {k: v for k, v in options.items()
-             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors")}
+             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk")}
     name, folder = owner if owner is not None else (cfg.dataset, cfg.data_root)
     paths = [str(Path(spec.source).resolve()) for spec in specs]
     keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
@@ -359,6 +371,8 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
     cfg.resolved_whitening()
     check_queries(cfg, dataset)
     cfg.distractor_set()
+    if cfg.initial == "asmk":
+        check_run(cfg.asmk, cfg.backbone, cfg.data_root, dataset)
 
 
 def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
@@ -536,6 +550,16 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
                               "database": {"images": len(dataset.imlist), "distractors": db.shape[0] - len(dataset.imlist)},
                               "queries": list(dataset.qimlist), "results": results, "timing": timing}
+    asmk = None
+    if cfg.initial == "asmk":
+        with stage("asmk"):
+            asmk = asmk_ranking(cfg, dataset, base, functools.cache(lambda: make_backbone(cfg)), _digest, log, timing)
+        results["asmk"] = _method_entry(asmk.ranks, dataset.gnd)
+        report.setdefault("diagnostics", {})["asmk"] = asmk.diagnostics
+    if cfg.rerank is not None and asmk is not None:
+        with stage("rerank_asmk"):
+            asmk_dsm_ranks, asmk_reranked = rerank_dataset(db_store, q_store, asmk.ranks, asmk.scores.float(), cfg.rerank, device)
+        results["asmk+dsm"] = _method_entry(asmk_dsm_ranks, dataset.gnd)
     if cfg.rerank is not None:
         with stage("rerank"):
             dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)
@@ -550,12 +574,12 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
              "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
             dataset.gnd,
         )
-        report["diagnostics"] = {
+        report.setdefault("diagnostics", {}).update({
             "rerank_seconds": round(seconds, 3),
             "rerank_ms_per_query": round(1000 * seconds / max(len(dataset.gnd), 1), 1),
             "separation_auc": auc,
             "inliers_top_k": inliers_initial.tolist(),
-        }
+        })
         log(format_separation(auc))
         if plot_inliers is not None:
             _plot_inliers(plot_inliers, ranks[:, :k].cpu(), inliers_initial, dataset.gnd)
@@ -574,6 +598,11 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
                 diffused, info = diffuse_verified(graph, similarities, reranked, dsm_ranks, dcfg)
             results["global+dsm+D"] = _method_entry(diffused, dataset.gnd)
             cg["global+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
+        if cfg.rerank is not None and asmk is not None:
+            with stage("diffusion_asmk"):
+                diffused, info = diffuse_verified(graph, asmk.scores.float(), asmk_reranked, asmk_dsm_ranks, dcfg)
+            results["asmk+dsm+D"] = _method_entry(diffused, dataset.gnd)
+            cg["asmk+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
         report.setdefault("diagnostics", {})["diffusion"] = {**cg, "graph_k": graph.k, "graph_edges": graph.num_edges}
     log(format_table(results))
     if out is not None:

@@ -218,6 +218,43 @@ def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                        help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ... (default: %(default)s)")
 
 
+def _add_asmk_args(p: argparse.ArgumentParser) -> None:
+    from gpu_dsm.asmk import ASMKConfig
+    from gpu_dsm.backbones.layers import HOW_LAYERS
+    from gpu_dsm.how import HOWConfig
+
+    a, h = ASMKConfig(), HOWConfig()
+    g = p.add_argument_group("HOW + ASMK initial ranking (Tolias, Jenicek, Chum, ECCV 2020)")
+    g.add_argument("--initial", choices=("global", "asmk"), default="global",
+                   help="'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
+                        "asmk+dsm+D (with --diffusion); the global methods stay (default: %(default)s)")
+    g.add_argument("--codebook-data", nargs="+", default=["database"], metavar="SOURCE",
+                   help="images the HOW whitening and the ASMK codebook are learned on, never the queries: 'database' (the "
+                        "evaluated dataset's database), another dataset's name under --data-root (its database images), or a "
+                        "folder of images (jpg/ and imlist.txt) (default: database; HOW learns them on SfM-120k)")
+    g.add_argument("--codebook-size", type=int, default=a.codebook_size,
+                   help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
+    g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
+                   help="k-means iterations (default: %(default)s, the reference's)")
+    g.add_argument("--how-layer", default=None,
+                   help="backbone layer HOW reads (default: " + ", ".join(f"{k} {v}" for k, v in HOW_LAYERS.items()) + ")")
+    g.add_argument("--how-features", type=int, default=h.num_features,
+                   help="local descriptors per image, top by attention over all scales (default: %(default)s, HOW's n)")
+    g.add_argument("--how-image-size", type=int, default=h.image_size,
+                   help="longer side for HOW, never enlarged; scales 2.0 ... 0.25 of it (default: %(default)s, HOW's)")
+
+
+def _asmk_run(args: argparse.Namespace):
+    from gpu_dsm.asmk import ASMKConfig
+    from gpu_dsm.eval.asmk_initial import ASMKRun
+    from gpu_dsm.how import HOWConfig
+
+    how = HOWConfig(layer=args.how_layer, num_features=args.how_features, image_size=args.how_image_size,
+                    batch_size=args.batch_size, progress=args.progress)
+    asmk = ASMKConfig(codebook_size=args.codebook_size, kmeans_iterations=args.kmeans_iterations)
+    return ASMKRun(how=how, asmk=asmk, codebook_data=tuple(args.codebook_data))
+
+
 def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_dir: str | None, local: bool = False):
     from gpu_dsm.eval.run import RunConfig
 
@@ -234,6 +271,7 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
         whitening=getattr(args, "whitening", None), distractors=getattr(args, "distractors", None), cache_dir=cache_dir,
         device=args.device, dtype=args.dtype,
         trust_weights_file=args.trust_weights_file,
+        **({"initial": "asmk", "asmk": _asmk_run(args)} if getattr(args, "initial", "global") == "asmk" else {}),
     )
 
 
@@ -356,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(p)
     _add_rerank_args(p)
     _add_diffusion_args(p)
+    _add_asmk_args(p)
     p.add_argument("--whitening", default=None,
                    help="learned whitening of the global descriptors: a saved gpu_dsm Whitening file, 'checkpoint[:NAME]' "
                         "for the weights file's meta['Lw'][NAME] (['ms'] with several scales, ['ss'] with one, as "

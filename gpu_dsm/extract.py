@@ -41,6 +41,10 @@ class ExtractConfig:
     # at 4 for EfficientNet-Lite0 at 1024 px), 16 on a GPU
     batch_size: int | None = None
     num_workers: int = 0  # DataLoader processes reading images
+    # a scale at which the images are smaller than the network needs: "error" (DSM: every scale
+    # matters for the descriptors), or "skip" (that scale's maps are None; HOW pools features over
+    # 7 scales and an elongated or small image simply has none at its smallest ones)
+    small_scales: str = "error"
     progress: bool = True  # tqdm progress bar (on a terminal only: never written into a log file)
 
     def __post_init__(self):
@@ -48,6 +52,8 @@ class ExtractConfig:
         self.image_size = int(self.image_size)
         if not self.scales or any(not 0 < s <= 4 for s in self.scales):
             raise ValueError(f"scales must be non-empty and in (0, 4], got {self.scales}")
+        if self.small_scales not in ("error", "skip"):
+            raise ValueError(f"small_scales must be 'error' or 'skip', got {self.small_scales!r}")
         if self.image_size < 1 or (self.batch_size is not None and self.batch_size < 1) or self.num_workers < 0:
             raise ValueError("image_size and batch_size must be >= 1 and num_workers >= 0")
 
@@ -56,7 +62,8 @@ class ExtractConfig:
 class ActivationBatch:
     """Activations of a batch of images at every scale.
 
-    ``activations[s][i]``: ``(K, h, w)`` map of image ``indices[i]`` at scale ``scales[s]``;
+    ``activations[s][i]``: ``(K, h, w)`` map of image ``indices[i]`` at scale ``scales[s]``
+    (``activations[s]`` is ``None`` for a scale skipped as too small, ``small_scales="skip"``);
     ``image_sizes[s][i]``: the ``(height, width)`` in pixels of the image the network saw.
     """
 
@@ -103,14 +110,17 @@ def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[tor
     return [i for i, _ in items], [im for _, im in items]
 
 
-def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float):
-    """One scale of a uint8 batch ``(B, 3, H, W)``: per-image activations and the scaled image size."""
+def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float, skip_small: bool = False):
+    """One scale of a uint8 batch ``(B, 3, H, W)``: per-image activations (``None`` for images too
+    small at this scale when ``skip_small``) and the scaled image size."""
     device, dtype = backbone.device, backbone.dtype
     images = batch.to(device=device, dtype=dtype).div_(255.0)
     if scale != 1.0:
         images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
     h, w = images.shape[-2:]
     if min(h, w) < backbone.min_input_size:
+        if skip_small:
+            return None, (h, w)
         raise ValueError(
             f"image of {w}x{h} px at scale {scale:.3f} is smaller than {backbone.name} needs "
             f"({backbone.min_input_size} px per side); use a larger image_size or drop small scales"
@@ -142,7 +152,7 @@ def iterate_activations(
             batch = torch.stack(loaded)
             acts, image_sizes = [], []
             for scale in cfg.scales:
-                maps, size = _forward_scale(backbone, batch, scale)
+                maps, size = _forward_scale(backbone, batch, scale, cfg.small_scales == "skip")
                 acts.append(maps)
                 image_sizes.append([size] * len(indices))
             bar.update(len(indices))

@@ -47,6 +47,11 @@ class Whitening:
 
     def apply(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         """Whiten ``(N, D)`` finite descriptors to ``(N, dim)`` L2-normalised ones (``dim`` defaults to all)."""
+        return F.normalize(self.project(descriptors, dim), dim=-1)
+
+    def project(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """The affine map alone, ``(N, D) -> (N, dim)`` ``P[:dim] x + b[:dim]``, without L2
+        normalisation (HOW's reduction keeps the raw projected vectors)."""
         descriptors = as_tensor(descriptors, "descriptors", kind="float", finite=True)
         if descriptors.ndim != 2 or descriptors.shape[1] != self.input_dim:
             raise ValueError(
@@ -57,7 +62,7 @@ class Whitening:
             raise ValueError(f"whitening dim must be in 1..{self.output_dim}, got {dim}")
         proj = self.projection[:dim].to(descriptors)
         bias = self.bias[:dim].to(descriptors)
-        return F.normalize(descriptors @ proj.T + bias, dim=-1)
+        return descriptors @ proj.T + bias
 
     def save(self, path: str | Path) -> Path:
         state = {"format": _FORMAT, "method": self.method, "projection": self.projection.cpu(), "bias": self.bias.cpu()}
@@ -125,3 +130,26 @@ def fit_supervised_whitening(
     _, vectors = _sorted_eigh(rotated.T @ rotated)
     projection = vectors.T @ proj
     return Whitening.from_mean_projection(mean.float(), projection.float(), method="supervised")
+
+
+def pca_whitening_from_moments(count: int, total: torch.Tensor, outer: torch.Tensor, dim: int | None = None,
+                               clip: float = 1e-14) -> Whitening:
+    """PCA whitening from streamed moments of ``count`` descriptors: ``total = sum x`` ``(D,)`` and
+    ``outer = sum x x^T`` ``(D, D)`` (float64 sums), so a large set never has to be in memory.
+
+    HOW's rule (the reference's ``pcawhitenlearn_shrinkage`` with shrinkage 1): covariance over
+    ``count``, eigenvalues sorted descending and clipped at ``clip``, ``P`` = the first ``dim`` rows
+    of ``Lambda^-1/2 E^T``, ``y = P (x - m)``; :meth:`Whitening.project` applies it without L2.
+    """
+    if count < 2:
+        raise ValueError(f"PCA whitening needs at least 2 descriptors, got {count}")
+    total, outer = total.double(), outer.double()
+    if total.ndim != 1 or outer.shape != (total.numel(), total.numel()):
+        raise ValueError(f"moments: total {tuple(total.shape)} and outer {tuple(outer.shape)} do not fit together")
+    if not (torch.isfinite(total).all() and torch.isfinite(outer).all()):
+        raise ValueError("moments contain NaN or Inf")
+    mean = total / count
+    values, vectors = _sorted_eigh(outer / count - torch.outer(mean, mean))
+    dim = total.numel() if dim is None else min(int(dim), total.numel())
+    projection = vectors[:, :dim].T / values[:dim].clamp(min=clip).sqrt()[:, None]
+    return Whitening.from_mean_projection(mean.float(), projection.float(), method="pca")

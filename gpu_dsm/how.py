@@ -1,0 +1,247 @@
+"""HOW local descriptors at test time (Tolias, Jenicek, Chum, ECCV 2020), batched.
+
+For each image and each of 7 scales, the map ``u`` of a backbone layer (``gpu_dsm.backbones.layers``)
+gives, per position:
+
+- attention ``w = sqrt(sum_k u_k^2 + 1e-10)``, on the RAW map (before smoothing and reduction);
+- a descriptor: ``u`` smoothed by a 3x3 average whose border cells average their valid
+  neighbours only, then reduced by a PCA whitening ``P (u - m)`` to 128-D, with no L2
+  normalisation. Smoothing and the affine reduction commute (the average's weights sum to 1),
+  so the map is reduced first and the 128-D map smoothed;
+
+then the top ``n`` positions by attention over all scales of the image are kept (ties: scale
+order, then row-major position). Each feature keeps its position (feature-map pixels of its
+scale, ``x`` = column), its scale index and its attention (``strength``).
+
+Images of one size share a forward pass and a selection call; they are never padded. The
+whitening is fitted on other images (:func:`fit_how_whitening`) from streamed moments of their
+scale-1 descriptors (top ``n`` by attention, smoothed, not reduced).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gpu_dsm.backbones import Backbone
+from gpu_dsm.backbones.layers import cut_backbone
+from gpu_dsm.checks import as_tensor
+from gpu_dsm.extract import ExtractConfig, iterate_activations
+from gpu_dsm.images import ImageLike, ImageSpec
+from gpu_dsm.io import torch_load_checked, torch_save
+from gpu_dsm.whitening import Whitening, pca_whitening_from_moments
+
+#: HOW's test scales, the reference's literal decimals (HOW paper 4.1, eval config)
+HOW_SCALES = (2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25)
+
+_FORMAT = "gpu_dsm.how_features/1"
+
+
+@dataclass
+class HOWConfig:
+    """How HOW descriptors are read off a backbone."""
+
+    layer: str | None = None  # None: gpu_dsm.backbones.layers.HOW_LAYERS (R18 layer4, R50 layer3, VGG conv5, Lite head)
+    scales: tuple[float, ...] = HOW_SCALES  # HOW paper 4.1: 7 scales, 2.0 ... 0.25
+    num_features: int = 1000  # top n by attention over all scales (HOW paper Table 2, n = 1000)
+    dim: int = 128  # PCA-whitening reduction (HOW paper 3.1: 128-D); at most the layer's channels
+    smoothing: int = 3  # 3x3 average smoothing (HOW paper 3.1; reference: count_include_pad=False)
+    image_size: int = 1024  # longer side (HOW eval config: imsize 1024)
+    upscale: bool = False  # the reference never enlarges an image
+    batch_size: int | None = None  # images per forward; None: ExtractConfig's rule (1 on the CPU, 16 on a GPU)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.scales = tuple(float(s) for s in self.scales)
+        if int(self.num_features) < 1 or int(self.dim) < 1:
+            raise ValueError(f"HOWConfig: num_features and dim must be >= 1, got {self.num_features}, {self.dim}")
+        if int(self.smoothing) < 1 or int(self.smoothing) % 2 == 0:
+            raise ValueError(f"HOWConfig.smoothing must be an odd size >= 1, got {self.smoothing}")
+        self.extract_config()  # validates scales, image_size, batch_size
+
+    def extract_config(self, scales: Sequence[float] | None = None) -> ExtractConfig:
+        return ExtractConfig(image_size=self.image_size, scales=tuple(scales or self.scales), upscale=self.upscale,
+                             batch_size=self.batch_size, small_scales="skip", progress=self.progress)
+
+    def options(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("progress")
+        return out
+
+
+@dataclass
+class HOWFeatures:
+    """HOW features of ``num_images`` images, flat and grouped by image (image 0's rows first).
+
+    ``descriptors (F, d)`` float32, ``image_ids (F,)`` int64, ``xy (F, 2)`` float32 (feature-map
+    pixels of the feature's scale, ``x`` = column), ``scale (F,)`` int64 index into ``scales``,
+    ``strength (F,)`` float32 attention.
+    """
+
+    descriptors: torch.Tensor
+    image_ids: torch.Tensor
+    xy: torch.Tensor
+    scale: torch.Tensor
+    strength: torch.Tensor
+    num_images: int
+    scales: tuple[float, ...] = HOW_SCALES
+
+    def counts(self) -> torch.Tensor:
+        """``(num_images,)`` features per image."""
+        return torch.bincount(self.image_ids, minlength=self.num_images)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (an interrupted save leaves the old file or none)."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        return torch_save(path, {"format": _FORMAT, **state, "scales": list(self.scales)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HOWFeatures":
+        state = torch_load_checked(path, _FORMAT, "HOW features")
+        try:
+            feats = cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+        except KeyError as exc:
+            raise ValueError(f"corrupt HOW features {path}: no {exc}") from None
+        feats.scales = tuple(feats.scales)
+        f = feats.descriptors.shape[0]
+        fits = (feats.descriptors.ndim == 2 and all(t.shape[0] == f for t in (feats.image_ids, feats.xy, feats.scale, feats.strength))
+                and (f == 0 or 0 <= int(feats.image_ids.min()) <= int(feats.image_ids.max()) < feats.num_images))
+        if not fits:
+            raise ValueError(f"corrupt HOW features {path}: arrays of different lengths or image ids out of range")
+        if not torch.isfinite(feats.descriptors).all():
+            raise ValueError(f"corrupt HOW features {path}: descriptors contain NaN or Inf")
+        return feats
+
+
+def attention(maps: torch.Tensor) -> torch.Tensor:
+    """``(B, K, h, w) -> (B, h, w)``: the L2 norm over channels, ``sqrt(sum u^2 + 1e-10)``."""
+    return (maps.float().pow(2).sum(1) + 1e-10).sqrt()
+
+
+def smooth(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """``(B, K, h, w)`` averaged over ``size x size`` windows, stride 1; a border cell averages
+    its valid neighbours only (``count_include_pad=False``)."""
+    if size == 1:
+        return maps
+    return F.avg_pool2d(maps, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def reduce_map(maps: torch.Tensor, whitening: Whitening | None, dim: int) -> torch.Tensor:
+    """The 1x1 reduction ``P[:dim] (u - m)`` of ``(B, K, h, w)`` -> ``(B, dim, h, w)`` (identity without whitening)."""
+    if whitening is None:
+        return maps.float()
+    proj = whitening.projection[:dim].to(maps.device, torch.float32)
+    bias = whitening.bias[:dim].to(maps.device, torch.float32)
+    return torch.einsum("dk,bkhw->bdhw", proj, maps.float()) + bias[None, :, None, None]
+
+
+def select_features(maps_per_scale: Sequence[torch.Tensor], whitening: Whitening | None, num_features: int,
+                    smoothing: int = 3, dim: int | None = None) -> dict[str, torch.Tensor]:
+    """HOW features of a batch of images of one size, from their raw maps at every scale.
+
+    Args:
+        maps_per_scale: ``[(B, K, h_s, w_s)] * S`` raw layer maps (finite); ``None`` for a scale
+            at which the images were too small for the network (it gives no features).
+        whitening: the reduction (``None``: raw smoothed ``K``-D descriptors, for fitting it).
+        num_features: ``n``, kept per image over all scales (fewer if the maps are smaller).
+        dim: reduction dimension (default: the whitening's).
+    Returns:
+        ``descriptors (B, n, d)``, ``xy (B, n, 2)``, ``scale (B, n)``, ``strength (B, n)``,
+        best first (ties: scale order, then row-major position).
+    """
+    present = [m for m in maps_per_scale if m is not None]
+    if not present:
+        raise ValueError("select_features: no scale has maps (the images are smaller than the network needs at every scale)")
+    b, k = present[0].shape[:2]
+    for m in present:
+        if m.ndim != 4 or m.shape[0] != b or m.shape[1] != k or m.numel() == 0:
+            raise ValueError(f"select_features: expected non-empty (B, K, h, w) maps of one batch, got {tuple(m.shape)}")
+        as_tensor(m, "layer maps", kind="float", finite=True)
+    if whitening is not None:
+        dim = whitening.output_dim if dim is None else min(int(dim), whitening.output_dim)
+        if whitening.input_dim != k:
+            raise ValueError(f"the whitening takes {whitening.input_dim}-D maps, the layer gives {k}-D")
+    strengths, descriptors, xy, scale = [], [], [], []
+    for s, maps in enumerate(maps_per_scale):
+        if maps is None:
+            continue
+        h, w = maps.shape[-2:]
+        strengths.append(attention(maps).reshape(b, -1))
+        descriptors.append(smooth(reduce_map(maps, whitening, dim), smoothing).reshape(b, -1, h * w))
+        ys, xs = torch.meshgrid(torch.arange(h, device=maps.device), torch.arange(w, device=maps.device), indexing="ij")
+        xy.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], 1).float())
+        scale.append(torch.full((h * w,), s, dtype=torch.long, device=maps.device))
+    strength = torch.cat(strengths, 1)
+    keep = min(int(num_features), strength.shape[1])
+    order = torch.sort(strength, dim=1, descending=True, stable=True).indices[:, :keep]
+    descriptors = torch.cat(descriptors, 2).gather(2, order[:, None, :].expand(-1, descriptors[0].shape[1], -1))
+    return {"descriptors": descriptors.transpose(1, 2).contiguous(), "xy": torch.cat(xy)[order],
+            "scale": torch.cat(scale)[order], "strength": strength.gather(1, order)}
+
+
+def _maps_by_scale(batch) -> list[torch.Tensor | None]:
+    return [None if per_scale is None else torch.stack(per_scale) for per_scale in batch.activations]
+
+
+@torch.no_grad()
+def describe_how(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], whitening: Whitening,
+                 config: HOWConfig | None = None, desc: str = "HOW") -> HOWFeatures:
+    """:class:`HOWFeatures` of ``images`` (in input order) from ``backbone`` cut at ``config.layer``;
+    on the backbone's device."""
+    config = config or HOWConfig()
+    net = cut_backbone(backbone, config.layer)
+    if whitening.input_dim != net.out_channels:
+        raise ValueError(f"the HOW whitening takes {whitening.input_dim}-D maps but {backbone.name}'s layer "
+                         f"{config.layer or 'default'} gives {net.out_channels}-D: fit it on this layer")
+    per_image: list[dict | None] = [None] * len(images)
+    for batch in iterate_activations(net, images, config.extract_config(), desc=desc):
+        maps = _maps_by_scale(batch)
+        if all(m is None for m in maps):
+            continue  # smaller than the network needs at every scale: no features (ASMK scores it 0)
+        found = select_features(maps, whitening, config.num_features, config.smoothing, config.dim)
+        for i, index in enumerate(batch.indices):
+            per_image[index] = {k: v[i] for k, v in found.items()}
+    return _flatten(per_image, config.scales, net.device, min(config.dim, whitening.output_dim))
+
+
+def _flatten(per_image: list[dict | None], scales, device, dim: int) -> HOWFeatures:
+    parts = [p for p in per_image if p is not None]
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return HOWFeatures(torch.zeros(0, dim, device=device), empty, torch.zeros(0, 2, device=device), empty.clone(),
+                           torch.zeros(0, device=device), len(per_image), tuple(scales))
+    ids = torch.cat([torch.full((p["strength"].numel(),), i, dtype=torch.long, device=device)
+                     for i, p in enumerate(per_image) if p is not None])
+    return HOWFeatures(descriptors=torch.cat([p["descriptors"] for p in parts]).float(), image_ids=ids,
+                       xy=torch.cat([p["xy"] for p in parts]), scale=torch.cat([p["scale"] for p in parts]),
+                       strength=torch.cat([p["strength"] for p in parts]), num_images=len(per_image), scales=tuple(scales))
+
+
+@torch.no_grad()
+def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
+                      desc: str = "HOW whitening") -> Whitening:
+    """HOW's PCA whitening of ``backbone``'s layer, learned on ``images`` (not the evaluated
+    queries): their scale-1 descriptors (top ``num_features`` by attention, smoothed), moments
+    summed in float64 image batch by image batch; ``dim`` rows (:func:`pca_whitening_from_moments`)."""
+    config = config or HOWConfig()
+    if len(images) == 0:
+        raise ValueError("fit_how_whitening: no images")
+    net = cut_backbone(backbone, config.layer)
+    k = net.out_channels
+    count, total = 0, torch.zeros(k, dtype=torch.float64, device=net.device)
+    outer = torch.zeros(k, k, dtype=torch.float64, device=net.device)
+    for batch in iterate_activations(net, images, config.extract_config(scales=(1.0,)), desc=desc):
+        maps = _maps_by_scale(batch)
+        if maps[0] is None:
+            continue
+        x = select_features(maps, None, config.num_features, config.smoothing)["descriptors"]
+        x = x.reshape(-1, k).double()
+        count += x.shape[0]
+        total += x.sum(0)
+        outer += x.T @ x
+    return pca_whitening_from_moments(count, total, outer, config.dim)
