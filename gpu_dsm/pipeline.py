@@ -4,6 +4,10 @@
     index = retrieval.index(database_images)               # global descriptors + local features
     result = retrieval.search(query_images, index)         # global ranking, then DSM re-ranking
 
+With ``RetrievalConfig(initial="asmk")`` the initial ranking is HOW + ASMK instead: learn its
+whitening and codebook once on images that are not the queries (``retrieval.fit_asmk(images)``);
+``index`` then also builds the ASMK inverted file, and ``search`` verifies ASMK's top-k.
+
 Everything stays in memory; for a large database write a feature store with ``gpu-dsm extract``
 (or :class:`gpu_dsm.store.StoreWriter`) and use :class:`gpu_dsm.rerank.DSMReranker` on the
 gathered candidates.
@@ -16,11 +20,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones import Backbone
 from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
 from gpu_dsm.search import similarity_topk
@@ -29,16 +35,19 @@ from gpu_dsm.whitening import Whitening
 
 @dataclass
 class DescribedImages:
-    """Global descriptors ``(N, D)`` (whitened if a whitening is set) and local features of N images."""
+    """Global descriptors ``(N, D)`` (whitened if a whitening is set) and local features of N
+    images; with the ASMK initial ranking also their HOW features and (for a database) the ASMK index."""
 
     global_descriptors: torch.Tensor
     local: LocalFeatures
+    how: HOWFeatures | None = None
+    asmk: ASMKIndex | None = None
 
 
 @dataclass
 class SearchResult:
-    """``initial``: ``(Q, K)`` database indices by global similarity, with ``similarities``;
-    ``reranked``: the DSM re-ranking of those top-k."""
+    """``initial``: ``(Q, K)`` database indices of the initial ranking (global similarity, or ASMK
+    score with ``initial="asmk"``), with those ``similarities``; ``reranked``: the DSM re-ranking of those top-k."""
 
     initial: torch.Tensor
     similarities: torch.Tensor
@@ -51,13 +60,23 @@ class RetrievalConfig:
     global_: GlobalConfig = field(default_factory=GlobalConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    initial: str = "global"  # the initial ranking: "global" (paper 3.6) or "asmk" (HOW + ASMK, Tolias et al. 2020)
+    how: HOWConfig = field(default_factory=HOWConfig)  # HOW descriptors, with initial="asmk"
+    asmk: ASMKConfig = field(default_factory=ASMKConfig)  # codebook and kernel, with initial="asmk"
+
+    def __post_init__(self):
+        if self.initial not in ("global", "asmk"):
+            raise ValueError(f"RetrievalConfig.initial must be 'global' or 'asmk', got {self.initial!r}")
 
 
 class DSMRetrieval(nn.Module):
     """A retrieval model followed by deep spatial matching, as one module."""
 
-    def __init__(self, backbone: Backbone, config: RetrievalConfig | None = None, whitening: Whitening | None = None):
+    def __init__(self, backbone: Backbone, config: RetrievalConfig | None = None, whitening: Whitening | None = None,
+                 how_whitening: Whitening | None = None, codebook: torch.Tensor | None = None):
         super().__init__()
+        self.how_whitening = how_whitening  # HOW's reduction and the ASMK codebook (K, d): fit_asmk() learns both
+        self.codebook = codebook
         self.backbone = backbone
         self.config = config or RetrievalConfig()
         if whitening is None:
@@ -66,6 +85,22 @@ class DSMRetrieval(nn.Module):
         self.whitening = whitening  # learned (search-time) whitening; a checkpoint's whiten layer acts inside the network
         self.recipe = self.config.global_.resolve(backbone)
         self.reranker = DSMReranker(self.config.rerank)
+
+    def fit_asmk(self, images: Sequence[ImageLike | ImageSpec]) -> "DSMRetrieval":
+        """Learn HOW's whitening and the ASMK codebook on ``images`` (never the queries)."""
+        self.how_whitening = fit_how_whitening(self.backbone, images, self.config.how)
+        training = describe_how(self.backbone, images, self.how_whitening, self.config.how, desc="HOW codebook images")
+        cfg = self.config.asmk
+        self.codebook = train_codebook(training.descriptors, cfg.codebook_size, cfg.kmeans_iterations, cfg.seed, cfg.memory_budget)
+        return self
+
+    def _how(self, images: Sequence[ImageLike | ImageSpec]) -> HOWFeatures | None:
+        if self.config.initial != "asmk":
+            return None
+        if self.how_whitening is None or self.codebook is None:
+            raise ValueError("initial='asmk' needs HOW's whitening and a codebook: call fit_asmk(images) first "
+                             "(or pass how_whitening= and codebook=)")
+        return describe_how(self.backbone, images, self.how_whitening, self.config.how)
 
     def _finish(self, descriptors: torch.Tensor, per_image: list[dict], sizes: list[list[list[int]]]) -> DescribedImages:
         if self.whitening is not None:
@@ -91,7 +126,9 @@ class DSMRetrieval(nn.Module):
                 sizes[index] = [list(m.shape[-2:]) for m in maps]
 
         describe_images(self.backbone, images, sink, self.config.extract, self.config.global_, desc="describe")
-        return self._finish(descriptors, per_image, sizes)
+        described = self._finish(descriptors, per_image, sizes)
+        described.how = self._how(images)
+        return described
 
     def describe_activations(self, maps_per_image: Sequence[Sequence[torch.Tensor]], is_query: bool = False) -> DescribedImages:
         """The same from activations computed elsewhere: per image ``[(K, h_s, w_s)] * S``."""
@@ -101,13 +138,25 @@ class DSMRetrieval(nn.Module):
         return self._finish(descriptors, per_image, sizes)
 
     def index(self, database_images: Sequence[ImageLike | ImageSpec]) -> DescribedImages:
-        return self.describe(database_images, is_query=False)
+        """Describe the database; with ``initial="asmk"`` also build its ASMK inverted file."""
+        described = self.describe(database_images, is_query=False)
+        if described.how is not None:
+            how = described.how
+            described.asmk = ASMKIndex.build(self.codebook.to(how.descriptors.device), how.descriptors, how.image_ids,
+                                             self.config.asmk, num_images=how.num_images)
+        return described
 
     def search(self, queries: Sequence[ImageLike | ImageSpec] | DescribedImages, index: DescribedImages) -> SearchResult:
-        """Rank ``index`` for every query by global similarity, then re-rank the top-k by DSM."""
+        """Rank ``index`` for every query by global similarity (or ASMK), then re-rank the top-k by DSM."""
         q = queries if isinstance(queries, DescribedImages) else self.describe(queries, is_query=True)
         k = min(self.config.rerank.top_k, index.global_descriptors.shape[0])
-        sims, ranks = similarity_topk(q.global_descriptors, index.global_descriptors, k)
+        if self.config.initial == "asmk":
+            if index.asmk is None or q.how is None:
+                raise ValueError("initial='asmk': index the database and describe the queries with this module")
+            scores, ranks = index.asmk.search(q.how.descriptors, q.how.image_ids, k=k, num_queries=q.how.num_images)
+            sims = scores.to(q.global_descriptors.dtype)
+        else:
+            sims, ranks = similarity_topk(q.global_descriptors, index.global_descriptors, k)
         candidates = index.local[ranks.reshape(-1)]
         reranked = self.reranker(q.local, candidates, sims, ranks)
         return SearchResult(initial=ranks, similarities=sims, reranked=reranked)

@@ -33,3 +33,27 @@ def test_activations_path_equals_images_path(lite0):
     torch.testing.assert_close(from_images.global_descriptors, from_acts.global_descriptors)
     assert torch.equal(from_images.local.counts, from_acts.local.counts)
     torch.testing.assert_close(from_images.local.xy, from_acts.local.xy)
+
+
+def test_asmk_initial_ranking_in_the_module(lite0):
+    """initial="asmk": fit on other images, index, search; the initial ranking is the ASMK index's."""
+    from gpu_dsm.asmk import ASMKConfig
+    from gpu_dsm.how import HOWConfig
+    import pytest
+
+    how = HOWConfig(image_size=256, num_features=150, progress=False)
+    cfg = RetrievalConfig(extract=ExtractConfig(image_size=320, progress=False), initial="asmk", how=how,
+                          asmk=ASMKConfig(codebook_size=32, kmeans_iterations=4))
+    retrieval = DSMRetrieval(lite0, cfg)
+    with pytest.raises(ValueError, match="fit_asmk"):
+        retrieval.index(_database())
+    retrieval.fit_asmk([skimage.data.coffee(), skimage.data.rocket(), skimage.data.immunohistochemistry()])
+    index = retrieval.index(_database())
+    assert index.asmk.num_images == 5 and index.how.counts().tolist() == [150] * 5
+    query = ImageSpec(skimage.data.astronaut(), box=(100, 50, 450, 420))
+    described = retrieval.describe([query], is_query=True)
+    result = retrieval.search(described, index)
+    scores, ranks = index.asmk.search(described.how.descriptors, described.how.image_ids, k=5, num_queries=1)
+    assert torch.equal(result.initial, ranks) and torch.allclose(result.similarities.double(), scores, atol=1e-6)
+    assert set(result.initial[0, :2].tolist()) == {0, 4}, "ASMK puts both astronaut images first"
+    assert set(result.reranked.indices[0, :2].tolist()) == {0, 4}
