@@ -104,6 +104,17 @@ def code_similarity(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return (a * b).sum(-1).double()
 
 
+def match_weights(a: torch.Tensor, b: torch.Tensor, dim: int, alpha: float, tau: float) -> torch.Tensor:
+    """Row-wise ``sigma(s)`` of codes ``a``, ``b`` (float64). Packed bits: ``s`` takes one of the
+    ``d + 1`` values ``1 - 2 h / d``, so ``sigma`` is read from a table indexed by the Hamming
+    distance ``h`` (the same float64 values :func:`selectivity` computes, in one gather)."""
+    if a.dtype == torch.uint8:
+        distances = torch.arange(8 * a.shape[-1] + 1, device=a.device, dtype=torch.float64)
+        table = selectivity(1.0 - 2.0 * distances / dim, alpha, tau)
+        return table[hamming(a, b)]
+    return selectivity(code_similarity(a, b, dim), alpha, tau)
+
+
 def selectivity(s: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
     """``sigma(s) = sign(s) |s|^alpha`` where ``s >= tau``, else 0 (for ``tau = 0``: ``s^alpha`` or 0)."""
     return torch.where(s >= tau, torch.sign(s) * s.abs().pow(alpha), torch.zeros_like(s))

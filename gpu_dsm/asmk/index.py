@@ -22,7 +22,7 @@ import torch
 
 from gpu_dsm.checks import as_tensor
 from gpu_dsm.io import torch_load_checked, torch_save
-from gpu_dsm.asmk.codes import WordVectors, aggregate_residuals, binary_codes, code_similarity, normalized_codes, selectivity
+from gpu_dsm.asmk.codes import WordVectors, aggregate_residuals, binary_codes, match_weights, normalized_codes
 from gpu_dsm.asmk.config import ASMKConfig
 from gpu_dsm.kernels.bits import gather_rows
 
@@ -166,8 +166,7 @@ class ASMKIndex:
             first = torch.cumsum(counts, 0) - counts
             within = torch.arange(entry.numel(), device=self.device) - torch.repeat_interleave(first, counts)
             position = self.offsets[word[entry]] + within
-            s = code_similarity(gather_rows(codes, entry), gather_rows(self.codes, position), self.dim)
-            weight = selectivity(s, cfg.alpha, cfg.tau)
+            weight = match_weights(gather_rows(codes, entry), gather_rows(self.codes, position), self.dim, cfg.alpha, cfg.tau)
             scores.index_add_(0, query[entry] * n + self.image_ids[position].long(), weight)
             done = int(ends[stop - 1])
             begin = stop
