@@ -160,8 +160,8 @@ def test_scores_equal_the_authors_asmk_package():
     index = ASMKIndex.build(codebook, db, db_ids, cfg)
     scores, order = index.search(q, q_ids)
     ours = torch.zeros(order.shape, dtype=torch.float64).scatter_(1, order, scores).numpy()
-    _, _, theirs = _package_search(codebook.numpy(), db.numpy(), db_ids.numpy(), q.numpy(), q_ids.numpy(), cfg)
-    assert asmk is not None and theirs.shape == (3, 7)
+    _, _, theirs, stages = _package_search(codebook.numpy(), db.numpy(), db_ids.numpy(), q.numpy(), q_ids.numpy(), cfg)
+    assert asmk is not None and theirs.shape == (3, 7) and set(stages) == {"quantize_aggregate", "search"}
     np.testing.assert_allclose(ours[:3], theirs, atol=1e-5, rtol=0)
     assert (theirs > 0).sum() > 10
 
