@@ -129,8 +129,8 @@ class RunConfig:
 
     def options(self) -> dict[str, Any]:
         extract = dataclasses.asdict(self.extract)
-        extract.pop("progress")
-        extract.pop("num_workers")
+        for how_it_runs in ("progress", "num_workers", "small_scales"):  # never change a DSM store's content
+            extract.pop(how_it_runs)
         return {
             "backbone": self.backbone,
             "weights": self.weights,
