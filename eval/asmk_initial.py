@@ -65,7 +65,12 @@ class ASMKRanking:
 
 
 def codebook_sources(run: ASMKRun, data_root: str | Path, dataset: RevisitopDataset) -> list[tuple[str, list[ImageSpec]]]:
-    """``[(label, image specs)]`` of ``run.codebook_data``, each checked (errors name the source)."""
+    """``[(label, image specs)]`` of ``run.codebook_data``, each checked (errors name the source).
+
+    The image files of the evaluated queries are left out wherever they appear (in the full
+    revisitop sets a query's photo is also a database image): learning on a query would bias its score.
+    """
+    queries = {Path(spec.source).resolve() for spec in dataset.query_specs()}
     sources = []
     for source in run.codebook_data:
         if source == "database":
@@ -78,7 +83,7 @@ def codebook_sources(run: ASMKRun, data_root: str | Path, dataset: RevisitopData
         else:
             raise ValueError(f"--codebook-data {source!r}: neither 'database', a dataset under {data_root}, "
                              "nor a folder of images (jpg/ and imlist.txt)")
-    return sources
+    return [(label, [s for s in specs if Path(s.source).resolve() not in queries]) for label, specs in sources]
 
 
 def check_run(run: ASMKRun, backbone: str, data_root: str | Path, dataset: RevisitopDataset) -> None:

@@ -79,3 +79,18 @@ def test_codebook_learned_on_another_folder_and_errors_before_extraction(tmp_pat
     # a codebook larger than its training descriptors is refused, naming both numbers
     assert main(_args(tiny_root, fresh, "--dataset", TINY, *ASMK, "--codebook-size", "5000")) == 2
     assert "a codebook of 5000 words needs at least 5000 training descriptors, got 800" in capsys.readouterr().err
+
+
+def test_the_evaluated_queries_never_enter_the_codebook_images(tmp_path, tiny_root):
+    from gpu_dsm.eval.asmk_initial import ASMKRun, codebook_sources
+    from gpu_dsm.eval.datasets import RevisitopDataset
+
+    dataset = RevisitopDataset.load(tiny_root, TINY)
+    folder = tmp_path / "mixed"
+    (folder / "jpg").mkdir(parents=True)
+    (folder / "jpg" / "q.jpg").symlink_to(dataset.query_paths[0])  # a query's photo under another name
+    (folder / "jpg" / "d.jpg").symlink_to(dataset.database_paths[0])
+    (folder / "imlist.txt").write_text("q\nd\n")
+    sources = codebook_sources(ASMKRun(codebook_data=("database", str(folder))), tiny_root, dataset)
+    assert [label for label, _ in sources] == [f"{TINY}-database", "mixed"]
+    assert len(sources[0][1]) == 8 and [s.source for s in sources[1][1]] == [str(folder / "jpg" / "d.jpg")]
