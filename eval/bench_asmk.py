@@ -160,7 +160,7 @@ def bench_simulated(args) -> dict:
             "ms_per_query": round(1000 * seconds / q, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("package", "simulated", "both"), default="both")
     p.add_argument("--db-images", type=int, default=200, help="package part: database images (default: %(default)s)")
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["simulated"]))
     if args.out:
         write_json(args.out, report)
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
