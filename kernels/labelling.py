@@ -33,6 +33,9 @@ def _label_scipy(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(labels).to(masks.device), int(count)
 
 
+_STEPS_PER_TEST = 4  # propagation steps between two convergence tests
+
+
 def _label_propagate(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     planes, height, width = masks.shape
     area = height * width
@@ -44,15 +47,22 @@ def _label_propagate(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     on = masks.to(torch.float32).contiguous()
     labels = (area - index) * on
     plane_offset = (torch.arange(planes, device=masks.device) * area).view(planes, 1)
-    while True:
+
+    def step(labels: torch.Tensor) -> torch.Tensor:
         pooled = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0].contiguous() * on
         # pointer jumping: take the label of the pixel named by the label
         named = (area - pooled).long().clamp_(0, area - 1).view(planes, -1) + plane_offset
         jumped = labels.view(-1)[named.view(-1)].view(planes, height, width) * on
-        updated = torch.maximum(pooled, jumped)
-        if torch.equal(updated, labels):
+        return torch.maximum(pooled, jumped)
+
+    # a converged labelling is a fixed point of step(), so testing only every few steps (each test
+    # waits for the device) changes nothing but the number of idle steps at the end
+    while True:
+        before = labels
+        for _ in range(_STEPS_PER_TEST):
+            labels = step(labels)
+        if torch.equal(labels, before):
             break
-        labels = updated
     root = (area - labels).long() + plane_offset.view(planes, 1, 1)
     root = torch.where(masks, root, torch.full_like(root, -1))
     flat = root.view(-1)

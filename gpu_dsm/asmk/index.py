@@ -133,10 +133,11 @@ class ASMKIndex:
         per_block = max(1, int(cfg.memory_budget) // max(1, 8 * 3 * n))
         out_scores = torch.zeros(q, k, dtype=torch.float64, device=self.device)
         out_index = torch.zeros(q, k, dtype=torch.long, device=self.device)
-        entry_start = torch.searchsorted(query, torch.arange(q + 1, device=self.device))
+        # row bounds of every query, read to the host once (not twice per block)
+        entry_start = torch.searchsorted(query, torch.arange(q + 1, device=self.device)).tolist()
         for lo in range(0, q, per_block):
             hi = min(q, lo + per_block)
-            rows = slice(int(entry_start[lo]), int(entry_start[hi]))
+            rows = slice(entry_start[lo], entry_start[hi])
             block = self._score_block(query[rows] - lo, word[rows], codes[rows], hi - lo)
             norm = query_words[lo:hi, None].double().sqrt() * self.image_words[None, :].double().sqrt()
             block = torch.where(norm > 0, block / norm.clamp(min=1e-300), torch.zeros_like(block))
@@ -154,21 +155,23 @@ class ASMKIndex:
         # pairs per chunk within the budget: two codes, the similarity and the indices per pair
         pair_bytes = 2 * self.codes.shape[1] * self.codes.element_size() + 8 * 4
         max_pairs = max(1, int(cfg.memory_budget) // pair_bytes)
-        ends = torch.cumsum(lengths, 0)
+        # chunk bounds on the host, from one copy of the running pair counts
+        ends = torch.cumsum(lengths, 0).cpu()
         begin = 0
         total = int(ends[-1]) if ends.numel() else 0
         done = 0
         while done < total:
-            stop = int(torch.searchsorted(ends, torch.tensor(done + max_pairs, device=self.device), right=True))
+            stop = int(torch.searchsorted(ends, torch.tensor(done + max_pairs), right=True))
             stop = max(stop, begin + 1)
             counts = lengths[begin:stop]
-            entry = torch.repeat_interleave(torch.arange(begin, stop, device=self.device), counts)
+            pairs = int(ends[stop - 1]) - done  # known on the host: repeat_interleave need not wait for the device
+            entry = torch.repeat_interleave(torch.arange(begin, stop, device=self.device), counts, output_size=pairs)
             first = torch.cumsum(counts, 0) - counts
-            within = torch.arange(entry.numel(), device=self.device) - torch.repeat_interleave(first, counts)
+            within = torch.arange(pairs, device=self.device) - torch.repeat_interleave(first, counts, output_size=pairs)
             position = self.offsets[word[entry]] + within
             weight = match_weights(gather_rows(codes, entry), gather_rows(self.codes, position), self.dim, cfg.alpha, cfg.tau)
             scores.index_add_(0, query[entry] * n + self.image_ids[position].long(), weight)
-            done = int(ends[stop - 1])
+            done += pairs
             begin = stop
         return scores.view(num_queries, n)
 
