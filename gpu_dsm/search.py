@@ -1,6 +1,8 @@
 """Nearest-neighbour search by cosine similarity of L2-normalised global descriptors."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gpu_dsm.checks import as_tensor
@@ -45,3 +47,94 @@ def similarity_topk(
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         best_scores, best_idx = scores.gather(1, order), idx.gather(1, order)
     return best_scores, best_idx
+
+
+#: global search backends: exact torch search (the default), or a FAISS index (optional faiss-cpu)
+SEARCH_BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "faiss-hnsw")
+
+
+@dataclass
+class SearchConfig:
+    """Which index serves the global search, and its parameters (FAISS's usual settings)."""
+
+    backend: str = "exact"  # exact torch search: the reference every other backend is measured against
+    ivf_lists: int | None = None  # IVF-PQ: coarse cells; None: 4 sqrt(N) (FAISS guidelines), at most N / 39
+    pq_bytes: int = 32  # IVF-PQ: bytes per vector (sub-quantisers of 8 bits); must divide D
+    nprobe: int = 32  # IVF-PQ: cells visited per query
+    hnsw_neighbours: int = 32  # HNSW: M, links per node
+    ef_search: int = 256  # HNSW: candidate list while searching (>= k)
+    seed: int = 1234  # IVF-PQ training sample and k-means
+
+    def __post_init__(self):
+        if self.backend not in SEARCH_BACKENDS:
+            raise ValueError(f"unknown search backend {self.backend!r}; known: {SEARCH_BACKENDS}")
+        for name in ("pq_bytes", "nprobe", "hnsw_neighbours", "ef_search"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SearchConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class GlobalIndex:
+    """Top-k search of global descriptors behind :func:`similarity_topk`'s interface.
+
+    ``GlobalIndex.build(database (N, D), SearchConfig(backend=...))`` then
+    ``index.search(queries (Q, D), k) -> (scores (Q, k), indices (Q, k))``, on the queries' device.
+    ``"exact"`` is :func:`similarity_topk`; the FAISS backends (inner product) run on the CPU:
+    ``"faiss-flat"`` exact, ``"faiss-ivfpq"`` and ``"faiss-hnsw"`` approximate (their recall@k
+    against exact search: ``python -m gpu_dsm.eval.bench_search``).
+    """
+
+    def __init__(self, config: SearchConfig, database: torch.Tensor | None, faiss_index=None):
+        self.config = config
+        self.database = database
+        self.faiss_index = faiss_index
+
+    @property
+    def num_images(self) -> int:
+        return int(self.database.shape[0]) if self.database is not None else int(self.faiss_index.ntotal)
+
+    @classmethod
+    def build(cls, database: torch.Tensor, config: SearchConfig | None = None) -> "GlobalIndex":
+        cfg = config or SearchConfig()
+        database = as_tensor(database, "database", ndim=2, kind="float", finite=True)
+        if cfg.backend == "exact":
+            return cls(cfg, database)
+        faiss = _faiss()
+        data = database.detach().float().cpu().contiguous().numpy()
+        n, d = data.shape
+        if cfg.backend == "faiss-flat":
+            index = faiss.IndexFlatIP(d)
+        elif cfg.backend == "faiss-hnsw":
+            index = faiss.IndexHNSWFlat(d, int(cfg.hnsw_neighbours), faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = int(cfg.ef_search)
+        else:
+            if d % int(cfg.pq_bytes):
+                raise ValueError(f"IVF-PQ: pq_bytes={cfg.pq_bytes} must divide the descriptor dimension {d}")
+            lists = cfg.ivf_lists or max(1, min(int(4 * n ** 0.5), n // 39))
+            if n < 256 or lists > n:
+                raise ValueError(f"IVF-PQ needs at least 256 database vectors and one per cell, got {n} for {lists} cells")
+            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, int(cfg.pq_bytes), 8, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = int(cfg.seed)
+            index.pq.cp.seed = int(cfg.seed)
+            index.train(data)
+            index.nprobe = int(cfg.nprobe)
+        index.add(data)
+        return cls(cfg, None, index)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores (Q, k), indices (Q, k))``, best first, on the queries' device (k capped at N)."""
+        if self.database is not None:
+            return similarity_topk(queries, self.database.to(as_tensor(queries, "queries").device), k)
+        queries = as_tensor(queries, "queries", ndim=2, kind="float", finite=True)
+        if queries.shape[1] != self.faiss_index.d:
+            raise ValueError(f"queries are {queries.shape[1]}-D, the index {self.faiss_index.d}-D")
+        k = min(int(k), self.num_images)
+        scores, indices = self.faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(indices).long().to(queries.device)
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("FAISS search backends need the faiss-cpu package: pip install -e \".[faiss]\"") from exc
+    return faiss
