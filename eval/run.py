@@ -6,6 +6,7 @@ descriptor. Methods that re-rank (``"global+dsm"``) or diffuse (``"global+D"``,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,6 +35,7 @@ from gpu_dsm.diffusion import DiffusionConfig, diffuse, diffusion_ranking, dsm_s
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_scores
 from gpu_dsm.search import similarity_topk
+from gpu_dsm.shards import Ranks, pixel_costs, write_sharded
 from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
 from gpu_dsm.whitening import Whitening
 from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_ranking, check_run
@@ -256,7 +258,8 @@ def _cached_store(base: Path, global_part: str, name: str, local: bool, log) -> 
     return None
 
 
-def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print, timing: dict | None = None):
+def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print, timing: dict | None = None,
+                   ranks: Ranks | None = None):
     """Stores of the database and of the (cropped) queries under ``base``, reused when present.
 
     With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
@@ -266,7 +269,11 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     is released only once the next split's is taken (every run takes them in the same order, so
     no deadlock), so a run that waited on one store never overtakes the first on the next. ``timing``
     receives the seconds each extraction took (``None`` for a store reused from the cache).
+
+    With ``ranks`` of a torchrun job (:mod:`gpu_dsm.shards`) each rank extracts a balanced slice
+    of a missing store and rank 0 merges them; the job is one run, so its ranks take no cache lock.
     """
+    ranks = ranks or Ranks()
     splits = [("database", dataset.database_specs(), dataset.imlist, None),
               ("queries", dataset.query_specs(), dataset.qimlist, None)]
     distractors = cfg.distractor_set()
@@ -280,8 +287,8 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
         for split, specs, names, owner in splits:
             global_part, name = _store_name(cfg, split, specs, owner)
             path = base / name
-            lock = FileLock(base / f".{global_part}.lock",
-                            on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
+            lock = contextlib.nullcontext() if ranks.distributed else FileLock(
+                base / f".{global_part}.lock", on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
             lock.__enter__()
             if held is not None:
                 held.__exit__(None, None, None)
@@ -291,14 +298,24 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
             if store is not None:
                 log(f"{split}: reusing {store.path}")
             else:
-                for leftover in unfinished_directories(path):
-                    log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
-                    shutil.rmtree(leftover, ignore_errors=True)
+                if ranks.rank == 0:  # (shards' unfinished directories too: nobody writes them yet)
+                    for leftover in unfinished_directories(path):
+                        log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
+                        shutil.rmtree(leftover, ignore_errors=True)
+                ranks.barrier()
                 if backbone is None:
                     backbone = make_backbone(cfg)
                 start = time.perf_counter()
                 label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
-                store = write_store(backbone, specs, names, path, cfg, desc=label, is_query=split == "queries")
+
+                def write(part_specs, part_names, part_path, backbone=backbone, label=label, split=split):
+                    return write_store(backbone, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries")
+
+                if ranks.distributed:
+                    costs = pixel_costs(specs, cfg.extract.image_size, cfg.extract.upscale)
+                    store = write_sharded(ranks, specs, names, path, costs, write, log)
+                else:
+                    store = write(specs, names, path)
                 seconds = time.perf_counter() - start
             stores[split] = store
             if timing is not None:

@@ -302,10 +302,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.datasets import RevisitopDataset
     from gpu_dsm.eval.run import dataset_stores, preflight
 
+    from gpu_dsm.shards import Ranks
+
+    ranks = Ranks.from_environment()  # under torchrun: this process's slice of every store (gpu_dsm.shards)
+    args.device = ranks.device(args.device)
     cfg = _run_config(args, args.data_root, args.dataset, args.out, local=args.local)
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     preflight(cfg, dataset, dirs={"--out": args.out})
-    db, queries = dataset_stores(cfg, dataset, Path(args.out))
+    db, queries = dataset_stores(cfg, dataset, Path(args.out), ranks=ranks)
+    if ranks.rank != 0:
+        return 0
     for store in (db, queries):
         line = f"{store.path}: {store.num_images} images, {store.bytes_per_image() / 1024:.1f} KiB per image"
         if store.has_local:
@@ -377,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract a dataset into feature stores",
                        description="Write the feature stores (global descriptors and DSM local features) of a revisitop "
-                                   "dataset's database and cropped queries into a folder; evaluate --cache-dir reuses them.")
+                                   "dataset's database and cropped queries into a folder; evaluate --cache-dir reuses them. "
+                                   "Under torchrun (torchrun --nproc-per-node N -m gpu_dsm extract ...) every process "
+                                   "extracts a slice of the images balanced by pixels and rank 0 merges the shards into "
+                                   "the same stores; a rerun after a failure keeps the finished shards.")
     _add_data_args(p)
     _add_model_args(p)
     _add_detector_args(p)

@@ -1,0 +1,138 @@
+"""Extraction sharded over the processes of a ``torchrun`` job (torch.distributed, gloo).
+
+    torchrun --nproc-per-node 2 -m gpu_dsm extract --dataset roxford5k --out stores/
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m gpu_dsm extract ...
+
+Each rank describes a slice of the images balanced by pixel count (:func:`balanced_slices`) and
+writes it as a shard store beside the final one (``<store>.shard-<rank>of<world>``, written
+atomically like every store). Once every rank is done, rank 0 merges the shards, image by image in
+the images' order, into the store one process would have written (same descriptors and features
+per image) and removes them. A run that is killed or fails leaves the finished shards: the next run
+verifies them (names, counts) and extracts only the missing ones. A rank that fails makes torchrun
+end the whole job with that rank's error; no final store is published without every shard.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from gpu_dsm.images import ImageSpec, target_size
+from gpu_dsm.store import FeatureStore, StoreWriter
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` of ``world`` (1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        """torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (a plain process: rank 0 of 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        """Wait for every rank (initialises the gloo process group on first use)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+
+    def device(self, device: str) -> str:
+        """``cuda`` becomes this rank's GPU (``cuda:<local rank>``); anything else is kept."""
+        return f"cuda:{self.local_rank}" if self.distributed and device == "cuda" else device
+
+
+def balanced_slices(costs: Sequence[float], world: int) -> list[list[int]]:
+    """Split items ``0..N-1`` with ``costs`` into ``world`` slices of nearly equal total cost:
+    largest first, each to the slice with the least cost so far (ties: lowest rank); every slice
+    in increasing index order. Deterministic, so every rank computes the same slices."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    order = sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i))
+    totals = [0.0] * world
+    slices: list[list[int]] = [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda j: (totals[j], j))
+        slices[r].append(i)
+        totals[r] += float(costs[i])
+    return [sorted(s) for s in slices]
+
+
+def pixel_costs(specs: Sequence[ImageSpec], image_size: int, upscale: bool) -> list[int]:
+    """Pixels each image is extracted at (file headers only): the cost :func:`balanced_slices` balances."""
+    return [w * h for w, h in (target_size(s, image_size, upscale) for s in specs)]
+
+
+def shard_path(path: Path, rank: int, world: int) -> Path:
+    return path.with_name(f"{path.name}.shard-{rank}of{world}")
+
+
+def _valid_shard(path: Path, names: list[str]) -> bool:
+    try:
+        store = FeatureStore(path)
+    except (OSError, ValueError):
+        return False
+    return store.names == names
+
+
+def merge_shards(shards: Sequence[Path], indices: Sequence[Sequence[int]], names: Sequence[str], path: Path) -> FeatureStore:
+    """Write the store of all ``names`` at ``path`` from shard stores holding images ``indices[s]``
+    (in the shards' order), image by image in index order; atomically."""
+    opened = [FeatureStore(p) for p in shards]
+    where = {}
+    for s, rows in enumerate(indices):
+        for j, i in enumerate(rows):
+            where[i] = (s, j)
+    if sorted(where) != list(range(len(names))):
+        raise ValueError(f"shards of {path} cover {len(where)} of {len(names)} images")
+    first = opened[0]
+    local = None
+    if first.has_local:
+        local = {"scales": first.meta["local"]["scales"], "num_channels": first.meta["local"]["num_channels"]}
+    with StoreWriter(path, names, first.meta["global_dim"], first.options, local=local) as writer:
+        for i in range(len(names)):
+            s, j = where[i]
+            writer.add_global(i, opened[s].global_descriptors([j])[0])
+            if local is not None:
+                feats = opened[s].local_features([j])
+                writer.add_local(i, feats.image(0), feats.map_sizes[0])
+    return FeatureStore(path)
+
+
+def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, costs: Sequence[float],
+                  write: Callable[[list[ImageSpec], list[str], Path], FeatureStore], log=print) -> FeatureStore:
+    """The store of ``specs`` at ``path``, its images split over ``ranks`` by ``costs``:
+    ``write(specs, names, shard_path)`` writes one shard (skipped when a finished shard is there),
+    every rank waits for the others, rank 0 merges, every rank returns the merged store."""
+    slices = balanced_slices(costs, ranks.world)
+    mine = slices[ranks.rank]
+    own = shard_path(path, ranks.rank, ranks.world)
+    mine_names = [names[i] for i in mine]
+    if _valid_shard(own, mine_names):
+        log(f"rank {ranks.rank}: reusing finished shard {own.name} ({len(mine)} images)")
+    else:
+        log(f"rank {ranks.rank}/{ranks.world}: {len(mine)} of {len(names)} images, {sum(costs[i] for i in mine) / 1e6:.1f} Mpx -> {own.name}")
+        write([specs[i] for i in mine], mine_names, own)
+    ranks.barrier()
+    if ranks.rank == 0:
+        shards = [shard_path(path, r, ranks.world) for r in range(ranks.world)]
+        merge_shards(shards, slices, list(names), path)
+        for shard in shards:
+            shutil.rmtree(shard, ignore_errors=True)
+        log(f"merged {ranks.world} shards -> {path}")
+    ranks.barrier()
+    return FeatureStore(path)

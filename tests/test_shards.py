@@ -1,0 +1,90 @@
+"""Sharded extraction under torchrun (gloo, 2 processes on the CPU): the merged stores equal what
+one process writes, image by image; a failed rank fails the job, no final store appears, and a
+rerun keeps the finished shard and extracts only the missing one. Slices are balanced by pixels."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_dsm.shards import balanced_slices
+from gpu_dsm.store import FeatureStore
+
+from conftest import TINY
+
+pytestmark = pytest.mark.data
+
+HELPER = Path(__file__).parent / "helpers" / "failing_rank.py"
+
+
+def _extract(tiny_root, out, procs, *, fail_rank=None):
+    args = ["extract", "--data-root", str(tiny_root), "--dataset", TINY, "--image-size", "128", "--scales", "1",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if procs == 1:
+        command = [sys.executable, "-m", "gpu_dsm", *args]
+    else:
+        target = [str(HELPER), str(fail_rank)] if fail_rank is not None else ["-m", "gpu_dsm"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+                   *target, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _stores(folder):
+    return {p.name.split("-")[1]: FeatureStore(p) for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and "shard" not in p.name}
+
+
+def _same(a: FeatureStore, b: FeatureStore):
+    assert a.names == b.names and a.options == b.options
+    assert torch.equal(a.global_descriptors(), b.global_descriptors())
+    fa, fb = a.local_features(), b.local_features()
+    assert torch.equal(fa.counts, fb.counts) and torch.equal(fa.map_sizes, fb.map_sizes)
+    for name in ("xy", "frame", "strength", "channel", "scale"):
+        assert torch.equal(getattr(fa, name)[fa.valid], getattr(fb, name)[fb.valid]), name
+
+
+def test_two_processes_write_the_stores_one_process_writes(tmp_path, tiny_root):
+    one = _extract(tiny_root, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr
+    two = _extract(tiny_root, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "merged 2 shards" in two.stdout and "rank 1/2: 4 of 8 images" in two.stdout
+    singles, merged = _stores(tmp_path / "one"), _stores(tmp_path / "two")
+    assert set(singles) == set(merged) == {"database", "queries"}
+    for split in singles:
+        _same(singles[split], merged[split])
+    assert not list((tmp_path / "two").glob("*shard*")), "shards are removed once merged"
+
+
+def test_a_failed_rank_fails_the_job_and_a_rerun_keeps_the_finished_shard(tmp_path, tiny_root):
+    out = tmp_path / "stores"
+    failed = _extract(tiny_root, out, 2, fail_rank=1)
+    assert failed.returncode != 0
+    assert "rank 1 stopped on purpose" in failed.stdout + failed.stderr
+    finished = [p.name for p in out.iterdir() if p.is_dir() and "shard" in p.name]
+    assert len(finished) == 1 and finished[0].startswith(f"{TINY}-queries-") and finished[0].endswith(".shard-0of2")
+    # the database was complete before the failure; the queries store is not published without every shard
+    assert set(_stores(out)) == {"database"}
+    again = _extract(tiny_root, out, 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rank 0: reusing finished shard" in again.stdout and "rank 1/2" in again.stdout
+    reference = _extract(tiny_root, tmp_path / "one", 1)
+    assert reference.returncode == 0
+    for split, store in _stores(out).items():
+        _same(_stores(tmp_path / "one")[split], store)
+
+
+def test_slices_are_balanced_by_cost_and_cover_every_image():
+    costs = [9, 1, 1, 1, 4, 4, 8, 2]
+    slices = balanced_slices(costs, 3)
+    assert sorted(i for s in slices for i in s) == list(range(8))
+    totals = [sum(costs[i] for i in s) for s in slices]
+    assert max(totals) - min(totals) <= 1 and all(s == sorted(s) for s in slices)
+    assert balanced_slices(costs, 1) == [list(range(8))]
+    assert balanced_slices([5, 5], 4) == [[0], [1], [], []]
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        balanced_slices(costs, 0)
