@@ -158,20 +158,18 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         base / whitening_name, Whitening.load, lambda: fit_how_whitening(backbone(), [s for _, ss in sources for s in ss], run.how),
         lambda w, p: w.save(p), "HOW whitening", log)
 
-    names: dict[int, str] = {}  # id of a HOWFeatures -> its cache file name (what later keys build on)
-
-    def features(label: str, specs: list[ImageSpec]) -> HOWFeatures:
+    def features(label: str, specs: list[ImageSpec]) -> tuple[HOWFeatures, str]:
+        """HOW features of ``specs`` and the name of their cache file (what later keys build on)."""
         name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
         feats, seconds = _cached(base / name, HOWFeatures.load, lambda: describe_how(backbone(), specs, whitening, run.how, desc=f"HOW {label}"),
                                  lambda f, p: f.save(p), f"HOW {label}", log)
         timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
-        names[id(feats)] = name
-        return feats
+        return feats, name
 
-    train = [features(label, specs) for label, specs in sources]
+    train, train_names = zip(*[features(label, specs) for label, specs in sources])
     train_descriptors = torch.cat([t.descriptors for t in train])
     asmk_options = run.options(cfg.backbone)["asmk"]
-    codebook_key = {"training": [names[id(t)] for t in train], "size": run.asmk.codebook_size,
+    codebook_key = {"training": list(train_names), "size": run.asmk.codebook_size,
                     "iterations": run.asmk.kmeans_iterations, "seed": run.asmk.seed}
     codebook_name = f"asmk-codebook-{digest(codebook_key)}.pt"
     codebook, timing["asmk_codebook_s"] = _cached(
@@ -179,13 +177,14 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         lambda: train_codebook(train_descriptors.to(device), run.asmk.codebook_size, run.asmk.kmeans_iterations, run.asmk.seed,
                                run.asmk.memory_budget),
         _save_codebook, "ASMK codebook", log)
-    database = [features(f"{dataset.name}-database", dataset.database_specs())]
+    parts = [features(f"{dataset.name}-database", dataset.database_specs())]
     distractors = cfg.distractor_set()
     if distractors is not None:
-        database.append(features(distractors.root.resolve().name, distractors.specs()))
-    queries = features(f"{dataset.name}-queries", dataset.query_specs())
-    db_descriptors, db_ids, num_images = _concat(database)
-    index_key = {"codebook": codebook_name, "database": [names[id(p)] for p in database], "asmk": asmk_options}
+        parts.append(features(distractors.root.resolve().name, distractors.specs()))
+    queries, _ = features(f"{dataset.name}-queries", dataset.query_specs())
+    database, database_names = zip(*parts)
+    db_descriptors, db_ids, num_images = _concat(list(database))
+    index_key = {"codebook": codebook_name, "database": list(database_names), "asmk": asmk_options}
     index_name = f"asmk-index-{digest(index_key)}.pt"
     index, timing["asmk_index_s"] = _cached(
         base / index_name, lambda p: ASMKIndex.load(p, device),
