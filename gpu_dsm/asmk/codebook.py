@@ -36,6 +36,13 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
         raise ValueError(f"descriptors are {x.shape[1]}-D but the codebook's words are {c.shape[1]}-D")
     if not 1 <= k <= c.shape[0]:
         raise ValueError(f"k must lie in 1..{c.shape[0]} (the codebook size), got {k}")
+    return nearest_words_checked(x, c, k, memory_budget)
+
+
+def nearest_words_checked(x: torch.Tensor, c: torch.Tensor, k: int, memory_budget: int = 1 << 30
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_words` of inputs its caller has already checked (finite, same device and
+    width, ``1 <= k <= K``): the library's own loops call it so a block is not checked twice."""
     c = c.to(x.dtype)
     c2 = (c * c).sum(1)
     rows = _rows_per_chunk(c.shape[0], x.element_size(), memory_budget)
@@ -87,7 +94,7 @@ def train_codebook(descriptors: torch.Tensor, size: int, iterations: int = 10, s
     start = torch.randperm(x.shape[0], generator=generator)[: int(size)].to(x.device)
     words = x[start].clone()
     for _ in range(int(iterations)):
-        assigned, dists = nearest_words(x, words, 1, memory_budget)
+        assigned, dists = nearest_words_checked(x, words, 1, memory_budget)
         assigned, dists = assigned[:, 0], dists[:, 0]
         counts = torch.bincount(assigned, minlength=words.shape[0])
         sums = torch.zeros_like(words).index_add_(0, assigned, x)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gpu_dsm.checks import as_tensor, check_shape
-from gpu_dsm.asmk.codebook import nearest_words
+from gpu_dsm.asmk.codebook import nearest_words_checked
 from gpu_dsm.kernels.bits import hamming
 
 _BIT_WEIGHTS = [1 << i for i in range(8)]
@@ -49,6 +49,10 @@ def aggregate_residuals(descriptors: torch.Tensor, image_ids: torch.Tensor, code
     if ids.numel() and int(ids.min()) < 0:
         raise ValueError("image_ids must be >= 0")
     d, k = x.shape[1], c.shape[0]
+    if c.shape[1] != d:
+        raise ValueError(f"descriptors are {d}-D but the codebook's words are {c.shape[1]}-D")
+    if not 1 <= assignments <= k:
+        raise ValueError(f"assignments must lie in 1..{k} (the codebook size), got {assignments}")
     if x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return WordVectors(empty, empty.clone(), torch.zeros(0, d, dtype=torch.float64, device=x.device))
@@ -69,7 +73,7 @@ def aggregate_residuals(descriptors: torch.Tensor, image_ids: torch.Tensor, code
     images, words, vectors = [], [], []
     for lo, hi in cuts:
         block, block_ids = x[lo:hi], ids[lo:hi]
-        nearest, _ = nearest_words(block, c, assignments, memory_budget)
+        nearest, _ = nearest_words_checked(block, c, assignments, memory_budget)
         residual = (block[:, None, :].double() - c[nearest].double()).reshape(-1, d)
         keys = (block_ids[:, None] * k + nearest).reshape(-1)
         unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
