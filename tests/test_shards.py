@@ -2,11 +2,11 @@
 one process writes, image by image; a failed rank fails the job, no final store appears, and a
 rerun keeps the finished shard and extracts only the missing one. Slices are balanced by pixels."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,7 +30,15 @@ def _extract(tiny_root, out, procs, *, fail_rank=None):
         target = [str(HELPER), str(fail_rank)] if fail_rank is not None else ["-m", "gpu_dsm"]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
                    *target, *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    # its own process group, so a timeout ends torchrun's workers too, not only the agent
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _stores(folder):
