@@ -37,11 +37,12 @@ def test_asmk_initial_ranking_reranked_and_diffused(tmp_path, tiny_root, capsys)
         assert sorted(a[:6]) == sorted(b[:6]) and a[6:] == b[6:]
     options = report["options"]
     assert options["initial"] == "asmk" and options["asmk"]["codebook_data"] == ["database"]
-    assert options["asmk"]["how"]["layer"] == "head" and options["asmk"]["asmk"]["codebook_size"] == 16
+    assert options["asmk"]["how"]["layer"] == "stage5" and options["asmk"]["asmk"]["codebook_size"] == 16
     diag = report["diagnostics"]["asmk"]
     assert diag["codebook_data"] == [{"source": "database", "label": f"{TINY}-database", "images": 8}]
-    assert diag["codebook_size"] == 16 and diag["descriptor_dim"] == 128
-    assert 0 < diag["words_per_database_image"] <= 16 and diag["index_bytes_per_image"] == diag["words_per_database_image"] * 20
+    # EfficientNet-Lite0's stage 5 has 112 channels: 112-D descriptors, 14-byte codes + 4-byte ids
+    assert diag["codebook_size"] == 16 and diag["descriptor_dim"] == 112
+    assert 0 < diag["words_per_database_image"] <= 16 and diag["index_bytes_per_image"] == pytest.approx(diag["words_per_database_image"] * 18, abs=1)
     assert {"asmk_s", "asmk_search_s", "how_whitening_s", "asmk_codebook_s", "rerank_asmk_s", "diffusion_asmk_s"} <= set(report["timing"])
 
     # the ranking is the index's, rebuilt by hand from the cached HOW features and codebook

@@ -17,7 +17,8 @@ import reference_how
 
 pytestmark = pytest.mark.data
 
-SMALL = dict(image_size=224, scales=(1.0, 0.707, 0.5), num_features=60, progress=False)
+# the head layer: the maps these tests read with extract_activations are the full backbone's
+SMALL = dict(layer="head", image_size=224, scales=(1.0, 0.707, 0.5), num_features=60, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +126,12 @@ def test_scales_at_which_an_image_is_too_small_give_no_features(mini, lite0, how
     _, whitening, _ = how_setup
     specs = mini.database_specs()[:2]
     # at 100 px the 0.353 and 0.25 scales are under 32 px: skipped; at 20 px every scale is
-    feats = describe_how(lite0, specs, whitening, HOWConfig(image_size=100, num_features=10_000, progress=False))
+    feats = describe_how(lite0, specs, whitening, HOWConfig(layer="head", image_size=100, num_features=10_000, progress=False))
     assert feats.scale.max() <= 4 and feats.counts().min() > 0
-    alone = describe_how(lite0, specs, whitening, HOWConfig(image_size=100, scales=HOWConfig().scales[:5], num_features=10_000,
+    alone = describe_how(lite0, specs, whitening, HOWConfig(layer="head", image_size=100, scales=HOWConfig().scales[:5], num_features=10_000,
                                                              progress=False))
     assert torch.equal(feats.scale, alone.scale) and torch.allclose(feats.descriptors, alone.descriptors)
-    none = describe_how(lite0, specs, whitening, HOWConfig(image_size=12, progress=False))
+    none = describe_how(lite0, specs, whitening, HOWConfig(layer="head", image_size=12, progress=False))
     assert none.descriptors.shape == (0, 128) and none.counts().tolist() == [0, 0]
     # DSM extraction still refuses such an image, naming it
     from gpu_dsm.extract import ExtractConfig
