@@ -163,7 +163,8 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
         feats, seconds = _cached(base / name, HOWFeatures.load, lambda: describe_how(backbone(), specs, whitening, run.how, desc=f"HOW {label}"),
                                  lambda f, p: f.save(p), f"HOW {label}", log)
-        timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
+        if seconds is not None or f"how_{label}_s" not in timing:  # the codebook images may be the database: keep its time
+            timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
         return feats, name
 
     train, train_names = zip(*[features(label, specs) for label, specs in sources])
