@@ -89,7 +89,8 @@ def test_describe_how_batches_equal_one_image_at_a_time(mini, lite0, how_setup):
     many = describe_how(lite0, specs, whitening, HOWConfig(**SMALL, batch_size=3))
     assert one.counts().tolist() == [cfg.num_features] * 3 and one.num_images == 3
     assert torch.equal(one.image_ids, many.image_ids) and torch.equal(one.scale, many.scale)
-    assert torch.allclose(one.descriptors, many.descriptors, atol=1e-4, rtol=1e-4)
+    # batched convolutions and the 1280-channel reduction sum in another order: ~2e-4 on values up to ~200
+    assert torch.allclose(one.descriptors, many.descriptors, atol=1e-3, rtol=1e-4)
 
 
 def test_how_features_save_load_and_corrupt_files(tmp_path, mini, lite0, how_setup):
