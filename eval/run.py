@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -259,7 +259,7 @@ def _cached_store(base: Path, global_part: str, name: str, local: bool, log) -> 
 
 
 def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print, timing: dict | None = None,
-                   ranks: Ranks | None = None):
+                   ranks: Ranks | None = None, backbone: Callable[[], Backbone] | None = None):
     """Stores of the database and of the (cropped) queries under ``base``, reused when present.
 
     With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
@@ -272,14 +272,16 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
 
     With ``ranks`` of a torchrun job (:mod:`gpu_dsm.shards`) each rank extracts a balanced slice
     of a missing store and rank 0 merges them; the job is one run, so its ranks take no cache lock.
+    ``backbone()`` gives the network when a store must be extracted (default: built once here);
+    pass the run's own builder so that a later step reuses the same network.
     """
     ranks = ranks or Ranks()
+    backbone = backbone or functools.cache(lambda: make_backbone(cfg))
     splits = [("database", dataset.database_specs(), dataset.imlist, None),
               ("queries", dataset.query_specs(), dataset.qimlist, None)]
     distractors = cfg.distractor_set()
     if distractors is not None:
         splits.append(("distractors", distractors.specs(), distractors.names, (distractors.root.name, distractors.root)))
-    backbone = None
     stores = {}
     base = Path(base)
     held: FileLock | None = None  # the previous split's lock, released once the next one is taken
@@ -303,13 +305,12 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                         log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
                         shutil.rmtree(leftover, ignore_errors=True)
                 ranks.barrier()
-                if backbone is None:
-                    backbone = make_backbone(cfg)
+                net = backbone()
                 start = time.perf_counter()
                 label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
 
-                def write(part_specs, part_names, part_path, backbone=backbone, label=label, split=split):
-                    return write_store(backbone, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries")
+                def write(part_specs, part_names, part_path):
+                    return write_store(net, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries")
 
                 if ranks.distributed:
                     costs = pixel_costs(specs, cfg.extract.image_size, cfg.extract.upscale)
@@ -557,7 +558,8 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     def stage(name: str):
         return _timed(timing, name, device)
 
-    db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing)
+    backbone = functools.cache(lambda: make_backbone(cfg))  # built once, only if something must be extracted
+    db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing, backbone=backbone)
     with stage("search"):
         db, similarities, ranks = global_ranking(cfg, db_store, q_store, device)
     label, whitening = cfg.resolved_whitening()
@@ -570,7 +572,7 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     asmk = None
     if cfg.initial == "asmk":
         with stage("asmk"):
-            asmk = asmk_ranking(cfg, dataset, base, functools.cache(lambda: make_backbone(cfg)), _digest, log, timing)
+            asmk = asmk_ranking(cfg, dataset, base, backbone, _digest, log, timing)
         results["asmk"] = _method_entry(asmk.ranks, dataset.gnd)
         report.setdefault("diagnostics", {})["asmk"] = asmk.diagnostics
     if cfg.rerank is not None and asmk is not None:
