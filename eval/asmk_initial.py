@@ -150,8 +150,9 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
     timing = timing if timing is not None else {}
     base = Path(base)
     sources = codebook_sources(run, cfg.data_root, dataset)
+    options = run.options(cfg.backbone)
     model = {"backbone": cfg.backbone, "weights_sha256": cfg.weights_sha256(), "upsample": cfg.upsample, "dtype": cfg.dtype,
-             **run.options(cfg.backbone)["how"]}
+             **options["how"]}
     training = [_images_key(specs) for _, specs in sources]
     whitening_name = f"how-whitening-{cfg.backbone}-{digest({**model, 'training': training})}.pt"
     whitening, timing["how_whitening_s"] = _cached(
@@ -169,7 +170,7 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
 
     train, train_names = zip(*[features(label, specs) for label, specs in sources])
     train_descriptors = torch.cat([t.descriptors for t in train])
-    asmk_options = run.options(cfg.backbone)["asmk"]
+    asmk_options = options["asmk"]
     codebook_key = {"training": list(train_names), "size": run.asmk.codebook_size,
                     "iterations": run.asmk.kmeans_iterations, "seed": run.asmk.seed}
     codebook_name = f"asmk-codebook-{digest(codebook_key)}.pt"
@@ -204,7 +205,7 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         "codebook_data": [{"source": s, "label": label, "images": len(specs)} for s, (label, specs) in zip(run.codebook_data, sources)],
         "codebook_training_descriptors": int(train_descriptors.shape[0]),
         "codebook_size": int(codebook.shape[0]),
-        "layer": run.options(cfg.backbone)["how"]["layer"],
+        "layer": options["how"]["layer"],
         "descriptor_dim": int(codebook.shape[1]),
         "features_per_database_image": round(db_descriptors.shape[0] / max(num_images, 1), 1),
         "features_per_query": round(queries.descriptors.shape[0] / q, 1),
