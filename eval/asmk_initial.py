@@ -11,6 +11,7 @@ depends on, one lock per file so two runs never build the same file twice):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ import torch
 
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones.layers import HOW_LAYERS, backbone_layers
-from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
+from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening, how_moments, merge_how_features
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import FileLock, stat_digest, torch_load_checked, torch_save
-from gpu_dsm.whitening import Whitening
+from gpu_dsm.shards import Ranks, balanced_slices, pixel_costs, run_sharded
+from gpu_dsm.whitening import Whitening, pca_whitening_from_moments
 from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
 
 _CODEBOOK_FORMAT = "gpu_dsm.asmk_codebook/1"
@@ -98,10 +100,18 @@ def _images_key(specs: list[ImageSpec]) -> dict[str, Any]:
 
 
 def _cached(path: Path, load: Callable[[Path], Any], build: Callable[[], Any], save: Callable[[Any, Path], Any],
-            what: str, log) -> tuple[Any, float | None]:
+            what: str, log, ranks: Ranks | None = None) -> tuple[Any, float | None]:
     """``load(path)`` if a readable file is there, else ``build()`` saved to ``path``; with the
-    seconds building took (``None`` when reused). A corrupt file is reported and rebuilt."""
-    with FileLock(path.with_name(f".{path.name}.lock"), on_wait=lambda p: log(f"{what}: waiting for another run (lock {p})")):
+    seconds building took (``None`` when reused). A corrupt file is reported and rebuilt.
+
+    Under torchrun (``ranks``) every rank takes the same branch (the file is only written after
+    a collective step of the build, which needs every rank past its check); rank 0 saves, and
+    the others, once it has, load what it saved, so all ranks hold the same object. A build that
+    writes ``path`` itself (a merge of shards) is loaded back, not saved again."""
+    ranks = ranks or Ranks()
+    lock = contextlib.nullcontext() if ranks.distributed else FileLock(
+        path.with_name(f".{path.name}.lock"), on_wait=lambda p: log(f"{what}: waiting for another run (lock {p})"))
+    with lock:
         if path.is_file():
             try:
                 obj = load(path)
@@ -112,7 +122,11 @@ def _cached(path: Path, load: Callable[[Path], Any], build: Callable[[], Any], s
         start = time.perf_counter()
         obj = build()
         seconds = time.perf_counter() - start
-        save(obj, path)
+        if ranks.rank == 0 and not (ranks.distributed and path.is_file()):
+            save(obj, path)
+        if ranks.distributed:
+            ranks.barrier()
+            obj = load(path)
         log(f"{what}: {seconds:.1f} s -> {path}")
         return obj, seconds
 
@@ -138,6 +152,103 @@ def _concat(parts: list[HOWFeatures]) -> tuple[torch.Tensor, torch.Tensor, int]:
     return descriptors, ids, offsets[-1]
 
 
+@dataclass
+class HOWFeatureSets:
+    """The HOW features a ranking needs, and the names of their cache files (later keys build on them)."""
+
+    sources: list[tuple[str, list[ImageSpec]]]  # the codebook images: [(label, specs)]
+    train: list[HOWFeatures]  # HOW features of each codebook source
+    train_names: list[str]
+    database: list[HOWFeatures]  # the database, then the distractors
+    database_names: list[str]
+    queries: HOWFeatures
+
+
+def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], digest: Callable[[Any], str],
+                     log=print, timing: dict | None = None, ranks: Ranks | None = None) -> HOWFeatureSets | None:
+    """HOW whitening (learned on the codebook images) and HOW features of the codebook images, the
+    database (and ``cfg``'s distractors) and the queries, each cached under ``base``.
+
+    Under torchrun (``ranks`` of a distributed job) every step is shared: the whitening's moments
+    are summed over the ranks' slices of the images, each feature set is described slice by slice
+    into shards that rank 0 merges (:func:`gpu_dsm.shards.run_sharded`, resumable); rank 0 gets the
+    sets, the other ranks ``None``.
+    """
+    run: ASMKRun = cfg.asmk
+    ranks = ranks or Ranks()
+    timing = timing if timing is not None else {}
+    base = Path(base)
+    sources = codebook_sources(run, cfg.data_root, dataset)
+    options = run.options(cfg.backbone)
+    model = {"backbone": cfg.backbone, "weights_sha256": cfg.weights_sha256(), "upsample": cfg.upsample, "dtype": cfg.dtype,
+             **options["how"]}
+    training = [_images_key(specs) for _, specs in sources]
+    whitening_name = f"how-whitening-{cfg.backbone}-{digest({**model, 'training': training})}.pt"
+    train_specs = [s for _, ss in sources for s in ss]
+    whitening, timing["how_whitening_s"] = _cached(
+        base / whitening_name, Whitening.load, lambda: _fit_whitening(backbone, train_specs, run.how, ranks),
+        lambda w, p: w.save(p), "HOW whitening", log, ranks)
+
+    def describe(specs: list[ImageSpec], label: str) -> HOWFeatures:
+        return describe_how(backbone(), specs, whitening, run.how, desc=f"HOW {label}")
+
+    def features(label: str, specs: list[ImageSpec]) -> tuple[HOWFeatures | None, str]:
+        """HOW features of ``specs`` and the name of their cache file."""
+        name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
+        if ranks.distributed:
+            build = lambda: _describe_sharded(specs, label, base / name, describe, run.how, ranks, log)  # noqa: E731
+        else:
+            build = lambda: describe(specs, label)  # noqa: E731
+        feats, seconds = _cached(base / name, HOWFeatures.load, build, lambda f, p: f.save(p), f"HOW {label}", log, ranks)
+        if seconds is not None or f"how_{label}_s" not in timing:  # the codebook images may be the database: keep its time
+            timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
+        return feats, name
+
+    train, train_names = zip(*[features(label, specs) for label, specs in sources])
+    parts = [features(f"{dataset.name}-database", dataset.database_specs())]
+    distractors = cfg.distractor_set()
+    if distractors is not None:
+        parts.append(features(distractors.root.resolve().name, distractors.specs()))
+    queries, _ = features(f"{dataset.name}-queries", dataset.query_specs())
+    if ranks.rank != 0:
+        return None
+    database, database_names = zip(*parts)
+    return HOWFeatureSets(sources, list(train), list(train_names), list(database), list(database_names), queries)
+
+
+def _fit_whitening(backbone: Callable[[], Any], specs: list[ImageSpec], how: HOWConfig, ranks: Ranks) -> Whitening:
+    """HOW's whitening of ``specs``; under torchrun each rank sums the moments of its slice."""
+    if not ranks.distributed:
+        return fit_how_whitening(backbone(), specs, how)
+    if not specs:
+        raise ValueError("fit_how_whitening: no images")
+    mine = balanced_slices(pixel_costs(specs, how.image_size, how.upscale), ranks.world)[ranks.rank]
+    count, total, outer = how_moments(backbone(), [specs[i] for i in mine], how)
+    net_dim = outer.shape[0]
+    summed = ranks.all_reduce_sum(torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=total.device),
+                                             total, outer.reshape(-1)]))
+    return pca_whitening_from_moments(int(summed[0]), summed[1:1 + net_dim], summed[1 + net_dim:].reshape(net_dim, net_dim),
+                                      how.dim)
+
+
+def _describe_sharded(specs: list[ImageSpec], label: str, path: Path, describe: Callable[[list[ImageSpec], str], HOWFeatures],
+                      how: HOWConfig, ranks: Ranks, log) -> HOWFeatures | None:
+    """HOW features of ``specs`` described slice by slice over ``ranks`` and merged by rank 0 at
+    ``path`` (rank 0 returns them, the others ``None``)."""
+    def finished(shard: Path, rows: list[int]) -> bool:
+        try:
+            return HOWFeatures.load(shard).num_images == len(rows)
+        except (OSError, ValueError):
+            return False
+
+    def merge(shards: list[Path], slices: list[list[int]], out: Path) -> None:
+        merge_how_features([HOWFeatures.load(s) for s in shards], slices, len(specs)).save(out)
+
+    run_sharded(ranks, pixel_costs(specs, how.image_size, how.upscale), path,
+                lambda rows, own: describe([specs[i] for i in rows], label).save(own), finished, merge, log)
+    return HOWFeatures.load(path) if ranks.rank == 0 else None
+
+
 def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], digest: Callable[[Any], str],
                  log=print, timing: dict | None = None) -> ASMKRanking:
     """Rank the database (with ``cfg``'s distractors) for every query by HOW + ASMK.
@@ -149,26 +260,10 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
     device = torch.device(cfg.device)
     timing = timing if timing is not None else {}
     base = Path(base)
-    sources = codebook_sources(run, cfg.data_root, dataset)
+    sets = how_feature_sets(cfg, dataset, base, backbone, digest, log, timing)
+    sources, train, train_names, queries = sets.sources, sets.train, sets.train_names, sets.queries
+    database, database_names = sets.database, sets.database_names
     options = run.options(cfg.backbone)
-    model = {"backbone": cfg.backbone, "weights_sha256": cfg.weights_sha256(), "upsample": cfg.upsample, "dtype": cfg.dtype,
-             **options["how"]}
-    training = [_images_key(specs) for _, specs in sources]
-    whitening_name = f"how-whitening-{cfg.backbone}-{digest({**model, 'training': training})}.pt"
-    whitening, timing["how_whitening_s"] = _cached(
-        base / whitening_name, Whitening.load, lambda: fit_how_whitening(backbone(), [s for _, ss in sources for s in ss], run.how),
-        lambda w, p: w.save(p), "HOW whitening", log)
-
-    def features(label: str, specs: list[ImageSpec]) -> tuple[HOWFeatures, str]:
-        """HOW features of ``specs`` and the name of their cache file (what later keys build on)."""
-        name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
-        feats, seconds = _cached(base / name, HOWFeatures.load, lambda: describe_how(backbone(), specs, whitening, run.how, desc=f"HOW {label}"),
-                                 lambda f, p: f.save(p), f"HOW {label}", log)
-        if seconds is not None or f"how_{label}_s" not in timing:  # the codebook images may be the database: keep its time
-            timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
-        return feats, name
-
-    train, train_names = zip(*[features(label, specs) for label, specs in sources])
     train_descriptors = torch.cat([t.descriptors for t in train])
     asmk_options = options["asmk"]
     codebook_key = {"training": list(train_names), "size": run.asmk.codebook_size,
@@ -179,12 +274,6 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         lambda: train_codebook(train_descriptors.to(device), run.asmk.codebook_size, run.asmk.kmeans_iterations, run.asmk.seed,
                                run.asmk.memory_budget),
         _save_codebook, "ASMK codebook", log)
-    parts = [features(f"{dataset.name}-database", dataset.database_specs())]
-    distractors = cfg.distractor_set()
-    if distractors is not None:
-        parts.append(features(distractors.root.resolve().name, distractors.specs()))
-    queries, _ = features(f"{dataset.name}-queries", dataset.query_specs())
-    database, database_names = zip(*parts)
     db_descriptors, db_ids, num_images = _concat(list(database))
     index_key = {"codebook": codebook_name, "database": list(database_names), "asmk": asmk_options}
     index_name = f"asmk-index-{digest(index_key)}.pt"

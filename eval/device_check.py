@@ -17,13 +17,17 @@ largest difference):
   solutions and the same top 10;
 - ASMK: HOW descriptors, index and search on the device against the CPU: scores (1e-6) and rankings.
 
-Then the benchmarks (``bench_detect``, ``bench_match``, ``bench_diffusion``, ``bench_asmk``) on the
+Then the benchmarks (``bench_detect``, ``bench_match``, ``bench_diffusion``, ``bench_asmk``, and
+``bench_query_path`` on a database of 200k images simulated from the tables detected above) on the
 device at sizes chosen to fit the time (``--tiny``: minimal sizes). No timing is asserted.
 """
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,12 +37,14 @@ from gpu_dsm.backbones import build_backbone
 from gpu_dsm.detect import DetectorConfig, activations_to_levels, detect
 from gpu_dsm.diffusion import DiffusionConfig, diffuse, plain_seeds
 from gpu_dsm.extract import ExtractConfig, extract_activations
+from gpu_dsm.features import LocalFeatures
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.how import HOWConfig, describe_how, fit_how_whitening
 from gpu_dsm.io import write_json
 from gpu_dsm.kernels.labelling import label_planes
 from gpu_dsm.match import spatial_verify
 from gpu_dsm.stable_regions import mser
+from gpu_dsm.store import StoreWriter
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.timing import benchmark_parser, sync
 
@@ -75,6 +81,17 @@ def check_detect(maps_per_image, device: torch.device, is_query: bool):
         torch.equal(getattr(got, f)[got.valid].cpu(), getattr(want, f)[want.valid]) for f in ("channel", "scale")) and \
         torch.allclose(got.xy[got.valid].cpu(), want.xy[want.valid], atol=1e-4)
     return {"ok": bool(same), "features": want.counts.tolist()}, want
+
+
+def write_source_store(path: Path, tables: LocalFeatures, maps_per_image, scales) -> Path:
+    """A feature store of detected ``tables`` (the images' mean-pooled maps as global descriptors):
+    the real tables ``bench_query_path`` draws its simulated database from."""
+    with StoreWriter(path, [f"image{i}" for i in range(tables.num_images)], maps_per_image[0][0].shape[0], {"device_check": True},
+                     local={"scales": list(scales), "num_channels": maps_per_image[0][0].shape[0]}) as writer:
+        for i, maps in enumerate(maps_per_image):
+            writer.add_global(i, torch.nn.functional.normalize(maps[0].float().mean((1, 2)), dim=0))
+            writer.add_local(i, tables.image(i), tables.map_sizes[i])
+    return path
 
 
 def check_match(queries, database, device: torch.device) -> dict[str, Any]:
@@ -170,7 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["all_ok"] = all(report[k].get("ok") for k in ("labelling", "mser", "detect", "match", "diffusion", "asmk") if k in report)
 
     if not args.skip_benchmarks:
-        from gpu_dsm.eval import bench_asmk, bench_detect, bench_diffusion, bench_match
+        from gpu_dsm.eval import bench_asmk, bench_detect, bench_diffusion, bench_match, bench_query_path
+
+        work = Path(tempfile.mkdtemp(prefix="device-check-"))
+        sources = {split: write_source_store(work / split, tables[split], maps, extract.scales) for split, maps in
+                   (("database", db_maps), ("queries", q_maps))} if tables else {}
 
         dev = ["--device", str(device)]
         runs = {
@@ -181,8 +202,16 @@ def main(argv: list[str] | None = None) -> dict:
             "bench_asmk": lambda: bench_asmk.main(dev + ["--part", "simulated", "--images", "2000" if args.tiny else "1000000",
                                                          "--queries", "2" if args.tiny else "10"]),
         }
-        for name, run in runs.items():
-            _timed(report, name, run, device)
+        if sources:
+            runs["bench_query_path"] = lambda: bench_query_path.main(
+                dev + ["--source-db", str(sources["database"]), "--source-queries", str(sources["queries"]),
+                       "--images", "2000" if args.tiny else "200000", "--queries", "2" if args.tiny else "20",
+                       "--work", str(work / "simulated")])
+        try:
+            for name, run in runs.items():
+                _timed(report, name, run, device)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if args.out:
         write_json(args.out, report)
         print(f"written to {args.out}")

@@ -196,12 +196,12 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: t
     paths = [str(Path(spec.source).resolve()) for spec in specs]
     keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
                  images=stat_digest(paths), boxes=[spec.box for spec in specs])
-    global_part = f"{name}-{split}-{cfg.backbone}-{_digest(keyed)}"
+    global_part = f"{name}-{split}-{cfg.backbone}-{cache_digest(keyed)}"
     detector = options["detector"]
-    return global_part, f"{global_part}-{_digest(detector) if detector is not None else 'global'}"
+    return global_part, f"{global_part}-{cache_digest(detector) if detector is not None else 'global'}"
 
 
-def _digest(obj: Any) -> str:
+def cache_digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -572,7 +572,7 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     asmk = None
     if cfg.initial == "asmk":
         with stage("asmk"):
-            asmk = asmk_ranking(cfg, dataset, base, backbone, _digest, log, timing)
+            asmk = asmk_ranking(cfg, dataset, base, backbone, cache_digest, log, timing)
         results["asmk"] = _method_entry(asmk.ranks, dataset.gnd)
         report.setdefault("diagnostics", {})["asmk"] = asmk.diagnostics
     if cfg.rerank is not None and asmk is not None:

@@ -6,6 +6,7 @@ Every option's help states its default and, where the default comes from the DSM
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -218,24 +219,33 @@ def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                        help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ... (default: %(default)s)")
 
 
-def _add_asmk_args(p: argparse.ArgumentParser) -> None:
+def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
+    """The HOW + ASMK options; ``extract``: those that HOW descriptors depend on (the codebook is
+    trained by evaluate)."""
     from gpu_dsm.asmk import ASMKConfig
     from gpu_dsm.backbones.layers import HOW_LAYERS
     from gpu_dsm.how import HOWConfig
 
     a, h = ASMKConfig(), HOWConfig()
     g = p.add_argument_group("HOW + ASMK initial ranking (Tolias, Jenicek, Chum, ECCV 2020)")
-    g.add_argument("--initial", choices=("global", "asmk"), default="global",
-                   help="'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
-                        "asmk+dsm+D (with --diffusion); the global methods stay (default: %(default)s)")
+    if extract:
+        g.add_argument("--initial", choices=("global", "asmk"), default="global",
+                       help="'asmk' also writes the HOW whitening (learned on --codebook-data) and the HOW descriptors of "
+                            "the codebook images, database and queries, which evaluate --initial asmk with this folder as "
+                            "--cache-dir reuses (default: %(default)s)")
+    else:
+        g.add_argument("--initial", choices=("global", "asmk"), default="global",
+                       help="'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
+                            "asmk+dsm+D (with --diffusion); the global methods stay (default: %(default)s)")
     g.add_argument("--codebook-data", nargs="+", default=["database"], metavar="SOURCE",
                    help="images the HOW whitening and the ASMK codebook are learned on, never the queries: 'database' (the "
                         "evaluated dataset's database), another dataset's name under --data-root (its database images), or a "
                         "folder of images (jpg/ and imlist.txt) (default: database; HOW learns them on SfM-120k)")
-    g.add_argument("--codebook-size", type=int, default=a.codebook_size,
-                   help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
-    g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
-                   help="k-means iterations (default: %(default)s, the reference's)")
+    if not extract:
+        g.add_argument("--codebook-size", type=int, default=a.codebook_size,
+                       help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
+        g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
+                       help="k-means iterations (default: %(default)s, the reference's)")
     g.add_argument("--how-layer", default=None,
                    help="backbone layer HOW reads (default: " + ", ".join(f"{k} {v}" for k, v in HOW_LAYERS.items()) + ")")
     g.add_argument("--how-features", type=int, default=h.num_features,
@@ -251,7 +261,9 @@ def _asmk_run(args: argparse.Namespace):
 
     how = HOWConfig(layer=args.how_layer, num_features=args.how_features, image_size=args.how_image_size,
                     batch_size=args.batch_size, progress=args.progress)
-    asmk = ASMKConfig(codebook_size=args.codebook_size, kmeans_iterations=args.kmeans_iterations)
+    default = ASMKConfig()
+    asmk = ASMKConfig(codebook_size=getattr(args, "codebook_size", default.codebook_size),
+                      kmeans_iterations=getattr(args, "kmeans_iterations", default.kmeans_iterations))
     return ASMKRun(how=how, asmk=asmk, codebook_data=tuple(args.codebook_data))
 
 
@@ -300,7 +312,8 @@ def cmd_show_match(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.datasets import RevisitopDataset
-    from gpu_dsm.eval.run import dataset_stores, preflight
+    from gpu_dsm.eval.asmk_initial import how_feature_sets
+    from gpu_dsm.eval.run import cache_digest, dataset_stores, make_backbone, preflight
 
     from gpu_dsm.shards import Ranks
 
@@ -309,7 +322,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = _run_config(args, args.data_root, args.dataset, args.out, local=args.local)
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     preflight(cfg, dataset, dirs={"--out": args.out})
-    db, queries = dataset_stores(cfg, dataset, Path(args.out), ranks=ranks)
+    backbone = functools.cache(lambda: make_backbone(cfg))
+    db, queries = dataset_stores(cfg, dataset, Path(args.out), ranks=ranks, backbone=backbone)
+    how = None
+    if cfg.initial == "asmk":
+        how = how_feature_sets(cfg, dataset, Path(args.out), backbone, cache_digest, ranks=ranks)
     if ranks.rank != 0:
         return 0
     for store in (db, queries):
@@ -318,6 +335,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
             counts = store.local_features().counts.float()
             line += f", {counts.mean():.0f} local features per image (min {counts.min():.0f}, max {counts.max():.0f})"
         print(line)
+    if how is not None:
+        for label, feats in [*zip(how.train_names, how.train), *zip(how.database_names, how.database), ("queries", how.queries)]:
+            print(f"HOW {label}: {feats.num_images} images, {feats.descriptors.shape[0] / max(feats.num_images, 1):.0f} "
+                  "descriptors per image")
     return 0
 
 
@@ -392,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(p)
     p.add_argument("--no-local", dest="local", action="store_false",
                    help="global descriptors only (default: local features too)")
+    _add_asmk_args(p, extract=True)
     p.add_argument("--out", required=True, help="folder for the stores")
     p.set_defaults(func=cmd_extract)
 

@@ -90,9 +90,10 @@ class LocalFeatures:
 
     @staticmethod
     def empty(num_images: int, num_scales: int, scales: Sequence[float] = (), num_channels: int = 0,
-              device: torch.device | str = "cpu") -> "LocalFeatures":
+              device: torch.device | str = "cpu", capacity: int = 0) -> "LocalFeatures":
+        """``num_images`` images without features, padded to ``capacity`` rows."""
         return LocalFeatures.from_images([{}] * num_images, torch.zeros(num_images, num_scales, 2, dtype=torch.long),
-                                         scales, num_channels, device=device)
+                                         scales, num_channels, capacity=capacity, device=device)
 
     @staticmethod
     def from_images(per_image: Sequence[dict[str, torch.Tensor]], map_sizes: torch.Tensor,

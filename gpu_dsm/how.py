@@ -118,6 +118,24 @@ class HOWFeatures:
         return feats
 
 
+def merge_how_features(parts: Sequence[HOWFeatures], indices: Sequence[Sequence[int]], num_images: int) -> HOWFeatures:
+    """One :class:`HOWFeatures` of ``num_images`` images from ``parts[s]`` holding images
+    ``indices[s]`` (in that order): each image's rows in their order, images in index order."""
+    if sorted(i for rows in indices for i in rows) != list(range(num_images)):
+        raise ValueError(f"merge_how_features: the parts hold {sum(len(r) for r in indices)} images, not each of "
+                         f"0..{num_images - 1} once")
+    for part, rows in zip(parts, indices):
+        if part.num_images != len(rows):
+            raise ValueError(f"merge_how_features: a part of {part.num_images} images for {len(rows)} indices")
+    if len({p.scales for p in parts}) > 1 or len({p.descriptors.shape[1] for p in parts}) > 1:
+        raise ValueError("merge_how_features: parts of different scales or descriptor dimensions")
+    ids = torch.cat([torch.as_tensor(list(rows), dtype=torch.long, device=p.image_ids.device)[p.image_ids]
+                     for p, rows in zip(parts, indices)])
+    order = torch.argsort(ids, stable=True)  # stable: an image's rows keep their order
+    cat = {name: torch.cat([getattr(p, name) for p in parts])[order] for name in ("descriptors", "xy", "scale", "strength")}
+    return HOWFeatures(image_ids=ids[order], num_images=num_images, scales=parts[0].scales, **cat)
+
+
 def attention(maps: torch.Tensor) -> torch.Tensor:
     """``(B, K, h, w) -> (B, h, w)``: the L2 norm over channels, ``sqrt(sum u^2 + 1e-10)``."""
     return (maps.float().pow(2).sum(1) + 1e-10).sqrt()
@@ -223,14 +241,13 @@ def _flatten(per_image: list[dict | None], scales, device, dim: int) -> HOWFeatu
 
 
 @torch.no_grad()
-def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
-                      desc: str = "HOW whitening") -> Whitening:
-    """HOW's PCA whitening of ``backbone``'s layer, learned on ``images`` (not the evaluated
-    queries): their scale-1 descriptors (top ``num_features`` by attention, smoothed), moments
-    summed in float64 image batch by image batch; ``dim`` rows (:func:`pca_whitening_from_moments`)."""
+def how_moments(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
+                desc: str = "HOW whitening") -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, sum (K,), sum of outer products (K, K))`` in float64 of the scale-1 descriptors
+    (top ``num_features`` by attention, smoothed) of ``images`` at ``backbone``'s HOW layer:
+    what :func:`fit_how_whitening` learns from. Moments of disjoint image sets add up, so
+    processes can each sum a slice (:mod:`gpu_dsm.shards`)."""
     config = config or HOWConfig()
-    if len(images) == 0:
-        raise ValueError("fit_how_whitening: no images")
     net = cut_backbone(backbone, config.layer)
     k = net.out_channels
     count, total = 0, torch.zeros(k, dtype=torch.float64, device=net.device)
@@ -244,4 +261,14 @@ def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec
         count += x.shape[0]
         total += x.sum(0)
         outer += x.T @ x
-    return pca_whitening_from_moments(count, total, outer, config.dim)
+    return count, total, outer
+
+
+def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
+                      desc: str = "HOW whitening") -> Whitening:
+    """HOW's PCA whitening of ``backbone``'s layer, learned on ``images`` (not the evaluated
+    queries): the moments of :func:`how_moments`, ``dim`` rows (:func:`pca_whitening_from_moments`)."""
+    config = config or HOWConfig()
+    if len(images) == 0:
+        raise ValueError("fit_how_whitening: no images")
+    return pca_whitening_from_moments(*how_moments(backbone, images, config, desc), config.dim)

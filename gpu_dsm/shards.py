@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from gpu_dsm.images import ImageSpec, target_size
 from gpu_dsm.store import FeatureStore, StoreWriter
 
@@ -50,6 +52,17 @@ class Ranks:
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
         dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over every rank (each rank gets the same bits), on its device."""
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+
+        self.barrier()
+        summed = tensor.detach().cpu().clone()
+        dist.all_reduce(summed)
+        return summed.to(tensor.device)
 
     def device(self, device: str) -> str:
         """``cuda`` becomes this rank's GPU (``cuda:<local rank>``); anything else is kept."""
@@ -113,26 +126,42 @@ def merge_shards(shards: Sequence[Path], indices: Sequence[Sequence[int]], names
     return FeatureStore(path)
 
 
-def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, costs: Sequence[float],
-                  write: Callable[[list[ImageSpec], list[str], Path], FeatureStore], log=print) -> FeatureStore:
-    """The store of ``specs`` at ``path``, its images split over ``ranks`` by ``costs``:
-    ``write(specs, names, shard_path)`` writes one shard (skipped when a finished shard is there),
-    every rank waits for the others, rank 0 merges, every rank returns the merged store."""
+def run_sharded(ranks: Ranks, costs: Sequence[float], path: Path, make_shard: Callable[[list[int], Path], object],
+                finished: Callable[[Path, list[int]], bool], merge: Callable[[list[Path], list[list[int]], Path], object],
+                log=print) -> None:
+    """Make the file or folder at ``path`` from images ``0..N-1`` split over ``ranks`` by ``costs``.
+
+    Each rank makes its shard (``make_shard(its images, shard path)``, atomically) unless ``finished``
+    says a shard from an interrupted run is complete; every rank waits for the others; rank 0
+    merges the shards (``merge(shard paths, slices, path)``) and removes them; every rank waits
+    for the merge. A rank that raises ends the job (torchrun stops the others): no merge happens."""
     slices = balanced_slices(costs, ranks.world)
     mine = slices[ranks.rank]
     own = shard_path(path, ranks.rank, ranks.world)
-    mine_names = [names[i] for i in mine]
-    if _valid_shard(own, mine_names):
+    if finished(own, mine):
         log(f"rank {ranks.rank}: reusing finished shard {own.name} ({len(mine)} images)")
     else:
-        log(f"rank {ranks.rank}/{ranks.world}: {len(mine)} of {len(names)} images, {sum(costs[i] for i in mine) / 1e6:.1f} Mpx -> {own.name}")
-        write([specs[i] for i in mine], mine_names, own)
+        log(f"rank {ranks.rank}/{ranks.world}: {len(mine)} of {len(costs)} images, {sum(costs[i] for i in mine) / 1e6:.1f} Mpx "
+            f"-> {own.name}")
+        make_shard(mine, own)
     ranks.barrier()
     if ranks.rank == 0:
         shards = [shard_path(path, r, ranks.world) for r in range(ranks.world)]
-        merge_shards(shards, slices, list(names), path)
+        merge(shards, slices, path)
         for shard in shards:
-            shutil.rmtree(shard, ignore_errors=True)
+            if shard.is_dir():
+                shutil.rmtree(shard, ignore_errors=True)
+            else:
+                shard.unlink(missing_ok=True)
         log(f"merged {ranks.world} shards -> {path}")
     ranks.barrier()
+
+
+def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, costs: Sequence[float],
+                  write: Callable[[list[ImageSpec], list[str], Path], FeatureStore], log=print) -> FeatureStore:
+    """The store of ``specs`` at ``path``, its images split over ``ranks`` by ``costs`` (:func:`run_sharded`):
+    ``write(specs, names, shard_path)`` writes one shard; every rank returns the merged store."""
+    run_sharded(ranks, costs, path, lambda rows, own: write([specs[i] for i in rows], [names[i] for i in rows], own),
+                lambda own, rows: _valid_shard(own, [names[i] for i in rows]),
+                lambda shards, slices, out: merge_shards(shards, slices, list(names), out), log)
     return FeatureStore(path)

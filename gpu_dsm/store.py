@@ -291,30 +291,36 @@ class FeatureStore:
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
-        """Padded :class:`LocalFeatures` of images ``indices`` (all by default), read from the memory map."""
+        """Padded :class:`LocalFeatures` of images ``indices`` (all by default, repeats allowed),
+        read from the memory map: one gather of the images' rows per array, one copy to ``device``."""
         if self._local is None:
             raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
         idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-        per_image = []
-        for i in idx:
-            start, count = int(self._start[i]), int(self._count[i])
-            rows = slice(start, start + count)
-            f3 = torch.from_numpy(np.array(self._local["frame"][rows]))
-            frame = torch.zeros(count, 2, 2)
-            frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1] = f3[:, 0], f3[:, 1], f3[:, 2]
-            per_image.append({
-                "xy": torch.from_numpy(np.array(self._local["xy"][rows])),
-                "frame": frame,
-                "strength": torch.from_numpy(np.array(self._local["strength"][rows])),
-                "channel": torch.from_numpy(np.array(self._local["channel"][rows]).astype(np.int64)),
-                "scale": torch.from_numpy(np.array(self._local["scale"][rows]).astype(np.int64)),
-            })
+        counts = np.asarray(self._count[idx], dtype=np.int64)
+        width = int(counts.max(initial=0)) if capacity is None else int(capacity)
+        if counts.size and int(counts.max()) > width:
+            raise ValueError(f"LocalFeatures: an image has {int(counts.max())} features, more than the capacity {width}")
+        # row r of the gathered block is feature slot[r] of image image_of[r]
+        image_of = np.repeat(np.arange(idx.size), counts)
+        slot = np.arange(image_of.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = np.repeat(np.asarray(self._start[idx], dtype=np.int64), counts) + slot
+        read = {name: np.asarray(self._local[name][rows]) for name in _LOCAL_FIELDS}
         for name in _FINITE_FIELDS:
-            read = [(image[name].flatten(1) if image[name].ndim > 1 else image[name][:, None]).numpy() for image in per_image]
-            self._non_finite(f"local_{name}.npy", np.concatenate(read) if read else np.zeros((0, 1), np.float32))
-        sizes = torch.from_numpy(np.array(self._sizes[idx], dtype=np.int64))
+            self._non_finite(f"local_{name}.npy", read[name].reshape(rows.size, -1) if rows.size else read[name])
         local = self.meta["local"]
-        return LocalFeatures.from_images(per_image, sizes, local["scales"], local["num_channels"], capacity=capacity, device=device)
+        out = LocalFeatures.empty(idx.size, len(local["scales"]), local["scales"], local["num_channels"], capacity=width,
+                                  device=device)
+        out.map_sizes.copy_(torch.from_numpy(np.array(self._sizes[idx], dtype=np.int64)))
+        if rows.size:
+            at = (torch.from_numpy(image_of).to(device), torch.from_numpy(slot).to(device))
+            f3 = torch.from_numpy(read["frame"]).to(device)
+            out.frame[at] = torch.stack([torch.stack([f3[:, 0], torch.zeros_like(f3[:, 0])], 1), f3[:, 1:]], 1)
+            out.xy[at] = torch.from_numpy(read["xy"]).to(device)
+            out.strength[at] = torch.from_numpy(read["strength"]).to(device)
+            out.channel[at] = torch.from_numpy(read["channel"].astype(np.int64)).to(device)
+            out.scale[at] = torch.from_numpy(read["scale"].astype(np.int64)).to(device)
+            out.valid[at] = True
+        return out
 
     def bytes_per_image(self) -> float:
         total = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpu_dsm.how import HOWFeatures, merge_how_features
 from gpu_dsm.shards import balanced_slices
+from gpu_dsm.whitening import Whitening
 from gpu_dsm.store import FeatureStore
 
 from conftest import TINY
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.data
 HELPER = Path(__file__).parent / "helpers" / "failing_rank.py"
 
 
-def _extract(tiny_root, out, procs, *, fail_rank=None):
+def _extract(tiny_root, out, procs, *, fail_rank=None, extra=()):
     args = ["extract", "--data-root", str(tiny_root), "--dataset", TINY, "--image-size", "128", "--scales", "1",
-            "--out", str(out), "--no-progress", "--device", "cpu"]
+            "--out", str(out), "--no-progress", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if procs == 1:
         command = [sys.executable, "-m", "gpu_dsm", *args]
@@ -84,6 +86,43 @@ def test_a_failed_rank_fails_the_job_and_a_rerun_keeps_the_finished_shard(tmp_pa
     assert reference.returncode == 0
     for split, store in _stores(out).items():
         _same(_stores(tmp_path / "one")[split], store)
+
+
+def test_how_descriptors_sharded_equal_one_process(tmp_path, tiny_root):
+    how = ["--initial", "asmk", "--how-image-size", "160", "--how-features", "60"]
+    one = _extract(tiny_root, tmp_path / "one", 1, extra=how)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _extract(tiny_root, tmp_path / "two", 2, extra=how)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the whitening's moments are summed over the ranks; database and queries described in 2 shards each
+    assert two.stdout.count("merged 2 shards") == 4  # 2 stores + 2 HOW feature sets
+    names = sorted(p.name for p in (tmp_path / "one").glob("how-*.pt"))
+    assert len(names) == 3 and names == sorted(p.name for p in (tmp_path / "two").glob("how-*.pt"))
+    for name in names:
+        if name.startswith("how-whitening"):
+            a, b = Whitening.load(tmp_path / "one" / name), Whitening.load(tmp_path / "two" / name)
+            assert torch.allclose(a.projection, b.projection, atol=1e-4, rtol=1e-3) and torch.allclose(a.bias, b.bias, atol=1e-4)
+            continue
+        a, b = HOWFeatures.load(tmp_path / "one" / name), HOWFeatures.load(tmp_path / "two" / name)
+        assert a.num_images == b.num_images and a.descriptors.shape[0] > 0
+        assert torch.equal(a.image_ids, b.image_ids) and torch.equal(a.scale, b.scale) and torch.equal(a.xy, b.xy)
+        assert torch.allclose(a.strength, b.strength, rtol=1e-5)
+        assert torch.allclose(a.descriptors, b.descriptors, atol=1e-3)  # whitening from moments summed in another order
+    assert not list((tmp_path / "two").glob("*shard*"))
+
+
+def test_merged_how_features_keep_every_image_in_order():
+    def part(ids, num_images, start):
+        n = len(ids)
+        return HOWFeatures(torch.arange(start, start + n, dtype=torch.float32)[:, None].repeat(1, 4), torch.tensor(ids),
+                           torch.zeros(n, 2), torch.zeros(n, dtype=torch.long), torch.ones(n), num_images)
+
+    # part 0 holds images 1 and 3 (image 3 has no features), part 1 images 0 and 2
+    merged = merge_how_features([part([0, 0], 2, 0), part([0, 1, 1], 2, 10)], [[1, 3], [0, 2]], 4)
+    assert merged.image_ids.tolist() == [0, 1, 1, 2, 2] and merged.num_images == 4
+    assert merged.descriptors[:, 0].tolist() == [10, 0, 1, 11, 12]
+    with pytest.raises(ValueError, match="not each of"):
+        merge_how_features([part([0], 1, 0)], [[1]], 1)
 
 
 def test_slices_are_balanced_by_cost_and_cover_every_image():
