@@ -22,10 +22,10 @@ pytestmark = pytest.mark.data
 HELPER = Path(__file__).parent / "helpers" / "failing_rank.py"
 
 
-def _extract(tiny_root, out, procs, *, fail_rank=None, extra=()):
+def _extract(tiny_root, out, procs, *, fail_rank=None, fail_at="store", extra=()):
     args = ["extract", "--data-root", str(tiny_root), "--dataset", TINY, "--image-size", "128", "--scales", "1",
             "--out", str(out), "--no-progress", "--device", "cpu", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_DSM_FAIL_AT": fail_at}
     if procs == 1:
         command = [sys.executable, "-m", "gpu_dsm", *args]
     else:
@@ -88,8 +88,18 @@ def test_a_failed_rank_fails_the_job_and_a_rerun_keeps_the_finished_shard(tmp_pa
         _same(_stores(tmp_path / "one")[split], store)
 
 
+HOW = ["--initial", "asmk", "--how-image-size", "160", "--how-features", "60"]
+
+
+def _same_how(a: HOWFeatures, b: HOWFeatures):
+    assert a.num_images == b.num_images and a.descriptors.shape[0] > 0
+    assert torch.equal(a.image_ids, b.image_ids) and torch.equal(a.scale, b.scale) and torch.equal(a.xy, b.xy)
+    assert torch.allclose(a.strength, b.strength, rtol=1e-5)
+    assert torch.allclose(a.descriptors, b.descriptors, atol=1e-3)  # whitening from moments summed in another order
+
+
 def test_how_descriptors_sharded_equal_one_process(tmp_path, tiny_root):
-    how = ["--initial", "asmk", "--how-image-size", "160", "--how-features", "60"]
+    how = HOW
     one = _extract(tiny_root, tmp_path / "one", 1, extra=how)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _extract(tiny_root, tmp_path / "two", 2, extra=how)
@@ -103,12 +113,24 @@ def test_how_descriptors_sharded_equal_one_process(tmp_path, tiny_root):
             a, b = Whitening.load(tmp_path / "one" / name), Whitening.load(tmp_path / "two" / name)
             assert torch.allclose(a.projection, b.projection, atol=1e-4, rtol=1e-3) and torch.allclose(a.bias, b.bias, atol=1e-4)
             continue
-        a, b = HOWFeatures.load(tmp_path / "one" / name), HOWFeatures.load(tmp_path / "two" / name)
-        assert a.num_images == b.num_images and a.descriptors.shape[0] > 0
-        assert torch.equal(a.image_ids, b.image_ids) and torch.equal(a.scale, b.scale) and torch.equal(a.xy, b.xy)
-        assert torch.allclose(a.strength, b.strength, rtol=1e-5)
-        assert torch.allclose(a.descriptors, b.descriptors, atol=1e-3)  # whitening from moments summed in another order
+        _same_how(HOWFeatures.load(tmp_path / "one" / name), HOWFeatures.load(tmp_path / "two" / name))
     assert not list((tmp_path / "two").glob("*shard*"))
+
+
+def test_a_rank_failing_in_how_keeps_the_finished_how_shard(tmp_path, tiny_root):
+    out = tmp_path / "stores"
+    failed = _extract(tiny_root, out, 2, fail_rank=1, fail_at="how", extra=HOW)
+    assert failed.returncode != 0 and "rank 1 stopped on purpose" in failed.stdout + failed.stderr
+    shards = [p.name for p in out.glob("how-*shard*")]
+    assert len(shards) == 1 and f"{TINY}-queries-" in shards[0] and shards[0].endswith(".shard-0of2")
+    assert not list(out.glob(f"how-{TINY}-queries-*.pt")), "no queries' HOW file without every shard"
+    again = _extract(tiny_root, out, 2, extra=HOW)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rank 0: reusing finished shard how-" in again.stdout and "HOW whitening: reusing" in again.stdout
+    reference = _extract(tiny_root, tmp_path / "one", 1, extra=HOW)
+    assert reference.returncode == 0
+    for path in (tmp_path / "one").glob(f"how-{TINY}-*.pt"):
+        _same_how(HOWFeatures.load(path), HOWFeatures.load(out / path.name))
 
 
 def test_merged_how_features_keep_every_image_in_order():
