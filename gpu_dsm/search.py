@@ -8,8 +8,12 @@ import torch
 from gpu_dsm.checks import as_tensor
 
 
+#: database rows scored at once by the exact search
+CHUNK_ROWS = 65536
+
+
 def similarity_topk(
-    queries: torch.Tensor, database: torch.Tensor, k: int | None = None, chunk_size: int = 65536
+    queries: torch.Tensor, database: torch.Tensor, k: int | None = None, chunk_size: int = CHUNK_ROWS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` database images per query by inner product, best first.
 
@@ -30,9 +34,14 @@ def similarity_topk(
     # a NaN row would rank first (or leave the database order) without a word
     as_tensor(queries, "queries", finite=True)
     as_tensor(database, "database", finite=True)
-    n = database.shape[0]
     if k is not None and int(k) < 0:
         raise ValueError(f"similarity_topk: k must be >= 0, got {k}")
+    return _topk(queries, database, k, chunk_size)
+
+
+def _topk(queries: torch.Tensor, database: torch.Tensor, k: int | None, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`similarity_topk` of checked inputs (a checked database is not scanned again)."""
+    n = database.shape[0]
     k = n if k is None else min(int(k), n)
     if n == 0 or k == 0:
         empty = queries.new_zeros(queries.shape[0], 0)
@@ -44,9 +53,29 @@ def similarity_topk(
         if best_scores is not None:
             scores = torch.cat([best_scores, scores], 1)
             idx = torch.cat([best_idx, idx], 1)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        order = _stable_top(scores, k)
         best_scores, best_idx = scores.gather(1, order), idx.gather(1, order)
     return best_scores, best_idx
+
+
+def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions ``(Q, k)`` of each row's ``k`` largest ``scores (Q, W)``, best first, equal
+    scores in position order: ``sort(descending, stable)[:, :k]`` exactly, by a top-k selection
+    when ``k`` is a small part of the row (a full sort costs as much as the products)."""
+    width = scores.shape[1]
+    if 4 * k >= width:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    top = scores.topk(k, dim=1)
+    kth = top.values[:, -1:]
+    if bool(((scores >= kth).sum(1) == k).all()):
+        positions = top.indices.sort(dim=1).values  # the top k as a set: no tie at the k-th score
+    else:
+        # of the scores equal to the k-th, the first ones by position fill the row up to k
+        above, tied = scores > kth, scores == kth
+        keep = above | (tied & (torch.cumsum(tied, 1) <= k - above.sum(1, keepdim=True)))
+        positions = keep.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending positions
+    order = torch.sort(scores.gather(1, positions), dim=1, descending=True, stable=True).indices
+    return positions.gather(1, order)
 
 
 #: global search backends: exact torch search (the default), or a FAISS index (optional faiss-cpu)
@@ -122,9 +151,14 @@ class GlobalIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (Q, k), indices (Q, k))``, best first, on the queries' device (k capped at N)."""
-        if self.database is not None:
-            return similarity_topk(queries, self.database.to(as_tensor(queries, "queries").device), k)
         queries = as_tensor(queries, "queries", ndim=2, kind="float", finite=True)
+        if self.database is not None:
+            # the database was checked once when the index was built: a search reads it once, for the products
+            if queries.shape[1] != self.database.shape[1]:
+                raise ValueError(f"queries are {queries.shape[1]}-D, the index {self.database.shape[1]}-D")
+            if int(k) < 0:
+                raise ValueError(f"k must be >= 0, got {k}")
+            return _topk(queries, self.database.to(queries.device), k, CHUNK_ROWS)
         if queries.shape[1] != self.faiss_index.d:
             raise ValueError(f"queries are {queries.shape[1]}-D, the index {self.faiss_index.d}-D")
         k = min(int(k), self.num_images)

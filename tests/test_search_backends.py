@@ -47,3 +47,30 @@ def test_bad_settings_are_named():
         SearchConfig(nprobe=0)
     with pytest.raises(ValueError, match="NaN"):
         GlobalIndex.build(torch.tensor([[float("nan"), 1.0]]))
+    # the exact index checks its database once, when built, and every query it is given
+    exact = GlobalIndex.build(torch.nn.functional.normalize(torch.randn(10, 4), dim=1))
+    with pytest.raises(ValueError, match="queries contains 1 NaN"):
+        exact.search(torch.tensor([[float("nan"), 0.0, 0.0, 1.0]]), 3)
+    with pytest.raises(ValueError, match="queries are 3-D, the index 4-D"):
+        exact.search(torch.ones(1, 3), 3)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        exact.search(torch.ones(1, 4), -1)
+
+
+def test_top_k_selection_is_the_stable_sort():
+    """similarity_topk's chunk merge selects by top-k: the same positions, in the same order, as
+    a stable descending sort, ties (many here) in position order."""
+    from gpu_dsm.search import _stable_top
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        width = int(torch.randint(5, 400, (1,), generator=g))
+        k = int(torch.randint(1, width + 1, (1,), generator=g))
+        s = torch.randint(0, 6, (3, width), generator=g).float() if trial % 2 else torch.randn(3, width, generator=g)
+        assert torch.equal(_stable_top(s, k), torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]), trial
+    # across chunks: equal database rows keep the database order
+    db = torch.nn.functional.normalize(torch.randint(0, 3, (1000, 8), generator=g).float() + 0.1, dim=1)
+    q = db[:4]
+    scores, idx = similarity_topk(q, db, 50, chunk_size=64)
+    full = torch.sort(q @ db.T, dim=1, descending=True, stable=True)
+    assert torch.equal(idx, full.indices[:, :50]) and torch.equal(scores, full.values[:, :50])
