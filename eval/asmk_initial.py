@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,8 @@ def _cached(path: Path, load: Callable[[Path], Any], build: Callable[[], Any], s
     Under torchrun (``ranks``) every rank takes the same branch (the file is only written after
     a collective step of the build, which needs every rank past its check); rank 0 saves, and
     the others, once it has, load what it saved, so all ranks hold the same object. A build that
-    writes ``path`` itself (a merge of shards) is loaded back, not saved again."""
+    writes ``path`` itself (rank 0's merge of shards; ``None`` on the other ranks) is not saved
+    again, and the other ranks keep ``None``."""
     ranks = ranks or Ranks()
     lock = contextlib.nullcontext() if ranks.distributed else FileLock(
         path.with_name(f".{path.name}.lock"), on_wait=lambda p: log(f"{what}: waiting for another run (lock {p})"))
@@ -126,7 +128,8 @@ def _cached(path: Path, load: Callable[[Path], Any], build: Callable[[], Any], s
             save(obj, path)
         if ranks.distributed:
             ranks.barrier()
-            obj = load(path)
+            if ranks.rank != 0 and obj is not None:
+                obj = load(path)
         log(f"{what}: {seconds:.1f} s -> {path}")
         return obj, seconds
 
@@ -195,10 +198,8 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
     def features(label: str, specs: list[ImageSpec]) -> tuple[HOWFeatures | None, str]:
         """HOW features of ``specs`` and the name of their cache file."""
         name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
-        if ranks.distributed:
-            build = lambda: _describe_sharded(specs, label, base / name, describe, run.how, ranks, log)  # noqa: E731
-        else:
-            build = lambda: describe(specs, label)  # noqa: E731
+        build = (functools.partial(_describe_sharded, specs, label, base / name, describe, run.how, ranks, log)
+                 if ranks.distributed else functools.partial(describe, specs, label))
         feats, seconds = _cached(base / name, HOWFeatures.load, build, lambda f, p: f.save(p), f"HOW {label}", log, ranks)
         if seconds is not None or f"how_{label}_s" not in timing:  # the codebook images may be the database: keep its time
             timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)

@@ -228,15 +228,12 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
 
     a, h = ASMKConfig(), HOWConfig()
     g = p.add_argument_group("HOW + ASMK initial ranking (Tolias, Jenicek, Chum, ECCV 2020)")
-    if extract:
-        g.add_argument("--initial", choices=("global", "asmk"), default="global",
-                       help="'asmk' also writes the HOW whitening (learned on --codebook-data) and the HOW descriptors of "
-                            "the codebook images, database and queries, which evaluate --initial asmk with this folder as "
-                            "--cache-dir reuses (default: %(default)s)")
-    else:
-        g.add_argument("--initial", choices=("global", "asmk"), default="global",
-                       help="'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
-                            "asmk+dsm+D (with --diffusion); the global methods stay (default: %(default)s)")
+    initial_help = ("'asmk' also writes the HOW whitening (learned on --codebook-data) and the HOW descriptors of the "
+                    "codebook images, database and queries, which evaluate --initial asmk with this folder as --cache-dir "
+                    "reuses" if extract else
+                    "'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
+                    "asmk+dsm+D (with --diffusion); the global methods stay")
+    g.add_argument("--initial", choices=("global", "asmk"), default="global", help=initial_help + " (default: %(default)s)")
     g.add_argument("--codebook-data", nargs="+", default=["database"], metavar="SOURCE",
                    help="images the HOW whitening and the ASMK codebook are learned on, never the queries: 'database' (the "
                         "evaluated dataset's database), another dataset's name under --data-root (its database images), or a "

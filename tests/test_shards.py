@@ -115,6 +115,13 @@ def test_how_descriptors_sharded_equal_one_process(tmp_path, tiny_root):
             continue
         _same_how(HOWFeatures.load(tmp_path / "one" / name), HOWFeatures.load(tmp_path / "two" / name))
     assert not list((tmp_path / "two").glob("*shard*"))
+    # evaluate --initial asmk on that folder reuses what the job extracted
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "gpu_dsm", "evaluate", "--data-root", str(tiny_root), "--dataset", TINY, "--image-size", "128",
+         "--scales", "1", "--cache-dir", str(tmp_path / "two"), "--no-progress", "--device", "cpu", "--rerank", "none",
+         "--codebook-size", "16", *HOW], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "HOW whitening: reusing" in evaluated.stdout and f"HOW {TINY}-queries: reusing" in evaluated.stdout
 
 
 def test_a_rank_failing_in_how_keeps_the_finished_how_shard(tmp_path, tiny_root):
