@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 
 from gpu_dsm.diffusion import ConvergenceWarning, DiffusionConfig, diffuse, dsm_seeds
-from gpu_dsm.graph import KnnGraph, _coo_to_csr
+from gpu_dsm.graph import KnnGraph, normalised_affinity
 from gpu_dsm.io import atomic_directory, atomic_write, write_json
 from gpu_dsm.rerank import DSMReranker, RerankConfig
 from gpu_dsm.search import GlobalIndex, SearchConfig, SEARCH_BACKENDS
-from gpu_dsm.store import STORE_FORMAT, STORE_VERSION, FeatureStore, _LOCAL_FIELDS
+from gpu_dsm.store import LOCAL_FIELDS, STORE_FORMAT, STORE_VERSION, FeatureStore
 from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 
 #: images written at once when the simulated store is filled (bounds the writer's memory)
@@ -86,25 +86,26 @@ def simulate_store(path: str | Path, source: FeatureStore, num_images: int, clus
     starts = np.cumsum(counts) - counts
     local_meta = source.meta["local"]
     # the source's arrays, small, in memory; the simulated ones go straight to disk
-    src = {name: np.asarray(source._local[name]) for name in _LOCAL_FIELDS}
-    src_start = np.asarray(source._start, dtype=np.int64)
+    arrays = source.local_arrays()
+    src = {name: np.asarray(arrays[name]) for name in LOCAL_FIELDS}
+    src_start = np.asarray(arrays["start"], dtype=np.int64)
     with atomic_directory(path) as tmp:
         glob = open_memmap(tmp / "global.npy", mode="w+", dtype=np.float32, shape=(num_images, dim))
         local = {name: open_memmap(tmp / f"local_{name}.npy", mode="w+", dtype=src[name].dtype,
-                                   shape=(int(counts.sum()), *shape)) for name, (_, shape) in _LOCAL_FIELDS.items()}
+                                   shape=(int(counts.sum()), *shape)) for name, (_, shape) in LOCAL_FIELDS.items()}
         for lo in range(0, num_images, _WRITE_CHUNK):
             hi = min(lo + _WRITE_CHUNK, num_images)
             glob[lo:hi] = simulated_descriptors(labels[lo:hi], centres, noise, generator).numpy()
             c = counts[lo:hi]
             rows = np.repeat(src_start[source_image[lo:hi]], c) + np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)
-            for name in _LOCAL_FIELDS:
+            for name in LOCAL_FIELDS:
                 local[name][starts[lo]:starts[lo] + c.sum()] = src[name][rows]
         for array in (glob, *local.values()):
             array.flush()
         del glob, local
         np.save(tmp / "local_start.npy", starts.astype(np.int64))
         np.save(tmp / "local_count.npy", counts.astype(np.int32))
-        np.save(tmp / "map_sizes.npy", np.asarray(source._sizes)[source_image].astype(np.int32))
+        np.save(tmp / "map_sizes.npy", np.asarray(arrays["map_sizes"])[source_image].astype(np.int32))
         meta = {"format": STORE_FORMAT, "version": STORE_VERSION, "num_images": num_images,
                 "names": [f"sim{i:07d}" for i in range(num_images)], "global_dim": dim,
                 "options": {"simulated_from": str(source.path), "cluster_size": cluster_size, "noise": noise, "seed": seed},
@@ -137,10 +138,7 @@ def simulate_graph(labels: torch.Tensor, degree: int = 25, cross_fraction: float
     key = torch.cat([rows * n + cols, cols * n + rows])
     unique, inverse = torch.unique(key, return_inverse=True)
     weights = torch.zeros(unique.numel()).scatter_reduce_(0, inverse, torch.cat([weights, weights]), "amax")
-    rows, cols = unique // n, unique % n
-    degree_sum = torch.zeros(n).index_add_(0, rows, weights)
-    inv_sqrt = torch.where(degree_sum > 0, degree_sum.clamp(min=1e-30).rsqrt(), torch.zeros_like(degree_sum))
-    return KnnGraph(_coo_to_csr(rows, cols, weights * inv_sqrt[rows] * inv_sqrt[cols], n), per_node * 2, gamma, mutual=False)
+    return KnnGraph(normalised_affinity(unique // n, unique % n, weights, n), per_node * 2, gamma, mutual=False)
 
 
 def _reset_peak_rss() -> None:

@@ -187,8 +187,12 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
         rows, cols = unique // n, unique % n
         keep = weights > 0
         rows, cols, weights = rows[keep], cols[keep], weights[keep]
-    degree = torch.zeros(n, device=device).index_add_(0, rows, weights)
+    return KnnGraph(normalised_affinity(rows, cols, weights, n), k, cfg.gamma, cfg.mutual)
+
+
+def normalised_affinity(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """``S = D^-1/2 W D^-1/2`` as a sparse ``(n, n)`` CSR tensor from the edges of a symmetric ``W``
+    (each edge listed in both directions, weights > 0); a node without edges keeps an empty row."""
+    degree = torch.zeros(n, device=weights.device, dtype=weights.dtype).index_add_(0, rows, weights)
     inv_sqrt = torch.where(degree > 0, degree.clamp(min=1e-30).rsqrt(), torch.zeros_like(degree))
-    values = weights * inv_sqrt[rows] * inv_sqrt[cols]
-    affinity = _coo_to_csr(rows, cols, values, n)
-    return KnnGraph(affinity, k, cfg.gamma, cfg.mutual)
+    return _coo_to_csr(rows, cols, weights * inv_sqrt[rows] * inv_sqrt[cols], n)

@@ -33,8 +33,8 @@ from gpu_dsm.io import atomic_directory
 STORE_FORMAT = "gpu_dsm.store"
 STORE_VERSION = 1
 
-# name -> (dtype, trailing shape) of the per-feature arrays
-_LOCAL_FIELDS = {
+#: name -> (dtype, trailing shape) of the per-feature arrays ``local_<name>.npy``
+LOCAL_FIELDS = {
     "xy": (np.float32, (2,)),
     "frame": (np.float32, (3,)),
     "strength": (np.float32, ()),
@@ -95,7 +95,7 @@ class StoreWriter:
         self._written = np.zeros(n, dtype=bool)
         if self.local is not None:
             self._channel_dtype = _channel_dtype(int(self.local["num_channels"]))
-            self._local_files = {name: open(self._dir / f"local_{name}.bin", "wb") for name in _LOCAL_FIELDS}
+            self._local_files = {name: open(self._dir / f"local_{name}.bin", "wb") for name in LOCAL_FIELDS}
             self._local_done = np.zeros(n, dtype=bool)
             self._start = np.zeros(n, dtype=np.int64)
             self._count = np.zeros(n, dtype=np.int32)
@@ -125,7 +125,7 @@ class StoreWriter:
                                      f"({self.names[index]}) has NaN/Inf values")
             frame = features["frame"]
             arrays = dict(features, frame=torch.stack([frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1]], 1))
-        for name, (dtype, _) in _LOCAL_FIELDS.items():
+        for name, (dtype, _) in LOCAL_FIELDS.items():
             if n:
                 dtype = self._channel_dtype if name == "channel" else dtype
                 self._local_files[name].write(arrays[name].detach().cpu().numpy().astype(dtype).tobytes())
@@ -150,7 +150,7 @@ class StoreWriter:
         if self.local is not None:
             if not self._local_done.all():
                 raise RuntimeError(f"store {self.path}: local features of {int((~self._local_done).sum())} images missing")
-            for name, (dtype, shape) in _LOCAL_FIELDS.items():
+            for name, (dtype, shape) in LOCAL_FIELDS.items():
                 dtype = self._channel_dtype if name == "channel" else dtype
                 self._local_files[name].close()
                 raw = self._dir / f"local_{name}.bin"
@@ -213,7 +213,7 @@ class FeatureStore:
             self._start = self._array("local_start.npy", (n,))
             self._count = self._array("local_count.npy", (n,))
             self._sizes = self._array("map_sizes.npy", (n, len(local["scales"]), 2))
-            self._local = {name: self._array(f"local_{name}.npy", (f, *shape)) for name, (_, shape) in _LOCAL_FIELDS.items()}
+            self._local = {name: self._array(f"local_{name}.npy", (f, *shape)) for name, (_, shape) in LOCAL_FIELDS.items()}
             ends = np.asarray(self._start, dtype=np.int64) + np.asarray(self._count, dtype=np.int64)
             if n and (ends.max() > f or np.asarray(self._start).min() < 0 or np.asarray(self._count).min() < 0):
                 raise ValueError(f"corrupt feature store {self.path}: local_start/local_count point outside the {f} features")
@@ -304,7 +304,7 @@ class FeatureStore:
         image_of = np.repeat(np.arange(idx.size), counts)
         slot = np.arange(image_of.size) - np.repeat(np.cumsum(counts) - counts, counts)
         rows = np.repeat(np.asarray(self._start[idx], dtype=np.int64), counts) + slot
-        read = {name: np.asarray(self._local[name][rows]) for name in _LOCAL_FIELDS}
+        read = {name: np.asarray(self._local[name][rows]) for name in LOCAL_FIELDS}
         for name in _FINITE_FIELDS:
             self._non_finite(f"local_{name}.npy", read[name].reshape(rows.size, -1) if rows.size else read[name])
         local = self.meta["local"]
@@ -321,6 +321,15 @@ class FeatureStore:
             out.scale[at] = torch.from_numpy(read["scale"].astype(np.int64)).to(device)
             out.valid[at] = True
         return out
+
+    def local_arrays(self) -> dict[str, np.ndarray]:
+        """The raw memory-mapped arrays, read-only: per feature ``xy (F, 2)``, ``frame (F, 3)``
+        (``a11, a21, a22``), ``strength``, ``channel``, ``scale``; per image ``start``, ``count``,
+        ``map_sizes (N, S, 2)``. Nothing is checked or copied: for tools that process a store
+        wholesale (:meth:`local_features` is the checked reader)."""
+        if self._local is None:
+            raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
+        return {**self._local, "start": self._start, "count": self._count, "map_sizes": self._sizes}
 
     def bytes_per_image(self) -> float:
         total = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
