@@ -13,7 +13,7 @@ from scipy.sparse.csgraph import connected_components
 from gpu_dsm import cli
 from gpu_dsm.rerank import DSMReranker, RerankConfig
 from gpu_dsm.search import GlobalIndex
-from gpu_dsm.store import FeatureStore
+from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.eval import bench_query_path as bench
 
 from conftest import TINY
@@ -107,3 +107,15 @@ def test_the_benchmark_reports_every_stage(tmp_path, sources):
     again = bench.main(["--device", "cpu", "--source-db", str(db.path), "--source-queries", str(queries.path),
                         "--images", "2000", "--queries", "1", "--cluster-size", "100", "--work", str(tmp_path / "work")])
     assert again["prepare"] == {}
+
+
+def test_bad_sources_are_named(tmp_path):
+    with StoreWriter(tmp_path / "global-only", ["a", "b"], 4, {}) as writer:
+        writer.add_global(0, torch.ones(4))
+        writer.add_global(1, torch.ones(4))
+    with pytest.raises(ValueError, match="holds no local features"):
+        bench.simulate_store(tmp_path / "sim", FeatureStore(tmp_path / "global-only"), 10)
+    with pytest.raises(SystemExit, match="need local features"):
+        bench.main(["--device", "cpu", "--source-db", str(tmp_path / "global-only"), "--source-queries",
+                    str(tmp_path / "global-only"), "--work", str(tmp_path / "work"), "--images", "10"])
+    assert not (tmp_path / "sim").exists() and not (tmp_path / "work").exists()
