@@ -5,7 +5,7 @@ Where things are:
 - ``gpu_dsm.backbones``: networks by name with real weights (``build_backbone``).
 - ``gpu_dsm.extract``: batched multi-scale activations.
 - ``gpu_dsm.pooling`` / ``gpu_dsm.whitening`` / ``gpu_dsm.describe``: global descriptors.
-- ``gpu_dsm.search``: nearest neighbours by cosine similarity.
+- ``gpu_dsm.search``: nearest neighbours by cosine similarity (exact, or FAISS behind ``GlobalIndex``).
 - ``gpu_dsm.mser`` (function; module ``gpu_dsm.stable_regions``) / ``gpu_dsm.detect`` / ``gpu_dsm.features``: the DSM detector and its tables.
 - ``gpu_dsm.match`` / ``gpu_dsm.rerank``: spatial verification and the re-ranker (``DSMReranker``).
 - ``gpu_dsm.graph`` / ``gpu_dsm.diffusion``: the kNN graph and diffusion.
@@ -23,7 +23,7 @@ from gpu_dsm.describe import GlobalConfig, describe_global, describe_images, glo
 from gpu_dsm.extract import ExtractConfig, extract_activations, iterate_activations
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.pooling import MAC, SPoC, GeM, gem, mac, spoc
-from gpu_dsm.search import similarity_topk
+from gpu_dsm.search import GlobalIndex, SearchConfig, similarity_topk
 from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.whitening import Whitening, fit_pca_whitening, fit_supervised_whitening
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify

@@ -29,7 +29,7 @@ from gpu_dsm.features import LocalFeatures
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
-from gpu_dsm.search import similarity_topk
+from gpu_dsm.search import GlobalIndex, SearchConfig
 from gpu_dsm.whitening import Whitening
 
 
@@ -42,6 +42,7 @@ class DescribedImages:
     local: LocalFeatures
     how: HOWFeatures | None = None
     asmk: ASMKIndex | None = None
+    search_index: GlobalIndex | None = None  # the global search's index (a database's, built by index())
 
 
 @dataclass
@@ -63,6 +64,7 @@ class RetrievalConfig:
     initial: str = "global"  # the initial ranking: "global" (paper 3.6) or "asmk" (HOW + ASMK, Tolias et al. 2020)
     how: HOWConfig = field(default_factory=HOWConfig)  # HOW descriptors, with initial="asmk"
     asmk: ASMKConfig = field(default_factory=ASMKConfig)  # codebook and kernel, with initial="asmk"
+    search: SearchConfig = field(default_factory=SearchConfig)  # global search: exact (default) or a FAISS index
 
     def __post_init__(self):
         if self.initial not in ("global", "asmk"):
@@ -138,8 +140,10 @@ class DSMRetrieval(nn.Module):
         return self._finish(descriptors, per_image, sizes)
 
     def index(self, database_images: Sequence[ImageLike | ImageSpec]) -> DescribedImages:
-        """Describe the database; with ``initial="asmk"`` also build its ASMK inverted file."""
+        """Describe the database and build its global search index (``config.search``); with
+        ``initial="asmk"`` also its ASMK inverted file."""
         described = self.describe(database_images, is_query=False)
+        described.search_index = GlobalIndex.build(described.global_descriptors, self.config.search)
         if described.how is not None:
             how = described.how
             described.asmk = ASMKIndex.build(self.codebook.to(how.descriptors.device), how.descriptors, how.image_ids,
@@ -156,7 +160,8 @@ class DSMRetrieval(nn.Module):
             scores, ranks = index.asmk.search(q.how.descriptors, q.how.image_ids, k=k, num_queries=q.how.num_images)
             sims = scores.to(q.global_descriptors.dtype)
         else:
-            sims, ranks = similarity_topk(q.global_descriptors, index.global_descriptors, k)
+            search_index = index.search_index or GlobalIndex.build(index.global_descriptors, self.config.search)
+            sims, ranks = search_index.search(q.global_descriptors, k)
         candidates = index.local[ranks.reshape(-1)]
         reranked = self.reranker(q.local, candidates, sims, ranks)
         return SearchResult(initial=ranks, similarities=sims, reranked=reranked)

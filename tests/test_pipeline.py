@@ -1,11 +1,13 @@
 """The one-call path: images -> global ranking -> DSM re-ranking, in memory."""
 import numpy as np
+import pytest
 import skimage.data
 import torch
 
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+from gpu_dsm.search import SearchConfig
 
 
 def _database():
@@ -22,6 +24,23 @@ def test_search_finds_the_same_scene_and_verifies_it(lite0):
     assert set(result.reranked.indices[0, :2].tolist()) == {0, 4}, "both astronaut images come first"
     inliers = dict(zip(result.reranked.indices[0].tolist(), result.reranked.inliers[0].tolist()))
     assert min(inliers[0], inliers[4]) > max(inliers[1], inliers[2], inliers[3])
+
+
+def test_faiss_search_backend_in_the_module(lite0):
+    """RetrievalConfig(search=...): the module's global search runs on that index; FAISS flat
+    (exact) gives the exact search's candidates and the same re-ranking."""
+    pytest.importorskip("faiss", reason="FAISS backends are an optional extra (pip install -e '.[faiss]')")
+    extract = ExtractConfig(image_size=256, progress=False)
+    exact = DSMRetrieval(lite0, RetrievalConfig(extract=extract))
+    flat = DSMRetrieval(lite0, RetrievalConfig(extract=extract, search=SearchConfig(backend="faiss-flat")))
+    index = exact.index(_database())
+    assert index.search_index.faiss_index is None
+    flat_index = flat.index(_database())
+    assert flat_index.search_index.faiss_index is not None
+    queries = exact.describe([ImageSpec(skimage.data.astronaut(), box=(100, 50, 450, 420))], is_query=True)
+    a, b = exact.search(queries, index), flat.search(queries, flat_index)
+    assert torch.equal(a.initial, b.initial) and torch.allclose(a.similarities, b.similarities, atol=1e-5)
+    assert torch.equal(a.reranked.indices, b.reranked.indices) and torch.equal(a.reranked.inliers, b.reranked.inliers)
 
 
 def test_activations_path_equals_images_path(lite0):
