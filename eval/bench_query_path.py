@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.lib.format import open_memmap
+from tqdm import tqdm
 
 from gpu_dsm.diffusion import ConvergenceWarning, DiffusionConfig, diffuse, dsm_seeds
 from gpu_dsm.graph import KnnGraph, normalised_affinity
@@ -65,7 +66,7 @@ def simulated_descriptors(labels: torch.Tensor, centres: torch.Tensor, noise: fl
 
 
 def simulate_store(path: str | Path, source: FeatureStore, num_images: int, cluster_size: int = 500, noise: float = 0.7,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Write a store of ``num_images`` simulated images to ``path`` (atomically) from ``source``'s tables.
 
     Returns ``{"labels": (N,) cluster of each image, "source_image": (N,) the source image whose
@@ -93,7 +94,7 @@ def simulate_store(path: str | Path, source: FeatureStore, num_images: int, clus
         glob = open_memmap(tmp / "global.npy", mode="w+", dtype=np.float32, shape=(num_images, dim))
         local = {name: open_memmap(tmp / f"local_{name}.npy", mode="w+", dtype=src[name].dtype,
                                    shape=(int(counts.sum()), *shape)) for name, (_, shape) in LOCAL_FIELDS.items()}
-        for lo in range(0, num_images, _WRITE_CHUNK):
+        for lo in tqdm(range(0, num_images, _WRITE_CHUNK), desc="simulated store", unit="chunk", disable=not progress):
             hi = min(lo + _WRITE_CHUNK, num_images)
             glob[lo:hi] = simulated_descriptors(labels[lo:hi], centres, noise, generator).numpy()
             c = counts[lo:hi]
@@ -177,7 +178,7 @@ class SimulatedDatabase:
 
 
 def prepare(work: Path, source_db: FeatureStore, images: int, cluster_size: int, noise: float, degree: int,
-            cross_fraction: float, seed: int, log=print) -> SimulatedDatabase:
+            cross_fraction: float, seed: int, log=print, progress: bool = False) -> SimulatedDatabase:
     """The simulated store and graph under ``work``, made, or reused when their parameters match."""
     params = {"source": str(source_db.path.resolve()), "source_key": source_db.key, "images": images,
               "cluster_size": cluster_size, "noise": noise, "degree": degree, "cross_fraction": cross_fraction, "seed": seed}
@@ -193,7 +194,7 @@ def prepare(work: Path, source_db: FeatureStore, images: int, cluster_size: int,
     else:
         params_file.unlink(missing_ok=True)
         start = time.perf_counter()
-        made = simulate_store(store_dir, source_db, images, cluster_size, noise, seed)
+        made = simulate_store(store_dir, source_db, images, cluster_size, noise, seed, progress)
         labels, source_image = made["labels"], made["source_image"]
         atomic_write(drawn, lambda p: np.savez(open(p, "wb"), labels=labels.numpy(), source_image=source_image.numpy()))
         timings["write_store_s"] = round(time.perf_counter() - start, 1)
@@ -277,7 +278,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cross-fraction", type=float, default=0.1,
                    help="fraction of a node's neighbours outside its cluster (default: %(default)s: one connected graph)")
     p.add_argument("--search", choices=SEARCH_BACKENDS, default="exact", help="global search backend (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated database and queries (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while the database is written")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.queries < 1 or args.batch < 1 or args.top_k < 1 or args.output_k < 1:
@@ -287,7 +289,7 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_query_path: both source stores need local features (extract with a detector)")
     work = Path(args.work)
     simulated = prepare(work, source_db, args.images, args.cluster_size, args.noise, args.graph_degree,
-                        args.cross_fraction, args.seed)
+                        args.cross_fraction, args.seed, progress=args.progress)
     store, graph, centres = simulated.store, simulated.graph, simulated.centres
     reset_peak_memory(device)
     _reset_peak_rss()  # the simulation's memory is not the query path's

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs["bench_query_path"] = lambda: bench_query_path.main(
                 dev + ["--source-db", str(sources["database"]), "--source-queries", str(sources["queries"]),
                        "--images", "2000" if args.tiny else "200000", "--queries", "2" if args.tiny else "20",
-                       "--work", str(work / "simulated")])
+                       "--work", str(work / "simulated"), "--no-progress"])
         try:
             for name, run in runs.items():
                 _timed(report, name, run, device)
