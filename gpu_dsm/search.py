@@ -152,15 +152,14 @@ class GlobalIndex:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (Q, k), indices (Q, k))``, best first, on the queries' device (k capped at N)."""
         queries = as_tensor(queries, "queries", ndim=2, kind="float", finite=True)
+        dim = self.database.shape[1] if self.database is not None else self.faiss_index.d
+        if queries.shape[1] != dim:
+            raise ValueError(f"queries are {queries.shape[1]}-D, the index {dim}-D")
+        if int(k) < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
         if self.database is not None:
             # the database was checked once when the index was built: a search reads it once, for the products
-            if queries.shape[1] != self.database.shape[1]:
-                raise ValueError(f"queries are {queries.shape[1]}-D, the index {self.database.shape[1]}-D")
-            if int(k) < 0:
-                raise ValueError(f"k must be >= 0, got {k}")
             return _topk(queries, self.database.to(queries.device), k, CHUNK_ROWS)
-        if queries.shape[1] != self.faiss_index.d:
-            raise ValueError(f"queries are {queries.shape[1]}-D, the index {self.faiss_index.d}-D")
         k = min(int(k), self.num_images)
         scores, indices = self.faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
         return torch.from_numpy(scores).to(queries.device), torch.from_numpy(indices).long().to(queries.device)

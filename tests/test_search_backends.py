@@ -38,6 +38,8 @@ def test_faiss_backends_against_exact_search():
         GlobalIndex.build(db[:100], SearchConfig(backend="faiss-ivfpq"))
     with pytest.raises(ValueError, match="queries are 32-D, the index 64-D"):
         GlobalIndex.build(db, SearchConfig(backend="faiss-flat")).search(q[:, :32], 5)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        GlobalIndex.build(db, SearchConfig(backend="faiss-flat")).search(q, -1)
 
 
 def test_bad_settings_are_named():
