@@ -43,25 +43,25 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def barrier(self) -> None:
-        """Wait for every rank (initialises the gloo process group on first use)."""
-        if not self.distributed:
-            return
+    def _group(self):
+        """``torch.distributed``, its gloo process group initialised on first use."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
-        dist.barrier()
+        return dist
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.distributed:
+            self._group().barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over every rank (each rank gets the same bits), on its device."""
         if not self.distributed:
             return tensor
-        import torch.distributed as dist
-
-        self.barrier()
         summed = tensor.detach().cpu().clone()
-        dist.all_reduce(summed)
+        self._group().all_reduce(summed)  # a collective: every rank waits for the others here
         return summed.to(tensor.device)
 
     def device(self, device: str) -> str:

@@ -99,10 +99,9 @@ def _same_how(a: HOWFeatures, b: HOWFeatures):
 
 
 def test_how_descriptors_sharded_equal_one_process(tmp_path, tiny_root):
-    how = HOW
-    one = _extract(tiny_root, tmp_path / "one", 1, extra=how)
+    one = _extract(tiny_root, tmp_path / "one", 1, extra=HOW)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _extract(tiny_root, tmp_path / "two", 2, extra=how)
+    two = _extract(tiny_root, tmp_path / "two", 2, extra=HOW)
     assert two.returncode == 0, two.stderr[-3000:]
     # the whitening's moments are summed over the ranks; database and queries described in 2 shards each
     assert two.stdout.count("merged 2 shards") == 4  # 2 stores + 2 HOW feature sets
