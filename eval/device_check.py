@@ -83,13 +83,13 @@ def check_detect(maps_per_image, device: torch.device, is_query: bool):
     return {"ok": bool(same), "features": want.counts.tolist()}, want
 
 
-def write_source_store(path: Path, tables: LocalFeatures, maps_per_image, scales) -> Path:
-    """A feature store of detected ``tables`` (the images' mean-pooled maps as global descriptors):
-    the real tables ``bench_query_path`` draws its simulated database from."""
-    with StoreWriter(path, [f"image{i}" for i in range(tables.num_images)], maps_per_image[0][0].shape[0], {"device_check": True},
-                     local={"scales": list(scales), "num_channels": maps_per_image[0][0].shape[0]}) as writer:
-        for i, maps in enumerate(maps_per_image):
-            writer.add_global(i, torch.nn.functional.normalize(maps[0].float().mean((1, 2)), dim=0))
+def write_source_store(path: Path, tables: LocalFeatures, descriptors: torch.Tensor, scales) -> Path:
+    """A feature store of detected ``tables`` with global ``descriptors (B, K)``: the real tables
+    ``bench_query_path`` draws its simulated database from."""
+    with StoreWriter(path, [f"image{i}" for i in range(tables.num_images)], descriptors.shape[1], {"device_check": True},
+                     local={"scales": list(scales), "num_channels": descriptors.shape[1]}) as writer:
+        for i in range(tables.num_images):
+            writer.add_global(i, descriptors[i])
             writer.add_local(i, tables.image(i), tables.map_sizes[i])
     return path
 
@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         from gpu_dsm.eval import bench_asmk, bench_detect, bench_diffusion, bench_match, bench_query_path
 
         work = Path(tempfile.mkdtemp(prefix="device-check-"))
-        sources = {split: write_source_store(work / split, tables[split], maps, extract.scales) for split, maps in
-                   (("database", db_maps), ("queries", q_maps))} if tables else {}
+        # the mean-pooled descriptors above: the database's rows first, then the queries'
+        split_descriptors = {"database": descriptors[:len(db_maps)], "queries": descriptors[len(db_maps):]}
+        sources = {split: write_source_store(work / split, tables[split], split_descriptors[split], extract.scales)
+                   for split in ("database", "queries")} if tables else {}
 
         dev = ["--device", str(device)]
         runs = {
