@@ -53,7 +53,8 @@ class ASMKRun:
         how = self.how.options()
         how["layer"] = how["layer"] or HOW_LAYERS[backbone]
         asmk = dataclasses.asdict(self.asmk)
-        asmk.pop("memory_budget")
+        for how_it_runs in ("memory_budget", "search_backend"):  # neither changes a result
+            asmk.pop(how_it_runs)
         return {"how": how, "asmk": asmk, "codebook_data": list(self.codebook_data)}
 
 
@@ -302,7 +303,9 @@ def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[
         "words_per_database_image": round(index.num_entries / max(num_images, 1), 1),
         "index_bytes_per_image": round(index.bytes_per_image(), 1),
         "search_ms_per_query": round(1000 * seconds / q, 2),
+        "search_backend": index.search_backend(),
     }
     log(f"ASMK: {diagnostics['words_per_database_image']} words and {diagnostics['index_bytes_per_image']:.0f} bytes per "
-        f"database image, {diagnostics['search_ms_per_query']:.2f} ms per query ({q} queries at once) on {device}")
+        f"database image, {diagnostics['search_ms_per_query']:.2f} ms per query ({q} queries at once, "
+        f"{diagnostics['search_backend']} scoring) on {device}")
     return ASMKRanking(ranks=ranks.cpu(), scores=scores.cpu(), diagnostics=diagnostics)

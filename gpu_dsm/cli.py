@@ -223,6 +223,7 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
     """The HOW + ASMK options; ``extract``: those that HOW descriptors depend on (the codebook is
     trained by evaluate)."""
     from gpu_dsm.asmk import ASMKConfig
+    from gpu_dsm.asmk.config import SEARCH_BACKENDS
     from gpu_dsm.backbones.layers import HOW_LAYERS
     from gpu_dsm.how import HOWConfig
 
@@ -243,6 +244,11 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
                        help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
         g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
                        help="k-means iterations (default: %(default)s, the reference's)")
+        g.add_argument("--asmk-search", choices=SEARCH_BACKENDS, default=a.search_backend,
+                       help="inverted-file scoring: 'native', a C kernel on the CPU (built on first use with the system's "
+                            "C compiler, $CC); 'torch', tensor passes on any device; 'auto', native on the CPU where it "
+                            "builds, else torch. Same results up to float64 rounding (default: %(default)s; the reference "
+                            "loops in Python per query and word)")
     g.add_argument("--how-layer", default=None,
                    help="backbone layer HOW reads (default: " + ", ".join(f"{k} {v}" for k, v in HOW_LAYERS.items()) + ")")
     g.add_argument("--how-features", type=int, default=h.num_features,
@@ -260,7 +266,8 @@ def _asmk_run(args: argparse.Namespace):
                     batch_size=args.batch_size, progress=args.progress)
     default = ASMKConfig()
     asmk = ASMKConfig(codebook_size=getattr(args, "codebook_size", default.codebook_size),
-                      kmeans_iterations=getattr(args, "kmeans_iterations", default.kmeans_iterations))
+                      kmeans_iterations=getattr(args, "kmeans_iterations", default.kmeans_iterations),
+                      search_backend=getattr(args, "asmk_search", default.search_backend))
     return ASMKRun(how=how, asmk=asmk, codebook_data=tuple(args.codebook_data))
 
 

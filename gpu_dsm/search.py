@@ -53,12 +53,12 @@ def _topk(queries: torch.Tensor, database: torch.Tensor, k: int | None, chunk_si
         if best_scores is not None:
             scores = torch.cat([best_scores, scores], 1)
             idx = torch.cat([best_idx, idx], 1)
-        order = _stable_top(scores, k)
+        order = stable_top(scores, k)
         best_scores, best_idx = scores.gather(1, order), idx.gather(1, order)
     return best_scores, best_idx
 
 
-def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions ``(Q, k)`` of each row's ``k`` largest ``scores (Q, W)``, best first, equal
     scores in position order: ``sort(descending, stable)[:, :k]`` exactly, by a top-k selection
     when ``k`` is a small part of the row (a full sort costs as much as the products)."""

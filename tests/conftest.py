@@ -41,6 +41,22 @@ def lite0():
     return build_backbone("efficientnet_lite0")
 
 
+@pytest.fixture()
+def native_kernel(request):
+    """For a test parametrised with ``backend="native"``: the C kernels build here (skipped where
+    they do not, failed when CI=true, whose machines have a C compiler)."""
+    from gpu_dsm.kernels.inverted_file import unavailable
+
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend", "native") != "native":
+        return
+    reason = unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the C kernels do not build: {reason}")
+        pytest.skip(f"the C kernels do not build: {reason}")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -27,12 +27,14 @@ def _problem(dim=16, words=12, seed=0):
     return codebook, db, db_ids, q, q_ids
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("binary", [True, False])
-@pytest.mark.parametrize("dim", [16, 12])
-def test_search_matches_the_plain_loop(binary, dim):
+@pytest.mark.parametrize("dim", [16, 12, 112])
+def test_search_matches_the_plain_loop(binary, dim, backend, native_kernel):
     codebook, db, db_ids, q, q_ids = _problem(dim=dim)
-    cfg = ASMKConfig(binary=binary, memory_budget=1 << 16)
+    cfg = ASMKConfig(binary=binary, memory_budget=1 << 16, search_backend=backend)
     index = ASMKIndex.build(codebook, db, db_ids, cfg, num_images=8)
+    assert index.search_backend() == backend
     scores, order = index.search(q, q_ids, num_queries=4)
     want = reference_asmk.scores(codebook.numpy(), db.numpy(), db_ids.tolist(), 8, q.numpy(), q_ids.tolist(), 4,
                                  binary=binary)

@@ -159,18 +159,20 @@ def test_cut_backbones_give_the_named_layer(name, layer, channels, stride):
         assert cut is backbone
 
 
-def test_asmk_on_real_how_descriptors_equals_the_plain_loop(mini, lite0, how_setup):
+def test_asmk_on_real_how_descriptors_equals_the_plain_loop(mini, lite0, how_setup, native_kernel):
     cfg, whitening, _ = how_setup
     db = describe_how(lite0, mini.database_specs()[:6], whitening, cfg)
     queries = describe_how(lite0, mini.query_specs()[:2], whitening, cfg)
     train = describe_how(lite0, mini.database_specs()[10:14], whitening, cfg)
     codebook = train_codebook(train.descriptors.double(), 24, iterations=5, seed=0)
-    index = ASMKIndex.build(codebook, db.descriptors.double(), db.image_ids, ASMKConfig(), num_images=6)
-    scores, order = index.search(queries.descriptors.double(), queries.image_ids, num_queries=2)
     want = reference_asmk.scores(codebook.numpy(), db.descriptors.double().numpy(), db.image_ids.tolist(), 6,
                                  queries.descriptors.double().numpy(), queries.image_ids.tolist(), 2)
-    got = torch.zeros(2, 6, dtype=torch.float64).scatter_(1, order, scores).numpy()
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
     assert (want > 0).sum() >= 6  # real descriptors share words: the comparison is not of zeros
-    for row in range(2):
-        assert order[row].tolist() == sorted(range(6), key=lambda i: (-want[row, i], i))
+    for backend in ("native", "torch"):  # the C kernel and the tensor passes
+        index = ASMKIndex.build(codebook, db.descriptors.double(), db.image_ids, ASMKConfig(search_backend=backend),
+                                num_images=6)
+        scores, order = index.search(queries.descriptors.double(), queries.image_ids, num_queries=2)
+        got = torch.zeros(2, 6, dtype=torch.float64).scatter_(1, order, scores).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+        for row in range(2):
+            assert order[row].tolist() == sorted(range(6), key=lambda i: (-want[row, i], i))

@@ -62,14 +62,14 @@ def test_bad_settings_are_named():
 def test_top_k_selection_is_the_stable_sort():
     """similarity_topk's chunk merge selects by top-k: the same positions, in the same order, as
     a stable descending sort, ties (many here) in position order."""
-    from gpu_dsm.search import _stable_top
+    from gpu_dsm.search import stable_top
 
     g = torch.Generator().manual_seed(0)
     for trial in range(200):
         width = int(torch.randint(5, 400, (1,), generator=g))
         k = int(torch.randint(1, width + 1, (1,), generator=g))
         s = torch.randint(0, 6, (3, width), generator=g).float() if trial % 2 else torch.randn(3, width, generator=g)
-        assert torch.equal(_stable_top(s, k), torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]), trial
+        assert torch.equal(stable_top(s, k), torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]), trial
     # across chunks: equal database rows keep the database order
     db = torch.nn.functional.normalize(torch.randint(0, 3, (1000, 8), generator=g).float() + 0.1, dim=1)
     q = db[:4]

@@ -113,10 +113,15 @@ def match_weights(a: torch.Tensor, b: torch.Tensor, dim: int, alpha: float, tau:
     ``d + 1`` values ``1 - 2 h / d``, so ``sigma`` is read from a table indexed by the Hamming
     distance ``h`` (the same float64 values :func:`selectivity` computes, in one gather)."""
     if a.dtype == torch.uint8:
-        distances = torch.arange(8 * a.shape[-1] + 1, device=a.device, dtype=torch.float64)
-        table = selectivity(1.0 - 2.0 * distances / dim, alpha, tau)
-        return table[hamming(a, b)]
+        return distance_weights(a.shape[-1], dim, alpha, tau, a.device)[hamming(a, b)]
     return selectivity(code_similarity(a, b, dim), alpha, tau)
+
+
+def distance_weights(width: int, dim: int, alpha: float, tau: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(8 width + 1,)`` float64: ``sigma(1 - 2 h / dim)`` for every Hamming distance ``h`` of
+    packed codes of ``width`` bytes."""
+    distances = torch.arange(8 * width + 1, device=device, dtype=torch.float64)
+    return selectivity(1.0 - 2.0 * distances / dim, alpha, tau)
 
 
 def selectivity(s: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:

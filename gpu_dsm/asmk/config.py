@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+SEARCH_BACKENDS = ("auto", "native", "torch")
+
 
 @dataclass
 class ASMKConfig:
@@ -20,6 +22,10 @@ class ASMKConfig:
     alpha: float = 3.0  # selectivity exponent: sigma(s) = s^alpha (_eccv20_how.yml)
     tau: float = 0.0  # selectivity threshold: sigma(s) = 0 below it (_eccv20_how.yml)
     memory_budget: int = 1 << 30  # bytes per chunk of assignment, residual, pair and score tensors (ours)
+    # inverted-file scoring (ours; results equal up to float64 rounding): "native", the C kernel on
+    # the CPU (kernels/asmk_scores.c, built on first use); "torch", tensor passes on any device;
+    # "auto", native on the CPU where a C compiler builds it, else torch
+    search_backend: str = "auto"
 
     def __post_init__(self):
         for name in ("codebook_size", "kmeans_iterations", "database_assignments", "query_assignments"):
@@ -29,5 +35,7 @@ class ASMKConfig:
             raise ValueError(f"ASMKConfig.alpha must be > 0, got {self.alpha}")
         if not (math.isfinite(self.tau) and -1 <= self.tau < 1):
             raise ValueError(f"ASMKConfig.tau must lie in [-1, 1), got {self.tau}")
+        if self.search_backend not in SEARCH_BACKENDS:
+            raise ValueError(f"ASMKConfig.search_backend must be one of {SEARCH_BACKENDS}, got {self.search_backend!r}")
         if int(self.memory_budget) < 1 << 16:
             raise ValueError(f"ASMKConfig.memory_budget must be at least 64 KiB, got {self.memory_budget}")

@@ -6,11 +6,13 @@ non-binary mode); ``image_words (N,)`` holds ``|C_X|``, the number of words of e
 image. The index is built in one pass of tensor operations (no loop per vector).
 
 Search: the query's word vectors are aggregated with multiple assignment; every (query word,
-database entry of that word) pair is one row of a flat pair table, scored
-``sigma(s)`` at once, and scattered into a dense ``(queries, N)`` float64 score block, normalised
-by ``sqrt(|C_X|) sqrt(|C_Q|)`` (``|C_Q|`` counts the query's distinct words, also words that no
-database image has). Pair tables and score blocks are chunked to ``config.memory_budget``.
-A query or an image without words scores 0.
+database entry of that word) pair adds ``sigma(s)`` to a dense ``(queries, N)`` float64 score
+block, normalised by ``sqrt(|C_X|) sqrt(|C_Q|)`` (``|C_Q|`` counts the query's distinct words,
+also words that no database image has). Score blocks are chunked to ``config.memory_budget``.
+The pairs are scored by ``config.search_backend``: on the CPU by a C kernel
+(``gpu_dsm.kernels.inverted_file``, one pass per comparison, threads over queries), elsewhere by
+tensor passes over a flat pair table (chunked to the budget). A query or an image without words
+scores 0.
 """
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ import torch
 
 from gpu_dsm.checks import as_tensor
 from gpu_dsm.io import torch_load_checked, torch_save
-from gpu_dsm.asmk.codes import WordVectors, aggregate_residuals, binary_codes, match_weights, normalized_codes
+from gpu_dsm.asmk.codes import (WordVectors, aggregate_residuals, binary_codes, distance_weights, match_weights,
+                                normalized_codes)
 from gpu_dsm.asmk.config import ASMKConfig
+from gpu_dsm.kernels import inverted_file, native
 from gpu_dsm.kernels.bits import gather_rows
+from gpu_dsm.search import stable_top
 
 _FORMAT = "gpu_dsm.asmk_index/1"
 
@@ -43,6 +48,10 @@ class ASMKIndex:
     codes: torch.Tensor
     image_words: torch.Tensor
     config: ASMKConfig
+
+    def __post_init__(self):
+        # the C kernel indexes raw memory with these: they must fit together
+        self._check()
 
     @property
     def num_images(self) -> int:
@@ -141,13 +150,42 @@ class ASMKIndex:
             block = self._score_block(query[rows] - lo, word[rows], codes[rows], hi - lo)
             norm = query_words[lo:hi, None].double().sqrt() * self.image_words[None, :].double().sqrt()
             block = torch.where(norm > 0, block / norm.clamp(min=1e-300), torch.zeros_like(block))
-            order = torch.sort(block, dim=1, descending=True, stable=True)
-            out_scores[lo:hi], out_index[lo:hi] = order.values[:, :k], order.indices[:, :k]
+            best = stable_top(block, k)
+            out_scores[lo:hi], out_index[lo:hi] = block.gather(1, best), best
         return out_scores, out_index
+
+    def search_backend(self) -> str:
+        """The inverted-file scoring this index runs (``config.search_backend`` resolved):
+        ``"native"`` (the C kernel; CPU, int32 image ids) or ``"torch"``."""
+        wanted = self.config.search_backend
+        if wanted == "torch":
+            return "torch"
+        fits = self.device.type == "cpu" and self.image_ids.dtype == torch.int32
+        if wanted == "native":
+            if not fits:
+                raise ValueError(f"search_backend='native' runs on the CPU with int32 image ids; this index is on "
+                                 f"{self.device} with {self.image_ids.dtype} ids (use 'auto' or 'torch')")
+            reason = inverted_file.unavailable()
+            if reason:
+                raise native.NativeUnavailable(f"search_backend='native': {reason}")
+            return "native"
+        return "native" if fits and inverted_file.unavailable() is None else "torch"
 
     def _score_block(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
         """Unnormalised ``(num_queries, N)`` sums of ``sigma(s)`` over shared words, from the
         block's query word vectors (``query`` relative to the block)."""
+        cfg = self.config
+        if self.search_backend() == "native":
+            binary = self.codes.dtype == torch.uint8
+            weights = distance_weights(self.codes.shape[1], self.dim, cfg.alpha, cfg.tau) if binary else None
+            return inverted_file.inverted_file_scores(query, word, codes, self.offsets, self.image_ids, self.codes,
+                                                      num_queries, self.num_images, weight_of_distance=weights,
+                                                      alpha=cfg.alpha, tau=cfg.tau)
+        return self._score_block_torch(query, word, codes, num_queries)
+
+    def _score_block_torch(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """:meth:`_score_block` in tensor passes, on any device: one row per (query word,
+        database entry) pair, chunked to the memory budget."""
         cfg = self.config
         n = self.num_images
         scores = torch.zeros(num_queries * n, dtype=torch.float64, device=self.device)
@@ -193,16 +231,16 @@ class ASMKIndex:
                         codes=state["codes"], image_words=state["image_words"], config=config)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"corrupt ASMK index {path}: {exc}") from None
-        index._check(path)
         return index.to(device)
 
-    def _check(self, path) -> None:
+    def _check(self) -> None:
         e, k, n = self.image_ids.numel(), self.num_words, self.num_images
-        bad = (self.offsets.numel() != k + 1 or int(self.offsets[0]) != 0 or int(self.offsets[-1]) != e
-               or self.codes.shape[0] != e or (e and (int(self.image_ids.min()) < 0 or int(self.image_ids.max()) >= n))
+        bad = (self.offsets.ndim != 1 or self.offsets.numel() != k + 1 or int(self.offsets[0]) != 0
+               or int(self.offsets[-1]) != e or self.codes.ndim != 2 or self.codes.shape[0] != e
+               or (e and (int(self.image_ids.min()) < 0 or int(self.image_ids.max()) >= n))
                or bool((self.offsets[1:] < self.offsets[:-1]).any()))
         if bad:
-            raise ValueError(f"corrupt ASMK index {path}: offsets, codes and image ids do not fit together")
+            raise ValueError("ASMKIndex: offsets, codes and image ids do not fit together")
 
     def to(self, device: torch.device | str) -> "ASMKIndex":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
