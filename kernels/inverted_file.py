@@ -11,6 +11,7 @@ added. The C code indexes raw memory, so every index is range-checked here first
 from __future__ import annotations
 
 import ctypes
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,6 +25,7 @@ COMPARISONS_PER_THREAD = 1 << 21
 _I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
+@functools.cache
 def _library() -> ctypes.CDLL:
     lib = native.load(_SOURCE)
     common = [_I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR]

@@ -137,7 +137,11 @@ class ASMKIndex:
                              f"{tuple(self.codes.shape[1:])} {self.codes.dtype}")
         if query.numel() and bool((query[1:] < query[:-1]).any()):
             raise ValueError("search_codes: rows must be sorted by query")
-        query_words = torch.bincount(query, minlength=q)
+        # 1 / sqrt(|C_Q|) and 1 / sqrt(|C_X|), 0 for no words (whose scores are 0): applied to the
+        # score block in place (no (queries, N) temporaries, whose page faults cost as much as the
+        # scoring at 1M images)
+        inverse_query = _inverse_sqrt(torch.bincount(query, minlength=q))
+        inverse_image = _inverse_sqrt(self.image_words)
         # queries per block: a (block, N) float64 score matrix within the budget
         per_block = max(1, int(cfg.memory_budget) // max(1, 8 * 3 * n))
         out_scores = torch.zeros(q, k, dtype=torch.float64, device=self.device)
@@ -148,8 +152,7 @@ class ASMKIndex:
             hi = min(q, lo + per_block)
             rows = slice(entry_start[lo], entry_start[hi])
             block = self._score_block(query[rows] - lo, word[rows], codes[rows], hi - lo)
-            norm = query_words[lo:hi, None].double().sqrt() * self.image_words[None, :].double().sqrt()
-            block = torch.where(norm > 0, block / norm.clamp(min=1e-300), torch.zeros_like(block))
+            block.mul_(inverse_image).mul_(inverse_query[lo:hi, None])
             best = stable_top(block, k)
             out_scores[lo:hi], out_index[lo:hi] = block.gather(1, best), best
         return out_scores, out_index
@@ -245,6 +248,12 @@ class ASMKIndex:
     def to(self, device: torch.device | str) -> "ASMKIndex":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if f.name != "config"})
+
+
+def _inverse_sqrt(counts: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(counts)`` in float64, 0 where a count is 0."""
+    counts = counts.double()
+    return torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
 
 
 def _num_images(ids: torch.Tensor, given: int | None, name: str) -> int:
