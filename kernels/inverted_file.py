@@ -6,7 +6,8 @@ sums as the tensor path of :class:`gpu_dsm.asmk.ASMKIndex` (which runs on any de
 pass per comparison instead of a dozen tensor passes. Threads share the work by comparisons:
 with at least as many queries as threads each thread owns whole queries and writes its score
 rows directly; with fewer, each thread sums its rows into a block of its own and the blocks are
-added. The C code indexes raw memory, so every index is range-checked here first.
+added. The C code indexes raw memory: queries and words are range-checked here, offsets and image
+ids by the kernel as it reads them (a bad one is skipped, counted, and reported as an error).
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ _I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 @functools.cache
 def _library() -> ctypes.CDLL:
     lib = native.load(_SOURCE)
-    common = [_I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR]
+    common = [_I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR]
     lib.asmk_scores_binary.argtypes = [*common, _PTR, _I64, _PTR]
     lib.asmk_scores_real.argtypes = [*common, _F64, _F64, _I64, _PTR]
-    lib.asmk_scores_binary.restype = lib.asmk_scores_real.restype = None
+    lib.asmk_scores_binary.restype = lib.asmk_scores_real.restype = _I64
     return lib
 
 
@@ -125,16 +126,19 @@ def inverted_file_scores(query: torch.Tensor, word: torch.Tensor, codes: torch.T
         tail = lambda out: (_F64(alpha), _F64(tau), _I64(num_images), _pointer(out))  # noqa: E731
         kernel = lib.asmk_scores_real
 
-    def run(part: int) -> None:
+    def run(part: int) -> int:
         begin, end = ranges[part]
-        kernel(_I64(begin), _I64(end), _pointer(query), _pointer(word), _pointer(codes), _I64(width), _pointer(offsets),
-               _pointer(image_ids), _pointer(db_codes), *tail(outputs[part]))
+        return kernel(_I64(begin), _I64(end), _pointer(query), _pointer(word), _pointer(codes), _I64(width),
+                      _pointer(offsets), _I64(entries), _pointer(image_ids), _pointer(db_codes), *tail(outputs[part]))
 
     if len(ranges) == 1:
-        run(0)
+        skipped = run(0)
     else:
         with ThreadPoolExecutor(len(ranges)) as pool:
-            list(pool.map(run, range(len(ranges))))
+            skipped = sum(pool.map(run, range(len(ranges))))
+    if skipped:
+        raise ValueError(f"inverted_file_scores: {skipped} rows or entries point outside the inverted file (offsets "
+                         f"beyond its {entries} entries, or image ids outside 0..{num_images - 1})")
     for extra in outputs[1:] if not whole_queries else ():
         scores += extra
     return scores

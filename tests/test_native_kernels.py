@@ -91,6 +91,12 @@ def test_indices_are_checked_before_the_c_code_reads_memory(native_kernel):
         call(codes=codes[:, :5])
     with pytest.raises(ValueError, match="weight_of_distance"):
         inverted_file.inverted_file_scores(query, word, codes, **base, weight_of_distance=weights[:-1])
+    # offsets and image ids are checked by the kernel as it reads them
+    with pytest.raises(ValueError, match=r"\d+ rows or entries point outside the inverted file"):
+        call(image_ids=torch.where(torch.arange(index.num_entries) == int(index.offsets[word[0]]),
+                                   torch.tensor(index.num_images, dtype=torch.int32), index.image_ids))
+    with pytest.raises(ValueError, match=r"point outside the inverted file \(offsets beyond its"):
+        call(offsets=index.offsets * 2)
     # an inverted file whose offsets point past its entries is refused when it is made
     with pytest.raises(ValueError, match="do not fit together"):
         dataclasses.replace(index, offsets=index.offsets + 1)
