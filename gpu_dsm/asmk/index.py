@@ -17,6 +17,7 @@ scores 0.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,14 @@ class ASMKIndex:
             if reason:
                 raise native.NativeUnavailable(f"search_backend='native': {reason}")
             return "native"
-        return "native" if fits and inverted_file.unavailable() is None else "torch"
+        if not fits:
+            return "torch"
+        reason = inverted_file.unavailable()
+        if reason:
+            warnings.warn(f"ASMK search: the C kernel is unavailable ({reason}); scoring with tensor passes, "
+                          "10-40x slower on the CPU", RuntimeWarning, stacklevel=2)
+            return "torch"
+        return "native"
 
     def _score_block(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
         """Unnormalised ``(num_queries, N)`` sums of ``sigma(s)`` over shared words, from the
