@@ -33,6 +33,7 @@ from gpu_dsm.kernels.bits import gather_rows
 from gpu_dsm.search import stable_top
 
 _FORMAT = "gpu_dsm.asmk_index/1"
+_TENSORS = ("codebook", "offsets", "image_ids", "codes", "image_words")
 
 
 def _codes(vectors: WordVectors, binary: bool) -> torch.Tensor:
@@ -225,9 +226,8 @@ class ASMKIndex:
         return scores.view(num_queries, n)
 
     def state_dict(self) -> dict:
-        return {"format": _FORMAT, "config": dataclasses.asdict(self.config), "codebook": self.codebook.cpu(),
-                "offsets": self.offsets.cpu(), "image_ids": self.image_ids.cpu(), "codes": self.codes.cpu(),
-                "image_words": self.image_words.cpu()}
+        return {"format": _FORMAT, "config": dataclasses.asdict(self.config),
+                **{name: getattr(self, name).cpu() for name in _TENSORS}}
 
     def save(self, path: str | Path) -> Path:
         """Write the index (atomically: an interrupted save leaves the old file or none)."""
@@ -238,11 +238,10 @@ class ASMKIndex:
         state = torch_load_checked(path, _FORMAT, "ASMK index")
         try:
             config = ASMKConfig(**state["config"])
-            index = cls(codebook=state["codebook"], offsets=state["offsets"], image_ids=state["image_ids"],
-                        codes=state["codes"], image_words=state["image_words"], config=config)
-        except (KeyError, TypeError, ValueError) as exc:
+            # on the device before constructing: the structure check runs once, where the index lives
+            return cls(**{name: state[name].to(device) for name in _TENSORS}, config=config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"corrupt ASMK index {path}: {exc}") from None
-        return index.to(device)
 
     def _check(self) -> None:
         e, k, n = self.image_ids.numel(), self.num_words, self.num_images
