@@ -2,7 +2,7 @@
 
     python -m gpu_dsm.eval.bench_detect --out results/bench_detect_cpu.json
 
-1. Agreement: batched MSER vs ``tests/reference_mser.py`` on all channels of real
+1. Agreement: batched MSER vs ``gpu_dsm.reference.mser`` on all channels of real
    EfficientNet-Lite0 activations of roxford5k-mini images (regions compared, identical fraction).
 2. Speed: detection time per image (3 scales, full detector) for activation tensors shaped like
    VGG16 (512x64x64) and ResNet101 (2048x32x32) at 1024 px, synthetic but with real sparsity,
@@ -12,9 +12,7 @@
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,8 +70,7 @@ def main(argv=None) -> dict:
     acts = extract_activations(backbone, specs[: max(args.agreement_images, args.timing_images)], ExtractConfig(progress=False))
 
     if not args.skip_reference:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from reference_mser import mser_reference
+        from gpu_dsm.reference.mser import mser_reference
 
         compared = identical = 0
         for maps in acts[: args.agreement_images]:

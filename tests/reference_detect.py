@@ -1,7 +1,7 @@
 """A plain, loop-by-loop reference of the DSM authors' feature selection (what
 ``DetectorConfig.reference()`` must compute), written from the rules in
 ``gpu_dsm/reference_selection.py``: one channel, one region, one pixel at a time, on top of the
-VLFeat MSER port in ``reference_mser.py``.
+VLFeat MSER port in ``gpu_dsm.reference.mser``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from reference_mser import mser_reference, region_stats
+from gpu_dsm.reference.mser import mser_reference, region_stats
 
 
 def matlab_round(x: float) -> float:

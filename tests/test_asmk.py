@@ -1,4 +1,4 @@
-"""ASMK on tensors against a plain float64 loop (tests/reference_asmk.py): assignment, codes,
+"""ASMK on tensors against a plain float64 loop (gpu_dsm.reference.asmk): assignment, codes,
 the inverted file and batched search; bad input; save/load."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, aggregate_residuals, kmeans_objective, nearest_words, train_codebook
 
-import reference_asmk
+from gpu_dsm.reference import asmk as reference_asmk
 
 
 def _clustered(num, dim, centres, seed, spread=0.3):

@@ -1,6 +1,6 @@
 """HOW descriptors (gpu_dsm.how) against the plain loops of tests/reference_how.py on real
 EfficientNet-Lite0 maps of roxford5k-mini; layers; the whitening; ASMK on real HOW descriptors
-against the plain float64 ASMK (tests/reference_asmk.py)."""
+against the plain float64 ASMK (gpu_dsm.reference.asmk)."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +12,7 @@ from gpu_dsm.extract import extract_activations
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening, select_features, smooth
 from gpu_dsm.whitening import fit_pca_whitening, pca_whitening_from_moments
 
-import reference_asmk
+from gpu_dsm.reference import asmk as reference_asmk
 import reference_how
 
 pytestmark = pytest.mark.data

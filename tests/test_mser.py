@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from gpu_dsm.detect import activations_to_levels, auto_delta
 from gpu_dsm.stable_regions import mser
-from reference_mser import mser_reference, region_stats
+from gpu_dsm.reference.mser import mser_reference, region_stats
 
 DSM = dict(max_variation=0.5, min_diversity=0.7, min_area=0.001, max_area=0.75)
 

@@ -1,5 +1,6 @@
-"""A plain-loop float64 ASMK, written from the rules in ../shared/notes/how-asmk-reference.md
-section 3, to check the batched gpu_dsm.asmk against: one feature, one word, one image at a time."""
+"""A plain-loop float64 ASMK (Tolias, Avrithis, Jegou 2013, with the binarised residuals and
+selectivity of jenicek/asmk, ``asmk/kernel.py``), to check the batched ``gpu_dsm.asmk`` against:
+one feature, one word, one image at a time."""
 import math
 
 import numpy as np

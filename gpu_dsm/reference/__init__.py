@@ -1,0 +1,1 @@
+"""Plain, loop-by-loop references of the batched algorithms, for tests and the device check."""
