@@ -3,6 +3,30 @@
 The standard image protocol of revisitop and cnnimageretrieval-pytorch, exactly: RGB
 conversion, PIL's crop, PIL's ``thumbnail`` (never enlarging; Lanczos), and a query crop scaled
 as its full image is. ``upscale=True`` departs from it on purpose (see :func:`crop_bound`).
+
+Decoding (:func:`to_rgb`): the reference loads every image with ``Image.open(path).convert('RGB')``
+(cnnimageretrieval-pytorch ``datasets/datahelpers.py: pil_loader``; revisitop's example code
+does the same). That is kept for every 8-bit mode; where PIL's conversion would silently
+destroy an image, the levels are mapped instead:
+
+============================ =============================================================
+mode                         8-bit RGB
+============================ =============================================================
+RGB, L, 1, YCbCr, CMYK, ...  PIL's ``convert('RGB')`` (CMYK: PIL's plain conversion, no ICC)
+P, PA, LA, RGBA              the colour channels; alpha is dropped, as ``convert('RGB')`` does
+I;16, I;16B, I;16L, I        16-bit levels ``v`` -> ``round(v * 255 / 65535)`` on every channel
+                             (PIL clips them to 255: a 16-bit PNG would become white). Mode I
+                             values outside 0..65535 are refused
+16-bit RGB / RGBA PNG        PIL keeps each sample's high byte, ``floor(v / 256)``: within one
+                             level of ``round(v * 255 / 65535)``
+F (float)                    values in [0, 1] -> ``round(255 v)``; otherwise values in [0, 255]
+                             -> ``round(v)`` (PIL's convention); anything else (negative,
+                             beyond 255, NaN) is refused
+============================ =============================================================
+
+EXIF orientation is **not** applied, as in the reference (no ``ImageOps.exif_transpose``): the
+pixels are used as stored, which is also the frame revisitop's query boxes are given in.
+An image that cannot be made RGB raises a one-line ``ValueError`` naming the file.
 """
 from __future__ import annotations
 
@@ -32,16 +56,65 @@ class ImageSpec:
         return str(self.source) if isinstance(self.source, (str, Path)) else f"<{type(self.source).__name__}>"
 
 
+_ALPHA_MODES = ("P", "PA", "LA", "La", "RGBA", "RGBa")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _grey_rgb(levels: np.ndarray) -> Image.Image:
+    """``(H, W)`` uint8 levels -> an RGB image with them on every channel."""
+    return Image.fromarray(np.repeat(levels[:, :, None], 3, axis=2), "RGB")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """``image`` as 8-bit RGB, whatever its mode (table in the module docstring); ``name`` is used
+    in the ``ValueError`` raised for an image that cannot be made RGB."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        levels = np.asarray(image)
+        if mode == "I" and levels.size and (int(levels.min()) < 0 or int(levels.max()) > 65535):
+            raise ValueError(f"cannot make image {name} RGB: its 32-bit integer levels span {int(levels.min())}.."
+                             f"{int(levels.max())}, beyond the 16-bit range 0..65535")
+        levels = levels.astype(np.int64)
+        return _grey_rgb(((levels * 255 + 32767) // 65535).astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise ValueError(f"cannot make image {name} RGB: its float values include NaN or Inf")
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"cannot make image {name} RGB: its float values span [{lo:g}, {hi:g}]; only [0, 1] "
+                             "and [0, 255] are understood")
+        scaled = values * 255 if hi <= 1 else values
+        return _grey_rgb(np.rint(scaled).astype(np.uint8))
+    try:
+        if mode in _ALPHA_MODES:  # the colours of every pixel, transparent or not; no PIL warning for P
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"cannot make image {name} RGB (mode {mode}): {_one_line(exc)}") from exc
+
+
 def _open(spec: ImageSpec) -> Image.Image:
     src = spec.source
     if isinstance(src, (str, Path)):
         try:
-            with Image.open(src) as im:
-                return im.convert("RGB")
+            im = Image.open(src)
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {src}") from None
         except Exception as exc:
-            raise ValueError(f"cannot read image {src}: {exc}") from exc
+            raise ValueError(f"cannot read image {src}: {_one_line(exc)}") from exc
+        with im:
+            try:
+                im.load()
+            except Exception as exc:
+                raise ValueError(f"cannot read image {src}: {_one_line(exc)}") from exc
+            rgb = to_rgb(im, str(src))
+            return rgb.copy() if rgb is im else rgb  # closing ``im`` releases its pixels
     if isinstance(src, torch.Tensor):
         if src.ndim != 3 or src.shape[0] != 3 or src.dtype != torch.uint8:
             raise ValueError(f"an in-memory image tensor must be uint8 (3, H, W), got {src.dtype} {tuple(src.shape)}")
