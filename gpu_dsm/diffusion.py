@@ -26,8 +26,8 @@ import torch
 
 from gpu_dsm.checks import as_tensor, check_shape
 from gpu_dsm.graph import KnnGraph
-from gpu_dsm.kernels.dots import column_dots
-from gpu_dsm.kernels.sparse import SparseOperator
+from gpu_dsm.kernels.dots import column_dots as _column_dots
+from gpu_dsm.kernels.sparse import BACKENDS as SPARSE_BACKENDS, SparseOperator
 
 
 _RESTRICT_BELOW = 0.8  # solve on the seeded components when they hold less than this fraction of the nodes
@@ -50,6 +50,9 @@ class DiffusionConfig:
     dsm_candidates: int = 10  # DSM seeds come from the top 10 re-ranked images (paper 4.1)
     dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, README)
     dtype: torch.dtype = torch.float32  # fp32 suffices: condition number <= 1 / (1 - alpha)
+    # sparse products (ours): "auto" (scipy on the CPU, torch elsewhere), "scipy", or "torch" (the
+    # GPU path's CSR products and torch.linalg.vecdot reductions, on any device)
+    sparse_backend: str = "auto"
 
     def __post_init__(self):
         # I - alpha S is positive definite (CG converges) only for 0 < alpha < 1: |eig(S)| <= 1
@@ -68,6 +71,8 @@ class DiffusionConfig:
                 raise ValueError(f"diffusion {name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"diffusion dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        if self.sparse_backend not in SPARSE_BACKENDS:
+            raise ValueError(f"diffusion sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
 
     def alpha_for(self, num_nodes: int) -> float:
         """The alpha used on a database of ``num_nodes`` images."""
@@ -89,14 +94,16 @@ class CGInfo:
 
 
 def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tensor, alpha: float = 0.99, tol: float = 1e-6,
-                       max_iter: int = 20, restrict: bool = True) -> tuple[torch.Tensor, CGInfo]:
+                       max_iter: int = 20, restrict: bool = True, backend: str = "auto") -> tuple[torch.Tensor, CGInfo]:
     """Solve ``(I - alpha S) F = Y`` for every column of ``rhs (N, Q)``; ``S`` sparse ``(N, N)`` symmetric.
 
     Columns are independent CG runs sharing the products; a column whose relative residual is
     at most ``tol`` stops moving. Zero columns give zero solutions. With ``restrict`` the solve
     runs on the connected components of the graph that hold a seed of some column: elsewhere
     every iterate is exactly zero, so the result is the same, for less work on fragmented
-    graphs (mutual kNN graphs often are).
+    graphs (mutual kNN graphs often are). ``backend``: the sparse backend of the operator built
+    from a sparse ``affinity`` (``gpu_dsm.kernels.sparse``; a :class:`SparseOperator` keeps its
+    own); the column reductions follow it (``"torch"``: ``torch.linalg.vecdot``).
     """
     if not (math.isfinite(alpha) and 0 < alpha < 1):
         raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
@@ -107,7 +114,7 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     # max and min propagate NaN: two reductions instead of a (N, Q) bool mask (20x faster on the CPU)
     if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
         raise ValueError("diffusion seeds contain NaN or Inf")
-    op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype)
+    op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype, backend=backend)
     rhs = op.to_internal(rhs.to(op.dtype)).contiguous()  # a copy this function owns
     if restrict and n:
         reached = op.reached_by(rhs)
@@ -126,8 +133,14 @@ def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol
     """Batched CG on ``op``'s internal order (see :func:`conjugate_gradient`); overwrites ``rhs``.
 
     Few fresh ``(N, Q)`` buffers: on the CPU their first touch (page faults) costs as much as
-    several iterations' vector operations.
+    several iterations' vector operations. The reductions run as the products do: the torch
+    sparse backend (the GPU path) with ``torch.linalg.vecdot``, the scipy one with numpy.
     """
+    dots = "torch" if op.backend == "torch" else "auto"
+
+    def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _column_dots(a, b, backend=dots)
+
     rs = column_dots(rhs, rhs)
     norm_y = rs.sqrt().clamp(min=1e-30)
     r = rhs.contiguous()
@@ -212,7 +225,8 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
 def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor,
             config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a :class:`KnnGraph` (its
-    product operator is built once and kept), a :class:`SparseOperator`, or a sparse affinity.
+    product operator is built once and kept), a :class:`SparseOperator` (its own backend), or a
+    sparse affinity; ``config.sparse_backend`` chooses the products of the first and last.
 
     Warns (:class:`ConvergenceWarning`) when CG stops at ``max_iter`` with a column's relative
     residual above ``tol`` (the reference code's 20 iterations often do at alpha = 0.99): the
@@ -221,11 +235,11 @@ def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor
     cfg = config or DiffusionConfig()
     seeds = as_tensor(seeds, "seeds", kind="float")
     if isinstance(graph, KnnGraph):
-        op = graph.operator(cfg.dtype)
+        op = graph.operator(cfg.dtype, cfg.sparse_backend)
     elif isinstance(graph, SparseOperator):
         op = graph
     else:
-        op = SparseOperator(graph, cfg.dtype)
+        op = SparseOperator(graph, cfg.dtype, backend=cfg.sparse_backend)
     f, info = conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha_for(seeds.shape[0]), cfg.tol, cfg.max_iter)
     residual = info.relative_residual
     unconverged = int((residual > cfg.tol).sum()) if residual.numel() else 0

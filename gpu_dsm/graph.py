@@ -69,12 +69,14 @@ class KnnGraph:
     mutual: bool = True
     _operators: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def operator(self, dtype: torch.dtype = torch.float32) -> SparseOperator:
+    def operator(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> SparseOperator:
         """The product operator of ``affinity`` for diffusion (node reordering, threads, connected
-        components), built on first use and kept."""
-        if dtype not in self._operators:
-            self._operators[dtype] = SparseOperator(self.affinity, dtype)
-        return self._operators[dtype]
+        components), built on first use and kept per ``(dtype, backend)``; ``backend`` as
+        :class:`SparseOperator`'s (``"torch"``, the GPU path, runs on any device)."""
+        key = (dtype, backend)
+        if key not in self._operators:
+            self._operators[key] = SparseOperator(self.affinity, dtype, backend=backend)
+        return self._operators[key]
 
     @property
     def num_nodes(self) -> int:

@@ -24,11 +24,12 @@ def _colour(i: int) -> tuple[int, int, int]:
 def feature_to_image(xy: torch.Tensor, frame: torch.Tensor, map_size: Sequence[int], image_size: Sequence[int]):
     """Map centres ``(n, 2)`` and frames ``(n, 2, 2)`` from feature-map pixels (map ``(h, w)``) to
     pixels of an image shown at ``(width, height)``: activation pixel centres sit at the centres
-    of their receptive-field cells."""
+    of their receptive-field cells. The results keep each input's device and dtype."""
     h, w = int(map_size[0]), int(map_size[1])
     sx, sy = image_size[0] / w, image_size[1] / h
-    scale = torch.tensor([sx, sy], dtype=xy.dtype)
-    return (xy + 0.5) * scale - 0.5, frame * scale.view(1, 2, 1)
+    scale = torch.tensor([sx, sy], dtype=xy.dtype, device=xy.device)
+    frame_scale = torch.tensor([sx, sy], dtype=frame.dtype, device=frame.device)
+    return (xy + 0.5) * scale - 0.5, frame * frame_scale.view(1, 2, 1)
 
 
 def _ellipse(draw: ImageDraw.ImageDraw, centre, frame, colour, offset=(0, 0), width=2):

@@ -5,7 +5,7 @@ On the CPU torch's reductions over dim 0 of a row-major ``(N, Q)`` tensor are sl
 58 ms for 100k x 100 on 2 cores) and accumulate naively (1e-5 relative error in float32).
 Here numpy's ``einsum`` sums products over row chunks of ``chunk_rows`` (cache-sized), and the
 chunk sums are added: 2.7 ms for the same product, 4e-7 relative error. Other devices use
-``torch.linalg.vecdot``.
+``torch.linalg.vecdot`` (``backend="torch"`` runs it on the CPU too).
 """
 from __future__ import annotations
 
@@ -13,12 +13,24 @@ import numpy as np
 import torch
 
 
-def column_dots(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
-    """``(Q,)`` with ``out[j] = sum_i a[i, j] * b[i, j]`` for ``a``, ``b`` ``(N, Q)`` of one dtype."""
+BACKENDS = ("auto", "numpy", "torch")
+
+
+def column_dots(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 2048, backend: str = "auto") -> torch.Tensor:
+    """``(Q,)`` with ``out[j] = sum_i a[i, j] * b[i, j]`` for ``a``, ``b`` ``(N, Q)`` of one dtype.
+
+    ``backend``: ``"auto"`` (``"numpy"`` on the CPU, ``"torch"`` elsewhere), ``"numpy"`` (chunked
+    ``einsum``, CPU only) or ``"torch"`` (``torch.linalg.vecdot``, any device)."""
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"column_dots expects two (N, Q) matrices of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.device.type != "cpu":
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown column_dots backend {backend!r}; known: {BACKENDS}")
+    if backend == "auto":
+        backend = "numpy" if a.device.type == "cpu" else "torch"
+    if backend == "torch":
         return torch.linalg.vecdot(a, b, dim=0)
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        raise ValueError(f"the numpy column_dots backend runs on the CPU, the inputs are on {a.device} and {b.device}")
     x, y = a.detach().numpy(), b.detach().numpy()
     out = np.zeros(x.shape[1], dtype=np.result_type(x, y))
     for start in range(0, x.shape[0], chunk_rows):

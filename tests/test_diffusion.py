@@ -217,3 +217,67 @@ def test_column_dots_against_float64_loops():
     assert torch.equal(column_dots(torch.zeros(0, 3), torch.zeros(0, 3)), torch.zeros(3))
     with pytest.raises(ValueError, match="one shape"):
         column_dots(a, b[:, :5])
+
+
+def _scipy_solutions(affinity, y, alpha):
+    coo = affinity.to_sparse_coo().coalesce()
+    a = sp.csr_matrix((coo.values().double().numpy(), coo.indices().numpy()), shape=coo.shape)
+    system = sp.eye(a.shape[0]) - alpha * a
+    columns = []
+    for i in range(y.shape[1]):
+        expected, status = sla.cg(system, y[:, i].double().numpy(), rtol=1e-10, maxiter=1000)
+        assert status == 0
+        columns.append(expected)
+    return np.stack(columns, 1)
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_gpu_path_torch_sparse_cg_on_the_cpu_agrees_with_scipy(monkeypatch, fragmented):
+    """The GPU path of diffusion (torch CSR products, torch.linalg.vecdot reductions), forced on
+    the CPU through ``diffuse`` (KnnGraph.operator and a raw affinity), against scipy's CG; on a
+    fragmented graph the restricted sub-graph solve runs on the torch backend too."""
+    x, centres = _clustered(800, clusters=40 if fragmented else 20, noise=0.3 if fragmented else 0.6, seed=5)
+    g = build_knn_graph(x, GraphConfig(k=10))
+    q = F.normalize(centres[:5] + 0.3 * torch.randn(5, centres.shape[1]), dim=1)
+    sims, ranks = torch.sort(q @ x.T, dim=1, descending=True)
+    y = plain_seeds(sims, ranks, len(x))
+    expected = _scipy_solutions(g.affinity, y, 0.9)
+    calls = []
+    vecdot = torch.linalg.vecdot
+    monkeypatch.setattr(torch.linalg, "vecdot", lambda *a, **k: calls.append(1) or vecdot(*a, **k))
+    cfg = DiffusionConfig(alpha=0.9, max_iter=200, tol=1e-7, sparse_backend="torch")
+    op = g.operator(torch.float32, "torch")
+    assert op.backend == "torch" and g.operator(torch.float32) is not op
+    if fragmented:
+        assert op.reached_by(op.to_internal(y)).float().mean() < 0.8  # the restricted solve runs
+    for graph in (g, g.affinity):
+        calls.clear()
+        f, info = diffuse(graph, y, cfg)
+        assert calls and info.relative_residual.max() <= 1e-7
+        got = f.double().numpy()
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+        for i in range(5):
+            assert set(np.argsort(-got[:, i])[:50]) == set(np.argsort(-expected[:, i])[:50])
+    assert g.operator(torch.float32, "torch") is op  # kept per (dtype, backend)
+    calls.clear()
+    diffuse(g, y, DiffusionConfig(alpha=0.9, max_iter=200, tol=1e-7))  # the CPU path: no vecdot
+    assert not calls
+    with pytest.raises(ValueError, match="sparse_backend must be one of"):
+        DiffusionConfig(sparse_backend="cuda")
+
+
+def test_column_dots_gpu_path_on_the_cpu():
+    """``torch.linalg.vecdot``, the reductions' path off the CPU, forced here: the same sums."""
+    from gpu_dsm.kernels.dots import column_dots
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(3000, 5, generator=g, dtype=torch.float64), torch.rand(3000, 5, generator=g, dtype=torch.float64) - 0.3
+    expected = [sum(float(a[i, j]) * float(b[i, j]) for i in range(3000)) for j in range(5)]
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        got = column_dots(a.to(dtype), b.to(dtype), backend="torch")
+        assert got.dtype == dtype and got.shape == (5,)
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=rtol)
+    with pytest.raises(ValueError, match="unknown column_dots backend"):
+        column_dots(a, b, backend="cuda")
+    with pytest.raises(ValueError, match="numpy column_dots backend runs on the CPU"):
+        column_dots(a.to("meta"), b.to("meta"), backend="numpy")

@@ -162,26 +162,8 @@ class ASMKIndex:
     def search_backend(self) -> str:
         """The inverted-file scoring this index runs (``config.search_backend`` resolved):
         ``"native"`` (the C kernel; CPU, int32 image ids) or ``"torch"``."""
-        wanted = self.config.search_backend
-        if wanted == "torch":
-            return "torch"
-        fits = self.device.type == "cpu" and self.image_ids.dtype == torch.int32
-        if wanted == "native":
-            if not fits:
-                raise ValueError(f"search_backend='native' runs on the CPU with int32 image ids; this index is on "
-                                 f"{self.device} with {self.image_ids.dtype} ids (use 'auto' or 'torch')")
-            reason = inverted_file.unavailable()
-            if reason:
-                raise native.NativeUnavailable(f"search_backend='native': {reason}")
-            return "native"
-        if not fits:
-            return "torch"
-        reason = inverted_file.unavailable()
-        if reason:
-            warnings.warn(f"ASMK search: the C kernel is unavailable ({reason}); scoring with tensor passes, "
-                          "10-40x slower on the CPU", RuntimeWarning, stacklevel=2)
-            return "torch"
-        return "native"
+        return choose_search_backend(self.config.search_backend, self.device, self.image_ids.dtype,
+                                     inverted_file.unavailable)
 
     def _score_block(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
         """Unnormalised ``(num_queries, N)`` sums of ``sigma(s)`` over shared words, from the
@@ -255,6 +237,32 @@ class ASMKIndex:
     def to(self, device: torch.device | str) -> "ASMKIndex":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if f.name != "config"})
+
+
+def choose_search_backend(wanted: str, device: torch.device, id_dtype: torch.dtype, unavailable) -> str:
+    """``"native"`` or ``"torch"`` for an index on ``device`` with image ids of ``id_dtype``:
+    ``wanted`` (``config.search_backend``) resolved. The C kernel runs on the CPU with int32 ids
+    only; ``unavailable()`` says why it does not build (``None`` where it does)."""
+    if wanted == "torch":
+        return "torch"
+    device = torch.device(device)
+    fits = device.type == "cpu" and id_dtype == torch.int32
+    if wanted == "native":
+        if not fits:
+            raise ValueError(f"search_backend='native' runs on the CPU with int32 image ids; this index is on "
+                             f"{device} with {id_dtype} ids (use 'auto' or 'torch')")
+        reason = unavailable()
+        if reason:
+            raise native.NativeUnavailable(f"search_backend='native': {reason}")
+        return "native"
+    if not fits:
+        return "torch"
+    reason = unavailable()
+    if reason:
+        warnings.warn(f"ASMK search: the C kernel is unavailable ({reason}); scoring with tensor passes, "
+                      "10-40x slower on the CPU", RuntimeWarning, stacklevel=3)
+        return "torch"
+    return "native"
 
 
 def _inverse_sqrt(counts: torch.Tensor) -> torch.Tensor:
