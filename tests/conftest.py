@@ -2,6 +2,8 @@
 must run (not skip) when CI=true."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import pickle
 import shutil
@@ -55,6 +57,38 @@ def native_kernel(request):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"the C kernels do not build: {reason}")
         pytest.skip(f"the C kernels do not build: {reason}")
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture()
+def require():
+    """``require(module, why)``: ``module`` imported, for a test that needs an optional package
+    (faiss, asmk); skipped where it is missing, failed when CI=true (.ci/run installs them)."""
+
+    def load(module: str, why: str):
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            message = f"{module} is not installed ({exc}): {why}"
+            if _ci():
+                pytest.fail(f"{message}; CI installs it (.ci/run), so its absence is a failure here")
+            pytest.skip(message)
+
+    return load
+
+
+@pytest.fixture()
+def asmk_oracle() -> bool:
+    """Whether the authors' ``asmk`` package (with faiss) is importable, for tests whose comparison
+    with it is one part; when CI=true its absence fails the test (.ci/run installs both)."""
+    found = all(importlib.util.find_spec(m) is not None for m in ("asmk", "faiss"))
+    if not found and _ci():
+        pytest.fail("the asmk package or faiss is not installed; CI installs both (.ci/run), so their absence is a "
+                    "failure here")
+    return found
 
 
 @pytest.fixture(autouse=True)

@@ -149,11 +149,11 @@ def test_popcount_paths_agree():
     assert torch.equal(gather_rows(codes, rows), codes[rows]) and torch.equal(gather_rows(codes[:, :15], rows), codes[rows, :15])
 
 
-def test_scores_equal_the_authors_asmk_package():
+def test_scores_equal_the_authors_asmk_package(require):
     """The authors' implementation (PyPI ``asmk``, needs faiss-cpu) given the same descriptors and
     codebook. Its residual sums and quantisation run in float32: scores agree to 1e-5."""
-    pytest.importorskip("faiss")
-    asmk = pytest.importorskip("asmk")
+    require("faiss", "the authors' asmk package needs it")
+    asmk = require("asmk", "the authors' ASMK is this test's oracle")
     from gpu_dsm.eval.bench_asmk import _package_search
 
     codebook, db, db_ids, q, q_ids = _problem(dim=32, words=24, seed=5)
@@ -168,8 +168,8 @@ def test_scores_equal_the_authors_asmk_package():
     assert (theirs > 0).sum() > 10
 
 
-def test_faiss_codebook_backend():
-    pytest.importorskip("faiss", reason="the faiss backend is an optional extra")
+def test_faiss_codebook_backend(require):
+    require("faiss", "the faiss codebook backend is an optional extra")
     x = _clustered(600, 8, 5, seed=4, spread=0.1).float()
     words = train_codebook(x, 20, iterations=10, seed=1234, backend="faiss")
     assert words.shape == (20, 8) and words.dtype == torch.float32

@@ -126,8 +126,8 @@ def test_ranking_keeps_initial_order_for_ties():
     assert diffusion_ranking(scores, initial).tolist() == [[1, 3, 0, 2]]
 
 
-def test_faiss_backend_finds_the_exact_graph_on_small_data():
-    pytest.importorskip("faiss", reason="the faiss backend is an optional extra")
+def test_faiss_backend_finds_the_exact_graph_on_small_data(require):
+    require("faiss", "the faiss graph backend is an optional extra")
     x, _ = _clustered(2000, seed=3)
     exact = build_knn_graph(x, GraphConfig(k=10)).affinity.to_dense() > 0
     approx = build_knn_graph(x, GraphConfig(k=10, backend="faiss")).affinity.to_dense() > 0

@@ -26,10 +26,10 @@ def test_search_finds_the_same_scene_and_verifies_it(lite0):
     assert min(inliers[0], inliers[4]) > max(inliers[1], inliers[2], inliers[3])
 
 
-def test_faiss_search_backend_in_the_module(lite0):
+def test_faiss_search_backend_in_the_module(lite0, require):
     """RetrievalConfig(search=...): the module's global search runs on that index; FAISS flat
     (exact) gives the exact search's candidates and the same re-ranking."""
-    pytest.importorskip("faiss", reason="FAISS backends are an optional extra (pip install -e '.[faiss]')")
+    require("faiss", "FAISS backends are an optional extra (pip install -e '.[faiss]')")
     extract = ExtractConfig(image_size=256, progress=False)
     exact = DSMRetrieval(lite0, RetrievalConfig(extract=extract))
     flat = DSMRetrieval(lite0, RetrievalConfig(extract=extract, search=SearchConfig(backend="faiss-flat")))

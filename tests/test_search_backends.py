@@ -20,8 +20,8 @@ def test_exact_backend_is_similarity_topk():
     assert torch.equal(idx, want_idx) and torch.equal(scores, want_scores)
 
 
-def test_faiss_backends_against_exact_search():
-    pytest.importorskip("faiss", reason="FAISS backends are an optional extra (pip install -e '.[faiss]')")
+def test_faiss_backends_against_exact_search(require):
+    require("faiss", "FAISS backends are an optional extra (pip install -e '.[faiss]')")
     db, q = _data()
     want_scores, want = similarity_topk(q, db, 50)
     scores, flat = GlobalIndex.build(db, SearchConfig(backend="faiss-flat")).search(q, 50)
