@@ -462,3 +462,37 @@ def test_a_killed_runs_unfinished_store_is_removed_when_the_store_is_next_built(
     printed = capsys.readouterr().out
     assert f"removing {leftover.name}, an unfinished store of a run that was killed" in printed
     assert not leftover.exists() and (database / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet101", "vgg16"])
+def test_backbones_without_bundled_weights_say_which_to_pass(name):
+    with pytest.raises(ValueError) as built:
+        build_backbone(name)
+    message = str(built.value)
+    assert "\n" not in message and message.startswith(f"{name} has no bundled weights")
+    assert "--weights PATH" in message and "weights=PATH" in message and "--weights none" in message
+    assert "https://download.pytorch.org/models/" in message  # torchvision's ImageNet state dict
+    if name != "resnet18":  # cnnimageretrieval-pytorch publishes no ResNet-18 retrieval network
+        assert "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/" in message
+    with pytest.raises(ValueError) as path:
+        bundled_weights_path(name)
+    assert str(path.value) == message
+    with pytest.raises(ValueError, match="unknown backbone 'resnet34'"):
+        bundled_weights_path("resnet34")
+
+
+def test_random_weights_are_said(data_root, tmp_path, capsys):
+    with pytest.warns(UserWarning, match=r"resnet18 has random weights \(weights='none'\)"):
+        build_backbone("resnet18", weights="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_backbone("efficientnet_lite0")
+    # the command line: one line, exit 2, before any work
+    cache = tmp_path / "cache"
+    args = ["evaluate", "--data-root", str(data_root), "--dataset", "roxford5k-mini", "--cache-dir", str(cache),
+            "--device", "cpu", "--backbone", "resnet50"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu-dsm evaluate: error: resnet50 has no bundled weights"), captured
+    assert not cache.exists()

