@@ -72,15 +72,16 @@ class RerankResult:
 
 
 def rerank_scores(inliers: torch.Tensor, similarities: torch.Tensor, score: str = "fused", weight: float = 1.0) -> torch.Tensor:
-    """Scores ``(Q, K)`` from inlier counts and initial similarities ``(Q, K)`` (finite)."""
+    """Scores ``(Q, K)`` float64 from inlier counts and initial similarities ``(Q, K)`` (finite);
+    ``K = 0`` gives an empty ``(Q, 0)``."""
     inliers = as_tensor(inliers, "inliers", ndim=2, kind="number")
     similarities = as_tensor(similarities, "similarities", ndim=2, kind="number", finite=True)
     check_shape(similarities, tuple(inliers.shape), "similarities")
     inl = inliers.to(torch.float64)
-    if score == "inliers":
-        return inl
-    if score != "fused":
+    if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "inliers" or inl.shape[1] == 0:  # no candidates: nothing to scale
+        return inl
     sim = similarities.to(torch.float64)
     lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
     scaled = torch.where(hi > lo, (sim - lo) / (hi - lo).clamp(min=1e-12), torch.ones_like(sim))
@@ -98,7 +99,9 @@ class DSMReranker(nn.Module):
     - ``similarities``: ``(Q, K)`` initial similarities (or any score decreasing with rank).
     - ``indices``: ``(Q, K)`` database indices of the candidates (default ``0..K-1``).
 
-    Only the first ``top_k`` of each row are re-ranked; returns :class:`RerankResult`.
+    Only the first ``top_k`` of each row are re-ranked; returns :class:`RerankResult`. With no
+    candidates (``K = 0``) or no queries (``Q = 0``) the result is empty: every tensor ``(Q, K)``
+    with a zero side, and a :class:`MatchResult` of no pairs.
     """
 
     def __init__(self, config: RerankConfig | None = None):

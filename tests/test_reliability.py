@@ -496,3 +496,23 @@ def test_random_weights_are_said(data_root, tmp_path, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gpu-dsm evaluate: error: resnet50 has no bundled weights"), captured
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("score", ["fused", "inliers"])
+@pytest.mark.parametrize("q,k", [(2, 0), (0, 3), (0, 0)])
+def test_reranker_with_no_candidates_or_no_queries_returns_an_empty_result(q, k, score):
+    from gpu_dsm.features import LocalFeatures
+    from gpu_dsm.rerank import DSMReranker, RerankConfig, rerank_scores
+
+    def table(b):
+        per = [{"xy": torch.rand(4, 2) * 8, "frame": torch.eye(2).expand(4, 2, 2).clone(), "strength": torch.rand(4),
+                "channel": torch.randint(0, 3, (4,)), "scale": torch.zeros(4, dtype=torch.long)} for _ in range(b)]
+        return LocalFeatures.from_images(per, torch.full((b, 1, 2), 10), (1.0,), 3)
+
+    result = DSMReranker(RerankConfig(score=score))(table(q), table(q * k), torch.zeros(q, k),
+                                                     torch.zeros(q, k, dtype=torch.long))
+    for name in ("indices", "scores", "inliers", "order"):
+        assert tuple(getattr(result, name).shape) == (q, k), name
+    assert result.indices.dtype == torch.long and result.scores.dtype == torch.float64
+    assert result.match.inliers.shape == (0,) and tuple(result.initial_order_inliers().shape) == (q, k)
+    assert tuple(rerank_scores(torch.zeros(q, k), torch.zeros(q, k), score).shape) == (q, k)
