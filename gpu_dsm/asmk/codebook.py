@@ -13,6 +13,7 @@ import math
 import torch
 
 from gpu_dsm.checks import as_tensor
+from gpu_dsm.kernels.precision import ieee_float32_matmul
 
 
 # elements of one block of distances at most (64 MB in float32), whatever the budget allows: a
@@ -35,7 +36,8 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
     Returns:
         ``(words (F, k) int64, squared distances (F, k))``, computed in the inputs' dtype as
         ``|x|^2 + (|c|^2 - 2 x.c)``, words ranked by the bracket (float64 inputs give exact
-        assignments up to ties).
+        assignments up to ties). The products are IEEE float32 for float32 inputs whatever the
+        caller's TF32 / matmul precision settings (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`).
     """
     x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
     c = as_tensor(codebook, "codebook", ndim=2, kind="float", device=x.device, finite=True)
@@ -62,7 +64,8 @@ def nearest_words_checked(x: torch.Tensor, c: torch.Tensor, k: int, memory_budge
     for start in range(0, x.shape[0], rows):
         block = x[start:start + rows]
         out = partial[:block.shape[0]]
-        torch.mm(torch.cat([block, block.new_ones(block.shape[0], 1)], 1), augmented, out=out)
+        with ieee_float32_matmul():
+            torch.mm(torch.cat([block, block.new_ones(block.shape[0], 1)], 1), augmented, out=out)
         best, idx = smallest(out, k)
         words[start:start + rows] = idx
         dists[start:start + rows] = (best + (block * block).sum(1, keepdim=True)).clamp(min=0)
