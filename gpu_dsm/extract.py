@@ -18,10 +18,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from gpu_dsm.backbones import Backbone
 from gpu_dsm.images import ImageLike, ImageSpec, as_specs, load_image, target_size
+from gpu_dsm.progress import progress
 
 #: scale factors of the multi-scale representation (DSM paper 4.1)
 DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
@@ -45,7 +45,8 @@ class ExtractConfig:
     # matters for the descriptors), or "skip" (that scale's maps are None; HOW pools features over
     # 7 scales and an elongated or small image simply has none at its smallest ones)
     small_scales: str = "error"
-    progress: bool = True  # tqdm progress bar (on a terminal only: never written into a log file)
+    # report progress (gpu_dsm.progress): a bar on a terminal, a line per tenth or 30 s in a log
+    progress: bool = True
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)
@@ -135,7 +136,9 @@ def iterate_activations(
 ) -> Iterator[ActivationBatch]:
     """Yield :class:`ActivationBatch` es covering ``images`` (in an order chosen for batching).
 
-    Device and dtype follow ``backbone``; maps stay on that device.
+    Device and dtype follow ``backbone``; maps stay on that device. Progress is reported as
+    ``desc`` when ``cfg.progress`` (:func:`gpu_dsm.progress.progress`: a bar on a terminal,
+    lines with the rate and ETA on stderr otherwise).
     """
     cfg = cfg or ExtractConfig()
     specs = as_specs(images)
@@ -145,9 +148,7 @@ def iterate_activations(
     batch_size = cfg.batch_size or (1 if backbone.device.type == "cpu" else 16)
     sampler = _SizeBatchSampler(sizes, batch_size)
     loader = DataLoader(_ImageDataset(specs, cfg), batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate)
-    # disable=None: tqdm turns itself off when stderr is not a terminal, so a log file never
-    # fills with carriage-return updates
-    with tqdm(total=len(specs), desc=desc, unit="img", disable=None if cfg.progress else True, leave=False) as bar:
+    with progress(len(specs), desc, cfg.progress, unit="img") as bar:
         for indices, loaded in loader:
             batch = torch.stack(loaded)
             acts, image_sizes = [], []
