@@ -178,8 +178,11 @@ def stat_digest(paths) -> str:
 class FileLock:
     """Exclusive advisory lock on ``path`` (``fcntl.flock``), as a context manager.
 
-    ``on_wait(path)`` is called once when another process holds it, before blocking. Where
-    ``fcntl`` does not exist (Windows) the lock is a no-op.
+    ``on_wait(path)`` is called once when another process holds it, before blocking. The lock
+    file exists only while the lock is held: the holder removes it before releasing it (also
+    when its block raises), and a waiter that then acquires the removed file sees that it is no
+    longer the one at ``path`` and locks the current one instead, so two holders never coexist.
+    Where ``fcntl`` does not exist (Windows) the lock is a no-op.
     """
 
     def __init__(self, path: str | Path, on_wait: Callable[[Path], None] | None = None):
@@ -187,28 +190,50 @@ class FileLock:
         self.on_wait = on_wait
         self._file = None
 
+    def _is_at_path(self, file) -> bool:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(file.fileno())
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
     def __enter__(self) -> "FileLock":
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if self.on_wait is not None:
-                self.on_wait(self.path)
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-        return self
+        waited = False
+        while True:
+            file = open(self.path, "a+")
+            try:
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if self.on_wait is not None and not waited:
+                        self.on_wait(self.path)
+                    waited = True
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+                if self._is_at_path(file):
+                    self._file = file
+                    return self
+            except BaseException:
+                file.close()
+                raise
+            file.close()  # the previous holder removed this file while we waited: lock the one at path now
 
     def __exit__(self, *exc) -> bool:
         if self._file is not None:
             import fcntl
 
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+            try:
+                if self._is_at_path(self._file):  # (never another holder's file, had someone replaced ours)
+                    self.path.unlink()  # while still holding it: see the class docstring
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                self._file.close()
+                self._file = None
         return False
 
 

@@ -516,3 +516,39 @@ def test_reranker_with_no_candidates_or_no_queries_returns_an_empty_result(q, k,
     assert result.indices.dtype == torch.long and result.scores.dtype == torch.float64
     assert result.match.inliers.shape == (0,) and tuple(result.initial_order_inliers().shape) == (q, k)
     assert tuple(rerank_scores(torch.zeros(q, k), torch.zeros(q, k), score).shape) == (q, k)
+
+
+def test_file_lock_leaves_no_file_and_never_two_holders(tmp_path):
+    path = tmp_path / "cache" / ".key.lock"
+    with FileLock(path):
+        assert path.is_file()
+    assert not path.exists()
+    with pytest.raises(RuntimeError, match="failed run"):
+        with FileLock(path):
+            raise RuntimeError("failed run")
+    assert not path.exists()
+    # threads hammering one lock (flock excludes separate opens, also within a process): a holder
+    # removes the file before releasing it, and the waiters that held the removed file retry
+    inside, most, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def worker():
+        try:
+            for _ in range(40):
+                with FileLock(path):
+                    with guard:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                    time.sleep(0.0005)
+                    with guard:
+                        inside[0] -= 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and most[0] == 1 and inside[0] == 0
+    assert not path.exists() and list(path.parent.iterdir()) == []
