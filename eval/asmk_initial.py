@@ -7,25 +7,25 @@ depends on, one lock per file so two runs never build the same file twice):
    image folders; never the evaluated queries) give HOW's PCA whitening (scale 1) and then their
    HOW descriptors (all scales), on which the k-means codebook is trained;
 2. HOW descriptors of the database (and distractors) and of the queries, with that whitening;
-3. the ASMK inverted file of the database; every query searched at once.
+3. the ASMK codebook and the inverted file of the database, which the run's
+   :class:`gpu_dsm.pipeline.DSMRetrieval` searches.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from gpu_dsm.artifacts import cache_digest, cached
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones.layers import HOW_LAYERS, backbone_layers
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening, how_moments, merge_how_features
 from gpu_dsm.images import ImageSpec
-from gpu_dsm.io import FileLock, stat_digest, torch_load_checked, torch_save
+from gpu_dsm.io import stat_digest, torch_load_checked, torch_save
 from gpu_dsm.shards import Ranks, balanced_slices, pixel_costs, run_sharded
 from gpu_dsm.whitening import Whitening, pca_whitening_from_moments
 from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
@@ -59,12 +59,12 @@ class ASMKRun:
 
 
 @dataclass
-class ASMKRanking:
-    """Every query's full ranking by ASMK: ``ranks (Q, N)`` database indices, ``scores (Q, N)``
-    float64, best first; ``diagnostics`` for the results file."""
+class ASMKArtifacts:
+    """What the ASMK initial ranking of a run needs: the database's inverted file, the queries'
+    HOW features, and ``diagnostics`` for the results file."""
 
-    ranks: torch.Tensor
-    scores: torch.Tensor
+    index: ASMKIndex
+    queries: HOWFeatures
     diagnostics: dict[str, Any]
 
 
@@ -101,40 +101,6 @@ def _images_key(specs: list[ImageSpec]) -> dict[str, Any]:
     return {"images": stat_digest([str(Path(s.source).resolve()) for s in specs]), "boxes": [s.box for s in specs]}
 
 
-def _cached(path: Path, load: Callable[[Path], Any], build: Callable[[], Any], save: Callable[[Any, Path], Any],
-            what: str, log, ranks: Ranks | None = None) -> tuple[Any, float | None]:
-    """``load(path)`` if a readable file is there, else ``build()`` saved to ``path``; with the
-    seconds building took (``None`` when reused). A corrupt file is reported and rebuilt.
-
-    Under torchrun (``ranks``) every rank takes the same branch (the file is only written after
-    a collective step of the build, which needs every rank past its check); rank 0 saves, and
-    the others, once it has, load what it saved, so all ranks hold the same object. A build that
-    writes ``path`` itself (rank 0's merge of shards; ``None`` on the other ranks) is not saved
-    again, and the other ranks keep ``None``."""
-    ranks = ranks or Ranks()
-    lock = contextlib.nullcontext() if ranks.distributed else FileLock(
-        path.with_name(f".{path.name}.lock"), on_wait=lambda p: log(f"{what}: waiting for another run (lock {p})"))
-    with lock:
-        if path.is_file():
-            try:
-                obj = load(path)
-                log(f"{what}: reusing {path}")
-                return obj, None
-            except ValueError as exc:
-                log(f"cache: {exc}; rebuilding it")
-        start = time.perf_counter()
-        obj = build()
-        seconds = time.perf_counter() - start
-        if ranks.rank == 0 and not (ranks.distributed and path.is_file()):
-            save(obj, path)
-        if ranks.distributed:
-            ranks.barrier()
-            if ranks.rank != 0 and obj is not None:
-                obj = load(path)
-        log(f"{what}: {seconds:.1f} s -> {path}")
-        return obj, seconds
-
-
 def _save_codebook(codebook: torch.Tensor, path: Path) -> Path:
     return torch_save(path, {"format": _CODEBOOK_FORMAT, "codebook": codebook.cpu()})
 
@@ -144,16 +110,6 @@ def _load_codebook(path: Path) -> torch.Tensor:
     if not isinstance(codebook, torch.Tensor) or codebook.ndim != 2 or not torch.isfinite(codebook).all():
         raise ValueError(f"corrupt ASMK codebook {path}")
     return codebook
-
-
-def _concat(parts: list[HOWFeatures]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Descriptors and image ids of several feature sets as one image numbering (in order)."""
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.num_images)
-    descriptors = torch.cat([p.descriptors for p in parts])
-    ids = torch.cat([p.image_ids + o for p, o in zip(parts, offsets)])
-    return descriptors, ids, offsets[-1]
 
 
 @dataclass
@@ -168,8 +124,8 @@ class HOWFeatureSets:
     queries: HOWFeatures
 
 
-def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], digest: Callable[[Any], str],
-                     log=print, timing: dict | None = None, ranks: Ranks | None = None) -> HOWFeatureSets | None:
+def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], log=print,
+                     timing: dict | None = None, ranks: Ranks | None = None) -> HOWFeatureSets | None:
     """HOW whitening (learned on the codebook images) and HOW features of the codebook images, the
     database (and ``cfg``'s distractors) and the queries, each cached under ``base``.
 
@@ -187,9 +143,9 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
     model = {"backbone": cfg.backbone, "weights_sha256": cfg.weights_sha256(), "upsample": cfg.upsample, "dtype": cfg.dtype,
              **options["how"]}
     training = [_images_key(specs) for _, specs in sources]
-    whitening_name = f"how-whitening-{cfg.backbone}-{digest({**model, 'training': training})}.pt"
+    whitening_name = f"how-whitening-{cfg.backbone}-{cache_digest({**model, 'training': training})}.pt"
     train_specs = [s for _, ss in sources for s in ss]
-    whitening, timing["how_whitening_s"] = _cached(
+    whitening, timing["how_whitening_s"] = cached(
         base / whitening_name, Whitening.load, lambda: _fit_whitening(backbone, train_specs, run.how, ranks),
         lambda w, p: w.save(p), "HOW whitening", log, ranks)
 
@@ -198,10 +154,10 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
 
     def features(label: str, specs: list[ImageSpec]) -> tuple[HOWFeatures | None, str]:
         """HOW features of ``specs`` and the name of their cache file."""
-        name = f"how-{label}-{digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
+        name = f"how-{label}-{cache_digest({'whitening': whitening_name, **_images_key(specs)})}.pt"
         build = (functools.partial(_describe_sharded, specs, label, base / name, describe, run.how, ranks, log)
                  if ranks.distributed else functools.partial(describe, specs, label))
-        feats, seconds = _cached(base / name, HOWFeatures.load, build, lambda f, p: f.save(p), f"HOW {label}", log, ranks)
+        feats, seconds = cached(base / name, HOWFeatures.load, build, lambda f, p: f.save(p), f"HOW {label}", log, ranks)
         if seconds is not None or f"how_{label}_s" not in timing:  # the codebook images may be the database: keep its time
             timing[f"how_{label}_s"] = None if seconds is None else round(seconds, 3)
         return feats, name
@@ -251,61 +207,48 @@ def _describe_sharded(specs: list[ImageSpec], label: str, path: Path, describe: 
     return HOWFeatures.load(path) if ranks.rank == 0 else None
 
 
-def asmk_ranking(cfg, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], digest: Callable[[Any], str],
-                 log=print, timing: dict | None = None) -> ASMKRanking:
-    """Rank the database (with ``cfg``'s distractors) for every query by HOW + ASMK.
+def asmk_index(cfg, retrieval, dataset: RevisitopDataset, base: Path, backbone: Callable[[], Any], log=print,
+               timing: dict | None = None) -> ASMKArtifacts:
+    """The ASMK inverted file of the database (with ``cfg``'s distractors) and the queries' HOW features.
 
     ``cfg`` is the run's :class:`gpu_dsm.eval.run.RunConfig` (``cfg.asmk`` an :class:`ASMKRun`),
-    ``backbone()`` builds (once) the network, ``digest`` keys the cache files.
+    ``retrieval`` its :class:`gpu_dsm.pipeline.DSMRetrieval` (it builds the index), ``backbone()``
+    builds (once) the network.
     """
     run: ASMKRun = cfg.asmk
-    device = torch.device(cfg.device)
+    device = retrieval.device
     timing = timing if timing is not None else {}
     base = Path(base)
-    sets = how_feature_sets(cfg, dataset, base, backbone, digest, log, timing)
-    sources, train, train_names, queries = sets.sources, sets.train, sets.train_names, sets.queries
-    database, database_names = sets.database, sets.database_names
+    sets = how_feature_sets(cfg, dataset, base, backbone, log, timing)
     options = run.options(cfg.backbone)
-    train_descriptors = torch.cat([t.descriptors for t in train])
-    asmk_options = options["asmk"]
-    codebook_key = {"training": list(train_names), "size": run.asmk.codebook_size,
+    train_descriptors = torch.cat([t.descriptors for t in sets.train])
+    codebook_key = {"training": list(sets.train_names), "size": run.asmk.codebook_size,
                     "iterations": run.asmk.kmeans_iterations, "seed": run.asmk.seed}
-    codebook_name = f"asmk-codebook-{digest(codebook_key)}.pt"
-    codebook, timing["asmk_codebook_s"] = _cached(
+    codebook_name = f"asmk-codebook-{cache_digest(codebook_key)}.pt"
+    codebook, timing["asmk_codebook_s"] = cached(
         base / codebook_name, _load_codebook,
         lambda: train_codebook(train_descriptors.to(device), run.asmk.codebook_size, run.asmk.kmeans_iterations, run.asmk.seed,
                                run.asmk.memory_budget),
         _save_codebook, "ASMK codebook", log)
-    db_descriptors, db_ids, num_images = _concat(list(database))
-    index_key = {"codebook": codebook_name, "database": list(database_names), "asmk": asmk_options}
-    index_name = f"asmk-index-{digest(index_key)}.pt"
-    index, timing["asmk_index_s"] = _cached(
-        base / index_name, lambda p: ASMKIndex.load(p, device),
-        lambda: ASMKIndex.build(codebook.to(device), db_descriptors.to(device), db_ids.to(device), run.asmk, num_images),
-        lambda i, p: i.save(p), "ASMK index", log)
+    retrieval.learned.set("codebook", codebook.to(device))
+    index_key = {"codebook": codebook_name, "database": list(sets.database_names), "asmk": options["asmk"]}
+    index, timing["asmk_index_s"] = cached(
+        base / f"asmk-index-{cache_digest(index_key)}.pt", lambda p: ASMKIndex.load(p, device),
+        lambda: retrieval.build_asmk_index(sets.database), lambda i, p: i.save(p), "ASMK index", log)
     index = dataclasses.replace(index, config=run.asmk)
-    start = time.perf_counter()
-    scores, ranks = index.search(queries.descriptors.to(device), queries.image_ids.to(device), k=None,
-                                 num_queries=queries.num_images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    timing["asmk_search_s"] = round(seconds, 4)
-    q = max(queries.num_images, 1)
+    num_images = sum(d.num_images for d in sets.database)
+    queries = sets.queries
     diagnostics = {
-        "codebook_data": [{"source": s, "label": label, "images": len(specs)} for s, (label, specs) in zip(run.codebook_data, sources)],
+        "codebook_data": [{"source": s, "label": label, "images": len(specs)}
+                          for s, (label, specs) in zip(run.codebook_data, sets.sources)],
         "codebook_training_descriptors": int(train_descriptors.shape[0]),
         "codebook_size": int(codebook.shape[0]),
         "layer": options["how"]["layer"],
         "descriptor_dim": int(codebook.shape[1]),
-        "features_per_database_image": round(db_descriptors.shape[0] / max(num_images, 1), 1),
-        "features_per_query": round(queries.descriptors.shape[0] / q, 1),
+        "features_per_database_image": round(sum(d.descriptors.shape[0] for d in sets.database) / max(num_images, 1), 1),
+        "features_per_query": round(queries.descriptors.shape[0] / max(queries.num_images, 1), 1),
         "words_per_database_image": round(index.num_entries / max(num_images, 1), 1),
         "index_bytes_per_image": round(index.bytes_per_image(), 1),
-        "search_ms_per_query": round(1000 * seconds / q, 2),
         "search_backend": index.search_backend(),
     }
-    log(f"ASMK: {diagnostics['words_per_database_image']} words and {diagnostics['index_bytes_per_image']:.0f} bytes per "
-        f"database image, {diagnostics['search_ms_per_query']:.2f} ms per query ({q} queries at once, "
-        f"{diagnostics['search_backend']} scoring) on {device}")
-    return ASMKRanking(ranks=ranks.cpu(), scores=scores.cpu(), diagnostics=diagnostics)
+    return ASMKArtifacts(index=index, queries=queries, diagnostics=diagnostics)

@@ -1,44 +1,45 @@
-"""Evaluation runs: extract (or reuse) the stores of a dataset, rank, score by the protocol, write JSON.
+"""Evaluation runs: the revisited protocol around :class:`gpu_dsm.pipeline.DSMRetrieval`.
 
-``results`` holds one entry per method; ``"global"`` is the initial ranking by the global
-descriptor. Methods that re-rank (``"global+dsm"``) or diffuse (``"global+D"``,
-``"global+dsm+D"``) add entries to the same dict.
+A run extracts (or reuses) the feature stores of a dataset, hands them to the run's
+``DSMRetrieval``, which ranks the database by every method its configuration turns on, scores
+each ranking by the protocol and writes JSON. ``results`` holds one entry per method:
+``"global"`` (the initial ranking by the global descriptor), ``"global+dsm"`` (re-ranked),
+``"global+D"`` and ``"global+dsm+D"`` (with diffusion), and the ``"asmk"`` variants.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import importlib.util
-import json
 import math
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from gpu_dsm.artifacts import cache_digest, cached
 from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
-from gpu_dsm.describe import GlobalConfig, describe_images
-from gpu_dsm.detect import DetectorConfig, detect_images
+from gpu_dsm.describe import GlobalConfig
+from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, target_size
-from gpu_dsm.io import (FileLock, atomic_write, check_output_dir, check_output_file, file_digest, stat_digest,
-                        unfinished_directories, write_json)
-from gpu_dsm.diffusion import DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
-from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
-from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult, rerank_scores
-from gpu_dsm.search import similarity_topk
+from gpu_dsm.io import FileLock, atomic_write, check_output_dir, check_output_file, file_digest, stat_digest, \
+    unfinished_directories, write_json
+from gpu_dsm.diffusion import DiffusionConfig
+from gpu_dsm.graph import GraphConfig, KnnGraph
+from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+from gpu_dsm.ranking import SearchResult
+from gpu_dsm.rerank import RerankConfig, rerank_scores
 from gpu_dsm.shards import Ranks, pixel_costs, write_sharded
-from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
-from gpu_dsm.whitening import Whitening
-from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_ranking, check_run
+from gpu_dsm.store import FeatureStore, StoreStack
+from gpu_dsm.whitening import Whitening, resolve_whitening
+from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_index, check_run
 from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
 from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
 from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground_truth
@@ -103,18 +104,14 @@ class RunConfig:
     def resolved_whitening(self) -> tuple[str | None, Whitening | None]:
         """``(label, whitening)`` applied at search time (see the ``whitening`` field)."""
         if self._whitening is None:
-            choice = self.whitening
-            if choice is None or str(choice).startswith("checkpoint"):
-                name = str(choice).split(":", 1)[1] if choice and ":" in str(choice) else None
-                learned = self.checkpoint_head().post_whitening(len(self.extract.scales), name)
-                if learned is None and choice is not None:
-                    raise ValueError(f"--whitening {choice}: the weights file has no learned whitening (meta['Lw'])")
-                self._whitening = learned if learned is not None else (None, None)
-            elif choice == "none":
-                self._whitening = (None, None)
-            else:
-                self._whitening = (str(choice), Whitening.load(choice))
+            self._whitening = resolve_whitening(self.whitening, self.checkpoint_head(), len(self.extract.scales))
         return self._whitening
+
+    def retrieval_config(self) -> RetrievalConfig:
+        """The :class:`DSMRetrieval` configuration of this run."""
+        return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
+                               rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
+                               how=self.asmk.how, asmk=self.asmk.asmk)
 
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
@@ -160,22 +157,16 @@ def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) ->
     return {**options, "graph": dataclasses.asdict(graph)}
 
 
-def load_or_build_graph(db_store: FeatureStore, descriptors: torch.Tensor, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
+def database_graph(retrieval: DSMRetrieval, db_store, database, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
     """The database's kNN graph, cached beside its store (keyed by store, whitening and graph options)."""
     label = cfg.resolved_whitening()[0]
     # a whitening file is keyed on its content; a checkpoint's whitening is covered by the store's key
     from_file = label is not None and label == str(cfg.whitening)
-    keyed = json.dumps({"store": db_store.key, "whitening": label,
-                        "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
-                        "graph": dataclasses.asdict(cfg.graph)}, sort_keys=True)
-    path = Path(base) / f"{db_store.path.name}-graph-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}.pt"
-    if path.is_file():
-        log(f"graph: reusing {path}")
-        return KnnGraph.load(path, descriptors.device)
-    start = time.perf_counter()
-    graph = build_knn_graph(descriptors, cfg.graph)
-    graph.save(path)
-    log(f"graph: {graph.num_nodes} nodes, {graph.num_edges} edges, k={graph.k}, in {time.perf_counter() - start:.2f} s -> {path}")
+    keyed = {"store": db_store.key, "whitening": label, "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
+             "graph": dataclasses.asdict(cfg.graph)}
+    path = Path(base) / f"{db_store.path.name}-graph-{cache_digest(keyed)}.pt"
+    graph, _ = cached(path, lambda p: KnnGraph.load(p, retrieval.device), lambda: retrieval.build_graph(database),
+                      lambda g, p: g.save(p), "graph", log)
     return graph
 
 
@@ -201,10 +192,6 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: t
     return global_part, f"{global_part}-{cache_digest(detector) if detector is not None else 'global'}"
 
 
-def cache_digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def make_backbone(cfg: RunConfig) -> Backbone:
     backbone = build_backbone(cfg.backbone, cfg.weights, upsample=cfg.upsample, trust_weights_file=cfg.trust_weights_file)
     return backbone.to(device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype))
@@ -216,21 +203,10 @@ def write_store(
 ) -> FeatureStore:
     """Describe ``specs`` (global descriptors, and local features when ``cfg.detector`` is set)
     and write them to a new store at ``path`` (atomically)."""
-    local = None
-    if cfg.detector is not None:
-        local = {"scales": list(cfg.extract.scales), "num_channels": backbone.out_channels}
-    dim = cfg.global_.resolve(backbone).descriptor_dim(backbone.out_channels)
-    with StoreWriter(path, names, dim, cfg.options(), local=local) as writer:
-        def sink(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
-            for index, descriptor in zip(indices, descriptors):
-                writer.add_global(index, descriptor)
-            if cfg.detector is not None:
-                features = detect_images(maps_per_image, cfg.detector, is_query, backbone.activation_bound)
-                for index, maps, found in zip(indices, maps_per_image, features):
-                    writer.add_local(index, found, torch.tensor([list(m.shape[-2:]) for m in maps]))
-
-        describe_images(backbone, specs, sink, cfg.extract, cfg.global_, desc=desc)
-    return FeatureStore(path)
+    extraction = dataclasses.replace(cfg.retrieval_config(), rerank=RerankConfig() if cfg.detector is not None else None,
+                                     diffusion=None, initial="global")
+    retrieval = DSMRetrieval(backbone, extraction, whitening="none")
+    return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc)
 
 
 def _open_cached(path: Path, log) -> FeatureStore | None:
@@ -461,64 +437,6 @@ def evaluate_datasets(cfgs: Sequence[RunConfig], outs: Sequence[str | Path | Non
     return table
 
 
-def rerank_dataset(db_store: FeatureStore, q_store: FeatureStore, ranks: torch.Tensor, similarities: torch.Tensor,
-                   config: RerankConfig, device: torch.device | str = "cpu", query_batch: int = 8) -> tuple[torch.Tensor, RerankResult]:
-    """Re-rank the top of every query's full ranking ``(Q, N)``; returns the new full ranking
-    and the re-ranking of the top-k (batched ``query_batch`` queries at a time)."""
-    reranker = DSMReranker(config)
-    k = min(config.top_k, ranks.shape[1])
-    new_ranks = ranks.clone()
-    parts = []
-    for start in range(0, ranks.shape[0], query_batch):
-        stop = min(start + query_batch, ranks.shape[0])
-        top = ranks[start:stop, :k]
-        queries = q_store.local_features(range(start, stop), device=device)
-        candidates = db_store.local_features(top.reshape(-1).tolist(), device=device)
-        result = reranker(queries, candidates, similarities[start:stop, :k].to(device), top.to(device))
-        new_ranks[start:stop, :k] = result.indices.cpu()
-        parts.append(result)
-    merged = RerankResult(
-        indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
-        inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
-        match=None,  # per-batch MatchResults are not merged; the inliers above are what callers use
-    )
-    return new_ranks, merged
-
-
-def global_ranking(cfg: RunConfig, db_store, q_store: FeatureStore, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(database descriptors (N, D), similarities (Q, N), ranks (Q, N))`` on ``device``: the
-    stores' global descriptors, whitened as ``cfg`` says, every query against the whole database."""
-    db = db_store.global_descriptors().to(device)
-    queries = q_store.global_descriptors().to(device)
-    whitening = cfg.resolved_whitening()[1]
-    if whitening is not None:
-        db, queries = whitening.apply(db), whitening.apply(queries)
-    similarities, ranks = similarity_topk(queries, db)
-    return db, similarities, ranks
-
-
-def diffuse_global(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig):
-    """``global+D``: diffusion seeded by each query's most similar images; ``(ranking (Q, N), CGInfo)``."""
-    device = graph.device
-    f, info = diffuse(graph, plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k,
-                                         config.gamma), config)
-    return diffusion_ranking(f, ranks.to(device)), info
-
-
-def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: RerankResult, dsm_ranks: torch.Tensor,
-                     config: DiffusionConfig):
-    """``global+dsm+D``: diffusion seeded by the verified top of each query (:func:`dsm_seeds`);
-    ``(ranking (Q, N), CGInfo)``. ``similarities (Q, >= K)`` in the initial order, ``reranked``
-    the re-ranking of the top ``K``, ``dsm_ranks (Q, N)`` the re-ranked full ranking."""
-    device = graph.device
-    k = reranked.order.shape[1]
-    seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
-                      reranked.inliers.to(device), graph.num_nodes, config.dsm_candidates, config.dsm_keep, config.gamma)
-    f, info = diffuse(graph, seeds, config)
-    return diffusion_ranking(f, dsm_ranks.to(device)), info
-
-
 def _method_entry(ranks: torch.Tensor, gnd) -> dict[str, Any]:
     entry = evaluate_revisited(ranks.cpu().numpy(), gnd)
     entry["ranks"] = ranks.cpu().tolist()
@@ -541,88 +459,73 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
     draw_inlier_histogram(pos, neg).save(path)
 
 
-@contextmanager
-def _timed(timing: dict[str, Any], stage: str, device: torch.device):
-    """Seconds a stage took, into ``timing[stage + "_s"]`` (the results' ``timing``)."""
-    start = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timing[f"{stage}_s"] = round(time.perf_counter() - start, 4)
+def make_retrieval(cfg: RunConfig) -> DSMRetrieval:
+    """The run's :class:`DSMRetrieval` without a network (the stores hold what it describes), on
+    the run's device, with the run's learned whitening."""
+    whitening = cfg.resolved_whitening()[1]
+    return DSMRetrieval(None, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none").to(cfg.device)
+
+
+def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: RevisitopDataset, log, plot_inliers) -> dict[str, Any]:
+    """Inlier statistics of the global top-k: separation of positives and negatives (AUC), the
+    inlier counts, the histogram of paper figure 6."""
+    stage = result.stages["global"]
+    k = stage.reranked.order.shape[1]
+    seconds = result.diagnostics["timing"]["rerank_s"]
+    inliers_initial = stage.reranked.initial_order_inliers()
+    top_sims = stage.scores[:, :k]
+    auc = top_k_separation(
+        stage.ranks[:, :k].numpy(),
+        {"global": top_sims.numpy(), "inliers": inliers_initial.numpy(),
+         "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
+        dataset.gnd,
+    )
+    log(format_separation(auc))
+    if plot_inliers is not None:
+        _plot_inliers(plot_inliers, stage.ranks[:, :k], inliers_initial, dataset.gnd)
+        log(f"inlier histogram written to {plot_inliers}")
+    log(f"re-ranking: {1000 * seconds / max(len(dataset.gnd), 1):.0f} ms per query ({k} candidates) on {cfg.device}")
+    return {"rerank_seconds": round(seconds, 3), "rerank_ms_per_query": round(1000 * seconds / max(len(dataset.gnd), 1), 1),
+            "separation_auc": auc, "inliers_top_k": inliers_initial.tolist()}
 
 
 def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, plot_inliers=None) -> dict[str, Any]:
     timing: dict[str, Any] = {}
-    device = torch.device(cfg.device)
-
-    def stage(name: str):
-        return _timed(timing, name, device)
-
     backbone = functools.cache(lambda: make_backbone(cfg))  # built once, only if something must be extracted
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing, backbone=backbone)
-    with stage("search"):
-        db, similarities, ranks = global_ranking(cfg, db_store, q_store, device)
+    retrieval = make_retrieval(cfg)
     label, whitening = cfg.resolved_whitening()
     if whitening is not None:
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
-    results: dict[str, Any] = {"global": _method_entry(ranks, dataset.gnd)}
-    report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
-                              "database": {"images": len(dataset.imlist), "distractors": db.shape[0] - len(dataset.imlist)},
-                              "queries": list(dataset.qimlist), "results": results, "timing": timing}
-    asmk = None
+    database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
+    diagnostics: dict[str, Any] = {}
     if cfg.initial == "asmk":
-        with stage("asmk"):
-            asmk = asmk_ranking(cfg, dataset, base, backbone, cache_digest, log, timing)
-        results["asmk"] = _method_entry(asmk.ranks, dataset.gnd)
-        report.setdefault("diagnostics", {})["asmk"] = asmk.diagnostics
-    if cfg.rerank is not None and asmk is not None:
-        with stage("rerank_asmk"):
-            asmk_dsm_ranks, asmk_reranked = rerank_dataset(db_store, q_store, asmk.ranks, asmk.scores.float(), cfg.rerank, device)
-        results["asmk+dsm"] = _method_entry(asmk_dsm_ranks, dataset.gnd)
-    if cfg.rerank is not None:
-        with stage("rerank"):
-            dsm_ranks, reranked = rerank_dataset(db_store, q_store, ranks.cpu(), similarities.cpu(), cfg.rerank, device)
-        seconds = timing["rerank_s"]
-        results["global+dsm"] = _method_entry(dsm_ranks, dataset.gnd)
-        k = reranked.order.shape[1]
-        inliers_initial = reranked.initial_order_inliers()
-        top_sims = similarities[:, :k].cpu()
-        auc = top_k_separation(
-            ranks[:, :k].cpu().numpy(),
-            {"global": top_sims.numpy(), "inliers": inliers_initial.numpy(),
-             "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
-            dataset.gnd,
-        )
-        report.setdefault("diagnostics", {}).update({
-            "rerank_seconds": round(seconds, 3),
-            "rerank_ms_per_query": round(1000 * seconds / max(len(dataset.gnd), 1), 1),
-            "separation_auc": auc,
-            "inliers_top_k": inliers_initial.tolist(),
-        })
-        log(format_separation(auc))
-        if plot_inliers is not None:
-            _plot_inliers(plot_inliers, ranks[:, :k].cpu(), inliers_initial, dataset.gnd)
-            log(f"inlier histogram written to {plot_inliers}")
-        log(f"re-ranking: {1000 * seconds / max(len(dataset.gnd), 1):.0f} ms per query ({k} candidates) on {device}")
+        artifacts = asmk_index(cfg, retrieval, dataset, base, backbone, log, timing)
+        database.asmk, queries.how = artifacts.index, artifacts.queries
+        diagnostics["asmk"] = artifacts.diagnostics
     if cfg.diffusion is not None:
-        dcfg = cfg.diffusion
-        with stage("graph"):
-            graph = load_or_build_graph(db_store, db, cfg, base, log)
-        with stage("diffusion_global"):
-            diffused, info = diffuse_global(graph, similarities, ranks, dcfg)
-        results["global+D"] = _method_entry(diffused, dataset.gnd)
-        cg = {"global+D": {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}}
-        if cfg.rerank is not None:
-            with stage("diffusion_dsm"):
-                diffused, info = diffuse_verified(graph, similarities, reranked, dsm_ranks, dcfg)
-            results["global+dsm+D"] = _method_entry(diffused, dataset.gnd)
-            cg["global+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
-        if cfg.rerank is not None and asmk is not None:
-            with stage("diffusion_asmk"):
-                diffused, info = diffuse_verified(graph, asmk.scores.float(), asmk_reranked, asmk_dsm_ranks, dcfg)
-            results["asmk+dsm+D"] = _method_entry(diffused, dataset.gnd)
-            cg["asmk+dsm+D"] = {"iterations": info.iterations, "max_relative_residual": float(info.relative_residual.max())}
-        report.setdefault("diagnostics", {})["diffusion"] = {**cg, "graph_k": graph.k, "graph_edges": graph.num_edges}
+        start = time.perf_counter()
+        database.graph = database_graph(retrieval, db_store, database, cfg, base, log)
+        timing["graph_s"] = round(time.perf_counter() - start, 4)
+    result = retrieval.search(queries, database)
+    timing.update(result.diagnostics["timing"])
+    results = {name: _method_entry(ranks, dataset.gnd) for name, ranks in result.methods.items()}
+    if cfg.initial == "asmk":
+        asmk = diagnostics["asmk"]
+        q = max(len(dataset.qimlist), 1)
+        asmk["search_ms_per_query"] = round(1000 * timing["asmk_search_s"] / q, 2)
+        log(f"ASMK: {asmk['words_per_database_image']} words and {asmk['index_bytes_per_image']:.0f} bytes per "
+            f"database image, {asmk['search_ms_per_query']:.2f} ms per query ({q} queries at once, "
+            f"{asmk['search_backend']} scoring) on {cfg.device}")
+    if cfg.rerank is not None:
+        diagnostics.update(_rerank_diagnostics(result, cfg, dataset, log, plot_inliers))
+    if cfg.diffusion is not None:
+        diagnostics["diffusion"] = result.diagnostics["diffusion"]
+    report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
+                              "database": {"images": len(dataset.imlist), "distractors": database.num_images - len(dataset.imlist)},
+                              "queries": list(dataset.qimlist), "results": results, "timing": timing}
+    if diagnostics:
+        report["diagnostics"] = diagnostics
     log(format_table(results))
     if out is not None:
         write_json(out, report)
@@ -641,7 +544,6 @@ def show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log=print
 
 def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, base: Path) -> dict[str, Any]:
     from gpu_dsm.images import load_image
-    from gpu_dsm.match import spatial_verify
     from gpu_dsm.visualize import draw_matches, feature_to_image
     from PIL import Image
 
@@ -652,15 +554,15 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
         raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
     preflight(cfg, dataset, files={"--out": out}, dirs={"--cache-dir": cfg.cache_dir})
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    sims = q_store.global_descriptors([query]) @ db_store.global_descriptors().T
-    order = torch.argsort(sims[0], descending=True, stable=True)
+    retrieval = make_retrieval(dataclasses.replace(cfg, diffusion=None, initial="global", rerank=None))
+    database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
+    order = retrieval.search(queries, database).stages["global"].ranks[query]
     if not 1 <= rank <= len(order):
         raise ValueError(f"rank must be in 1..{len(order)}, got {rank}")
     candidate = int(order[rank - 1])
     qf = q_store.local_features([query])
     cf = db_store.local_features([candidate])
-    match_cfg = cfg.rerank.match if cfg.rerank is not None else RerankConfig().match
-    result = spatial_verify(qf, cf, config=match_cfg)
+    result = retrieval.verify(queries, database, query, candidate, (cfg.rerank or RerankConfig()).match)
     pairs = result.matches[0]
     pairs = pairs[pairs[:, 0] >= 0]
     images = []

@@ -40,8 +40,9 @@ from gpu_dsm.rerank import RerankConfig, rerank_by_inliers
 from gpu_dsm.eval.compare import paired_bootstrap, query_groups, setup_aps
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.protocol import SETUPS, evaluate_revisited
-from gpu_dsm.eval.run import (RunConfig, dataset_stores, diffuse_global, diffuse_verified, global_ranking, preflight,
-                              rerank_dataset)
+from gpu_dsm.ranking import diffuse_initial, diffuse_verified, rerank_top_k
+from gpu_dsm.rerank import DSMReranker
+from gpu_dsm.eval.run import RunConfig, dataset_stores, make_retrieval, preflight
 
 
 @dataclass
@@ -79,8 +80,10 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
     if d.match.threshold not in grid.thresholds or d.match.error not in grid.errors:
         raise ValueError(f"the grid must include the default threshold {d.match.threshold} and error {d.match.error}")
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    db, similarities, ranks = global_ranking(cfg, db_store, q_store, device)
-    similarities, ranks = similarities.cpu(), ranks.cpu()
+    retrieval = make_retrieval(dataclasses.replace(cfg, rerank=None, diffusion=None, initial="global"))
+    database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
+    initial = retrieval.search(queries, database).stages["global"]
+    db, similarities, ranks = database.global_descriptors, initial.scores, initial.ranks
     gnd, groups = dataset.gnd, query_groups(dataset.qimlist)
     top = min(max(grid.top_k), ranks.shape[1])
 
@@ -93,7 +96,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
     for threshold in grid.thresholds:
         for error in grid.errors:
             match = dataclasses.replace(default_rerank.match, threshold=threshold, error=error)
-            _, result = rerank_dataset(db_store, q_store, ranks, similarities, RerankConfig(top_k=top, match=match), device)
+            reranker = DSMReranker(RerankConfig(top_k=top, match=match))
+            _, result = rerank_top_k(reranker, q_store, db_store, ranks, similarities, device)
             inliers[(threshold, error)] = result.initial_order_inliers()
     log(f"{cfg.dataset}: {len(inliers)} verifications of the top {top} in {time.perf_counter() - start:.1f} s")
 
@@ -123,7 +127,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
     graphs = {k: build_knn_graph(db, dataclasses.replace(default_graph, k=k)) for k in {*grid.graph_k, default_k}}
 
     def diffused(k: int, config: DiffusionConfig):
-        plain = _entry(diffuse_global(graphs[k], similarities, ranks, config)[0], gnd)
+        plain = _entry(diffuse_initial(graphs[k], similarities, ranks, config)[0], gnd)
         verified = _entry(diffuse_verified(graphs[k], similarities, dsm_result, dsm_ranks, config)[0], gnd)
         return plain, verified
 

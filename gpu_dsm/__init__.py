@@ -9,7 +9,9 @@ Where things are:
 - ``gpu_dsm.mser`` (function; module ``gpu_dsm.stable_regions``) / ``gpu_dsm.detect`` / ``gpu_dsm.features``: the DSM detector and its tables.
 - ``gpu_dsm.match`` / ``gpu_dsm.rerank``: spatial verification and the re-ranker (``DSMReranker``).
 - ``gpu_dsm.graph`` / ``gpu_dsm.diffusion``: the kNN graph and diffusion.
-- ``gpu_dsm.pipeline``: ``DSMRetrieval``, one module from images to re-ranked results.
+- ``gpu_dsm.ranking``: the ranking stages (initial ranking, DSM re-ranking, diffusion) and the methods built of them.
+- ``gpu_dsm.pipeline``: ``DSMRetrieval``, the whole method as one module (images, activations or stores in, rankings out).
+- ``gpu_dsm.artifacts``: how cached artifacts (stores, graphs, codebooks, indices) are keyed, locked and written.
 - ``gpu_dsm.laf``: features as kornia local affine frames.
 - ``gpu_dsm.store``: the on-disk feature store.
 - ``gpu_dsm.kernels``: low-level tensor kernels (repository folder ``kernels/``).
@@ -30,7 +32,9 @@ from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.diffusion import DiffusionConfig, diffuse, dsm_seeds, plain_seeds
-from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig, SearchResult
+from gpu_dsm.ranking import DescribedImages, SearchResult
+from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+from gpu_dsm.backbones.wrap import as_backbone
 from gpu_dsm.laf import features_to_laf, laf_to_features
 
 __version__ = "0.1.0"

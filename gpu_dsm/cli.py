@@ -6,6 +6,7 @@ Every option's help states its default and, where the default comes from the DSM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import re
@@ -129,25 +130,27 @@ def _add_rerank_args(p: argparse.ArgumentParser, ranking: bool = True) -> None:
         g.add_argument("--rerank", choices=("none", "dsm"), default="none",
                        help="re-rank each query's top-k by deep spatial matching, adding method 'global+dsm' (default: %(default)s)")
         g.add_argument("--top-k", type=int, default=r.top_k, help="candidates verified per query (default: %(default)s, paper 4.1)")
-        g.add_argument("--score", choices=SCORES, default=r.score,
+        g.add_argument("--score", choices=SCORES, default=None,
                        help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
-                            "similarity (beyond the paper; measured better, README) (default: %(default)s)")
-        g.add_argument("--fuse-weight", type=float, default=r.fuse_weight,
-                       help="weight of inliers in 'fused' (default: %(default)s, measured on four sets, README)")
+                            f"similarity (beyond the paper; measured better, README) (default: {r.score})")
+        g.add_argument("--fuse-weight", type=float, default=None,
+                       help=f"weight of inliers in 'fused' (default: {r.fuse_weight:g}, measured on four sets, README)")
     else:
         g = p.add_argument_group("spatial matching (paper 3.5)")
-        p.set_defaults(rerank="dsm", top_k=r.top_k, score=r.score, fuse_weight=r.fuse_weight)
-    g.add_argument("--threshold", type=float, default=m.threshold,
-                   help="inlier threshold on the transfer error, feature-map pixels (default: %(default)s, measured on four sets, "
-                        "README; paper 4.1: 2)")
-    g.add_argument("--max-scale-change", type=float, default=m.max_scale_change,
-                   help="largest scale change of an inlier relative to the hypothesis (default: %(default)s, paper 4.1)")
-    g.add_argument("--error", choices=ERRORS, default=m.error,
-                   help="symmetric (both directions, reference code) or one_way transfer error (default: %(default)s, "
+        p.set_defaults(rerank="dsm", top_k=r.top_k, score=None, fuse_weight=None)
+    g.add_argument("--threshold", type=float, default=None,
+                   help=f"inlier threshold on the transfer error, feature-map pixels (default: {m.threshold:g}, measured on "
+                        "four sets, README; paper 4.1: 2)")
+    g.add_argument("--max-scale-change", type=float, default=None,
+                   help=f"largest scale change of an inlier relative to the hypothesis (default: {m.max_scale_change:g}, "
+                        "paper 4.1)")
+    g.add_argument("--error", choices=ERRORS, default=None,
+                   help=f"symmetric (both directions, reference code) or one_way transfer error (default: {m.error}, "
                         "measured on four sets, README)")
     g.add_argument("--paper-rerank", action="store_true",
                    help="the paper's matching settings instead of the measured defaults: threshold 2, symmetric error "
-                        "(and, when re-ranking, score inliers) (default: off)")
+                        "(and, when re-ranking, score inliers); not combined with --threshold, --error, --score or "
+                        "--fuse-weight (default: off)")
 
 
 def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
@@ -188,14 +191,26 @@ def _diffusion_config(args: argparse.Namespace):
 
 
 def _rerank_config(args: argparse.Namespace) -> RerankConfig | None:
+    """The re-ranking options as one validated :class:`RerankConfig` (``None``: no re-ranking)."""
     if getattr(args, "rerank", "none") == "none":
         return None
+    given = {"--threshold": args.threshold, "--max-scale-change": args.max_scale_change, "--error": args.error,
+             "--score": args.score, "--fuse-weight": args.fuse_weight}
     if args.paper_rerank:
-        paper = RerankConfig.paper()
-        paper.top_k = args.top_k
-        return paper
-    match = MatchConfig(threshold=args.threshold, max_scale_change=args.max_scale_change, error=args.error)
-    return RerankConfig(top_k=args.top_k, score=args.score, fuse_weight=args.fuse_weight, match=match)
+        clashing = [flag for flag, value in given.items() if value is not None and flag != "--max-scale-change"]
+        if clashing:
+            raise ValueError(f"--paper-rerank sets the paper's matching and score; it cannot be combined with {', '.join(clashing)}")
+        base = RerankConfig.paper()
+    else:
+        base = RerankConfig()
+    chosen = {name: value for name, value in (("threshold", args.threshold), ("max_scale_change", args.max_scale_change),
+                                              ("error", args.error)) if value is not None}
+    match = dataclasses.replace(base.match, **chosen)
+    scoring = {name: value for name, value in (("score", args.score), ("fuse_weight", args.fuse_weight)) if value is not None}
+    try:
+        return dataclasses.replace(base, top_k=args.top_k, match=match, **scoring)
+    except ValueError as exc:
+        raise ValueError(f"re-ranking options: {exc}") from None
 
 
 def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -317,7 +332,7 @@ def cmd_show_match(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from gpu_dsm.eval.datasets import RevisitopDataset
     from gpu_dsm.eval.asmk_initial import how_feature_sets
-    from gpu_dsm.eval.run import cache_digest, dataset_stores, make_backbone, preflight
+    from gpu_dsm.eval.run import dataset_stores, make_backbone, preflight
 
     from gpu_dsm.shards import Ranks
 
@@ -330,7 +345,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     db, queries = dataset_stores(cfg, dataset, Path(args.out), ranks=ranks, backbone=backbone)
     how = None
     if cfg.initial == "asmk":
-        how = how_feature_sets(cfg, dataset, Path(args.out), backbone, cache_digest, ranks=ranks)
+        how = how_feature_sets(cfg, dataset, Path(args.out), backbone, ranks=ranks)
     if ranks.rank != 0:
         return 0
     for store in (db, queries):

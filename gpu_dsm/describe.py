@@ -14,7 +14,7 @@ from gpu_dsm.backbones.checkpoint import RetrievalHead
 from gpu_dsm.extract import ExtractConfig, iterate_activations
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.pooling import POOLINGS, multiscale_aggregate, multiscale_p, pool
-from gpu_dsm.whitening import Whitening
+from gpu_dsm.whitening import Whitening, resolve_whitening
 
 
 @dataclass
@@ -142,7 +142,5 @@ def describe_global(
         out[indices] = descriptors
 
     describe_images(backbone, images, keep, extract, config, desc)
-    if whitening is None:
-        learned = backbone.head.post_whitening(len(extract.scales))
-        whitening = learned[1] if learned is not None else None
+    whitening = resolve_whitening(whitening, backbone.head, len(extract.scales))[1]
     return whitening.apply(out) if whitening is not None else out

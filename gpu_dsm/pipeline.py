@@ -1,170 +1,361 @@
-"""One call from images (or activations) to re-ranked results: ``DSMRetrieval``.
+"""The whole method as one module: ``DSMRetrieval`` (DSM paper 3.6, 4.1).
 
-    retrieval = DSMRetrieval(build_backbone("efficientnet_lite0"))
-    index = retrieval.index(database_images)               # global descriptors + local features
-    result = retrieval.search(query_images, index)         # global ranking, then DSM re-ranking
+    retrieval = DSMRetrieval(build_backbone("efficientnet_lite0"),
+                             RetrievalConfig(diffusion=DiffusionConfig()))
+    index = retrieval.index(database_images)     # global descriptors, local features, search index, kNN graph
+    result = retrieval.search(query_images, index)
+    result.ranks                                  # (Q, N): global ranking -> DSM re-ranking -> diffusion
+    result.methods["global+dsm"]                  # every method on the way, as (Q, N) rankings
 
-With ``RetrievalConfig(initial="asmk")`` the initial ranking is HOW + ASMK instead: learn its
-whitening and codebook once on images that are not the queries (``retrieval.fit_asmk(images)``);
-``index`` then also builds the ASMK inverted file, and ``search`` verifies ASMK's top-k.
-
-Everything stays in memory; for a large database write a feature store with ``gpu-dsm extract``
-(or :class:`gpu_dsm.store.StoreWriter`) and use :class:`gpu_dsm.rerank.DSMReranker` on the
-gathered candidates.
+Any network works: a plain ``nn.Module`` mapping ``(B, 3, H, W)`` images to ``(B, K, h, w)``
+activations (:func:`gpu_dsm.backbones.wrap.as_backbone` measures its stride). Inputs may be images
+(paths, arrays, PIL images, :class:`ImageSpec`), activations (a ``(B, K, H, W)`` tensor, one per
+scale, or per-image lists), or feature stores (:meth:`DSMRetrieval.from_store`: a database larger
+than memory, its local features read on demand). Learned state (the whitening of global
+descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
+``.to()`` moves it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from gpu_dsm.activations import Activations, is_activations, per_image_maps
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
-from gpu_dsm.backbones import Backbone
+from gpu_dsm.backbones.backbone import Backbone
+from gpu_dsm.backbones.checkpoint import RetrievalHead
+from gpu_dsm.backbones.wrap import as_backbone
 from gpu_dsm.describe import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
+from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
 from gpu_dsm.images import ImageLike, ImageSpec
-from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
+from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
+from gpu_dsm.ranking import DescribedImages, SearchResult, gather_local, rank_methods
+from gpu_dsm.rerank import RerankConfig
 from gpu_dsm.search import GlobalIndex, SearchConfig
-from gpu_dsm.whitening import Whitening
+from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
+from gpu_dsm.whitening import Whitening, resolve_whitening
 
-
-@dataclass
-class DescribedImages:
-    """Global descriptors ``(N, D)`` (whitened if a whitening is set) and local features of N
-    images; with the ASMK initial ranking also their HOW features and (for a database) the ASMK index."""
-
-    global_descriptors: torch.Tensor
-    local: LocalFeatures
-    how: HOWFeatures | None = None
-    asmk: ASMKIndex | None = None
-    search_index: GlobalIndex | None = None  # the global search's index (a database's, built by index())
-
-
-@dataclass
-class SearchResult:
-    """``initial``: ``(Q, K)`` database indices of the initial ranking (global similarity, or ASMK
-    score with ``initial="asmk"``), with those ``similarities``; ``reranked``: the DSM re-ranking of those top-k."""
-
-    initial: torch.Tensor
-    similarities: torch.Tensor
-    reranked: RerankResult
+INITIAL_RANKINGS = ("global", "asmk")
 
 
 @dataclass
 class RetrievalConfig:
+    """Every stage of :class:`DSMRetrieval`; ``None`` turns re-ranking or diffusion off."""
+
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    rerank: RerankConfig = field(default_factory=RerankConfig)
+    # DSM spatial re-ranking of the initial top-k (paper 3.5-3.6); None: no local features, no re-ranking
+    rerank: RerankConfig | None = field(default_factory=RerankConfig)
+    # diffusion on the database's kNN graph (paper 3.6, Iscen et al. 2017), seeded by the verified
+    # images when re-ranking is on; None (default): off, as it needs the whole database's graph
+    diffusion: DiffusionConfig | None = None
+    graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
     initial: str = "global"  # the initial ranking: "global" (paper 3.6) or "asmk" (HOW + ASMK, Tolias et al. 2020)
     how: HOWConfig = field(default_factory=HOWConfig)  # HOW descriptors, with initial="asmk"
     asmk: ASMKConfig = field(default_factory=ASMKConfig)  # codebook and kernel, with initial="asmk"
     search: SearchConfig = field(default_factory=SearchConfig)  # global search: exact (default) or a FAISS index
+    # queries verified at once: memory grows with query_batch x top_k candidate tables (8 x 100 x
+    # 2048 features ~ 60 MB); 8 measured as fast as larger batches on 2 CPU cores
+    query_batch: int = 8
 
     def __post_init__(self):
-        if self.initial not in ("global", "asmk"):
-            raise ValueError(f"RetrievalConfig.initial must be 'global' or 'asmk', got {self.initial!r}")
+        if self.initial not in INITIAL_RANKINGS:
+            raise ValueError(f"RetrievalConfig.initial must be one of {INITIAL_RANKINGS}, got {self.initial!r}")
+        if int(self.query_batch) < 1:
+            raise ValueError(f"RetrievalConfig.query_batch must be >= 1, got {self.query_batch}")
+
+
+class LearnedState(nn.Module):
+    """Optional learned tensors as buffers: absent ones are ``None`` and a state dict that has
+    them fills them in (so a module saved after learning loads into a fresh one).
+
+    ``whitening_projection (d, D)`` / ``whitening_bias (d,)``: the whitening of global descriptors;
+    ``how_whitening_projection`` / ``how_whitening_bias``: HOW's reduction; ``codebook (K, d)``: ASMK's."""
+
+    NAMES = ("whitening_projection", "whitening_bias", "how_whitening_projection", "how_whitening_bias", "codebook")
+
+    def __init__(self):
+        super().__init__()
+        for name in self.NAMES:
+            self.register_buffer(name, None)
+
+    def set(self, name: str, tensor: torch.Tensor | None) -> None:
+        if name not in self.NAMES:
+            raise KeyError(name)
+        self._buffers[name] = None if tensor is None else tensor.detach().float().clone()
+
+    def whitening(self, prefix: str = "") -> Whitening | None:
+        projection, bias = self._buffers[f"{prefix}whitening_projection"], self._buffers[f"{prefix}whitening_bias"]
+        return None if projection is None else Whitening(projection=projection, bias=bias)
+
+    def set_whitening(self, whitening: Whitening | None, prefix: str = "") -> None:
+        self.set(f"{prefix}whitening_projection", None if whitening is None else whitening.projection)
+        self.set(f"{prefix}whitening_bias", None if whitening is None else whitening.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in self.NAMES:
+            key = prefix + name
+            if key in state_dict:
+                value = state_dict[key]
+                if not isinstance(value, torch.Tensor):
+                    error_msgs.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                    continue
+                current = self._buffers[name]
+                self._buffers[name] = value.detach().to(current.device if current is not None else value.device).clone()
+            elif strict and self._buffers[name] is not None:
+                missing_keys.append(key)
 
 
 class DSMRetrieval(nn.Module):
-    """A retrieval model followed by deep spatial matching, as one module."""
+    """A retrieval network followed by deep spatial matching and diffusion, as one module.
 
-    def __init__(self, backbone: Backbone, config: RetrievalConfig | None = None, whitening: Whitening | None = None,
-                 how_whitening: Whitening | None = None, codebook: torch.Tensor | None = None):
+    Args:
+        backbone: any ``nn.Module`` mapping ``(B, 3, H, W)`` RGB images to ``(B, K, h, w)``
+            activations (a :class:`Backbone` from :func:`gpu_dsm.build_backbone`, a torchvision
+            trunk, a timm model with ``forward_features``), or ``None`` for a module that only ranks
+            what was described elsewhere (activations, feature stores).
+        config: the stages (:class:`RetrievalConfig`).
+        whitening: learned whitening of global descriptors: a :class:`Whitening`, a saved one's
+            path, ``"none"``, or ``None`` for the one the backbone's checkpoint carries (if any).
+        how_whitening, codebook: HOW's reduction and the ASMK codebook ``(K, d)``
+            (:meth:`fit_asmk` learns both).
+        stride, mean, std, activation_bound: facts of a plain ``backbone``
+            (:func:`gpu_dsm.backbones.wrap.as_backbone`: stride measured, ImageNet normalisation).
+    """
+
+    def __init__(self, backbone: nn.Module | None = None, config: RetrievalConfig | None = None,
+                 whitening: Whitening | str | Path | None = None, how_whitening: Whitening | None = None,
+                 codebook: torch.Tensor | None = None, *, stride: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, activation_bound: float | None = None):
         super().__init__()
-        self.how_whitening = how_whitening  # HOW's reduction and the ASMK codebook (K, d): fit_asmk() learns both
-        self.codebook = codebook
-        self.backbone = backbone
         self.config = config or RetrievalConfig()
-        if whitening is None:
-            learned = backbone.head.post_whitening(len(self.config.extract.scales))
-            whitening = learned[1] if learned is not None else None
-        self.whitening = whitening  # learned (search-time) whitening; a checkpoint's whiten layer acts inside the network
-        self.recipe = self.config.global_.resolve(backbone)
-        self.reranker = DSMReranker(self.config.rerank)
+        self.backbone = (as_backbone(backbone, stride=stride, mean=mean, std=std, activation_bound=activation_bound)
+                         if backbone is not None else None)
+        self.learned = LearnedState()
+        head = self.backbone.head if self.backbone is not None else None
+        self.whitening_label, learned = resolve_whitening(whitening, head, len(self.config.extract.scales))
+        self.learned.set_whitening(learned)
+        self.learned.set_whitening(how_whitening, "how_")
+        self.learned.set("codebook", codebook)
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)  # follows .to(): the module's device
+
+    # --- learned state ---------------------------------------------------------------------------
+
+    @property
+    def whitening(self) -> Whitening | None:
+        """The learned whitening applied to global descriptors (``None``: none)."""
+        return self.learned.whitening()
+
+    @property
+    def how_whitening(self) -> Whitening | None:
+        return self.learned.whitening("how_")
+
+    @property
+    def codebook(self) -> torch.Tensor | None:
+        return self.learned.codebook
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device if self.backbone is not None else self._anchor.device
+
+    def _network(self, what: str) -> Backbone:
+        if self.backbone is None:
+            raise ValueError(f"{what} needs a network: this DSMRetrieval was built without a backbone")
+        return self.backbone
+
+    def _head(self) -> RetrievalHead:
+        return self.backbone.head if self.backbone is not None else RetrievalHead()
 
     def fit_asmk(self, images: Sequence[ImageLike | ImageSpec]) -> "DSMRetrieval":
         """Learn HOW's whitening and the ASMK codebook on ``images`` (never the queries)."""
-        self.how_whitening = fit_how_whitening(self.backbone, images, self.config.how)
-        training = describe_how(self.backbone, images, self.how_whitening, self.config.how, desc="HOW codebook images")
+        net = self._network("fit_asmk")
+        how_whitening = fit_how_whitening(net, images, self.config.how)
+        training = describe_how(net, images, how_whitening, self.config.how, desc="HOW codebook images")
         cfg = self.config.asmk
-        self.codebook = train_codebook(training.descriptors, cfg.codebook_size, cfg.kmeans_iterations, cfg.seed, cfg.memory_budget)
+        self.learned.set_whitening(how_whitening, "how_")
+        self.learned.set("codebook", train_codebook(training.descriptors, cfg.codebook_size, cfg.kmeans_iterations,
+                                                    cfg.seed, cfg.memory_budget))
         return self
 
-    def _how(self, images: Sequence[ImageLike | ImageSpec]) -> HOWFeatures | None:
+    # --- describing --------------------------------------------------------------------------------
+
+    @property
+    def local_features(self) -> bool:
+        """Whether local features are detected (re-ranking is on)."""
+        return self.config.rerank is not None
+
+    def _detect_batch(self, maps_per_image: list[list[torch.Tensor]], is_query: bool):
+        """Local features per image (``None`` without re-ranking) and map sizes ``(B, S, 2)`` of a
+        batch of activations: the detector's one call per batch."""
+        sizes = torch.tensor([[list(m.shape[-2:]) for m in maps] for maps in maps_per_image], dtype=torch.long)
+        features = None
+        if self.local_features:
+            bound = self.backbone.activation_bound if self.backbone is not None else None
+            features = detect_images(maps_per_image, self.config.detector, is_query, bound)
+        return features, sizes.view(len(maps_per_image), -1, 2)
+
+    def _whiten(self, descriptors: torch.Tensor) -> torch.Tensor:
+        whitening = self.whitening
+        return whitening.apply(descriptors) if whitening is not None else descriptors
+
+    def describe(self, inputs: Sequence[ImageLike | ImageSpec] | Activations, is_query: bool = False) -> DescribedImages:
+        """Global descriptors (whitened) and local features of images or of their activations, in
+        one pass of the network; with the ASMK initial ranking also HOW features (images only)."""
+        if is_activations(inputs):
+            maps_per_image = per_image_maps(inputs)
+            if self.config.initial == "asmk":
+                raise ValueError("initial='asmk': HOW features are read off another layer at other scales; "
+                                 "describe images, not activations")
+            recipe = self.config.global_.resolve(self._head())
+            descriptors = torch.stack([recipe(maps) for maps in maps_per_image])
+            features, sizes = self._detect_batch(maps_per_image, is_query)
+            local = None
+            if features is not None:
+                local = LocalFeatures.from_images(features, sizes, self.config.extract.scales, maps_per_image[0][0].shape[0],
+                                                  capacity=self.config.detector.max_features, device=descriptors.device)
+            return DescribedImages(self._whiten(descriptors), local)
+        net = self._network("describing images")
+        n = len(inputs)
+        recipe = self.config.global_.resolve(net)
+        descriptors = torch.zeros(n, recipe.descriptor_dim(net.out_channels), device=net.device)
+        per_image: list[dict] = [{}] * n
+        sizes = torch.zeros(n, len(self.config.extract.scales), 2, dtype=torch.long)
+
+        def keep(indices: list[int], batch_descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+            features, batch_sizes = self._detect_batch(maps_per_image, is_query)
+            descriptors[indices] = batch_descriptors
+            sizes[indices] = batch_sizes
+            for index, found in zip(indices, features or []):
+                per_image[index] = found
+
+        describe_images(net, inputs, keep, self.config.extract, self.config.global_,
+                        desc="describe queries" if is_query else "describe database")
+        local = None
+        if self.local_features:
+            local = LocalFeatures.from_images(per_image, sizes, self.config.extract.scales, net.out_channels,
+                                              capacity=self.config.detector.max_features, device=descriptors.device)
+        return DescribedImages(self._whiten(descriptors), local, how=self.describe_how(inputs))
+
+    def describe_activations(self, maps_per_image: Activations, is_query: bool = False) -> DescribedImages:
+        """:meth:`describe` of activations computed elsewhere."""
+        if not is_activations(maps_per_image):
+            per_image_maps(maps_per_image)  # raises, naming the accepted forms
+        return self.describe(maps_per_image, is_query)
+
+    def describe_how(self, images: Sequence[ImageLike | ImageSpec], desc: str = "HOW") -> HOWFeatures | None:
+        """HOW features of ``images`` with the ASMK initial ranking (else ``None``)."""
         if self.config.initial != "asmk":
             return None
         if self.how_whitening is None or self.codebook is None:
             raise ValueError("initial='asmk' needs HOW's whitening and a codebook: call fit_asmk(images) first "
                              "(or pass how_whitening= and codebook=)")
-        return describe_how(self.backbone, images, self.how_whitening, self.config.how)
+        return describe_how(self._network("HOW features"), images, self.how_whitening, self.config.how, desc=desc)
 
-    def _finish(self, descriptors: torch.Tensor, per_image: list[dict], sizes: list[list[list[int]]]) -> DescribedImages:
-        if self.whitening is not None:
-            descriptors = self.whitening.apply(descriptors)
-        local = LocalFeatures.from_images(
-            per_image, torch.tensor(sizes, dtype=torch.long).view(len(per_image), -1, 2), self.config.extract.scales,
-            self.backbone.out_channels, capacity=self.config.detector.max_features, device=descriptors.device,
-        )
-        return DescribedImages(descriptors, local)
+    def write_store(self, images: Sequence[ImageLike | ImageSpec], path: str | Path, names: Sequence[str],
+                    options: dict[str, Any], is_query: bool = False, desc: str = "describe") -> FeatureStore:
+        """Describe ``images`` into a new feature store at ``path`` (published atomically): the
+        network's global descriptors (before the learned whitening, which is a search-time step)
+        and, with re-ranking on, local features. ``options`` go into the store's metadata."""
+        net = self._network("write_store")
+        local = {"scales": list(self.config.extract.scales), "num_channels": net.out_channels} if self.local_features else None
+        dim = self.config.global_.resolve(net).descriptor_dim(net.out_channels)
+        with StoreWriter(path, names, dim, options, local=local) as writer:
+            def write(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+                features, sizes = self._detect_batch(maps_per_image, is_query)
+                for index, descriptor in zip(indices, descriptors):
+                    writer.add_global(index, descriptor)
+                for index, found, size in zip(indices, features or [], sizes):
+                    writer.add_local(index, found, size)
 
-    def describe(self, images: Sequence[ImageLike | ImageSpec], is_query: bool = False) -> DescribedImages:
-        """Global descriptors and local features of ``images`` in one pass of the network."""
-        n = len(images)
-        descriptors = torch.zeros(n, self.recipe.descriptor_dim(self.backbone.out_channels), device=self.backbone.device)
-        per_image: list[dict] = [{}] * n
-        sizes: list[list[list[int]]] = [[] for _ in range(n)]
+            describe_images(net, images, write, self.config.extract, self.config.global_, desc=desc)
+        return FeatureStore(path)
 
-        def sink(indices: list[int], batch_descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
-            descriptors[indices] = batch_descriptors
-            features = detect_images(maps_per_image, self.config.detector, is_query, self.backbone.activation_bound)
-            for index, maps, found in zip(indices, maps_per_image, features):
-                per_image[index] = found
-                sizes[index] = [list(m.shape[-2:]) for m in maps]
+    def from_store(self, store: FeatureStore | StoreStack, how: HOWFeatures | None = None) -> DescribedImages:
+        """Images described in a feature store: global descriptors read and whitened, local
+        features gathered from the store when verification needs them (never all in memory)."""
+        descriptors = self._whiten(store.global_descriptors().to(self.device))
+        return DescribedImages(descriptors, store if store.has_local else None, how=how)
 
-        describe_images(self.backbone, images, sink, self.config.extract, self.config.global_, desc="describe")
-        described = self._finish(descriptors, per_image, sizes)
-        described.how = self._how(images)
-        return described
+    # --- indexing ----------------------------------------------------------------------------------
 
-    def describe_activations(self, maps_per_image: Sequence[Sequence[torch.Tensor]], is_query: bool = False) -> DescribedImages:
-        """The same from activations computed elsewhere: per image ``[(K, h_s, w_s)] * S``."""
-        descriptors = torch.stack([self.recipe(maps) for maps in maps_per_image])
-        per_image = detect_images(maps_per_image, self.config.detector, is_query, self.backbone.activation_bound)
-        sizes = [[list(m.shape[-2:]) for m in maps] for maps in maps_per_image]
-        return self._finish(descriptors, per_image, sizes)
+    def build_graph(self, database: DescribedImages) -> KnnGraph:
+        """The kNN graph of the database's global descriptors (``config.graph``)."""
+        return build_knn_graph(database.global_descriptors, self.config.graph)
 
-    def index(self, database_images: Sequence[ImageLike | ImageSpec]) -> DescribedImages:
-        """Describe the database and build its global search index (``config.search``); with
-        ``initial="asmk"`` also its ASMK inverted file."""
-        described = self.describe(database_images, is_query=False)
-        described.search_index = GlobalIndex.build(described.global_descriptors, self.config.search)
-        if described.how is not None:
-            how = described.how
-            described.asmk = ASMKIndex.build(self.codebook.to(how.descriptors.device), how.descriptors, how.image_ids,
-                                             self.config.asmk, num_images=how.num_images)
-        return described
+    def build_asmk_index(self, parts: Sequence[HOWFeatures]) -> ASMKIndex:
+        """The ASMK inverted file of HOW features (several sets are numbered one after another)."""
+        if self.codebook is None:
+            raise ValueError("the ASMK index needs a codebook: call fit_asmk(images) first (or pass codebook=)")
+        offsets, descriptors, ids = 0, [], []
+        for part in parts:
+            descriptors.append(part.descriptors)
+            ids.append(part.image_ids + offsets)
+            offsets += part.num_images
+        device = self.device
+        return ASMKIndex.build(self.codebook.to(device), torch.cat(descriptors).to(device), torch.cat(ids).to(device),
+                               self.config.asmk, num_images=offsets)
 
-    def search(self, queries: Sequence[ImageLike | ImageSpec] | DescribedImages, index: DescribedImages) -> SearchResult:
-        """Rank ``index`` for every query by global similarity (or ASMK), then re-rank the top-k by DSM."""
-        q = queries if isinstance(queries, DescribedImages) else self.describe(queries, is_query=True)
-        k = min(self.config.rerank.top_k, index.global_descriptors.shape[0])
-        if self.config.initial == "asmk":
-            if index.asmk is None or q.how is None:
-                raise ValueError("initial='asmk': index the database and describe the queries with this module")
-            scores, ranks = index.asmk.search(q.how.descriptors, q.how.image_ids, k=k, num_queries=q.how.num_images)
-            sims = scores.to(q.global_descriptors.dtype)
+    def build_indices(self, database: DescribedImages) -> DescribedImages:
+        """Add what searching ``database`` needs and it lacks: its global search index, its ASMK
+        index (initial "asmk") and its kNN graph (diffusion on)."""
+        if database.search_index is None:
+            database.search_index = GlobalIndex.build(database.global_descriptors, self.config.search)
+        if self.config.initial == "asmk" and database.asmk is None:
+            if database.how is None:
+                raise ValueError("initial='asmk': the database has no HOW features (describe it with this module)")
+            database.asmk = self.build_asmk_index([database.how])
+        if self.config.diffusion is not None and database.graph is None:
+            database.graph = self.build_graph(database)
+        return database
+
+    def index(self, database: Sequence[ImageLike | ImageSpec] | Activations | FeatureStore | StoreStack) -> DescribedImages:
+        """Describe the database (images, activations, or a feature store) and build its indices."""
+        if isinstance(database, (FeatureStore, StoreStack)):
+            described = self.from_store(database)
         else:
-            search_index = index.search_index or GlobalIndex.build(index.global_descriptors, self.config.search)
-            sims, ranks = search_index.search(q.global_descriptors, k)
-        candidates = index.local[ranks.reshape(-1)]
-        reranked = self.reranker(q.local, candidates, sims, ranks)
-        return SearchResult(initial=ranks, similarities=sims, reranked=reranked)
+            if len(database) == 0:
+                raise ValueError("index: the database is empty")
+            described = self.describe(database, is_query=False)
+        return self.build_indices(described)
+
+    # --- searching ---------------------------------------------------------------------------------
+
+    def _queries(self, queries) -> DescribedImages:
+        if isinstance(queries, DescribedImages):
+            return queries
+        if isinstance(queries, (FeatureStore, StoreStack)):
+            return self.from_store(queries)
+        return self.describe(queries, is_query=True)
+
+    def search(self, queries: Sequence[ImageLike | ImageSpec] | Activations | DescribedImages | FeatureStore,
+               index: DescribedImages) -> SearchResult:
+        """Rank the whole database for every query: the initial ranking (global, or ASMK), DSM
+        re-ranking of its top-k, diffusion; ``result.ranks`` is the configured method's ``(Q, N)``
+        ranking, ``result.methods`` every method's."""
+        described = self._queries(queries)
+        cfg = self.config
+        return rank_methods(described, self.build_indices(index), cfg.initial, cfg.rerank, cfg.diffusion,
+                            self.device, cfg.query_batch)
+
+    def verify(self, queries: DescribedImages, index: DescribedImages, query: int, candidate: int,
+               match: MatchConfig | None = None) -> MatchResult:
+        """Spatial verification of one query against one database image (for pictures: the
+        matches and inliers of :class:`MatchResult`), with ``match`` (default: the re-ranker's)."""
+        if queries.local is None or index.local is None:
+            raise ValueError("verify: the queries and the database need local features")
+        match = match or (self.config.rerank or RerankConfig()).match
+        return spatial_verify(gather_local(queries.local, [query], self.device),
+                              gather_local(index.local, [candidate], self.device), config=match)
 
     def forward(self, queries, database) -> SearchResult:
         return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))

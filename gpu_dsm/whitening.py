@@ -153,3 +153,26 @@ def pca_whitening_from_moments(count: int, total: torch.Tensor, outer: torch.Ten
     dim = total.numel() if dim is None else min(int(dim), total.numel())
     projection = vectors[:, :dim].T / values[:dim].clamp(min=clip).sqrt()[:, None]
     return Whitening.from_mean_projection(mean.float(), projection.float(), method="pca")
+
+
+def resolve_whitening(choice: "str | Path | Whitening | None", head, num_scales: int) -> tuple[str | None, Whitening | None]:
+    """``(label, whitening)`` applied to global descriptors at search time, from one choice:
+
+    - ``None``: the learned whitening of the weights (``head``, a
+      :class:`gpu_dsm.backbones.checkpoint.RetrievalHead`: cnnimageretrieval-pytorch's
+      ``meta['Lw'][name]['ms']`` for several scales, ``['ss']`` for one) if they carry one, else none;
+    - ``"checkpoint"`` or ``"checkpoint:NAME"``: the weights' learned whitening (required);
+    - ``"none"``: none;
+    - a :class:`Whitening`, or the path of a saved one.
+    """
+    if isinstance(choice, Whitening):
+        return "given", choice
+    if choice is None or str(choice).startswith("checkpoint"):
+        name = str(choice).split(":", 1)[1] if choice is not None and ":" in str(choice) else None
+        learned = head.post_whitening(num_scales, name) if head is not None else None
+        if learned is None and choice is not None:
+            raise ValueError(f"whitening {choice}: the weights have no learned whitening (meta['Lw'])")
+        return learned if learned is not None else (None, None)
+    if str(choice) == "none":
+        return None, None
+    return str(choice), Whitening.load(choice)

@@ -1,0 +1,319 @@
+"""The ranking stages and the methods composed from them (DSM paper 3.6, 4.1).
+
+Data flows one way:
+
+1. an initial ranking of the whole database for every query: :class:`GlobalRanking` (global
+   descriptors, exact or FAISS) or :class:`ASMKRanking` (HOW + ASMK); both
+   ``search(queries, k) -> (scores (Q, k), indices (Q, k))``;
+2. :func:`rerank_top_k`: DSM spatial verification of each query's top-k, with local features
+   gathered from memory (:class:`LocalFeatures`) or from a feature store, a batch of queries at a time;
+3. :func:`diffuse_initial` / :func:`diffuse_verified`: diffusion on the database's kNN graph,
+   seeded by the initial top of each query or by its spatially verified top.
+
+:func:`rank_methods` runs them and names each result as the evaluation does: ``global``,
+``global+dsm``, ``global+D``, ``global+dsm+D``, and with the ASMK initial ranking ``asmk``,
+``asmk+dsm``, ``asmk+dsm+D`` (``asmk+D`` when diffusion runs without re-ranking).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, Union
+
+import torch
+
+from gpu_dsm.asmk import ASMKIndex
+from gpu_dsm.diffusion import CGInfo, DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
+from gpu_dsm.features import LocalFeatures
+from gpu_dsm.graph import KnnGraph
+from gpu_dsm.how import HOWFeatures
+from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
+from gpu_dsm.search import GlobalIndex
+from gpu_dsm.store import FeatureStore, StoreStack
+
+#: where local features come from: a table in memory, or a feature store read on demand
+LocalSource = Union[LocalFeatures, FeatureStore, StoreStack]
+
+
+@dataclass
+class DescribedImages:
+    """What retrieval knows of ``N`` images (queries, or a database with its indices).
+
+    Fields:
+        global_descriptors: ``(N, D)`` float32, L2-normalised, whitened when the module has a
+            learned whitening; on the module's device.
+        local: DSM local features: a :class:`LocalFeatures` table in memory, or a
+            :class:`FeatureStore` / :class:`StoreStack` they are gathered from; ``None`` without
+            re-ranking.
+        how: HOW features (with the ASMK initial ranking), else ``None``.
+        search_index: a database's global search index (:class:`GlobalIndex`).
+        asmk: a database's ASMK inverted file.
+        graph: a database's kNN graph (with diffusion).
+    """
+
+    global_descriptors: torch.Tensor
+    local: LocalSource | None = None
+    how: HOWFeatures | None = None
+    search_index: GlobalIndex | None = None
+    asmk: ASMKIndex | None = None
+    graph: KnnGraph | None = None
+
+    @property
+    def num_images(self) -> int:
+        return int(self.global_descriptors.shape[0])
+
+
+class InitialRanking(Protocol):
+    """A database index that ranks it for every query: ``(scores (Q, k), indices (Q, k))``, best
+    first; ``k=None``: the whole database."""
+
+    def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class GlobalRanking:
+    """The initial ranking by global descriptors (paper 3.6): cosine similarity, exact or FAISS.
+
+    An approximate index returns its top ``k`` only; with ``k=None`` the images it did not return
+    follow in database order (they are unranked)."""
+
+    index: GlobalIndex
+
+    def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.index.num_images
+        scores, indices = self.index.search(queries.global_descriptors, n if k is None else k)
+        if k is None and indices.shape[1] < n:
+            scores, indices = complete_ranking(scores, indices, n)
+        return scores, indices
+
+
+@dataclass
+class ASMKRanking:
+    """The initial ranking by HOW + ASMK (Tolias et al. 2020): float64 scores."""
+
+    index: ASMKIndex
+
+    def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if queries.how is None:
+            raise ValueError("the ASMK initial ranking needs the queries' HOW features (describe them with the module)")
+        device = self.index.device
+        how = queries.how
+        return self.index.search(how.descriptors.to(device), how.image_ids.to(device), k=k, num_queries=how.num_images)
+
+
+def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend a top-k ``(Q, k)`` to all ``num_images`` images: the others follow in database
+    order with score ``-inf``."""
+    q = indices.shape[0]
+    seen = torch.zeros(q, num_images, dtype=torch.bool, device=indices.device)
+    seen.scatter_(1, indices.clamp(min=0), indices >= 0)
+    rest = torch.argsort(seen.to(torch.int8), dim=1, stable=True)[:, : num_images - indices.shape[1]]
+    full = torch.cat([indices, rest], 1)
+    tail = torch.full(rest.shape, float("-inf"), dtype=scores.dtype, device=scores.device)
+    return torch.cat([scores, tail], 1), full
+
+
+def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, device: torch.device | str) -> LocalFeatures:
+    """The local features of images ``indices`` (in that order, repeats allowed) on ``device``."""
+    if isinstance(source, LocalFeatures):
+        rows = torch.as_tensor(indices, dtype=torch.long, device=source.device)
+        return source[rows].to(device)
+    rows = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    return source.local_features(rows, device=device)
+
+
+def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSource, ranks: torch.Tensor,
+                 similarities: torch.Tensor, device: torch.device | str = "cpu", query_batch: int = 8
+                 ) -> tuple[torch.Tensor, RerankResult]:
+    """DSM re-ranking of the top of every query's ranking (paper 3.6).
+
+    Args:
+        reranker: the :class:`DSMReranker` (its ``config.top_k`` candidates are verified).
+        queries, database: where the local features of the queries / database images come from.
+        ranks: ``(Q, N)`` database indices of each query's ranking, best first (on the CPU).
+        similarities: ``(Q, >= K)`` their initial scores.
+        device: where verification runs.
+        query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
+    Returns:
+        ``(new ranks (Q, N), re-ranking of the top-k)``: the top-k re-ordered, the rest unchanged;
+        the :class:`RerankResult` on the CPU (its ``match`` is ``None``: per-batch results are not merged).
+    """
+    if query_batch < 1:
+        raise ValueError(f"query_batch must be >= 1, got {query_batch}")
+    k = min(reranker.config.top_k, ranks.shape[1])
+    new_ranks = ranks.clone()
+    parts = []
+    for start in range(0, ranks.shape[0], query_batch):
+        stop = min(start + query_batch, ranks.shape[0])
+        top = ranks[start:stop, :k]
+        query_features = gather_local(queries, range(start, stop), device)
+        candidates = gather_local(database, top.reshape(-1), device)
+        result = reranker(query_features, candidates, similarities[start:stop, :k].to(device), top.to(device))
+        new_ranks[start:stop, :k] = result.indices.to(new_ranks.device)
+        parts.append(result)
+    if not parts:
+        empty = torch.zeros(0, k, dtype=torch.long)
+        return new_ranks, RerankResult(indices=empty, scores=empty.double(), inliers=empty, order=empty, match=None)
+    merged = RerankResult(
+        indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
+        inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
+        match=None,
+    )
+    return new_ranks, merged
+
+
+def diffuse_initial(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig
+                    ) -> tuple[torch.Tensor, CGInfo]:
+    """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
+    2017): ``(ranking (Q, N), CGInfo)``, unreached images in the initial order."""
+    device = graph.device
+    seeds = plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k, config.gamma)
+    f, info = diffuse(graph, seeds, config)
+    return diffusion_ranking(f, ranks.to(device)), info
+
+
+def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
+                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
+    """Diffusion seeded by the spatially verified top of each query (paper 3.6, :func:`dsm_seeds`):
+    ``(ranking (Q, N), CGInfo)``. ``similarities (Q, >= K)`` in the initial order, ``reranked``
+    the re-ranking of the top ``K``, ``reranked_ranks (Q, N)`` the re-ranked full ranking (the
+    order of unreached images)."""
+    device = graph.device
+    k = reranked.order.shape[1]
+    seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
+                      reranked.inliers.to(device), graph.num_nodes, config.dsm_candidates, config.dsm_keep, config.gamma)
+    f, info = diffuse(graph, seeds, config)
+    return diffusion_ranking(f, reranked_ranks.to(device)), info
+
+
+@dataclass
+class InitialStages:
+    """One initial ranking and what followed it, every tensor on the CPU.
+
+    Fields:
+        scores: ``(Q, N)`` float32 scores of the initial ranking (cosine similarity, or ASMK score).
+        ranks: ``(Q, N)`` its database indices, best first.
+        reranked: the DSM re-ranking of its top-k (``None`` without re-ranking).
+        reranked_ranks: ``(Q, N)`` the ranking with that top-k re-ordered (``None`` likewise).
+    """
+
+    scores: torch.Tensor
+    ranks: torch.Tensor
+    reranked: RerankResult | None = None
+    reranked_ranks: torch.Tensor | None = None
+
+
+@dataclass
+class SearchResult:
+    """Every query's ranking of the whole database by each method.
+
+    Fields:
+        ranks: ``(Q, N)`` the final ranking of the configured method (``method``): diffusion's
+            order when diffusion is on, else the re-ranked one, else the initial one.
+        method: its name (``"global+dsm+D"``, ``"asmk+dsm"``, ...).
+        methods: ``{name: (Q, N) ranking}`` of every method computed, in the evaluation's order.
+        stages: ``{"global": ..., "asmk": ...}`` each initial ranking with its re-ranking
+            (:class:`InitialStages`).
+        diagnostics: seconds per stage (``timing``) and conjugate-gradient figures (``diffusion``).
+    Properties ``initial``, ``similarities`` and ``reranked`` are those of the configured initial ranking.
+    """
+
+    ranks: torch.Tensor
+    method: str
+    methods: dict[str, torch.Tensor]
+    stages: dict[str, InitialStages]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def initial_method(self) -> str:
+        return self.method.split("+", 1)[0]
+
+    @property
+    def initial(self) -> torch.Tensor:
+        """``(Q, N)`` the configured initial ranking."""
+        return self.stages[self.initial_method].ranks
+
+    @property
+    def similarities(self) -> torch.Tensor:
+        """``(Q, N)`` its scores."""
+        return self.stages[self.initial_method].scores
+
+    @property
+    def reranked(self) -> RerankResult | None:
+        """The DSM re-ranking of its top-k."""
+        return self.stages[self.initial_method].reranked
+
+
+@contextmanager
+def _timed(timing: dict[str, float], stage: str, device: torch.device):
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timing[f"{stage}_s"] = round(time.perf_counter() - start, 4)
+
+
+def _cg(info: CGInfo) -> dict[str, float]:
+    residual = info.relative_residual
+    return {"iterations": info.iterations, "max_relative_residual": float(residual.max()) if residual.numel() else 0.0}
+
+
+def rank_methods(queries: DescribedImages, database: DescribedImages, initial: str = "global",
+                 rerank: RerankConfig | None = None, diffusion: DiffusionConfig | None = None,
+                 device: torch.device | str = "cpu", query_batch: int = 8) -> SearchResult:
+    """Rank ``database`` for every query by each method the configuration turns on.
+
+    ``global`` always (with the database's ``search_index``, exact when it has none);
+    ``asmk`` with ``initial="asmk"`` (``database.asmk`` and ``queries.how``); ``+dsm`` with
+    ``rerank`` (local features of both); ``+D`` with ``diffusion`` (``database.graph``).
+    """
+    if initial not in ("global", "asmk"):
+        raise ValueError(f"initial must be 'global' or 'asmk', got {initial!r}")
+    device = torch.device(device)
+    if rerank is not None and (queries.local is None or database.local is None):
+        raise ValueError("re-ranking needs the local features of the queries and of the database")
+    if diffusion is not None and database.graph is None:
+        raise ValueError("diffusion needs the database's kNN graph (DescribedImages.graph)")
+    if initial == "asmk" and database.asmk is None:
+        raise ValueError("initial='asmk' needs the database's ASMK index (DescribedImages.asmk)")
+    timing: dict[str, float] = {}
+    methods: dict[str, torch.Tensor] = {}
+    cg: dict[str, Any] = {}
+    reranker = DSMReranker(rerank) if rerank is not None else None
+    search_index = database.search_index or GlobalIndex.build(database.global_descriptors)
+    with _timed(timing, "search", device):
+        similarities, ranks = GlobalRanking(search_index).search(queries, None)
+    stages = {"global": InitialStages(similarities.cpu(), ranks.cpu())}
+    methods["global"] = stages["global"].ranks
+    if initial == "asmk":
+        with _timed(timing, "asmk_search", device):
+            scores, asmk_ranks = ASMKRanking(database.asmk).search(queries, None)
+        stages["asmk"] = InitialStages(scores.cpu().float(), asmk_ranks.cpu())
+        methods["asmk"] = stages["asmk"].ranks
+    names = list(stages)[::-1]  # the ASMK initial ranking first, then the global one
+    if reranker is not None:
+        for name in names:
+            stage = stages[name]
+            with _timed(timing, "rerank" if name == "global" else f"rerank_{name}", device):
+                stage.reranked_ranks, stage.reranked = rerank_top_k(reranker, queries.local, database.local, stage.ranks,
+                                                                    stage.scores, device, query_batch)
+            methods[f"{name}+dsm"] = stage.reranked_ranks
+    if diffusion is not None:
+        graph = database.graph
+        plain = ["global"] if reranker is not None else names[::-1]
+        for name in plain:
+            with _timed(timing, f"diffusion_{name}", device):
+                diffused, info = diffuse_initial(graph, stages[name].scores, stages[name].ranks, diffusion)
+            methods[f"{name}+D"], cg[f"{name}+D"] = diffused.cpu(), _cg(info)
+        if reranker is not None:
+            for name in names[::-1]:
+                stage = stages[name]
+                with _timed(timing, "diffusion_dsm" if name == "global" else f"diffusion_{name}", device):
+                    diffused, info = diffuse_verified(graph, stage.scores, stage.reranked, stage.reranked_ranks, diffusion)
+                methods[f"{name}+dsm+D"], cg[f"{name}+dsm+D"] = diffused.cpu(), _cg(info)
+    method = initial + ("+dsm" if reranker is not None else "") + ("+D" if diffusion is not None else "")
+    diagnostics: dict[str, Any] = {"timing": timing}
+    if diffusion is not None:
+        diagnostics["diffusion"] = {**cg, "graph_k": database.graph.k, "graph_edges": database.graph.num_edges}
+    return SearchResult(ranks=methods[method], method=method, methods=methods, stages=stages, diagnostics=diagnostics)
