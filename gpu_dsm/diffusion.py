@@ -115,7 +115,11 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
         raise ValueError("diffusion seeds contain NaN or Inf")
     op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype, backend=backend)
-    rhs = op.to_internal(rhs.to(op.dtype)).contiguous()  # a copy this function owns
+    internal = op.to_internal(rhs.to(op.dtype))
+    # the solve overwrites its right-hand side: a copy this function owns, never the caller's
+    # tensor (the torch backend and an operator without reordering keep the caller's order)
+    shared = internal.untyped_storage().data_ptr() == rhs.untyped_storage().data_ptr()
+    rhs = internal.clone(memory_format=torch.contiguous_format) if shared else internal.contiguous()
     if restrict and n:
         reached = op.reached_by(rhs)
         # extracting the sub-graph copies its part of the matrix: worth it when it is clearly smaller

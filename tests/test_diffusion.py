@@ -250,10 +250,12 @@ def test_gpu_path_torch_sparse_cg_on_the_cpu_agrees_with_scipy(monkeypatch, frag
     assert op.backend == "torch" and g.operator(torch.float32) is not op
     if fragmented:
         assert op.reached_by(op.to_internal(y)).float().mean() < 0.8  # the restricted solve runs
+    seeds = y.clone()
     for graph in (g, g.affinity):
         calls.clear()
         f, info = diffuse(graph, y, cfg)
         assert calls and info.relative_residual.max() <= 1e-7
+        assert torch.equal(y, seeds)  # the solve works on its own copy of the seeds
         got = f.double().numpy()
         assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
         for i in range(5):
@@ -281,3 +283,21 @@ def test_column_dots_gpu_path_on_the_cpu():
         column_dots(a, b, backend="cuda")
     with pytest.raises(ValueError, match="numpy column_dots backend runs on the CPU"):
         column_dots(a.to("meta"), b.to("meta"), backend="numpy")
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="torch"), dict(backend="scipy", reorder=False), dict()])
+def test_the_solve_leaves_the_callers_seeds_alone(kwargs):
+    """CG overwrites its right-hand side: with an operator that keeps the caller's node order
+    (the torch backend, the GPU path; scipy without reordering) that must be a copy."""
+    from gpu_dsm.kernels.sparse import SparseOperator
+
+    x, _ = _clustered(300, seed=6)
+    g = build_knn_graph(x, GraphConfig(k=8))
+    y = torch.zeros(300, 3)
+    y[[3, 50, 200], [0, 1, 2]] = 1.0
+    before = y.clone()
+    op = SparseOperator(g.affinity, torch.float32, **kwargs)
+    first, _ = conjugate_gradient(op, y, alpha=0.9, tol=1e-7, max_iter=100, restrict=False)
+    assert torch.equal(y, before)
+    again, _ = conjugate_gradient(op, y, alpha=0.9, tol=1e-7, max_iter=100)
+    assert torch.equal(y, before) and torch.allclose(first, again, atol=1e-6) and first[3, 0] >= 1.0
