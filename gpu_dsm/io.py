@@ -95,17 +95,26 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        _publishable(tmp, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_directory(tmp, path)
+
+
+def publish_directory(staged: str | Path, path: str | Path) -> Path:
+    """Put the finished directory ``staged`` (beside ``path``, on its file system) in place of
+    ``path`` by renames, with the mode a plain ``mkdir`` would give it. Between the two renames
+    that swap an existing directory, neither exists for an instant."""
+    staged, path = Path(staged), Path(path)
+    _publishable(staged, directory=True)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(staged, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def unfinished_directories(path: str | Path) -> list[Path]:

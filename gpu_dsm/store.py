@@ -1,6 +1,7 @@
 """The feature store: what extraction writes to disk for a set of images.
 
-A store is a directory, written atomically (see :func:`gpu_dsm.io.atomic_directory`)::
+A store is a directory, published atomically once complete and staged so that an interrupted
+write resumes (see :class:`StoreWriter`)::
 
     meta.json          format/version, image names, the options that produced it, array shapes
     global.npy         (N, D) float32 global descriptors, row i = image i
@@ -19,7 +20,11 @@ the rest. A local feature costs 27 bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +33,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.io import atomic_directory
+from gpu_dsm.io import FileLock, atomic_write, publish_directory
 
 STORE_FORMAT = "gpu_dsm.store"
 STORE_VERSION = 1
@@ -67,17 +72,37 @@ class StoreWriter:
 
     If the block raises, nothing is published and an existing store at ``path`` is left as it
     was. ``local`` (``{"scales": [...], "num_channels": K}``) enables local features.
+
+    Writes resume. The store is staged in ``.<name>.partial`` beside ``path``; every
+    ``chunk_images`` finished images (an image is finished when its global descriptor and, with
+    ``local``, its local features are added), or after ``chunk_seconds`` (never more often than
+    every ``min_chunk_seconds``), and when the block raises, the finished images are committed:
+    their data are flushed to disk, then one record per image is appended to a journal. A later
+    writer of the same ``path``, ``names``, ``global_dim``, ``options`` and ``local`` (with
+    ``resume``) takes the committed images over: :meth:`missing` lists the images still to add,
+    :attr:`resumed` counts those kept. A staged write of anything else is discarded. The published
+    store does not depend on the order in which images were added or on interruptions (local
+    features are laid out in image order), so a resumed write gives the same files as an
+    uninterrupted one. A second writer of the same store at the same time is refused.
     """
 
     def __init__(self, path: str | Path, names: Sequence[str], global_dim: int, options: dict[str, Any],
-                 local: dict[str, Any] | None = None):
+                 local: dict[str, Any] | None = None, resume: bool = True, chunk_images: int = 16,
+                 chunk_seconds: float = 60.0, min_chunk_seconds: float = 2.0):
         self.path = Path(path)
         self.names = list(names)
         self.options = options
         self.global_dim = int(global_dim)
         self.local = dict(local) if local is not None else None
-        self._ctx = None
-        self._dir: Path | None = None
+        self.resume = bool(resume)
+        if int(chunk_images) < 1 or not chunk_seconds > 0 or not min_chunk_seconds >= 0:
+            raise ValueError(f"StoreWriter: chunk_images must be >= 1, chunk_seconds > 0 and min_chunk_seconds >= 0, got "
+                             f"{chunk_images}, {chunk_seconds}, {min_chunk_seconds}")
+        self.chunk_images, self.chunk_seconds, self.min_chunk_seconds = int(chunk_images), float(chunk_seconds), float(min_chunk_seconds)
+        #: images taken over from an interrupted write of the same store
+        self.resumed = 0
+        self._dir = self.path.with_name(f".{self.path.name}.partial")
+        self._lock = None
         self._global = None
         self._written = None
         self._local_files: dict[str, Any] = {}
@@ -86,21 +111,154 @@ class StoreWriter:
         self._count = None
         self._sizes = None
         self._rows = 0
+        self._journal = None
+        self._pending: dict[int, None] = {}
+        self._last_commit = 0.0
 
-    def __enter__(self) -> "StoreWriter":
-        self._ctx = atomic_directory(self.path)
-        self._dir = self._ctx.__enter__()
+    # --- the staged write ------------------------------------------------------------------------
+
+    def _key(self) -> str:
+        """Digest of what the store holds: a staged write is only taken over by the same write."""
+        what = {"format": STORE_FORMAT, "version": STORE_VERSION, "names": self.names, "global_dim": self.global_dim,
+                "options": self.options, "local": self.local}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _record_dtype(self) -> np.dtype:
+        fields = [("index", "<i8")]
+        if self.local is not None:
+            fields += [("start", "<i8"), ("count", "<i8"), ("sizes", "<i4", (len(self.local["scales"]), 2))]
+        return np.dtype(fields)
+
+    def _row_bytes(self, name: str) -> int:
+        dtype, shape = LOCAL_FIELDS[name]
+        dtype = self._channel_dtype if name == "channel" else dtype
+        return int(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)))
+
+    def _state(self) -> None:
         n = len(self.names)
-        self._global = open_memmap(self._dir / "global.npy", mode="w+", dtype=np.float32, shape=(n, self.global_dim))
         self._written = np.zeros(n, dtype=bool)
         if self.local is not None:
-            self._channel_dtype = _channel_dtype(int(self.local["num_channels"]))
-            self._local_files = {name: open(self._dir / f"local_{name}.bin", "wb") for name in LOCAL_FIELDS}
             self._local_done = np.zeros(n, dtype=bool)
             self._start = np.zeros(n, dtype=np.int64)
             self._count = np.zeros(n, dtype=np.int32)
             self._sizes = np.zeros((n, len(self.local["scales"]), 2), dtype=np.int32)
+
+    def _create(self) -> None:
+        self._dir.mkdir(parents=True)
+        self._global = open_memmap(self._dir / "global.npy", mode="w+", dtype=np.float32,
+                                   shape=(len(self.names), self.global_dim))
+        self._global.flush()
+        for name in (LOCAL_FIELDS if self.local is not None else ()):
+            (self._dir / f"local_{name}.bin").touch()
+        (self._dir / "done.rec").touch()
+        self._state()
+        self._rows = 0
+        atomic_write(self._dir / "journal.json", lambda p: p.write_text(json.dumps({"key": self._key()}) + "\n"))
+
+    def _recover(self) -> bool:
+        """Take over the committed images of a staged write of this store; ``False`` when there is
+        none that fits (then it is discarded)."""
+        try:
+            if json.loads((self._dir / "journal.json").read_text()).get("key") != self._key():
+                return False
+            n = len(self.names)
+            self._global = np.load(self._dir / "global.npy", mmap_mode="r+")
+            if self._global.shape != (n, self.global_dim) or self._global.dtype != np.float32:
+                return False
+            dtype = self._record_dtype()
+            records_path = self._dir / "done.rec"
+            whole = records_path.stat().st_size // dtype.itemsize * dtype.itemsize
+            os.truncate(records_path, whole)  # a record cut short by a crash is no record
+            records = np.fromfile(records_path, dtype=dtype)
+            if records.size and (records["index"].min() < 0 or records["index"].max() >= n):
+                return False
+            self._state()
+            rows = 0
+            if self.local is not None:
+                ends = records["start"] + records["count"]
+                if records.size and (records["start"].min() < 0 or records["count"].min() < 0):
+                    return False
+                rows = int(ends.max(initial=0))
+                for name in LOCAL_FIELDS:
+                    raw = self._dir / f"local_{name}.bin"
+                    if raw.stat().st_size < rows * self._row_bytes(name):
+                        return False
+                    os.truncate(raw, rows * self._row_bytes(name))  # rows of uncommitted images go
+                for r in records:  # in order: a later record of an image replaces an earlier one
+                    i = int(r["index"])
+                    self._start[i], self._count[i], self._sizes[i] = r["start"], r["count"], r["sizes"]
+                    self._local_done[i] = True
+            self._written[records["index"]] = True
+            self._rows = rows
+            self.resumed = int(self._written.sum())
+            return True
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return False
+
+    def _open_journal(self) -> None:
+        self._journal = open(self._dir / "done.rec", "ab")
+        if self.local is not None:
+            self._local_files = {name: open(self._dir / f"local_{name}.bin", "ab") for name in LOCAL_FIELDS}
+
+    def _complete(self, index: int) -> bool:
+        return bool(self._written[index]) and (self.local is None or bool(self._local_done[index]))
+
+    def _finished(self, index: int) -> None:
+        if self._complete(index):
+            self._pending[index] = None
+            since = time.monotonic() - self._last_commit
+            if since >= self.chunk_seconds or (len(self._pending) >= self.chunk_images and since >= self.min_chunk_seconds):
+                self.commit()
+
+    def commit(self) -> None:
+        """Make the finished images durable now (the writer also does it by itself)."""
+        if not self._pending or self._journal is None:
+            return
+        self._global.flush()
+        for f in self._local_files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        index = np.fromiter(self._pending, dtype=np.int64, count=len(self._pending))
+        records = np.zeros(index.size, dtype=self._record_dtype())
+        records["index"] = index
+        if self.local is not None:
+            records["start"], records["count"], records["sizes"] = self._start[index], self._count[index], self._sizes[index]
+        self._journal.write(records.tobytes())
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        self._pending.clear()
+        self._last_commit = time.monotonic()
+
+    def missing(self) -> list[int]:
+        """Indices of the images still to add (all of them unless a write was resumed), ascending."""
+        if self._written is None:
+            raise RuntimeError("StoreWriter.missing() is available inside the with block")
+        done = self._written if self.local is None else self._written & self._local_done
+        return np.flatnonzero(~done).tolist()
+
+    def __enter__(self) -> "StoreWriter":
+        def busy(lock_path: Path) -> None:
+            raise RuntimeError(f"store {self.path} is being written by another process (lock {lock_path})")
+
+        self._lock = FileLock(self._dir.with_name(self._dir.name + ".lock"), on_wait=busy)
+        self._lock.__enter__()
+        try:
+            if self.local is not None:
+                self._channel_dtype = _channel_dtype(int(self.local["num_channels"]))
+            if self._dir.exists() and not (self.resume and self._recover()):
+                self._global = None
+                self.resumed = 0
+                shutil.rmtree(self._dir)
+            if not self._dir.exists():
+                self._create()
+            self._open_journal()
+            self._last_commit = time.monotonic()
+        except BaseException:
+            self._close()
+            raise
         return self
+
+    # --- adding images ---------------------------------------------------------------------------
 
     def add_global(self, index: int, descriptor: torch.Tensor) -> None:
         """Row ``index``: a ``(D,)`` finite descriptor."""
@@ -111,6 +269,7 @@ class StoreWriter:
                              f"{int((~np.isfinite(row)).sum())} NaN/Inf values")
         self._global[index] = row
         self._written[index] = True
+        self._finished(index)
 
     def add_local(self, index: int, features: dict[str, torch.Tensor], map_sizes: torch.Tensor) -> None:
         """Image ``index``'s features (unpadded: ``xy``, ``frame``, ``strength``, ``channel``,
@@ -134,10 +293,16 @@ class StoreWriter:
         self._rows += n
         self._sizes[index] = map_sizes.cpu().numpy()
         self._local_done[index] = True
+        self._finished(index)
+
+    # --- publishing ------------------------------------------------------------------------------
 
     def _finish(self) -> None:
         if not self._written.all():
             raise RuntimeError(f"store {self.path}: {int((~self._written).sum())} images were never written")
+        if self.local is not None and not self._local_done.all():
+            raise RuntimeError(f"store {self.path}: local features of {int((~self._local_done).sum())} images missing")
+        self.commit()
         self._global.flush()
         meta = {
             "format": STORE_FORMAT,
@@ -148,44 +313,75 @@ class StoreWriter:
             "options": self.options,
         }
         if self.local is not None:
-            if not self._local_done.all():
-                raise RuntimeError(f"store {self.path}: local features of {int((~self._local_done).sum())} images missing")
+            for f in self._local_files.values():
+                f.close()
+            # image order: image i's rows follow image i-1's, whatever order they were added in
+            count = self._count.astype(np.int64)
+            start = np.cumsum(count) - count
+            total = int(count.sum())
             for name, (dtype, shape) in LOCAL_FIELDS.items():
                 dtype = self._channel_dtype if name == "channel" else dtype
-                self._local_files[name].close()
-                raw = self._dir / f"local_{name}.bin"
-                out = open_memmap(self._dir / f"local_{name}.npy", mode="w+", dtype=dtype, shape=(self._rows, *shape))
-                if self._rows:
-                    out[:] = np.fromfile(raw, dtype=dtype).reshape(self._rows, *shape)
+                raw_path = self._dir / f"local_{name}.bin"
+                out = open_memmap(self._dir / f"local_{name}.npy", mode="w+", dtype=dtype, shape=(total, *shape))
+                if total:
+                    raw = np.memmap(raw_path, dtype=dtype, mode="r", shape=(self._rows, *shape))
+                    for a in range(0, len(self.names), _CHECK_ROWS):
+                        b = min(a + _CHECK_ROWS, len(self.names))
+                        lo, hi, counts = int(start[a]), int(start[b - 1] + count[b - 1]), count[a:b]
+                        src = np.repeat(self._start[a:b], counts) + np.arange(hi - lo) - np.repeat(start[a:b] - lo, counts)
+                        out[lo:hi] = raw[src]
+                    del raw
                 out.flush()
                 del out
-                raw.unlink()
-            np.save(self._dir / "local_start.npy", self._start)
+            np.save(self._dir / "local_start.npy", start)
             np.save(self._dir / "local_count.npy", self._count)
             np.save(self._dir / "map_sizes.npy", self._sizes)
             meta["local"] = {
-                "num_features": self._rows,
+                "num_features": total,
                 "scales": [float(s) for s in self.local["scales"]],
                 "num_channels": int(self.local["num_channels"]),
             }
         (self._dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        self._close_files()
+        # the journal goes first: a crash from here on leaves no staged write that claims to resume
+        for leftover in ["done.rec", "journal.json", *(f"local_{name}.bin" for name in LOCAL_FIELDS)]:
+            (self._dir / leftover).unlink(missing_ok=True)
+        publish_directory(self._dir, self.path)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if exc_type is None:
                 self._finish()
-        except BaseException as err:
-            self._close()
-            self._ctx.__exit__(type(err), err, err.__traceback__)
+            else:
+                self._keep()
+        except BaseException:
+            self._keep()
             raise
-        self._close()
-        self._ctx.__exit__(exc_type, exc, tb)
+        finally:
+            self._close()
         return False
 
-    def _close(self) -> None:
+    def _keep(self) -> None:
+        """After a failure: commit the finished images so that the next write resumes from them."""
+        try:
+            self.commit()
+        except Exception:  # the original error matters more; the journal stays consistent regardless
+            pass
+        self._close_files()
+
+    def _close_files(self) -> None:
         self._global = None
         for f in self._local_files.values():
             f.close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _close(self) -> None:
+        self._close_files()
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
 
 class FeatureStore:

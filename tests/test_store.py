@@ -37,7 +37,13 @@ def test_interrupted_write_keeps_the_old_store(tmp_path):
         with StoreWriter(tmp_path / "s", ["a", "b"], 8, {}) as w:
             w.add_global(0, torch.zeros(8))
     torch.testing.assert_close(FeatureStore(tmp_path / "s").global_descriptors(), old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"], "no temporary directory is left behind"
+    # what both failed writes finished is staged, and the next write of the same store takes it over
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.partial", "s"]
+    with StoreWriter(tmp_path / "s", ["a", "b"], 8, {}) as w:
+        assert w.resumed == 1 and w.missing() == [1]
+        w.add_global(1, torch.ones(8))
+    torch.testing.assert_close(FeatureStore(tmp_path / "s").global_descriptors(), torch.stack([torch.zeros(8), torch.ones(8)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"], "no staged write or lock file is left behind"
 
 
 def test_corrupt_stores_are_named(tmp_path):
