@@ -8,7 +8,6 @@ each ranking by the protocol and writes JSON. ``results`` holds one entry per me
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -22,14 +21,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from gpu_dsm.artifacts import cache_digest, cached
+from gpu_dsm.artifacts import artifact_lock, cache_digest, cached
 from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
 from gpu_dsm.describe import GlobalConfig
 from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.extract import ExtractConfig
-from gpu_dsm.images import ImageSpec, target_size
-from gpu_dsm.io import FileLock, atomic_write, check_output_dir, check_output_file, file_digest, stat_digest, \
+from gpu_dsm.images import ImageSpec, source_size, target_size
+from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, stat_digest, \
     unfinished_directories, write_json
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.graph import GraphConfig, KnnGraph
@@ -260,13 +259,12 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
         splits.append(("distractors", distractors.specs(), distractors.names, (distractors.root.name, distractors.root)))
     stores = {}
     base = Path(base)
-    held: FileLock | None = None  # the previous split's lock, released once the next one is taken
+    held = None  # the previous split's lock, released once the next one is taken
     try:
         for split, specs, names, owner in splits:
             global_part, name = _store_name(cfg, split, specs, owner)
             path = base / name
-            lock = contextlib.nullcontext() if ranks.distributed else FileLock(
-                base / f".{global_part}.lock", on_wait=lambda p: log(f"{split}: waiting for another run using this cache (lock {p})"))
+            lock = artifact_lock(base / global_part, split, log, ranks)
             lock.__enter__()
             if held is not None:
                 held.__exit__(None, None, None)
@@ -326,23 +324,39 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def check_queries(cfg: RunConfig, dataset: RevisitopDataset) -> None:
-    """Every query box overlaps its image and every cropped query, resized as extraction will,
-    is large enough for the network at the smallest scale (file headers only, no decoding)."""
+def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
+    """Every query box overlaps its image, and every image (queries cropped, database,
+    distractors), resized as extraction will, is large enough for the network at the smallest
+    scale: one error naming the file, its size and the option that fixes it (file headers only,
+    no decoding)."""
+    for listed, what in ((dataset.qimlist, "queries (qimlist"), (dataset.imlist, "database images (imlist")):
+        if not listed:
+            raise ValueError(f"{dataset.name}: the ground truth lists no {what} is empty): nothing to rank")
     stride = backbone_stride(cfg.backbone, cfg.upsample)
     smallest = min(cfg.extract.scales)
-    for q, spec in enumerate(dataset.query_specs()):
-        who = f"query {q} ({dataset.qimlist[q]})"
-        try:
-            width, height = target_size(spec, cfg.extract.image_size, cfg.extract.upscale)
-        except ValueError as exc:
-            raise ValueError(f"{who}: {exc}") from None
-        side = math.floor(min(width, height) * smallest)
-        if side < stride:
+    groups = [("query", dataset.query_specs(), dataset.qimlist), ("database image", dataset.database_specs(), dataset.imlist)]
+    distractors = cfg.distractor_set()
+    if distractors is not None:
+        groups.append(("distractor", distractors.specs(), distractors.names))
+    for what, specs, names in groups:
+        for i, spec in enumerate(specs):
+            who = f"{what} {i} ({names[i]})"
+            try:
+                width, height = target_size(spec, cfg.extract.image_size, cfg.extract.upscale)
+            except ValueError as exc:
+                raise ValueError(f"{who}: {exc}") from None
+            side = math.floor(min(width, height) * smallest)
+            if side >= stride:
+                continue
+            original = source_size(spec)
+            crop = "its crop" if spec.box is not None else "it"
+            if not cfg.extract.upscale and max(width, height) < cfg.extract.image_size:
+                fix = "drop --no-upscale (the standard protocol never enlarges an image) or drop small --scales"
+            else:
+                fix = "use a larger --image-size or drop small --scales"
             raise ValueError(
-                f"{who}: its crop is {width}x{height} px after resizing, {side} px at scale {smallest:.3f}, smaller than "
-                f"{cfg.backbone} needs ({stride} px per side); use a larger --image-size, drop small --scales, or "
-                "leave --no-upscale off"
+                f"{who}: {spec.source} is {original[0]}x{original[1]} px; {crop} is {width}x{height} px after resizing, "
+                f"{side} px at scale {smallest:.3f}, smaller than {cfg.backbone} needs ({stride} px per side): {fix}"
             )
 
 
@@ -363,7 +377,7 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
     cfg.weights_sha256()
     cfg.checkpoint_head()
     cfg.resolved_whitening()
-    check_queries(cfg, dataset)
+    check_images(cfg, dataset)
     cfg.distractor_set()
     if cfg.initial == "asmk":
         check_run(cfg.asmk, cfg.backbone, cfg.data_root, dataset)

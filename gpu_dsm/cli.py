@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -56,8 +57,9 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
                    help="network whose last conv activations are used (default: %(default)s, ImageNet weights bundled; "
                         "the paper used VGG16 / ResNet101)")
     g.add_argument("--weights", default="default",
-                   help="'default' (bundled ImageNet weights, EfficientNet-Lite only), 'none' (random), or the path of a "
-                        "torchvision state dict or a cnnimageretrieval-pytorch checkpoint (default: %(default)s)")
+                   help="'default' (the bundled ImageNet weights; EfficientNet-Lite only), 'none' (random, with a "
+                        "warning), or the path of a torchvision state dict or a cnnimageretrieval-pytorch checkpoint "
+                        "(default: the bundled weights; VGG/ResNet need a file)")
     g.add_argument("--trust-weights-file", action="store_true",
                    help="unpickle --weights in full; needed only for files holding more than tensors and plain data, and "
                         "a crafted file can then run code (default: off: tensors, plain data and numpy arrays only)")
@@ -399,11 +401,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_defaults(p: argparse.ArgumentParser, **values) -> None:
+    """Set the demo's own defaults and say them in the options' help (no help shows another default)."""
+    p.set_defaults(**values)
+    for action in p._actions:
+        if action.dest in values and action.help:
+            shown = {True: "on", False: "off"}.get(values[action.dest], values[action.dest])
+            action.help = re.sub(r"\(default: [^()]*(\([^()]*\)[^()]*)*\)$", f"(default in the demo: {shown})", action.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu-dsm",
         description="Deep spatial matching (DSM) for image retrieval: extraction, re-ranking and revisited evaluation.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('gpu_dsm')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a built-in set (no download)",
@@ -417,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diffusion_args(p)
     # the demo database has 59 images: the paper's k=50, alpha=0.99 (for 5k+ images) would link
     # nearly every pair, so the demo uses a sparser graph and shorter diffusion
-    p.set_defaults(rerank="dsm", diffusion=True, graph_k=5, alpha=0.8)
+    _demo_defaults(p, rerank="dsm", diffusion=True, graph_k=5, alpha=0.8)
     p.add_argument("--out", default=None, help="also write the results JSON here (default: none)")
     p.set_defaults(func=cmd_demo)
 
@@ -477,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show_match)
 
     p = sub.add_parser("compare", help="paired comparison of two methods (or two results files) over the same queries",
-                       description="Mean AP difference of method B against method A with a paired bootstrap 95%% interval "
+                       description="Mean AP difference of method B against method A with a paired bootstrap 95% interval "
                                    "over queries (a landmark's queries resampled together), and the queries that gain and "
                                    "lose, for Easy/Medium/Hard. With two files, A is read from the first and B from the second.")
     p.add_argument("results", nargs="+", help="one or two results JSON files of gpu-dsm evaluate")

@@ -345,7 +345,7 @@ class DSMRetrieval(nn.Module):
         described = self._queries(queries)
         cfg = self.config
         return rank_methods(described, self.build_indices(index), cfg.initial, cfg.rerank, cfg.diffusion,
-                            self.device, cfg.query_batch)
+                            self.device, cfg.query_batch, show_progress=cfg.extract.progress)
 
     def verify(self, queries: DescribedImages, index: DescribedImages, query: int, candidate: int,
                match: MatchConfig | None = None) -> MatchResult:

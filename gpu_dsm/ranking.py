@@ -28,6 +28,7 @@ from gpu_dsm.diffusion import CGInfo, DiffusionConfig, diffuse, diffusion_rankin
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.graph import KnnGraph
 from gpu_dsm.how import HOWFeatures
+from gpu_dsm.progress import progress
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
 from gpu_dsm.search import GlobalIndex
 from gpu_dsm.store import FeatureStore, StoreStack
@@ -124,8 +125,8 @@ def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, dev
 
 
 def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSource, ranks: torch.Tensor,
-                 similarities: torch.Tensor, device: torch.device | str = "cpu", query_batch: int = 8
-                 ) -> tuple[torch.Tensor, RerankResult]:
+                 similarities: torch.Tensor, device: torch.device | str = "cpu", query_batch: int = 8,
+                 show_progress: bool = False, desc: str = "re-ranking") -> tuple[torch.Tensor, RerankResult]:
     """DSM re-ranking of the top of every query's ranking (paper 3.6).
 
     Args:
@@ -135,6 +136,7 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
         similarities: ``(Q, >= K)`` their initial scores.
         device: where verification runs.
         query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
+        show_progress: report progress (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
     Returns:
         ``(new ranks (Q, N), re-ranking of the top-k)``: the top-k re-ordered, the rest unchanged;
         the :class:`RerankResult` on the CPU (its ``match`` is ``None``: per-batch results are not merged).
@@ -144,14 +146,16 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
     k = min(reranker.config.top_k, ranks.shape[1])
     new_ranks = ranks.clone()
     parts = []
-    for start in range(0, ranks.shape[0], query_batch):
-        stop = min(start + query_batch, ranks.shape[0])
-        top = ranks[start:stop, :k]
-        query_features = gather_local(queries, range(start, stop), device)
-        candidates = gather_local(database, top.reshape(-1), device)
-        result = reranker(query_features, candidates, similarities[start:stop, :k].to(device), top.to(device))
-        new_ranks[start:stop, :k] = result.indices.to(new_ranks.device)
-        parts.append(result)
+    with progress(ranks.shape[0], desc, show_progress, unit="query") as bar:
+        for start in range(0, ranks.shape[0], query_batch):
+            stop = min(start + query_batch, ranks.shape[0])
+            top = ranks[start:stop, :k]
+            query_features = gather_local(queries, range(start, stop), device)
+            candidates = gather_local(database, top.reshape(-1), device)
+            result = reranker(query_features, candidates, similarities[start:stop, :k].to(device), top.to(device))
+            new_ranks[start:stop, :k] = result.indices.to(new_ranks.device)
+            parts.append(result)
+            bar.update(stop - start)
     if not parts:
         empty = torch.zeros(0, k, dtype=torch.long)
         return new_ranks, RerankResult(indices=empty, scores=empty.double(), inliers=empty, order=empty, match=None)
@@ -261,12 +265,13 @@ def _cg(info: CGInfo) -> dict[str, float]:
 
 def rank_methods(queries: DescribedImages, database: DescribedImages, initial: str = "global",
                  rerank: RerankConfig | None = None, diffusion: DiffusionConfig | None = None,
-                 device: torch.device | str = "cpu", query_batch: int = 8) -> SearchResult:
+                 device: torch.device | str = "cpu", query_batch: int = 8, show_progress: bool = False) -> SearchResult:
     """Rank ``database`` for every query by each method the configuration turns on.
 
     ``global`` always (with the database's ``search_index``, exact when it has none);
     ``asmk`` with ``initial="asmk"`` (``database.asmk`` and ``queries.how``); ``+dsm`` with
     ``rerank`` (local features of both); ``+D`` with ``diffusion`` (``database.graph``).
+    ``show_progress``: progress of re-ranking (per query) and diffusion (per solve).
     """
     if initial not in ("global", "asmk"):
         raise ValueError(f"initial must be 'global' or 'asmk', got {initial!r}")
@@ -296,22 +301,26 @@ def rank_methods(queries: DescribedImages, database: DescribedImages, initial: s
         for name in names:
             stage = stages[name]
             with _timed(timing, "rerank" if name == "global" else f"rerank_{name}", device):
-                stage.reranked_ranks, stage.reranked = rerank_top_k(reranker, queries.local, database.local, stage.ranks,
-                                                                    stage.scores, device, query_batch)
+                stage.reranked_ranks, stage.reranked = rerank_top_k(
+                    reranker, queries.local, database.local, stage.ranks, stage.scores, device, query_batch,
+                    show_progress, desc=f"re-ranking {name}")
             methods[f"{name}+dsm"] = stage.reranked_ranks
     if diffusion is not None:
         graph = database.graph
         plain = ["global"] if reranker is not None else names[::-1]
-        for name in plain:
-            with _timed(timing, f"diffusion_{name}", device):
-                diffused, info = diffuse_initial(graph, stages[name].scores, stages[name].ranks, diffusion)
-            methods[f"{name}+D"], cg[f"{name}+D"] = diffused.cpu(), _cg(info)
-        if reranker is not None:
-            for name in names[::-1]:
+        verified = names[::-1] if reranker is not None else []
+        with progress(len(plain) + len(verified), "diffusion", show_progress, unit="solve") as bar:
+            for name in plain:
+                with _timed(timing, f"diffusion_{name}", device):
+                    diffused, info = diffuse_initial(graph, stages[name].scores, stages[name].ranks, diffusion)
+                methods[f"{name}+D"], cg[f"{name}+D"] = diffused.cpu(), _cg(info)
+                bar.update(1)
+            for name in verified:
                 stage = stages[name]
                 with _timed(timing, "diffusion_dsm" if name == "global" else f"diffusion_{name}", device):
                     diffused, info = diffuse_verified(graph, stage.scores, stage.reranked, stage.reranked_ranks, diffusion)
                 methods[f"{name}+dsm+D"], cg[f"{name}+dsm+D"] = diffused.cpu(), _cg(info)
+                bar.update(1)
     method = initial + ("+dsm" if reranker is not None else "") + ("+D" if diffusion is not None else "")
     diagnostics: dict[str, Any] = {"timing": timing}
     if diffusion is not None:

@@ -209,3 +209,19 @@ def test_nothing_shipped_imports_the_tests():
             text = path.read_text()
             assert "sys.path" not in text, path
             assert not re.search(r"^\s*(from|import) (tests|reference_\w+|conftest)\b", text, re.M), path
+
+
+def test_the_detector_takes_a_batch_tensor_or_one_per_scale():
+    from gpu_dsm.detect import DSMDetector, detect
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(activation_bound=6.0)
+    big, small = torch.rand(2, 8, 12, 14) * 6, torch.rand(2, 8, 8, 9) * 6
+    lists = detect([[big[0], small[0]], [big[1], small[1]]], cfg, scales=(1.0, 0.7))
+    per_scale = detect([big, small], cfg, scales=(1.0, 0.7))
+    for name in ("xy", "frame", "channel", "scale", "valid", "map_sizes"):
+        assert torch.equal(getattr(lists, name), getattr(per_scale, name)), name
+    one = DSMDetector(cfg)(big)
+    assert one.num_images == 2 and torch.equal(one.counts, detect([[big[0]], [big[1]]], cfg).counts)
+    with pytest.raises(ValueError, match=r"got a tensor of shape \(7, 9\)"):
+        detect(torch.rand(7, 9), cfg)
