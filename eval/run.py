@@ -198,14 +198,14 @@ def make_backbone(cfg: RunConfig) -> Backbone:
 
 def write_store(
     backbone: Backbone, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, cfg: RunConfig, desc: str,
-    is_query: bool = False,
+    is_query: bool = False, log=print,
 ) -> FeatureStore:
     """Describe ``specs`` (global descriptors, and local features when ``cfg.detector`` is set)
     and write them to a new store at ``path`` (atomically)."""
     extraction = dataclasses.replace(cfg.retrieval_config(), rerank=RerankConfig() if cfg.detector is not None else None,
                                      diffusion=None, initial="global")
     retrieval = DSMRetrieval(backbone, extraction, whitening="none")
-    return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc)
+    return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc, log=log)
 
 
 def _open_cached(path: Path, log) -> FeatureStore | None:
@@ -284,7 +284,8 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                 label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
 
                 def write(part_specs, part_names, part_path):
-                    return write_store(net, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries")
+                    return write_store(net, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries",
+                                       log=log)
 
                 if ranks.distributed:
                     costs = pixel_costs(specs, cfg.extract.image_size, cfg.extract.upscale)

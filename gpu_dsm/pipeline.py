@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -262,22 +262,31 @@ class DSMRetrieval(nn.Module):
         return describe_how(self._network("HOW features"), images, self.how_whitening, self.config.how, desc=desc)
 
     def write_store(self, images: Sequence[ImageLike | ImageSpec], path: str | Path, names: Sequence[str],
-                    options: dict[str, Any], is_query: bool = False, desc: str = "describe") -> FeatureStore:
+                    options: dict[str, Any], is_query: bool = False, desc: str = "describe",
+                    log: Callable[[str], Any] | None = None) -> FeatureStore:
         """Describe ``images`` into a new feature store at ``path`` (published atomically): the
         network's global descriptors (before the learned whitening, which is a search-time step)
-        and, with re-ranking on, local features. ``options`` go into the store's metadata."""
+        and, with re-ranking on, local features. ``options`` go into the store's metadata.
+
+        Resumable: an interrupted write (Ctrl-C, a crash) keeps its finished images, and the same
+        call describes only the missing ones (:class:`StoreWriter`); the store is the same."""
         net = self._network("write_store")
         local = {"scales": list(self.config.extract.scales), "num_channels": net.out_channels} if self.local_features else None
         dim = self.config.global_.resolve(net).descriptor_dim(net.out_channels)
         with StoreWriter(path, names, dim, options, local=local) as writer:
-            def write(indices: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
+            todo = writer.missing()
+            if writer.resumed and log is not None:
+                log(f"{desc}: resuming an interrupted write, {writer.resumed} of {len(names)} images already done")
+
+            def write(rows: list[int], descriptors: torch.Tensor, maps_per_image: list[list[torch.Tensor]]) -> None:
                 features, sizes = self._detect_batch(maps_per_image, is_query)
+                indices = [todo[row] for row in rows]
                 for index, descriptor in zip(indices, descriptors):
                     writer.add_global(index, descriptor)
                 for index, found, size in zip(indices, features or [], sizes):
                     writer.add_local(index, found, size)
 
-            describe_images(net, images, write, self.config.extract, self.config.global_, desc=desc)
+            describe_images(net, [images[i] for i in todo], write, self.config.extract, self.config.global_, desc=desc)
         return FeatureStore(path)
 
     def from_store(self, store: FeatureStore | StoreStack, how: HOWFeatures | None = None) -> DescribedImages:

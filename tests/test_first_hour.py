@@ -64,3 +64,42 @@ def test_help_says_the_demo_defaults_and_the_version(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     assert capsys.readouterr().out.startswith("gpu-dsm 0.")
+
+
+def test_an_interrupted_extraction_resumes_where_it_stopped(mini, lite0, tmp_path, monkeypatch):
+    """Ctrl-C after some chunks: the same call describes only the missing images, and the store
+    equals an uninterrupted one's file by file."""
+    import gpu_dsm.pipeline as pipeline
+    from gpu_dsm.extract import ExtractConfig
+    from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+
+    specs, names = mini.database_specs()[:20], mini.imlist[:20]
+    retrieval = DSMRetrieval(lite0, RetrievalConfig(extract=ExtractConfig(image_size=96, scales=(1.0,), progress=False)))
+    whole = retrieval.write_store(specs, tmp_path / "whole", names, {"k": 1})
+
+    real, described = pipeline.describe_images, []
+
+    def stopping(net, images, sink, *args, **kwargs):
+        def counting(rows, descriptors, maps):
+            if len(described) == 17:
+                raise KeyboardInterrupt
+            described.extend(rows)
+            sink(rows, descriptors, maps)
+        return real(net, images, counting, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "describe_images", stopping)
+    try:
+        retrieval.write_store(specs, tmp_path / "store", names, {"k": 1})
+    except KeyboardInterrupt:
+        pass
+    assert not (tmp_path / "store").exists() and len(described) == 17
+    monkeypatch.setattr(pipeline, "describe_images", real)
+    seen = []
+    monkeypatch.setattr(pipeline, "describe_images",
+                        lambda net, images, sink, *a, **k: (seen.extend(images), real(net, images, sink, *a, **k))[1])
+    lines = []
+    resumed = retrieval.write_store(specs, tmp_path / "store", names, {"k": 1}, log=lines.append)
+    assert 0 < len(seen) <= 20 - 16, "only the images after the last committed chunk were described again"
+    assert lines and "resuming an interrupted write" in lines[0]
+    for name in sorted(p.name for p in whole.path.iterdir()):
+        assert (whole.path / name).read_bytes() == (resumed.path / name).read_bytes(), name

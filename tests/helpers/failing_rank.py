@@ -19,10 +19,10 @@ def _failing_here() -> bool:
     return int(os.environ.get("RANK", "0")) == fail_rank
 
 
-def failing_store(backbone, specs, names, path, cfg, desc, is_query=False):
+def failing_store(backbone, specs, names, path, cfg, desc, is_query=False, **kwargs):
     if fail_at == "store" and _failing_here() and is_query:
         raise RuntimeError(f"rank {fail_rank} stopped on purpose")
-    return write_store(backbone, specs, names, path, cfg, desc, is_query)
+    return write_store(backbone, specs, names, path, cfg, desc, is_query, **kwargs)
 
 
 def failing_how(backbone, specs, whitening, config=None, desc="HOW"):
