@@ -26,6 +26,7 @@ from gpu_dsm.match import ERRORS, MatchConfig
 from gpu_dsm.rerank import SCORES, RerankConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.pooling import POOLINGS
+from gpu_dsm.pipeline import INITIAL_RANKINGS, RetrievalConfig
 
 
 def _default_device() -> str:
@@ -51,12 +52,18 @@ def _scales(text: str) -> tuple[float, ...]:
         ) from None
 
 
-def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
+def _add_model_args(p: argparse.ArgumentParser, image_size: int | None = None) -> None:
+    """Network and extraction options; defaults from :class:`RunConfig` and :class:`ExtractConfig`."""
+    from gpu_dsm.eval.run import RunConfig
+
+    run = RunConfig(data_root="", dataset="")
+    e = run.extract
+    image_size = e.image_size if image_size is None else image_size
     g = p.add_argument_group("network and extraction")
-    g.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
+    g.add_argument("--backbone", default=run.backbone, choices=sorted(BACKBONES),
                    help="network whose last conv activations are used (default: %(default)s, ImageNet weights bundled; "
                         "the paper used VGG16 / ResNet101)")
-    g.add_argument("--weights", default="default",
+    g.add_argument("--weights", default=run.weights,
                    help="'default' (the bundled ImageNet weights; EfficientNet-Lite only), 'none' (random, with a "
                         "warning), or the path of a torchvision state dict or a cnnimageretrieval-pytorch checkpoint "
                         "(default: the bundled weights; VGG/ResNet need a file)")
@@ -67,7 +74,7 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
                    help="activation upsampling '↑' (paper 4.1): stride 32 -> 16 for ResNet/EfficientNet (default: off)")
     g.add_argument("--image-size", type=int, default=image_size,
                    help="longer image side in pixels (default: %(default)s; paper 4.1: 1024)")
-    g.add_argument("--scales", type=_scales, default=ExtractConfig().scales,
+    g.add_argument("--scales", type=_scales, default=e.scales,
                    help="comma-separated scale factors, e.g. '1,1/sqrt(2),0.5' (default: 1, 1/sqrt(2), 1/2, paper 4.1)")
     g.add_argument("--no-upscale", dest="upscale", action="store_false",
                    help="the standard image protocol exactly (revisitop / cnnimageretrieval-pytorch: PIL thumbnail, never "
@@ -75,14 +82,14 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
                         "crops to --image-size: +0.9 mAP M on roxford5k-19q, +3.3 on holidays-811, README)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images of one size per forward pass (default: 1 on the CPU, measured fastest there; 16 on a GPU)")
-    g.add_argument("--workers", type=int, default=0, help="image-reading processes (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=e.num_workers, help="image-reading processes (default: %(default)s)")
     g.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="global descriptor pooling (default: the checkpoint's meta['pooling'], else gem; paper 4.1 uses GeM "
                         "for off-the-shelf networks)")
     g.add_argument("--gem-p", type=float, default=None,
                    help="GeM exponent (default: the checkpoint's learned p, else 3 as Radenović et al.)")
     g.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available, else cpu)")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=run.dtype,
                    help="network dtype (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
@@ -251,7 +258,8 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
                     "reuses" if extract else
                     "'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
                     "asmk+dsm+D (with --diffusion); the global methods stay")
-    g.add_argument("--initial", choices=("global", "asmk"), default="global", help=initial_help + " (default: %(default)s)")
+    g.add_argument("--initial", choices=INITIAL_RANKINGS, default=RetrievalConfig().initial,
+                   help=initial_help + " (default: %(default)s)")
     g.add_argument("--codebook-data", nargs="+", default=["database"], metavar="SOURCE",
                    help="images the HOW whitening and the ASMK codebook are learned on, never the queries: 'database' (the "
                         "evaluated dataset's database), another dataset's name under --data-root (its database images), or a "
