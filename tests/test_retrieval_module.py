@@ -225,3 +225,26 @@ def test_the_detector_takes_a_batch_tensor_or_one_per_scale():
     assert one.num_images == 2 and torch.equal(one.counts, detect([[big[0]], [big[1]]], cfg).counts)
     with pytest.raises(ValueError, match=r"got a tensor of shape \(7, 9\)"):
         detect(torch.rand(7, 9), cfg)
+
+
+def test_show_match_ranks_as_evaluate_does_with_a_learned_whitening(tiny_root, tmp_path):
+    """show-match's rank-r candidate is evaluate's rank-r image, also when a learned whitening
+    re-orders the global ranking."""
+    from gpu_dsm.eval.run import show_match
+    from gpu_dsm.store import FeatureStore
+
+    cache = tmp_path / "cache"
+    extract = ExtractConfig(image_size=128, scales=(1.0,), progress=False)
+    plain = evaluate_dataset(RunConfig(data_root=str(tiny_root), dataset=TINY, extract=extract, detector=DetectorConfig(),
+                                       rerank=RerankConfig(), cache_dir=str(cache)), log=lambda *a: None)
+    database = next(p for p in cache.iterdir() if p.is_dir() and "-database-" in p.name)
+    whitening = fit_pca_whitening(FeatureStore(database).global_descriptors(), dim=3)
+    whitening.save(tmp_path / "w.pt")
+    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, extract=extract, detector=DetectorConfig(),
+                    rerank=RerankConfig(), whitening=str(tmp_path / "w.pt"), cache_dir=str(cache))
+    whitened = evaluate_dataset(cfg, log=lambda *a: None)["results"]["global"]["ranks"]
+    assert whitened != plain["results"]["global"]["ranks"], "the whitening re-orders the ranking"
+    for query in range(2):
+        for rank in (1, 2, 5):
+            shown = show_match(cfg, query, rank, tmp_path / f"m{query}{rank}.png", log=lambda *a: None)
+            assert shown["candidate"] == whitened[query][rank - 1]
