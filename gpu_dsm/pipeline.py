@@ -221,7 +221,9 @@ class DSMRetrieval(nn.Module):
             features, sizes = self._detect_batch(maps_per_image, is_query)
             local = None
             if features is not None:
-                local = LocalFeatures.from_images(features, sizes, self.config.extract.scales, maps_per_image[0][0].shape[0],
+                # the scale factors are known when the maps are one per configured scale
+                scales = self.config.extract.scales if sizes.shape[1] == len(self.config.extract.scales) else ()
+                local = LocalFeatures.from_images(features, sizes, scales, maps_per_image[0][0].shape[0],
                                                   capacity=self.config.detector.max_features, device=descriptors.device)
             return DescribedImages(self._whiten(descriptors), local)
         net = self._network("describing images")

@@ -174,9 +174,16 @@ def test_a_retrieval_checkpoint_brings_its_learned_whitening_into_the_module(tmp
     assert none.whitening is None
 
 
-def test_empty_database_is_named(lite0):
+def test_an_empty_database_is_named_and_no_queries_give_an_empty_ranking():
+    torch.manual_seed(0)
+    retrieval = DSMRetrieval(_TimmStyle().eval(), RetrievalConfig(
+        extract=ExtractConfig(image_size=64, scales=(1.0,), progress=False), diffusion=DiffusionConfig()))
     with pytest.raises(ValueError, match="database is empty"):
-        DSMRetrieval(lite0).index([])
+        retrieval.index([])
+    rng = np.random.default_rng(0)
+    index = retrieval.index([rng.integers(0, 255, (64, 48, 3), dtype=np.uint8) for _ in range(4)])
+    result = retrieval.search([], index)
+    assert result.ranks.shape == (0, 4) and all(r.shape == (0, 4) for r in result.methods.values())
 
 
 def test_paper_rerank_overrides_are_validated(tiny_root, tmp_path, capsys):
