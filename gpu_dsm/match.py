@@ -13,21 +13,35 @@ For each (query, candidate) pair and each of the ``S x S`` (query scale, candida
    threshold, least-squares 5-dof fit, re-score, keep if better, at most ``lo_rounds`` rounds;
 5. the pair's score is the best count over its scale pairs.
 
-Correspondence groups of all pairs are padded into one table, sorted by size and processed in
-chunks whose ``groups x hypotheses x correspondences`` stays under ``max_elements``: no Python
-loop over candidates or hypotheses.
+Steps 2-4 run per group of correspondences (a pair's scale pair) by one of two backends
+(``MatchConfig.backend``):
+
+- ``"native"``: a C kernel on the CPU (:mod:`gpu_dsm.kernels.fsm`), threads over groups, with the
+  float64 operations of the plain matcher (:mod:`gpu_dsm.reference.match`);
+- ``"torch"``: tensor passes on any device: the groups are padded into one table, sorted by size
+  and processed in chunks whose ``groups x hypotheses x correspondences`` stays under
+  ``max_elements``, with no Python loop over candidates or hypotheses;
+- ``"auto"`` (default): native on the CPU where the kernel builds, torch on other devices or
+  without a C compiler (with a warning naming why).
+
+Both give the plain matcher's inlier decisions.
 """
 from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from gpu_dsm.checks import as_tensor
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm.kernels import fsm, native
 from gpu_dsm.kernels.scoring import ERRORS, count_unique, hypotheses_from_frames, inlier_mask, log_scale, scale_gate
+
+
+BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -46,7 +60,10 @@ class MatchConfig:
     lo_factor: float = 4.0  # reference code: gather inliers at 4x the threshold
     lo_rounds: int = 2  # reference code: at most 2 rounds
     lo_min_inliers: int = 4  # reference code: hypotheses with <= 3 inliers are not refined
-    max_elements: int = 2**25  # memory budget: groups x hypotheses x correspondences per chunk
+    max_elements: int = 2**25  # torch backend's memory budget: groups x hypotheses x correspondences per chunk
+    # "auto" | "native" (C kernel, CPU) | "torch" (any device); auto: the C kernel on the CPU where
+    # it builds (the faster one there, eval/bench_match.py), torch elsewhere
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.error not in ERRORS:
@@ -54,8 +71,12 @@ class MatchConfig:
         if not (math.isfinite(self.threshold) and self.threshold > 0) or not self.max_scale_change >= 1:
             raise ValueError(f"threshold must be > 0 and max_scale_change >= 1, got {self.threshold} and "
                              f"{self.max_scale_change}")
-        if not self.lo_factor >= 1 or self.lo_hypotheses < 0 or self.lo_rounds < 0 or self.max_elements < 1:
-            raise ValueError("lo_factor must be >= 1, lo_hypotheses and lo_rounds >= 0, max_elements >= 1")
+        if not self.lo_factor >= 1 or self.lo_hypotheses < 0 or self.lo_rounds < 0 or self.max_elements < 1 \
+                or self.lo_min_inliers < 1:
+            raise ValueError("lo_factor must be >= 1, lo_hypotheses and lo_rounds >= 0, lo_min_inliers and "
+                             "max_elements >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MatchConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclass
@@ -204,12 +225,12 @@ def _verify_groups(table: _GroupTable, cfg: MatchConfig):
     th2 = cfg.threshold ** 2
     mask, count = table.score(table.params, table.log_scale, th2, cfg)
     count = torch.where(table.hyp_valid, count, torch.zeros_like(count))
-    k = min(cfg.lo_hypotheses, count.shape[1])
+    k = min(max(cfg.lo_hypotheses, 1), count.shape[1])
     order = torch.argsort(count, dim=1, descending=True, stable=True)[:, :k]
     best_params = table.params.gather(1, order[..., None].expand(-1, -1, 5))
     best_count = count.gather(1, order)
     best_mask = mask.gather(1, order[..., None].expand(-1, -1, mask.shape[2]))
-    active = best_count >= cfg.lo_min_inliers
+    active = (best_count >= cfg.lo_min_inliers) & (cfg.lo_hypotheses > 0)
     for _ in range(cfg.lo_rounds):
         if not active.any():
             break
@@ -264,25 +285,10 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         return MatchResult(inliers, transform, scale_pair, empty_matches, n_corr)
     groups, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
     starts = torch.cumsum(sizes, 0) - sizes
-    # chunks of groups of similar size, each under the memory budget
-    by_size = torch.argsort(sizes, descending=True, stable=True)
-    best_count = torch.zeros(groups.numel(), dtype=torch.long, device=device)
-    best_params = torch.zeros(groups.numel(), 5, dtype=torch.float64, device=device)
-    sizes_sorted = sizes[by_size].tolist()
-    i = 0
-    chunk_results = []
-    while i < len(sizes_sorted):
-        cmax = sizes_sorted[i]  # largest group of the chunk: hypotheses x correspondences = cmax^2
-        n = max(1, min(len(sizes_sorted) - i, cfg.max_elements // (cmax * cmax)))
-        # groups at least 3/4 of the largest, so padding wastes under half of the work
-        n = max(1, bisect.bisect_left([-v for v in sizes_sorted[i:i + n]], -(cmax * 3 // 4)))
-        idx = by_size[i:i + n]
-        table = _GroupTable(query, candidates, query_index, corr, sizes[idx], starts[idx])
-        count, params, mask = _verify_groups(table, cfg)
-        best_count[idx] = count
-        best_params[idx] = params
-        chunk_results.append((idx, table, mask))
-        i += n
+    if choose_backend(cfg.backend, device) == "native":
+        best_count, best_params, mask = _verify_native(query, candidates, query_index, corr, sizes, cfg)
+    else:
+        best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, cfg)
     # best scale pair per (query, candidate) pair: highest count, then lowest scale-pair index
     pair_of_group = groups // (num_scales * num_scales)
     key = best_count * (num_scales * num_scales + 1) + (num_scales * num_scales - groups % (num_scales * num_scales))
@@ -294,26 +300,77 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     transform[wp] = best_params[win_groups]
     sp = groups[win_groups] % (num_scales * num_scales)
     scale_pair[wp] = torch.stack([sp // num_scales, sp % num_scales], 1)
-    # inlier correspondences of the winners
-    rows_q, rows_c, rows_p = [], [], []
-    for idx, table, mask in chunk_results:
-        chosen = is_winner[idx]
-        if not chosen.any():
-            continue
-        g_local, l = mask[chosen].nonzero(as_tuple=True)
-        sel = chosen.nonzero().squeeze(1)[g_local]
-        rows_p.append(table.pair[sel, l])
-        rows_q.append(table.qrow[sel, l])
-        rows_c.append(table.crow[sel, l])
-    if rows_p:
-        p_all, q_all, c_all = torch.cat(rows_p), torch.cat(rows_q), torch.cat(rows_c)
-        order = torch.argsort(p_all, stable=True)
-        p_all, q_all, c_all = p_all[order], q_all[order], c_all[order]
+    # inlier correspondences of the winners, in (query row, candidate row) order per pair
+    chosen = (mask & torch.repeat_interleave(is_winner, sizes)).nonzero().squeeze(1)
+    if chosen.numel():
+        p_all, q_all, c_all = corr["pair"][chosen], corr["qrow"][chosen], corr["crow"][chosen]
         counts = torch.bincount(p_all, minlength=num_pairs)
         slot = torch.arange(p_all.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[p_all]
-        width = int(counts.max())
-        matches = torch.full((num_pairs, width, 2), -1, dtype=torch.long, device=device)
+        matches = torch.full((num_pairs, int(counts.max()), 2), -1, dtype=torch.long, device=device)
         matches[p_all, slot] = torch.stack([q_all, c_all], 1)
     else:
         matches = empty_matches
     return MatchResult(inliers, transform, scale_pair, matches, n_corr)
+
+
+def choose_backend(wanted: str, device: torch.device | str) -> str:
+    """``"native"`` or ``"torch"`` for features on ``device``: ``wanted`` (``MatchConfig.backend``)
+    resolved. The C kernel runs on the CPU; ``"auto"`` falls back to torch, with a warning, where
+    it does not build."""
+    if wanted not in BACKENDS:
+        raise ValueError(f"MatchConfig.backend must be one of {BACKENDS}, got {wanted!r}")
+    if wanted == "torch":
+        return "torch"
+    device = torch.device(device)
+    if wanted == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs on the CPU; the features are on {device} (use 'auto' or 'torch')")
+        reason = fsm.unavailable()
+        if reason:
+            raise native.NativeUnavailable(f"backend='native': {reason}")
+        return "native"
+    if device.type != "cpu":
+        return "torch"
+    reason = fsm.unavailable()
+    if reason:
+        warnings.warn(f"spatial verification: the C kernel is unavailable ({reason}); verifying with tensor passes, "
+                      "much slower on the CPU", RuntimeWarning, stacklevel=3)
+        return "torch"
+    return "native"
+
+
+def _verify_native(query, candidates, query_index, corr, sizes, cfg: MatchConfig):
+    """Best count ``(G,)``, params ``(G, 5)`` and inlier mask ``(N,)`` of every group, by the C kernel."""
+    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
+    qimg = query_index[pair]
+    starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
+    return fsm.verify_groups(
+        starts, query.xy[qimg, qrow], candidates.xy[pair, crow], query.frame[qimg, qrow], candidates.frame[pair, crow],
+        qrow, crow, max(candidates.capacity, 1), threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
+        symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor,
+        lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)
+
+
+def _verify_torch(query, candidates, query_index, corr, sizes, starts, cfg: MatchConfig):
+    """The same by tensor passes: chunks of groups of similar size, each under the memory budget."""
+    device = candidates.device
+    by_size = torch.argsort(sizes, descending=True, stable=True)
+    best_count = torch.zeros(sizes.numel(), dtype=torch.long, device=device)
+    best_params = torch.zeros(sizes.numel(), 5, dtype=torch.float64, device=device)
+    mask = torch.zeros(corr["pair"].numel(), dtype=torch.bool, device=device)
+    sizes_sorted = sizes[by_size].tolist()
+    i = 0
+    while i < len(sizes_sorted):
+        cmax = sizes_sorted[i]  # largest group of the chunk: hypotheses x correspondences = cmax^2
+        n = max(1, min(len(sizes_sorted) - i, cfg.max_elements // (cmax * cmax)))
+        # groups at least 3/4 of the largest, so padding wastes under half of the work
+        n = max(1, bisect.bisect_left([-v for v in sizes_sorted[i:i + n]], -(cmax * 3 // 4)))
+        idx = by_size[i:i + n]
+        table = _GroupTable(query, candidates, query_index, corr, sizes[idx], starts[idx])
+        count, params, chunk_mask = _verify_groups(table, cfg)
+        best_count[idx] = count
+        best_params[idx] = params
+        rows = starts[idx][:, None] + torch.arange(chunk_mask.shape[1], device=device)
+        mask[rows[table.valid]] = chunk_mask[table.valid]
+        i += n
+    return best_count, best_params, mask

@@ -39,7 +39,9 @@ def cache_dir() -> Path:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    # no contraction into fused multiply-adds (clang contracts by default): the kernels reproduce
+    # float64 formulas of the plain references operation for operation
+    flags = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
     # the hardware popcount where the CPU says it has one (x86 compilers otherwise emit a bit-twiddling loop)
     if platform.machine().lower() in ("x86_64", "amd64"):
         try:

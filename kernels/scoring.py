@@ -13,13 +13,18 @@ all candidates one tensor operation.
 
 The product runs in the coordinates' dtype (float32 by default) on centred coordinates; errors
 within a bound of the float32 rounding of the threshold are recomputed directly in float64, so
-inlier decisions equal those of the direct float64 formula.
+inlier decisions equal those of the direct float64 formula. The bound assumes IEEE float32
+products, so the product runs inside :func:`gpu_dsm.kernels.precision.ieee_float32_matmul`:
+TF32 or bfloat16 settings of the caller (``torch.set_float32_matmul_precision``,
+``allow_tf32``) do not change the decisions.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from gpu_dsm.kernels.precision import ieee_float32_matmul
 
 ERRORS = ("symmetric", "one_way")
 
@@ -129,7 +134,8 @@ def inlier_mask(
     c1, c2 = x1 - m1[:, None], x2 - m2[:, None]
     psi = _coefficients(centred, error)  # float64
     phi = _monomials(torch.cat([c1, c2], -1))  # float64
-    errors = torch.bmm(psi.to(work), phi.to(work).transpose(1, 2))
+    with ieee_float32_matmul():
+        errors = torch.bmm(psi.to(work), phi.to(work).transpose(1, 2))
     inside = (errors < threshold_sq) & valid[:, None, :]
     if work != torch.float64:
         # conservative bound of the float32 rounding: 15 terms, each |psi| |phi| <= |psi|_1 max|phi|

@@ -10,7 +10,7 @@ from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.match import MatchConfig, spatial_verify, tentative_correspondences
 from gpu_dsm.rerank import DSMReranker, RerankConfig, rerank_scores
-from reference_match import verify_pair
+from gpu_dsm.reference.match import verify_pair
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,10 @@ def test_batched_equals_reference_on_real_tables(real_tables, cfg):
 
 def test_memory_budget_does_not_change_results(real_tables):
     qf, cf, qi = real_tables
-    a = spatial_verify(qf, cf, qi)
-    b = spatial_verify(qf, cf, qi, MatchConfig(max_elements=5000))
+    a = spatial_verify(qf, cf, qi, MatchConfig(backend="torch"))
+    b = spatial_verify(qf, cf, qi, MatchConfig(max_elements=5000, backend="torch"))  # the tensor passes' budget
     assert torch.equal(a.inliers, b.inliers) and torch.equal(a.scale_pair, b.scale_pair)
+    assert torch.equal(a.matches, b.matches)
 
 
 def _synthetic_pair(n=40, seed=0, transform=(1.3, 0.2, 0.8, 5.0, -3.0)):

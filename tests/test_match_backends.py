@@ -1,0 +1,198 @@
+"""Both backends of spatial verification (the C kernel and tensor passes) against the plain float64
+matcher on small many-to-many tables (inlier counts, inlier correspondences, scale pairs,
+transforms); the kernel's threads, input checks and the fallback without a compiler; scoring
+independent of the float32 matmul precision settings. The real tables: test_match_real.py."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_dsm.features import LocalFeatures
+from gpu_dsm.kernels import fsm, native, scoring
+from gpu_dsm.match import MatchConfig, choose_backend, spatial_verify, tentative_correspondences
+from gpu_dsm.reference.match import verify_pair_details
+
+def _plain(query, candidates, query_index, cfg):
+    return [verify_pair_details(query.image(int(query_index[p])), candidates.image(p), cfg)
+            for p in range(candidates.num_images)]
+
+
+def _compare(result, expected, transform_tolerance):
+    """Pairs whose count, scale pair or inliers differ from the plain matcher's ``expected``;
+    largest transform difference."""
+    wrong, worst = [], 0.0
+    for p, want in enumerate(expected):
+        m = result.matches[p]
+        got_matches = [tuple(r) for r in m[m[:, 0] >= 0].tolist()]
+        if int(result.inliers[p]) != want["inliers"] or got_matches != want["matches"]:
+            wrong.append(p)
+            continue
+        if want["inliers"] == 0:
+            assert result.scale_pair[p].tolist() == [-1, -1] and torch.isnan(result.transform[p]).all()
+            continue
+        if tuple(result.scale_pair[p].tolist()) != want["scale_pair"]:
+            wrong.append(p)
+            continue
+        diff = float(np.abs(result.transform[p].numpy() - want["transform"]).max())
+        worst = max(worst, diff)
+        if diff > transform_tolerance * (1 + float(np.abs(want["transform"]).max())):
+            wrong.append(p)
+    return wrong, worst
+
+
+def _random_tables(seed, pairs=6, n=60, channels=12):
+    """Small tables with many-to-many correspondences (few channels), three scales, a shared
+    transform on part of the features, and a few duplicated feature positions."""
+    g = torch.Generator().manual_seed(seed)
+
+    def image():
+        frame = torch.zeros(n, 2, 2)
+        frame[:, 0, 0] = torch.rand(n, generator=g) + 0.5
+        frame[:, 1, 0] = torch.randn(n, generator=g) * 0.3
+        frame[:, 1, 1] = torch.rand(n, generator=g) + 0.5
+        return {"xy": torch.rand(n, 2, generator=g) * 30, "frame": frame, "strength": torch.ones(n),
+                "channel": torch.randint(0, channels, (n,), generator=g), "scale": torch.randint(0, 3, (n,), generator=g)}
+
+    q = image()
+    cands = []
+    for p in range(pairs):
+        c = image()
+        k = 10 * p
+        T = torch.tensor([[1.2, 0.0], [0.1, 0.9]])
+        c["xy"][:k] = q["xy"][:k] @ T.T + 2 + 0.5 * torch.randn(k, 2, generator=g)
+        c["frame"][:k] = T @ q["frame"][:k]
+        c["channel"][:k], c["scale"][:k] = q["channel"][:k], q["scale"][:k]
+        c["xy"][k:k + 3] = c["xy"][k]  # three features at one position
+        cands.append(c)
+    sizes = torch.tensor([[[32, 32], [23, 23], [16, 16]]])
+    return (LocalFeatures.from_images([q], sizes, (1.0, 0.707, 0.5), channels),
+            LocalFeatures.from_images(cands, sizes.expand(pairs, 3, 2), (1.0, 0.707, 0.5), channels))
+
+
+@pytest.mark.parametrize("cfg", [MatchConfig(), MatchConfig(threshold=2.0, error="symmetric"),
+                                 MatchConfig(lo_hypotheses=0), MatchConfig(lo_rounds=0, threshold=3.0),
+                                 MatchConfig(lo_hypotheses=1, lo_rounds=5, lo_factor=2.0, max_scale_change=1.5)])
+def test_native_equals_the_plain_matcher_on_many_to_many_tables(cfg, native_kernel):
+    for seed in range(3):
+        q, c = _random_tables(seed)
+        qi = torch.zeros(c.num_images, dtype=torch.long)
+        result = spatial_verify(q, c, qi, dataclasses.replace(cfg, backend="native"))
+        wrong, worst = _compare(result, _plain(q, c, qi, cfg), transform_tolerance=0.0)
+        assert wrong == [] and worst == 0.0
+        assert result.inliers.max() >= 12  # the shared transform found
+        torch_result = spatial_verify(q, c, qi, dataclasses.replace(cfg, backend="torch"))
+        assert torch.equal(torch_result.inliers, result.inliers) and torch.equal(torch_result.matches, result.matches)
+
+
+def _kernel_inputs(seed=0):
+    q, c = _random_tables(seed)
+    qi = torch.zeros(c.num_images, dtype=torch.long)
+    corr = tentative_correspondences(q, c, qi, 3)
+    _, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
+    starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
+    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
+    args = [starts, q.xy[qi[pair], qrow], c.xy[pair, crow], q.frame[qi[pair], qrow], c.frame[pair, crow], qrow, crow,
+            c.capacity]
+    kwargs = dict(threshold=4.0, max_scale_change=3.0, symmetric=False, lo_hypotheses=5, lo_factor=4.0, lo_rounds=2,
+                  lo_min_inliers=4)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_threads_split_the_groups_without_changing_results(threads, native_kernel):
+    args, kwargs = _kernel_inputs()
+    one = fsm.verify_groups(*args, **kwargs, threads=1)
+    many = fsm.verify_groups(*args, **kwargs, threads=threads, evaluations_per_thread=1)
+    assert len(fsm._ranges(args[0][1:] - args[0][:-1], threads)) == threads
+    assert all(torch.equal(a, b) for a, b in zip(one[:1] + one[2:], many[:1] + many[2:]))
+    assert torch.equal(one[1].isnan(), many[1].isnan())
+    assert torch.equal(torch.nan_to_num(one[1]), torch.nan_to_num(many[1]))
+    assert int(one[0].max()) >= 12
+
+
+def test_kernel_inputs_are_checked_before_the_c_code_reads_memory(native_kernel):
+    args, kwargs = _kernel_inputs()
+    starts, xy1, xy2, f1, f2, qrow, crow, num_rows = args
+    with pytest.raises(ValueError, match="sorted by query row"):
+        fsm.verify_groups(starts, xy1, xy2, f1, f2, qrow.flip(0), crow, num_rows, **kwargs)
+    bad = crow.clone()
+    bad[5] = num_rows
+    with pytest.raises(ValueError, match="1 candidate rows outside"):
+        fsm.verify_groups(starts, xy1, xy2, f1, f2, qrow, bad, num_rows, **kwargs)
+    with pytest.raises(ValueError, match="starts must rise"):
+        fsm.verify_groups(starts[:-1], xy1, xy2, f1, f2, qrow, crow, num_rows, **kwargs)
+    with pytest.raises(ValueError, match="do not fit together"):
+        fsm.verify_groups(starts, xy1[:-1], xy2, f1, f2, qrow, crow, num_rows, **kwargs)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        fsm.verify_groups(starts, xy1.to("meta"), xy2, f1, f2, qrow, crow, num_rows, **kwargs)
+    with pytest.raises(ValueError, match="backend='native' runs on the CPU"):
+        choose_backend("native", "meta")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MatchConfig(backend="cuda")
+    assert choose_backend("auto", "meta") == "torch"
+
+
+def test_without_a_compiler_auto_falls_back_and_native_names_the_reason(tmp_path, monkeypatch):
+    q, c = _random_tables(1)
+    expected = spatial_verify(q, c, config=MatchConfig(backend="torch"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GPU_DSM_KERNEL_CACHE", str(tmp_path / "cache"))
+    native._build.cache_clear()
+    fsm._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="the C kernel is unavailable .no C compiler"):
+            got = spatial_verify(q, c)
+        assert torch.equal(got.inliers, expected.inliers) and torch.equal(got.matches, expected.matches)
+        with pytest.raises(native.NativeUnavailable, match="backend='native': no C compiler"):
+            spatial_verify(q, c, config=MatchConfig(backend="native"))
+    finally:
+        native._build.cache_clear()
+        fsm._library.cache_clear()
+
+
+_B = torch.backends
+_PRECISION = {"global": _B, "cuda.matmul": _B.cuda.matmul, "mkldnn.matmul": _B.mkldnn.matmul}
+
+
+@pytest.mark.parametrize("setting", ["allow_tf32=True", "matmul_precision=highest", "matmul_precision=high",
+                                     "matmul_precision=medium", "fp32_precision=tf32", "mkldnn=bf16"])
+def test_inlier_decisions_do_not_depend_on_the_float32_matmul_precision(setting, monkeypatch):
+    saved = {name: obj.fp32_precision for name, obj in _PRECISION.items()}
+    seen = []
+    bmm = torch.bmm
+
+    def recording_bmm(a, b):
+        seen.append((a.dtype, _B.cuda.matmul.fp32_precision, _B.mkldnn.matmul.fp32_precision))
+        return bmm(a, b)
+
+    g = torch.Generator().manual_seed(0)
+    xy1 = torch.rand(4, 300, 2, generator=g) * 60
+    xy2 = xy1 * 1.1 + torch.randn(4, 300, 2, generator=g) * 2  # errors spread around the threshold
+    params = torch.randn(4, 50, 5, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.01, 0.01, 0.5, 0.5],
+                                                                                   dtype=torch.float64)
+    params += torch.tensor([1.1, 0.0, 1.1, 0.0, 0.0], dtype=torch.float64)
+    valid = torch.ones(4, 300, dtype=torch.bool)
+    kind, value = setting.split("=")
+    try:
+        if kind == "allow_tf32":
+            _B.cuda.matmul.allow_tf32 = True
+        elif kind == "matmul_precision":
+            torch.set_float32_matmul_precision(value)
+        elif kind == "mkldnn":
+            _B.mkldnn.matmul.fp32_precision = value
+        else:
+            _B.fp32_precision = value
+        before = {name: obj.fp32_precision for name, obj in _PRECISION.items()}
+        monkeypatch.setattr(torch, "bmm", recording_bmm)
+        for error in ("one_way", "symmetric"):
+            got = scoring.inlier_mask(params, xy1, xy2, valid, 16.0, error)
+            exact = scoring.direct_errors(params, xy1.double(), xy2.double(), error) < 16.0
+            assert torch.equal(got, exact)
+            assert 0.05 < exact.float().mean() < 0.95
+        monkeypatch.undo()
+        assert seen and all(s == (torch.float32, "ieee", "ieee") for s in seen)  # products at IEEE float32
+        assert {name: obj.fp32_precision for name, obj in _PRECISION.items()} == before  # the caller's settings back
+    finally:
+        for name, value in saved.items():
+            _PRECISION[name].fp32_precision = value
