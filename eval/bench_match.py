@@ -1,27 +1,222 @@
-"""Benchmark of spatial verification: one query against 100 candidates, 9 scale pairs.
+"""Benchmark of spatial verification against OpenCV's RANSAC, on real tables.
 
     python -m gpu_dsm.eval.bench_match --out results/bench_match_cpu.json
 
-Synthetic feature tables shaped like DSM's: 512 features per image (VGG-size; about 390
-tentative correspondences per scale pair) and 2048 (ResNet-size; about 1560), channels drawn so
-that the correspondence counts match the notes, a third of the candidates sharing a true
-upright-affine transform with the query. Reports ms per query for the batched matcher (several
-queries batched, ``--queries``) and for the plain reference matcher of the tests (on a few
-pairs, extrapolated to 100), their ratio, and the peak GPU memory on CUDA.
+Real tables: every query of roxford5k-mini (default) against the top 100 of its global ranking,
+extracted at the default 1024 px (EfficientNet-Lite0). On exactly the same tentative
+correspondences (every scale pair of every (query, candidate) pair, feature-map pixels) it times
+
+- the project: :func:`gpu_dsm.match.spatial_verify` with the C kernel (``native``) and with tensor
+  passes (``torch``), from the feature tables (correspondences included);
+- OpenCV: ``cv2.estimateAffine2D`` (6 dof) and ``cv2.estimateAffinePartial2D`` (4 dof), RANSAC,
+  reprojection threshold 4 px (the default one-way threshold), 2000 iterations, confidence 0.99,
+  one call per scale pair of at least 3 correspondences, the pair's count the best over its scale
+  pairs, from correspondences already gathered (their gathering is not timed);
+
+with one thread and with all threads (OpenCV's calls spread over a thread pool; it releases the
+GIL). Reports ms per query, OpenCV's time over the project's (the ratio: > 1 means the project is
+faster), and how many pairs' inlier counts agree with OpenCV's within one inlier (OpenCV's inliers
+counted like the project's: each feature once). ``--reference-pairs`` also times the plain
+float64 matcher (:mod:`gpu_dsm.reference.match`) on a few pairs and checks both backends against
+it there. Without opencv-python-headless (``pip install gpu_dsm[bench]``) OpenCV is reported as
+unavailable and the rest runs.
+
+``--sizes 512,2048`` instead runs synthetic tables shaped like DSM's (a third of the candidates
+sharing a true transform with the query): the batched matcher against the plain one.
 """
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.io import write_json
-from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
-from gpu_dsm.match import MatchConfig, spatial_verify
+from gpu_dsm.match import MatchConfig, spatial_verify, tentative_correspondences
+from gpu_dsm.reference.match import match_pair
+
+RANSAC = {"ransacReprojThreshold": 4.0, "maxIters": 2000, "confidence": 0.99}
+
+
+def real_tables(data_root: str | Path, dataset: str = "roxford5k-mini", top_k: int = 100, image_size: int = 1024,
+                queries: int | None = None, backbone: str = "efficientnet_lite0"):
+    """Local features of a revisitop set's queries and of the top ``top_k`` of each query's global
+    ranking: ``(query LocalFeatures (Q), candidate LocalFeatures (Q * K, query-major), query_index (Q * K,))``."""
+    from gpu_dsm.backbones import build_backbone
+    from gpu_dsm.eval.datasets import RevisitopDataset
+    from gpu_dsm.extract import ExtractConfig
+    from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+
+    data = RevisitopDataset.load(data_root, dataset)
+    retrieval = DSMRetrieval(build_backbone(backbone),
+                             RetrievalConfig(extract=ExtractConfig(image_size=image_size, progress=False)))
+    specs = data.query_specs()[:queries]
+    q = retrieval.describe(specs, is_query=True)
+    db = retrieval.describe(data.database_specs())
+    k = min(top_k, db.global_descriptors.shape[0])
+    ranks = (q.global_descriptors @ db.global_descriptors.T).topk(k, dim=1).indices
+    return q.local, db.local[ranks.reshape(-1)], torch.arange(len(specs)).repeat_interleave(k)
+
+
+def correspondence_groups(query: LocalFeatures, candidates: LocalFeatures, query_index: torch.Tensor, num_scales: int):
+    """Per (pair, scale pair) group: ``(pair, x1 (C, 2) float32, x2 (C, 2) float32, qrow, crow)``."""
+    corr = tentative_correspondences(query, candidates, query_index, num_scales)
+    groups, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
+    x1 = query.xy[query_index[corr["pair"]], corr["qrow"]].numpy()
+    x2 = candidates.xy[corr["pair"], corr["crow"]].numpy()
+    out, start = [], 0
+    for g, n in zip((groups // (num_scales * num_scales)).tolist(), sizes.tolist()):
+        rows = slice(start, start + n)
+        out.append((g, np.ascontiguousarray(x1[rows]), np.ascontiguousarray(x2[rows]), corr["qrow"][rows].numpy(),
+                    corr["crow"][rows].numpy()))
+        start += n
+    return out
+
+
+def opencv_counts(cv2, method: str, groups, num_pairs: int, threads: int) -> np.ndarray:
+    """OpenCV RANSAC per group; each pair's best count (each feature once) over its groups."""
+    estimate = getattr(cv2, method)
+
+    def one(group):
+        pair, x1, x2, qrow, crow = group
+        if len(x1) < 3:
+            return pair, 0
+        _, mask = estimate(x1, x2, method=cv2.RANSAC, **RANSAC)
+        if mask is None:
+            return pair, 0
+        inl = mask.ravel().astype(bool)
+        return pair, min(len(set(qrow[inl].tolist())), len(set(crow[inl].tolist())))
+
+    if threads <= 1:
+        results = [one(g) for g in groups]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(one, groups, chunksize=16))
+    counts = np.zeros(num_pairs, dtype=np.int64)
+    for pair, n in results:
+        counts[pair] = max(counts[pair], n)
+    return counts
+
+
+def _best_of(repeat: int, fn):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _machine(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu or "none",
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def compare_with_opencv(args, device: torch.device) -> dict:
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    if args.tables_cache and Path(args.tables_cache).is_file():
+        q, c, qi = torch.load(args.tables_cache, weights_only=False)
+    else:
+        from gpu_dsm.eval.datasets import default_data_root
+
+        root = args.data_root or default_data_root()
+        if root is None:
+            raise SystemExit("bench_match: no data root (--data-root or GPU_DSM_DATA)")
+        q, c, qi = real_tables(root, args.dataset, args.top_k, args.image_size, args.real_queries)
+        if args.tables_cache:
+            Path(args.tables_cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save((q, c, qi), args.tables_cache)
+    num_queries, num_pairs = q.num_images, c.num_images
+    num_scales = max(len(q.scales), len(c.scales), 1)
+    corr = tentative_correspondences(q, c, qi, num_scales)
+    per_pair = torch.bincount(corr["pair"], minlength=num_pairs)
+    _, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
+    result = {
+        "tables": {"dataset": args.dataset, "queries": num_queries, "pairs": num_pairs, "image_size": args.image_size,
+                   "correspondences_per_pair_median": int(per_pair.median()), "correspondences_per_pair_max": int(per_pair.max()),
+                   "hypothesis_evaluations_per_query": int((sizes.long() ** 2).sum()) // max(num_queries, 1)},
+        "opencv": cv2.__version__ if cv2 is not None else "unavailable (pip install opencv-python-headless)",
+        "opencv_settings": {**RANSAC, "method": "RANSAC", "calls": "one per scale pair with >= 3 correspondences"},
+        "runs": {},
+    }
+    groups = correspondence_groups(q, c, qi, num_scales)
+    all_threads = args.threads or os.cpu_count() or 1
+    saved_threads = torch.get_num_threads()
+    qd, cd, qid = q.to(device), c.to(device), qi.to(device)
+    for threads in sorted({1, all_threads}):
+        torch.set_num_threads(threads)
+        if cv2 is not None:
+            cv2.setNumThreads(threads)
+        run: dict = {}
+        counts = {}
+        for backend in ("native", "torch"):
+            if backend == "native" and device.type != "cpu":
+                continue
+            cfg = MatchConfig(backend=backend)
+            spatial_verify(qd[:1], cd[:2], qid[:2] * 0, cfg)  # warm-up (builds the C kernel)
+
+            def project():
+                out = spatial_verify(qd, cd, qid, cfg)
+                sync(device)
+                return out
+
+            seconds, res = _best_of(args.repeat if backend == "native" else 1, project)
+            counts[backend] = res.inliers.cpu().numpy()
+            run[backend] = {"ms_per_query": round(1000 * seconds / num_queries, 2)}
+        if "native" in counts:
+            run["native_equals_torch"] = bool((counts["native"] == counts["torch"]).all())
+        project_counts = counts.get("native", counts["torch"])
+        if cv2 is not None:
+            for method in ("estimateAffine2D", "estimateAffinePartial2D"):
+                seconds, cv_counts = _best_of(args.repeat, lambda: opencv_counts(cv2, method, groups, num_pairs, threads))
+                ms = 1000 * seconds / num_queries
+                entry = {"ms_per_query": round(ms, 2),
+                         "pairs_within_one_inlier": int((np.abs(cv_counts - project_counts) <= 1).sum()),
+                         "pairs": num_pairs, "inliers_mean": round(float(cv_counts.mean()), 2)}
+                for backend in ("native", "torch"):
+                    if backend in run:
+                        entry[f"ratio_vs_{backend}"] = round(ms / run[backend]["ms_per_query"], 2)
+                run[method] = entry
+        run["project_inliers_mean"] = round(float(project_counts.mean()), 2)
+        result["runs"][f"{threads}_threads"] = run
+        line = ", ".join(f"{k} {v['ms_per_query']:.1f} ms/query" for k, v in run.items() if isinstance(v, dict))
+        print(f"{threads} thread(s): {line}")
+        for method in ("estimateAffine2D", "estimateAffinePartial2D"):
+            if method in run and "ratio_vs_native" in run[method]:
+                print(f"  {method}: {run[method]['ratio_vs_native']}x the native kernel's time, "
+                      f"{run[method]['pairs_within_one_inlier']}/{num_pairs} pairs within one inlier")
+    torch.set_num_threads(saved_threads)
+    if args.reference_pairs:
+        result["reference"] = _check_reference(q, c, qi, args.reference_pairs)
+        print(f"plain float64 matcher: {result['reference']['ms_per_query_extrapolated']:.0f} ms/query "
+              f"(extrapolated from {args.reference_pairs} pairs), backends agree: {result['reference']['agree']}")
+    return result
+
+
+def _check_reference(q, c, qi, pairs: int) -> dict:
+    """The plain matcher on the first ``pairs`` pairs: its time per query and whether both backends equal it."""
+    pairs = min(pairs, c.num_images)
+    cfg = MatchConfig()
+    got = {b: spatial_verify(q, c[:pairs], qi[:pairs], MatchConfig(backend=b)).inliers.tolist() for b in ("native", "torch")}
+    start = time.perf_counter()
+    want = [match_pair({k: v.numpy() for k, v in q.image(int(qi[p])).items()}, {k: v.numpy() for k, v in c.image(p).items()},
+                       threshold=cfg.threshold, symmetric=cfg.error == "symmetric").inliers for p in range(pairs)]
+    seconds = time.perf_counter() - start
+    per_query = c.num_images / max(q.num_images, 1)
+    return {"pairs": pairs, "ms_per_query_extrapolated": round(1000 * seconds / pairs * per_query, 1),
+            "agree": all(got[b] == want for b in got)}
 
 
 def synthetic_tables(num_features: int, active_channels: int, num_candidates: int, seed: int = 0):
@@ -56,18 +251,9 @@ def synthetic_tables(num_features: int, active_channels: int, num_candidates: in
     return q, c
 
 
-
-def main(argv=None) -> dict:
-    p = benchmark_parser(__doc__)
-    p.add_argument("--queries", type=int, default=2, help="queries verified in one batched call (default: %(default)s)")
-    p.add_argument("--reference-pairs", type=int, default=2, help="pairs timed with the plain matcher (default: %(default)s)")
-    p.add_argument("--sizes", default="512,2048", help="features per image (default: %(default)s)")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from reference_match import verify_pair
-
-    result: dict = {"benchmark": "match", "device": str(device), "threads": torch.get_num_threads(), "tables": {}}
+def synthetic(args, device: torch.device) -> dict:
+    """The batched matcher (default backend) against the plain one on synthetic tables."""
+    result = {}
     cfg = MatchConfig()
     for n in (int(s) for s in args.sizes.split(",")):
         active = 74 if n <= 512 else 300  # per scale pair: (n/3)^2 / active ~ 390 (512) or ~1560 (2048)
@@ -83,26 +269,52 @@ def main(argv=None) -> dict:
         sync(device)
         batched_ms = 1000 * (time.perf_counter() - start) / args.queries
         corr = res.correspondences[:100].float()
+        pairs = max(1, args.reference_pairs)
         start = time.perf_counter()
         qn = {k: v.numpy() for k, v in q.image(0).items()}
-        ref = [verify_pair(qn, {k: v.numpy() for k, v in c.image(i).items()}, threshold=cfg.threshold,
-                           symmetric=cfg.error == "symmetric") for i in range(args.reference_pairs)]
-        ref_ms = 1000 * (time.perf_counter() - start) / args.reference_pairs * 100
-        agree = ref == res.inliers[: args.reference_pairs].cpu().tolist()
+        ref = [match_pair(qn, {k: v.numpy() for k, v in c.image(i).items()}, threshold=cfg.threshold,
+                          symmetric=cfg.error == "symmetric").inliers for i in range(pairs)]
+        ref_ms = 1000 * (time.perf_counter() - start) / pairs * 100
         entry = {
             "features_per_image": n,
             "correspondences_per_scale_pair": round(float(corr.mean()) / 9, 1),
             "batched_ms_per_query": round(batched_ms, 1),
             "reference_ms_per_query_extrapolated": round(ref_ms, 1),
             "speedup": round(ref_ms / batched_ms, 1),
-            "reference_agrees_on_timed_pairs": agree,
+            "reference_agrees_on_timed_pairs": ref == res.inliers[:pairs].cpu().tolist(),
             "inliers_true_matches_mean": float(res.inliers[:100:3].float().mean()),
             "inliers_others_mean": float(res.inliers[:100][torch.arange(100) % 3 != 0].float().mean()),
             "peak_gpu_memory_mb": peak_gpu_memory_mb(device),
         }
-        result["tables"][str(n)] = entry
+        result[str(n)] = entry
         print(f"{n} features ({entry['correspondences_per_scale_pair']} correspondences per scale pair): batched "
               f"{batched_ms:.0f} ms/query, reference {ref_ms:.0f} ms/query (extrapolated), {ref_ms / batched_ms:.0f}x")
+    return result
+
+
+def main(argv=None) -> dict:
+    p = benchmark_parser(__doc__)
+    p.add_argument("--data-root", default=None, help="revisitop data root (default: GPU_DSM_DATA or ../shared/data)")
+    p.add_argument("--dataset", default="roxford5k-mini", help="default: %(default)s")
+    p.add_argument("--real-queries", type=int, default=None, help="first queries of the set (default: all)")
+    p.add_argument("--top-k", type=int, default=100, help="candidates per query (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=1024, help="extraction size, px (default: %(default)s)")
+    p.add_argument("--tables-cache", default=None, help="save the extracted tables here, or load them if present")
+    p.add_argument("--threads", type=int, default=None, help="'all threads' run (default: the machine's cores)")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default: %(default)s)")
+    p.add_argument("--reference-pairs", type=int, default=2, help="pairs timed with the plain matcher (default: %(default)s)")
+    p.add_argument("--sizes", default=None, help="synthetic tables of these features per image instead, e.g. 512,2048")
+    p.add_argument("--queries", type=int, default=2, help="synthetic: queries verified in one call (default: %(default)s)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    result: dict = {"benchmark": "match", "command": " ".join([Path(sys.executable).name, "-m", "gpu_dsm.eval.bench_match",
+                                                              *(sys.argv[1:] if argv is None else argv)]),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "device": str(device), "machine": _machine(device), "threads": torch.get_num_threads()}
+    if args.sizes:
+        result["tables"] = synthetic(args, device)
+    else:
+        result.update(compare_with_opencv(args, device))
     if args.out:
         write_json(args.out, result)
     return result
