@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from gpu_dsm.activations import per_image_maps
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale, top_per_group
 from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
@@ -77,8 +78,9 @@ class DetectorConfig:
     @classmethod
     def reference(cls, **overrides) -> "DetectorConfig":
         """The DSM authors' detector (reference code): both polarities, MATLAB rounding, delta from
-        the float histogram, singular regions removed before the clutter count, strength inside the
-        1-sigma ellipse, NMS on ellipse boxes before the per-channel cap, stable tie order
+        the float histogram, VLFeat's single-precision moments, singular regions removed before the
+        clutter count, strength inside the 1-sigma ellipse as ``poly2mask`` fills it, NMS on ellipse
+        boxes before the per-channel cap, the reference's tie order
         (:mod:`gpu_dsm.reference_selection`). Other fields keep their defaults (the same values)."""
         return cls(**{"rules": "reference", "polarity": "both", "strength": "max", **overrides})
 
@@ -255,30 +257,31 @@ def _scale_features(regions: MSERRegions, cfg: DetectorConfig, is_query: bool) -
     }
 
 
-def _scale_features_reference(regions: MSERRegions, acts: torch.Tensor, cfg: DetectorConfig, is_query: bool) -> dict:
+def _scale_features_reference(regions: MSERRegions, acts: torch.Tensor, cfg: DetectorConfig, is_query: bool,
+                               bound: float | None) -> dict:
     """Features of one image at one scale by the authors' rules (gpu_dsm.reference_selection)."""
-    frame = _cholesky_lower(regions.cov)
-    rows, strength = select_scale(
-        regions, acts, frame, is_query=is_query, max_regions_per_channel=cfg.max_regions_per_channel,
-        singular_det=cfg.singular_det, per_channel=cfg.per_channel_query if is_query else cfg.per_channel_database,
+    mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
+    rows, strength, rank = select_scale(
+        regions, _scaled(acts, mode, bound), acts, is_query=is_query, max_regions_per_channel=cfg.max_regions_per_channel,
+        per_channel=cfg.per_channel_query if is_query else cfg.per_channel_database,
         nms_iou=cfg.nms_iou, max_features=cfg.max_features,
     )
     return {
         "xy": regions.mean[rows].float(),
-        "frame": frame[rows].float(),
+        "frame": _cholesky_lower(regions.cov[rows]).float(),
         "strength": strength.float(),
-        "rank": strength,  # no tie-break: the stable order of the rows decides ties, as in the reference
+        "rank": rank,  # no tie-break: the stable order of the rows decides ties, as in the reference
         "channel": regions.map_index[rows],
     }
 
 
 def _image_features(regions_per_scale: Sequence[MSERRegions], maps: Sequence[torch.Tensor], cfg: DetectorConfig,
-                    is_query: bool) -> dict:
+                    is_query: bool, bound: float | None = None) -> dict:
     """Features of one image from its regions at each scale (step 6) -> unpadded dict."""
     per_scale = []
     for s, (regions, acts) in enumerate(zip(regions_per_scale, maps)):
         if cfg.rules == "reference":
-            found = _scale_features_reference(regions, acts, cfg, is_query)
+            found = _scale_features_reference(regions, acts, cfg, is_query, bound)
         else:
             found = _scale_features(regions, cfg, is_query)
         found["scale"] = torch.full_like(found["channel"], s)
@@ -308,7 +311,7 @@ def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: Detecto
     regions = _regions_of_all([acts for maps in maps_per_image for acts in maps], cfg, bound)
     out, start = [], 0
     for maps in maps_per_image:
-        out.append(_image_features(regions[start:start + len(maps)], maps, cfg, is_query))
+        out.append(_image_features(regions[start:start + len(maps)], maps, cfg, is_query, bound))
         start += len(maps)
     return out
 
@@ -323,7 +326,8 @@ def detect(
     """DSM local features of a batch of images.
 
     Args:
-        maps_per_image: per image, its activations at each scale ``[(K, h_s, w_s)] * S``.
+        maps_per_image: per image, its activations at each scale ``[(K, h_s, w_s)] * S``; or a
+            ``(B, K, H, W)`` tensor (one scale), or a list of them (one per scale).
         cfg: detector parameters (paper defaults).
         is_query: queries keep 20 per channel and skip NMS; database images 10 and NMS.
         scales: the scale factors (recorded in the table).
@@ -334,6 +338,7 @@ def detect(
         :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device.
     """
     cfg = cfg or DetectorConfig()
+    maps_per_image = per_image_maps(maps_per_image)
     if len(maps_per_image) == 0:
         return LocalFeatures.empty(0, len(scales), scales)
     per_image = detect_images(maps_per_image, cfg, is_query, activation_bound)

@@ -8,12 +8,14 @@ The rules of the reference code (MATLAB, VLFeat), per image and scale, all tenso
    rounded, capped at 12 (:func:`reference_delta`);
 2. MSER of both polarities; rows ordered as ``vl_mser`` lists them: channel, dark-on-bright
    before bright-on-dark, then by grey value and seed pixel (:attr:`MSERRegions.seed`);
-3. regions with a singular covariance dropped, THEN channels with more than 36 of the rest;
-4. strength: the largest activation inside the 1-sigma ellipse, as the reference fills it: the
-   40 vertices ``A [cos t, sin t] + centre`` (``t = linspace(0, 2 pi, 40)``, 1-based pixel
-   coordinates) rounded half away from zero, and the pixels whose centres lie inside the closed
-   polygon (:func:`ellipse_strength`). A feature whose ellipse box (clipped to the map) is one
-   pixel high or wide, or whose ellipse holds no activation, is dropped;
+3. each region's centroid and second moments as ``vl_mser`` computes them, in single precision
+   (:func:`vlfeat_moments`); regions with an exactly singular covariance dropped, THEN channels
+   with more than 36 of the rest, THEN regions where ``chol`` fails (:func:`cholesky_fails`);
+4. strength: the largest value of ``fms`` (the scaled activations the reference reads) inside the
+   1-sigma ellipse, as the reference fills it: ``vl_frame2oell``'s frame, 40 vertices rounded half
+   away from zero, Octave's ``poly2mask`` scanline fill (:func:`ellipse_strength`). A feature
+   whose ellipse box (clipped to the map) is one pixel high or wide, or whose ellipse holds no
+   activation, is dropped;
 5. database images: NMS over all features of the scale on the ellipse boxes (inclusive pixel
    coordinates, area ``(x2 - x1) (y2 - y1)``), IoU 0.2, before the per-channel cap; among equal
    strengths the later row is picked first; rows are then in pick order;
@@ -21,10 +23,12 @@ The rules of the reference code (MATLAB, VLFeat), per image and scale, all tenso
    scale the strongest ``max_features``, stable; over the scales (scale order) the strongest
    ``max_features``, stable.
 
-Where this departs from the authors' code: MATLAB's ``poly2mask`` decides boundary pixels on a
-5x5 sub-pixel grid, here a pixel centre on the polygon's boundary is inside; the seed pixel
-that orders regions of equal grey value in one channel is VLFeat's in 98.5% of regions (see
-:attr:`MSERRegions.seed`). Both only matter for ties.
+Measured against the authors' code run in Octave 7 with VLFeat 0.9 (``vl_mser``) and the image
+package's ``poly2mask`` on the same activations: identical features. Where this can depart from
+it: MATLAB's own ``poly2mask`` decides boundary pixels on a 5x5 sub-pixel grid (here: Octave's);
+the seed pixel that orders regions of equal grey value in one channel is VLFeat's in 98.5% of
+regions (:attr:`MSERRegions.seed`), which matters only for ties; the single-precision moments
+are exact while a region's coordinate sums stay below 2**24.
 """
 from __future__ import annotations
 
@@ -84,90 +88,203 @@ def reference_order(regions: MSERRegions) -> torch.Tensor:
     return order
 
 
-def _polygons(mean: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unrounded vertices ``(n, 40)`` x and y, 1-based pixel coordinates, of the 1-sigma ellipses."""
-    theta = torch.linspace(0.0, 2.0 * math.pi, NUM_VERTICES, dtype=torch.float64, device=mean.device)
-    cos, sin = theta.cos(), theta.sin()
-    a, b, c = frame[:, 0, 0, None], frame[:, 1, 0, None], frame[:, 1, 1, None]
-    x = mean[:, 0, None] + 1.0 + a * cos
-    y = mean[:, 1, None] + 1.0 + b * cos + c * sin
-    return x, y, round_half_away(x), round_half_away(y)
+def vlfeat_moments(regions: MSERRegions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid and second moments of each region as ``vl_mser`` computes them (``mser.c``,
+    ``vl_mser_ell_fit``): single precision, the image seen column-major (MATLAB's layout).
+
+    The coordinate sums are integers, exact in single precision below 2**24 (any map of up to
+    2**24 / W**2 pixels per region); the central moments are then ``E[x_i x_j] - E[x_i] E[x_j]``
+    with every operation rounded to float32, as the C code does.
+
+    Returns:
+        ``mean (n, 2)`` float32 ``(x, y)``, 0-based; ``moments (n, 3)`` float32 ``(Sxx, Sxy, Syy)``.
+    """
+    n = regions.area.double()
+    mean, cov = regions.mean.double(), regions.cov.double()
+    # the exact integer sums, recovered from the float64 centroid and covariance
+    sx, sy = (mean[:, 0] * n).round(), (mean[:, 1] * n).round()
+    sxx = (n * cov[:, 0, 0] + sx * sx / n).round()
+    sxy = (n * cov[:, 0, 1] + sx * sy / n).round()
+    syy = (n * cov[:, 1, 1] + sy * sy / n).round()
+    n32 = n.float()
+    mx, my = sx.float() / n32, sy.float() / n32
+    exx, exy, eyy = sxx.float() / n32, sxy.float() / n32, syy.float() / n32
+    moments = torch.stack([exx - mx * mx, exy - my * mx, eyy - my * my], 1)
+    return torch.stack([mx, my], 1), moments
 
 
-def _inside(px: torch.Tensor, py: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
-    """Pixel centres ``(n, P)`` inside or on the closed polygons ``(n, V)`` (integer vertices, the
-    last equal to the first): crossing number, boundary included; exact in float64."""
-    x0, y0 = vx[:, None, :-1], vy[:, None, :-1]
-    x1, y1 = vx[:, None, 1:], vy[:, None, 1:]
-    px, py = px[:, :, None], py[:, :, None]
-    cross = (x1 - x0) * (py - y0) - (y1 - y0) * (px - x0)
-    on_edge = (cross == 0) & (px >= torch.minimum(x0, x1)) & (px <= torch.maximum(x0, x1)) \
-        & (py >= torch.minimum(y0, y1)) & (py <= torch.maximum(y0, y1))
-    straddles = (y0 > py) != (y1 > py)
-    # the edge crosses the ray to the right of the point: px < x0 + (py - y0) (x1 - x0) / (y1 - y0)
-    right = torch.where(y1 > y0, cross > 0, cross < 0)
-    crossings = (straddles & right).sum(-1)
-    return on_edge.any(-1) | (crossings % 2 == 1)
+def singular(moments: torch.Tensor) -> torch.Tensor:
+    """The reference's singular test, ``Sxy^2 - Syy Sxx == 0`` on the float32 moments in double
+    precision (exact: both products of floats fit a double)."""
+    m = moments.double()
+    return m[:, 1] * m[:, 1] - m[:, 2] * m[:, 0] == 0
 
 
-def ellipse_strength(acts: torch.Tensor, channel: torch.Tensor, mean: torch.Tensor, frame: torch.Tensor,
-                     max_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Largest activation inside each feature's 1-sigma ellipse, the reference's way.
+def cholesky_fails(moments: torch.Tensor) -> torch.Tensor:
+    """Where ``chol([Sxx Sxy; Sxy Syy], 'lower')`` fails (LAPACK ``potf2``, as OpenBLAS runs it for
+    a 2 x 2 matrix): ``Sxx <= 0``, or ``Syy - l21^2 <= 0`` with ``l21 = Sxy * (1 / sqrt(Sxx))``."""
+    m = moments.double()
+    l11 = m[:, 0].clamp(min=0).sqrt()
+    l21 = m[:, 1] * (1.0 / l11)
+    return ~(m[:, 0] > 0) | ~(m[:, 2] - l21 * l21 > 0)
+
+
+def _octave_linspace(a: float, b: float, n: int) -> list[float]:
+    """Octave's ``linspace`` (7.x): built from both ends, the end points set exactly."""
+    out = [0.0] * n
+    out[0], out[-1] = a, b
+    step = (b - a) / (n - 1)
+    for i in range(1, n // 2):
+        out[i], out[n - 1 - i] = a + i * step, b - i * step
+    if n % 2 == 1:
+        out[n // 2] = (a + b) / 2
+    return out
+
+
+_THETA = _octave_linspace(0.0, 2.0 * math.pi, NUM_VERTICES)
+_COS = [math.cos(t) for t in _THETA]  # the C library's cos / sin, as Octave's
+_SIN = [math.sin(t) for t in _THETA]
+
+
+def _split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = 134217729.0 * a  # 2**27 + 1: Veltkamp's split of a double into two 26-bit halves
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once (float64), from error-free products and sums (Dekker, Knuth):
+    the BLAS matrix product of the reference accumulates with fused multiply-adds."""
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    s = p + c
+    v = s - p
+    return s + (((p - (s - v)) + (c - v)) + e)
+
+
+def ellipse_polygons(mean32: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertices ``(n, 40)`` x and y (unrounded, 1-based) of the 1-sigma ellipses the reference
+    draws: ``vl_frame2oell`` maps the moments to ``A = [a 0; b c]`` (``a = sqrt(Sxx)``,
+    ``b = Sxy / max(a, 1e-18)``, ``c = sqrt(max(Syy - b^2, 0))``), then ``A [cos t; sin t]`` (BLAS:
+    ``y = fma(c, sin t, b cos t)``) plus the centre ``mean + 1``; ``t``: ``linspace(0, 2 pi, 40)``."""
+    m = moments.double()
+    a = m[:, 0].sqrt()
+    b = m[:, 1] / a.clamp(min=1e-18)
+    c = (m[:, 2] - b * b).clamp(min=0).sqrt()
+    cos = torch.tensor(_COS, dtype=torch.float64, device=m.device)
+    sin = torch.tensor(_SIN, dtype=torch.float64, device=m.device)
+    centre = mean32.double() + 1.0
+    x = a[:, None] * cos + centre[:, 0, None]
+    y = fused_multiply_add(c[:, None].expand(-1, NUM_VERTICES), sin.expand(len(m), -1), b[:, None] * cos) + centre[:, 1, None]
+    return x, y
+
+
+def _polygon_rows(vx: torch.Tensor, vy: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spans Octave's ``poly2mask`` (image 2.14) fills on scanlines ``rows`` ``(n, R)`` of polygons
+    with integer vertices ``(n, V)``: returns ``lo, hi`` ``(n, R, P)`` (inclusive columns; an empty
+    span has ``lo > hi``).
+
+    Its scanline fill: horizontal edges dropped; an edge from ``ymin`` to ``ymax`` crosses
+    scanlines ``ymin < y <= ymax``, starting at its x at ``ymax`` and stepping down by its inverse
+    slope, accumulated one scanline at a time; a scanline's crossings, sorted, pair up into spans
+    ``[round(x1) + (round(x1) != round(x2)), round(x2)]``. A polygon whose vertices all share one
+    y gives an empty mask."""
+    n = vx.shape[0]
+    vx = torch.cat([vx, vx[:, :1]], 1)
+    vy = torch.cat([vy, vy[:, :1]], 1)
+    x0, x1, y0, y1 = vx[:, :-1], vx[:, 1:], vy[:, :-1], vy[:, 1:]
+    edge = y0 != y1
+    up = y1 > y0
+    ymax, ymin = torch.maximum(y0, y1), torch.minimum(y0, y1)
+    xtop, xbot = torch.where(up, x1, x0), torch.where(up, x0, x1)
+    inv_slope = torch.where(edge, (xtop - xbot) / torch.where(edge, ymax - ymin, 1.0), 0.0)
+    span = int((ymax - ymin).max()) if n else 0
+    # x of each edge after k scanline steps, accumulated as the fill does: x_k = x_{k-1} - slope
+    steps = [xtop]
+    for _ in range(1, max(span, 1)):
+        steps.append(steps[-1] - inv_slope)
+    xs = torch.stack(steps, -1)  # (n, E, span)
+    sl = rows[:, :, None]  # (n, R, 1)
+    active = edge[:, None, :] & (ymin[:, None, :] < sl) & (sl <= ymax[:, None, :])
+    k = (ymax[:, None, :] - sl).clamp(0, xs.shape[-1] - 1).long()  # (n, R, E)
+    x = torch.gather(xs[:, None].expand(-1, rows.shape[1], -1, -1), 3, k[..., None]).squeeze(-1)
+    x = torch.where(active, x, torch.full_like(x, math.inf)).sort(-1).values
+    count = int(active.sum(-1).max()) if active.numel() else 0
+    pairs = max(count // 2, 1)
+    x = round_half_away(x[..., : 2 * pairs])
+    lo, hi = x[..., 0::2], x[..., 1::2]
+    valid = torch.isfinite(hi)
+    lo = lo + (lo != hi).double()
+    lo = torch.where(valid, lo, torch.full_like(lo, math.inf))
+    hi = torch.where(valid, hi, torch.full_like(hi, -math.inf))
+    flat = (vy == vy[:, :1]).all(1)
+    lo[flat] = math.inf
+    return lo, hi
+
+
+def ellipse_strength(scaled: torch.Tensor, acts: torch.Tensor, channel: torch.Tensor, mean32: torch.Tensor,
+                     moments: torch.Tensor, max_elements: int = 1 << 22
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Largest value inside each feature's 1-sigma ellipse, the reference's way
+    (``cmp_mser_regions``): the polygon of :func:`ellipse_polygons`, its vertices rounded half away
+    from zero, filled as Octave's ``poly2mask`` does (:func:`_polygon_rows`).
 
     Args:
-        acts: ``(K, H, W)`` activations of one image and scale.
-        channel, mean, frame: ``(n,)``, ``(n, 2)`` (x, y, 0-based), ``(n, 2, 2)`` lower-triangular, float64.
-        max_elements: memory budget, pixels x edges per chunk.
+        scaled: ``(K, H, W)`` the float values the reference sees (its ``fms``), one image and scale.
+        acts: ``(K, H, W)`` the activations (reported strength).
+        channel, mean32, moments: ``(n,)``, ``(n, 2)`` and ``(n, 3)`` from :func:`vlfeat_moments`.
+        max_elements: memory budget per chunk (pixels x span pairs).
     Returns:
-        ``strength (n,)`` (float64), ``box (n, 4)`` float64 ``(x1, y1, x2, y2)`` inclusive 1-based
-        pixel bounds clipped to the map, ``keep (n,)``: box at least 2 x 2 pixels and some
-        activation inside.
+        ``rank (n,)`` float64, the largest ``scaled`` value in the mask (the reference's strength);
+        ``strength (n,)`` float64, the largest activation there; ``box (n, 4)`` float64
+        ``(x1, y1, x2, y2)``, inclusive 1-based bounds of the polygon clipped to the map;
+        ``keep (n,)``: box at least 2 x 2 pixels and a non-zero sum in the mask.
     """
     n = channel.numel()
-    height, width = acts.shape[-2:]
-    device = acts.device
+    height, width = scaled.shape[-2:]
+    device = scaled.device
+    rank = torch.zeros(n, dtype=torch.float64, device=device)
     strength = torch.zeros(n, dtype=torch.float64, device=device)
-    box = torch.zeros(n, 4, dtype=torch.float64, device=device)
     keep = torch.zeros(n, dtype=torch.bool, device=device)
     if n == 0:
-        return strength, box, keep
-    x, y, vx, vy = _polygons(mean.double(), frame.double())
-    x1 = round_half_away(x.amin(1)).clamp(min=1)
-    x2 = round_half_away(x.amax(1)).clamp(max=width)
-    y1 = round_half_away(y.amin(1)).clamp(min=1)
-    y2 = round_half_away(y.amax(1)).clamp(max=height)
+        return rank, strength, torch.zeros(n, 4, dtype=torch.float64, device=device), keep
+    x, y = ellipse_polygons(mean32, moments)
+    vx, vy = round_half_away(x), round_half_away(y)
+    x1, x2 = vx.amin(1).clamp(min=1), vx.amax(1).clamp(max=width)
+    y1, y2 = vy.amin(1).clamp(min=1), vy.amax(1).clamp(max=height)
     box = torch.stack([x1, y1, x2, y2], 1)
     box_w = (x2 - x1 + 1).clamp(min=0).long()
     box_h = (y2 - y1 + 1).clamp(min=0).long()
     big_enough = (box_w > 1) & (box_h > 1)
-    pixels = box_w * box_h
+    pixels = box_w * box_h * (NUM_VERTICES // 2)
     order = torch.argsort(pixels)
     sizes = pixels[order].tolist()
     start = 0
-    edges = NUM_VERTICES - 1
     while start < n:
         stop = start + 1
-        # grow the chunk while (rows x largest box x edges) stays in budget (sizes are sorted)
-        while stop < n and (stop + 1 - start) * max(sizes[stop], 1) * edges <= max_elements:
+        while stop < n and (stop + 1 - start) * max(sizes[stop], 1) <= max_elements:
             stop += 1
         rows = order[start:stop]
         start = stop
         bw, bh = int(box_w[rows].max()), int(box_h[rows].max())
         if bw <= 0 or bh <= 0:
             continue
-        gx = torch.arange(bw, device=device, dtype=torch.float64)
-        gy = torch.arange(bh, device=device, dtype=torch.float64)
-        px = (x1[rows, None, None] + gx[None, None, :]).expand(-1, bh, -1).reshape(rows.numel(), -1)
-        py = (y1[rows, None, None] + gy[None, :, None]).expand(-1, -1, bw).reshape(rows.numel(), -1)
-        in_box = (px <= x2[rows, None]) & (py <= y2[rows, None])
-        inside = _inside(px, py, vx[rows], vy[rows]) & in_box
-        ix = (px.long() - 1).clamp(0, width - 1)
-        iy = (py.long() - 1).clamp(0, height - 1)
-        values = acts[channel[rows, None], iy, ix].double()
-        values = torch.where(inside, values, torch.zeros_like(values))
-        strength[rows] = values.amax(1)
-        keep[rows] = big_enough[rows] & (values.sum(1) != 0)
-    return strength, box, keep
+        sl = y1[rows, None] + torch.arange(bh, device=device, dtype=torch.float64)  # (r, bh)
+        lo, hi = _polygon_rows(vx[rows], vy[rows], sl)  # (r, bh, P)
+        px = x1[rows, None] + torch.arange(bw, device=device, dtype=torch.float64)  # (r, bw)
+        inside = ((px[:, None, :, None] >= lo[:, :, None, :]) & (px[:, None, :, None] <= hi[:, :, None, :])).any(-1)
+        inside &= (sl <= y2[rows, None])[:, :, None] & (px <= x2[rows, None])[:, None, :]
+        iy = (sl.long() - 1).clamp(0, height - 1)[:, :, None]
+        ix = (px.long() - 1).clamp(0, width - 1)[:, None, :]
+        ch = channel[rows, None, None]
+        fm = torch.where(inside, scaled[ch, iy, ix].double(), 0.0).flatten(1)
+        act = torch.where(inside, acts[ch, iy, ix].double(), 0.0).flatten(1)
+        rank[rows] = fm.amax(1)
+        strength[rows] = act.amax(1)
+        keep[rows] = big_enough[rows] & (fm.sum(1) != 0)
+    return rank, strength, box, keep
 
 
 def top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
@@ -187,35 +304,39 @@ def top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.
     return keep
 
 
-def select_scale(regions: MSERRegions, acts: torch.Tensor, frame: torch.Tensor, *, is_query: bool,
-                 max_regions_per_channel: int, singular_det: float, per_channel: int, nms_iou: float,
-                 max_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rules 2-6 (per scale) for one image: ``(rows of regions, strengths)`` kept, in an order whose
-    ties break as the reference's (channel, then the reference's order within a channel). ``frame``: ``(N, 2, 2)`` float64 Cholesky frames of ``regions``."""
+def select_scale(regions: MSERRegions, scaled: torch.Tensor, acts: torch.Tensor, *, is_query: bool,
+                 max_regions_per_channel: int, per_channel: int, nms_iou: float,
+                 max_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rules 2-6 (per scale) for one image: ``(rows of regions, strengths, ranks)`` kept, in an
+    order whose ties break as the reference's (channel, then the reference's order within a
+    channel). ``scaled`` / ``acts``: ``(K, H, W)``, the values the reference reads its strength
+    from and the activations; ``ranks`` are the former (the reference's strength), ``strengths``
+    the largest activation at the same place."""
     device = regions.area.device
     rows = reference_order(regions)
-    cov = regions.cov[rows]
-    det = cov[:, 0, 0] * cov[:, 1, 1] - cov[:, 0, 1] * cov[:, 1, 0]
-    rows = rows[det > singular_det]
+    mean32, moments = vlfeat_moments(regions.select(rows))
+    keep = ~singular(moments)
+    rows, mean32, moments = rows[keep], mean32[keep], moments[keep]
     counts = torch.bincount(regions.map_index[rows], minlength=regions.num_maps)
-    rows = rows[counts[regions.map_index[rows]] <= max_regions_per_channel]
-    strength, box, keep = ellipse_strength(acts, regions.map_index[rows], regions.mean[rows], frame[rows])
-    rows, strength, box = rows[keep], strength[keep], box[keep]
+    keep = (counts[regions.map_index[rows]] <= max_regions_per_channel) & ~cholesky_fails(moments)
+    rows, mean32, moments = rows[keep], mean32[keep], moments[keep]
+    rank, strength, box, keep = ellipse_strength(scaled, acts, regions.map_index[rows], mean32, moments)
+    rows, rank, strength, box = rows[keep], rank[keep], strength[keep], box[keep]
     if not is_query and nms_iou < 1 and rows.numel():
         # unique scores: the position in a stable ascending sort, so among equal strengths the
         # later row ranks higher and is picked first, as the reference's NMS does
-        rank = torch.empty(rows.numel(), dtype=torch.float64, device=device)
-        rank[torch.argsort(strength, stable=True)] = torch.arange(rows.numel(), dtype=torch.float64, device=device)
-        picked = nms(box, rank, nms_iou)  # pick order: highest score first
-        rows, strength = rows[picked], strength[picked]
+        score = torch.empty(rows.numel(), dtype=torch.float64, device=device)
+        score[torch.argsort(rank, stable=True)] = torch.arange(rows.numel(), dtype=torch.float64, device=device)
+        picked = nms(box, score, nms_iou)  # pick order: highest score first
+        rows, rank, strength = rows[picked], rank[picked], strength[picked]
     # per channel, channels in increasing order, rows within a channel in their current order (the
     # reference also sorts a capped channel by strength, stably: later stable sorts by strength
     # break ties the same way, so the kept sets are equal)
     by_channel = torch.argsort(regions.map_index[rows], stable=True)
-    rows, strength = rows[by_channel], strength[by_channel]
-    keep = top_per_group(regions.map_index[rows], strength, per_channel)
-    rows, strength = rows[keep], strength[keep]
+    rows, rank, strength = rows[by_channel], rank[by_channel], strength[by_channel]
+    keep = top_per_group(regions.map_index[rows], rank, per_channel)
+    rows, rank, strength = rows[keep], rank[keep], strength[keep]
     if rows.numel() > max_features:
-        top = torch.argsort(strength, descending=True, stable=True)[:max_features]
-        rows, strength = rows[top], strength[top]
-    return rows, strength
+        top = torch.argsort(rank, descending=True, stable=True)[:max_features]
+        rows, rank, strength = rows[top], rank[top], strength[top]
+    return rows, strength, rank
