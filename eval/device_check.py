@@ -14,8 +14,10 @@ tensor ASMK search. Each entry records ``ok``, ``against`` (the reference) and
 - MSER: ``gpu_dsm.mser`` (propagate labelling) against the VLFeat port
   (``gpu_dsm.reference.mser``) map by map: the same regions (map, level, area, box), their
   centroids and covariances to 1e-9;
-- detection: ``detect`` on the device against the plain reference of ``gpu_dsm.reference.detect``
-  where it exists, else against ``detect`` with scipy labelling on the CPU (named in ``against``);
+- detection: ``detect`` (default rules, propagate labelling) on the device against the plain
+  default-rules detector of ``gpu_dsm.reference.detect`` where it exists, else against ``detect``
+  with scipy labelling on the CPU (named in ``against``); ``DetectorConfig.reference()`` against
+  the authors' rules there: the identical fraction, recorded (not gating);
 - matching: ``spatial_verify`` of every query/database pair on the device against the plain
   float64 matcher of ``gpu_dsm.reference.match`` where it exists (else recorded as not checked,
   which fails the run);
@@ -24,8 +26,8 @@ tensor ASMK search. Each entry records ``ok``, ``against`` (the reference) and
   solutions (< 1e-4) and the same top 10;
 - ASMK: HOW descriptors, index and search on the device (float32 descriptors, tensor search)
   against the plain float64 loops (``gpu_dsm.reference.asmk``): scores to 1e-9, identical
-  rankings; the difference from the authors' ``asmk`` package, where it is installed, is
-  recorded (not gating).
+  rankings; and against the authors' ``asmk`` package where it is installed (to 1e-6; recorded,
+  not gating, at the tiny size, whose whitening is fitted on two small images).
 
 Then the benchmarks (``bench_detect``, ``bench_match``, ``bench_diffusion``, ``bench_asmk``, and
 ``bench_query_path`` on a database simulated from the tables detected above) on the device. One
@@ -153,9 +155,22 @@ def check_detect(maps_per_image, device: torch.device, is_query: bool, bound: fl
     worst = 0.0
     if want is not None and torch.equal(got.valid, want.valid):
         worst = float((got.xy[got.valid] - want.xy[want.valid]).abs().max()) if bool(got.valid.any()) else 0.0
-    return {"ok": differing == 0 and worst <= 1e-4, "against": against,
-            "difference": "features in one table only (scale, channel, x, y to 1e-4)", "worst_difference": differing,
-            "worst_xy_difference": worst, "features": got.counts.tolist()}, got
+    result = {"ok": differing == 0 and worst <= 1e-4, "against": against,
+              "difference": "features in one table only (scale, channel, x, y to 1e-4)", "worst_difference": differing,
+              "worst_xy_difference": worst, "features": got.counts.tolist()}
+    authors = getattr(reference, "authors_image_features", None) if reference is not None else None
+    if authors is not None:
+        # DetectorConfig.reference() against the authors' rules: recorded, not gating (how far the
+        # preset reproduces them is measured and stated elsewhere)
+        preset = detect([[m.to(device) for m in maps] for maps in maps_per_image], DetectorConfig.reference(labelling="propagate"),
+                        is_query, activation_bound=bound).to("cpu")
+        shared = union = 0
+        for b, maps in enumerate(maps_per_image):
+            ours, theirs = _table_set(preset, b), _feature_set(authors([m.numpy() for m in maps], bound, is_query))
+            shared, union = shared + len(ours & theirs), union + len(ours | theirs)
+        result["reference_preset"] = {"against": "the authors' rules (gpu_dsm.reference.detect.authors_image_features)",
+                                      "identical_fraction": shared / max(union, 1), "gating": False}
+    return result, got
 
 
 def _table_set(table: LocalFeatures, b: int) -> set:
@@ -269,9 +284,10 @@ def check_diffusion(descriptors: torch.Tensor, device: torch.device) -> dict[str
 
 
 def check_asmk(backbone, dataset: RevisitopDataset, device: torch.device, how: HOWConfig, images: int,
-               words: int) -> dict[str, Any]:
+               words: int, gate_package: bool = True) -> dict[str, Any]:
     """Real HOW descriptors (float32) indexed and searched on the device (tensor search) against
-    the plain float64 ASMK loops and, where installed, the authors' ``asmk`` package."""
+    the plain float64 ASMK loops and, where installed, the authors' ``asmk`` package (to 1e-6;
+    ``gate_package=False``: recorded only)."""
     training = dataset.database_specs()[images:2 * images]
     whitening = fit_how_whitening(backbone, training, how)
     db = describe_how(backbone, dataset.database_specs()[:images], whitening, how)
@@ -316,12 +332,14 @@ def check_asmk(backbone, dataset: RevisitopDataset, device: torch.device, how: H
         _, _, theirs, _ = _package_search(pad(codebook).numpy(), pad(db.descriptors).numpy(), db.image_ids.numpy(),
                                           pad(queries.descriptors).numpy(), queries.image_ids.numpy(), cfg)
         package = float(np.abs(ours_wide[:, :theirs.shape[1]] - theirs).max())
-        # recorded, not gating: on these real HOW descriptors the package's scores differ from
-        # both ours and the float64 loops by up to ~5e-3 (they agree to 1e-9 on synthetic data:
-        # tests/test_asmk.py), a difference not explained yet
-        result["against"].append(f"the authors' asmk package, descriptors zero-padded {dim} -> {padded}-D "
-                                 "(recorded, not gating)")
+        # at the tiny size the whitening is fitted on two small images and the package's scores
+        # differ from ours and the float64 loops by ~5e-3 (descriptor norms ~1e8); at full size
+        # they agree to 1e-9 (measured on the CPU): gating there only
+        result["against"].append(f"the authors' asmk package, descriptors zero-padded {dim} -> {padded}-D"
+                                 + (" (1e-6)" if gate_package else " (recorded, not gating)"))
         result["package_difference"] = package
+        if gate_package:
+            result["ok"] = result["ok"] and package <= 1e-6
         result["package_identical_rankings"] = sum(
             np.argsort(-ours_wide[r, :theirs.shape[1]], kind="stable").tolist()
             == np.argsort(-theirs[r], kind="stable").tolist() for r in range(theirs.shape[0]))
@@ -401,7 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
             found_q, tables["queries"] = check_detect(sub["queries"], device, True, bound)
             return {"ok": found["ok"] and found_q["ok"], "against": found["against"], "difference": found["difference"],
                     "worst_difference": max(found["worst_difference"], found_q["worst_difference"]),
-                    "database_features": found["features"], "query_features": found_q["features"]}
+                    "database_features": found["features"], "query_features": found_q["features"],
+                    **({"reference_preset": {"database": found["reference_preset"], "queries": found_q["reference_preset"]}}
+                       if "reference_preset" in found else {})}
 
         _timed(report, "detect", detect_both, device)
     if "match" in checks:
@@ -416,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
         _timed(report, "diffusion", lambda: check_diffusion(noisy, device), device)
     if "asmk" in checks:
         how = HOWConfig(image_size=size // 2 if args.tiny else size, num_features=100 if args.tiny else 1000, progress=False)
-        _timed(report, "asmk", lambda: check_asmk(backbone, dataset, device, how, images, 64), device)
+        _timed(report, "asmk", lambda: check_asmk(backbone, dataset, device, how, images, 64, gate_package=not args.tiny),
+               device)
     failed = [name for name in checks if not report.get(name, {}).get("ok")]
 
     skipped: dict[str, str] = {}
