@@ -111,13 +111,13 @@ def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[tor
     return [i for i, _ in items], [im for _, im in items]
 
 
-def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float, skip_small: bool = False):
+def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float, skip_small: bool = False, recompute: bool = False):
     """One scale of a uint8 batch ``(B, 3, H, W)``: per-image activations (``None`` for images too
     small at this scale when ``skip_small``) and the scaled image size."""
     device, dtype = backbone.device, backbone.dtype
     images = batch.to(device=device, dtype=dtype).div_(255.0)
     if scale != 1.0:
-        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=recompute)
     h, w = images.shape[-2:]
     if min(h, w) < backbone.min_input_size:
         if skip_small:
@@ -130,11 +130,22 @@ def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float, skip_s
     return list(acts.unbind(0)), (h, w)
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Images per forward pass when :attr:`ExtractConfig.batch_size` is ``None``: 1 on the CPU
+    (measured fastest there, see :class:`ExtractConfig`), 16 on an accelerator."""
+    return 1 if torch.device(device).type == "cpu" else 16
+
+
 @torch.no_grad()
 def iterate_activations(
-    backbone: Backbone, images: Sequence[ImageLike | ImageSpec], cfg: ExtractConfig | None = None, desc: str = "extract"
+    backbone: Backbone, images: Sequence[ImageLike | ImageSpec], cfg: ExtractConfig | None = None, desc: str = "extract",
+    recompute_scale_factor: bool = False,
 ) -> Iterator[ActivationBatch]:
     """Yield :class:`ActivationBatch` es covering ``images`` (in an order chosen for batching).
+
+    Each scale ``s`` is bilinear interpolation to ``floor(H s) x floor(W s)`` sampling at ``1 / s``
+    (cnnimageretrieval-pytorch), or with ``recompute_scale_factor`` at ``H / floor(H s)`` (HOW's
+    ``how_net.scale_image``, gtolias/how).
 
     Device and dtype follow ``backbone``; maps stay on that device. Progress is reported as
     ``desc`` when ``cfg.progress`` (:func:`gpu_dsm.progress.progress`: a bar on a terminal,
@@ -145,7 +156,7 @@ def iterate_activations(
     if not specs:
         return
     sizes = [target_size(s, cfg.image_size, cfg.upscale) for s in specs]
-    batch_size = cfg.batch_size or (1 if backbone.device.type == "cpu" else 16)
+    batch_size = cfg.batch_size or default_batch_size(backbone.device)
     sampler = _SizeBatchSampler(sizes, batch_size)
     loader = DataLoader(_ImageDataset(specs, cfg), batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate)
     with progress(len(specs), desc, cfg.progress, unit="img") as bar:
@@ -153,7 +164,7 @@ def iterate_activations(
             batch = torch.stack(loaded)
             acts, image_sizes = [], []
             for scale in cfg.scales:
-                maps, size = _forward_scale(backbone, batch, scale, cfg.small_scales == "skip")
+                maps, size = _forward_scale(backbone, batch, scale, cfg.small_scales == "skip", recompute_scale_factor)
                 acts.append(maps)
                 image_sizes.append([size] * len(indices))
             bar.update(len(indices))

@@ -255,3 +255,10 @@ def test_show_match_ranks_as_evaluate_does_with_a_learned_whitening(tiny_root, t
         for rank in (1, 2, 5):
             shown = show_match(cfg, query, rank, tmp_path / f"m{query}{rank}.png", log=lambda *a: None)
             assert shown["candidate"] == whitened[query][rank - 1]
+
+
+def test_the_extraction_batch_size_follows_the_device():
+    from gpu_dsm.extract import default_batch_size
+
+    assert default_batch_size("cpu") == 1
+    assert default_batch_size(torch.device("cuda:1")) == 16 and default_batch_size("meta") == 16
