@@ -129,28 +129,42 @@ def tentative_correspondences(query: LocalFeatures, candidates: LocalFeatures, q
     channels = int(max(query.num_channels, candidates.num_channels,
                        int(query.channel.max()) + 1 if query.channel.numel() else 1,
                        int(candidates.channel.max()) + 1 if candidates.channel.numel() else 1))
-    # candidate side: one key per valid feature, sorted
-    c_pair, c_row = candidates.valid.nonzero(as_tuple=True)
-    c_key = c_pair * channels + candidates.channel[c_pair, c_row]
+    # candidate side: one key per valid feature, sorted (flat gathers: index_select, not 2-D indexing)
+    c_cap = candidates.capacity
+    c_flat = candidates.valid.reshape(-1).nonzero().squeeze(1)
+    c_pair = torch.div(c_flat, max(c_cap, 1), rounding_mode="floor")
+    c_key = c_pair * channels + candidates.channel.reshape(-1).index_select(0, c_flat)
     c_order = torch.argsort(c_key, stable=True)
-    c_key, c_pair, c_row = c_key[c_order], c_pair[c_order], c_row[c_order]
+    c_key, c_flat = c_key.index_select(0, c_order), c_flat.index_select(0, c_order)
     # query side: the valid features of each pair's query
-    q_valid = query.valid[query_index]
-    q_pair, q_row = q_valid.nonzero(as_tuple=True)
-    q_key = q_pair * channels + query.channel[query_index[q_pair], q_row]
-    lo = torch.searchsorted(c_key, q_key, right=False)
-    hi = torch.searchsorted(c_key, q_key, right=True)
-    n = hi - lo
-    rep = torch.repeat_interleave(torch.arange(q_key.numel(), device=device), n)
+    q_cap = query.capacity
+    q_flat = query.valid.index_select(0, query_index).reshape(-1).nonzero().squeeze(1)  # pair * q_cap + row
+    q_pair = torch.div(q_flat, max(q_cap, 1), rounding_mode="floor")
+    q_at = query_index.index_select(0, q_pair) * q_cap + (q_flat - q_pair * q_cap)  # row of the query table
+    q_key = q_pair * channels + query.channel.reshape(-1).index_select(0, q_at)
+    num_keys = candidates.num_images * channels
+    if num_keys <= 4 * (c_key.numel() + q_key.numel()) + (1 << 20):
+        # a dense table of key counts: O(F) instead of two binary searches per query feature
+        counts = torch.bincount(c_key, minlength=num_keys)
+        first = torch.cumsum(counts, 0) - counts
+        lo, n = first.index_select(0, q_key), counts.index_select(0, q_key)
+    else:
+        lo = torch.searchsorted(c_key, q_key, right=False)
+        n = torch.searchsorted(c_key, q_key, right=True) - lo
+    rep = torch.repeat_interleave(n)
     offset = torch.arange(rep.numel(), device=device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-    c_at = lo[rep] + offset
-    pair, qrow, crow = q_pair[rep], q_row[rep], c_row[c_at]
-    qscale = query.scale[query_index[pair], qrow]
-    cscale = candidates.scale[pair, crow]
+    c_at = c_flat.index_select(0, lo.index_select(0, rep) + offset)  # pair * c_cap + row
+    q_at = q_at.index_select(0, rep)
+    pair = q_pair.index_select(0, rep)
+    qrow = q_at - query_index.index_select(0, pair) * q_cap
+    crow = c_at - pair * c_cap
+    qscale = query.scale.reshape(-1).index_select(0, q_at)
+    cscale = candidates.scale.reshape(-1).index_select(0, c_at)
     group = pair * num_scales * num_scales + qscale * num_scales + cscale
     width = max(query.capacity, candidates.capacity, 1)
     order = torch.argsort((group * width + qrow) * width + crow)
-    return {"pair": pair[order], "qrow": qrow[order], "crow": crow[order], "group": group[order]}
+    return {"pair": pair.index_select(0, order), "qrow": qrow.index_select(0, order),
+            "crow": crow.index_select(0, order), "group": group.index_select(0, order)}
 
 
 def _least_squares(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,10 +356,12 @@ def choose_backend(wanted: str, device: torch.device | str) -> str:
 def _verify_native(query, candidates, query_index, corr, sizes, cfg: MatchConfig):
     """Best count ``(G,)``, params ``(G, 5)`` and inlier mask ``(N,)`` of every group, by the C kernel."""
     pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
-    qimg = query_index[pair]
+    q_at = query_index.index_select(0, pair) * query.capacity + qrow
+    c_at = pair * candidates.capacity + crow
     starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
     return fsm.verify_groups(
-        starts, query.xy[qimg, qrow], candidates.xy[pair, crow], query.frame[qimg, qrow], candidates.frame[pair, crow],
+        starts, query.xy.reshape(-1, 2).index_select(0, q_at), candidates.xy.reshape(-1, 2).index_select(0, c_at),
+        query.frame.reshape(-1, 2, 2).index_select(0, q_at), candidates.frame.reshape(-1, 2, 2).index_select(0, c_at),
         qrow, crow, max(candidates.capacity, 1), threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
         symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor,
         lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)

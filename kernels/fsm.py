@@ -108,8 +108,9 @@ def verify_groups(starts: torch.Tensor, xy1: torch.Tensor, xy2: torch.Tensor, fr
     starts = starts.contiguous()
     x1, y1 = (v.contiguous() for v in xy1.double().unbind(1))
     x2, y2 = (v.contiguous() for v in xy2.double().unbind(1))
-    f1 = frame1.double()[:, [0, 1, 1], [0, 0, 1]].contiguous()  # (p, q, r) of [[p, 0], [q, r]]
-    f2 = frame2.double()[:, [0, 1, 1], [0, 0, 1]].contiguous()
+    corners = torch.tensor([0, 2, 3])  # (p, q, r) of [[p, 0], [q, r]], flattened
+    f1 = frame1.reshape(n, 4).index_select(1, corners).double().contiguous()
+    f2 = frame2.reshape(n, 4).index_select(1, corners).double().contiguous()
     qrow, crow = qrow.contiguous(), crow.contiguous()
     evaluations = float((sizes.double() ** 2).sum())
     parts = max(1, min(int(threads or torch.get_num_threads()), int(evaluations // max(1, evaluations_per_thread))))
