@@ -14,7 +14,7 @@ correspondences (every scale pair of every (query, candidate) pair, feature-map 
   pairs, from correspondences already gathered (their gathering is not timed);
 
 with one thread and with all threads (OpenCV's calls spread over a thread pool; it releases the
-GIL). Reports ms per query, OpenCV's time over the project's (the ratio: > 1 means the project is
+GIL). Reports ms per query (wall, best of --repeat, and the process CPU time of that run), OpenCV's time over the project's (the ratio: > 1 means the project is
 faster), and how many pairs' inlier counts agree with OpenCV's within one inlier (OpenCV's inliers
 counted like the project's: each feature once). ``--reference-pairs`` also times the plain
 float64 matcher (:mod:`gpu_dsm.reference.match`) on a few pairs and checks both backends against
@@ -107,12 +107,15 @@ def opencv_counts(cv2, method: str, groups, num_pairs: int, threads: int) -> np.
 
 
 def _best_of(repeat: int, fn):
-    best, out = float("inf"), None
+    """Shortest wall time of ``repeat`` runs, the process CPU time of that run, and its result."""
+    best, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        seconds = time.perf_counter() - start
+        if seconds < best:
+            best, cpu = seconds, time.process_time() - start_cpu
+    return best, cpu, out
 
 
 def _machine(device: torch.device) -> dict:
@@ -172,17 +175,19 @@ def compare_with_opencv(args, device: torch.device) -> dict:
                 sync(device)
                 return out
 
-            seconds, res = _best_of(args.repeat if backend == "native" else 1, project)
+            seconds, cpu, res = _best_of(args.repeat if backend == "native" else 1, project)
             counts[backend] = res.inliers.cpu().numpy()
-            run[backend] = {"ms_per_query": round(1000 * seconds / num_queries, 2)}
+            run[backend] = {"ms_per_query": round(1000 * seconds / num_queries, 2),
+                            "cpu_ms_per_query": round(1000 * cpu / num_queries, 2)}
         if "native" in counts:
             run["native_equals_torch"] = bool((counts["native"] == counts["torch"]).all())
         project_counts = counts.get("native", counts["torch"])
         if cv2 is not None:
             for method in ("estimateAffine2D", "estimateAffinePartial2D"):
-                seconds, cv_counts = _best_of(args.repeat, lambda: opencv_counts(cv2, method, groups, num_pairs, threads))
+                seconds, cpu, cv_counts = _best_of(args.repeat,
+                                                   lambda: opencv_counts(cv2, method, groups, num_pairs, threads))
                 ms = 1000 * seconds / num_queries
-                entry = {"ms_per_query": round(ms, 2),
+                entry = {"ms_per_query": round(ms, 2), "cpu_ms_per_query": round(1000 * cpu / num_queries, 2),
                          "pairs_within_one_inlier": int((np.abs(cv_counts - project_counts) <= 1).sum()),
                          "pairs": num_pairs, "inliers_mean": round(float(cv_counts.mean()), 2)}
                 for backend in ("native", "torch"):
