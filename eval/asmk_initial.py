@@ -23,7 +23,7 @@ import torch
 from gpu_dsm.artifacts import cache_digest, cached
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones.layers import HOW_LAYERS, backbone_layers
-from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening, how_moments, merge_how_features
+from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening, how_checkpoint, how_moments, merge_how_features
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import stat_digest, torch_load_checked, torch_save
 from gpu_dsm.shards import Ranks, balanced_slices, pixel_costs, run_sharded
@@ -176,7 +176,7 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
 
 def _fit_whitening(backbone: Callable[[], Any], specs: list[ImageSpec], how: HOWConfig, ranks: Ranks) -> Whitening:
     """HOW's whitening of ``specs``; under torchrun each rank sums the moments of its slice."""
-    if not ranks.distributed:
+    if not ranks.distributed or how_checkpoint(backbone()) is not None:  # a HOW checkpoint's reduction is not fitted
         return fit_how_whitening(backbone(), specs, how)
     if not specs:
         raise ValueError("fit_how_whitening: no images")

@@ -16,6 +16,14 @@ scale, ``x`` = column), its scale index and its attention (``strength``).
 Images of one size share a forward pass and a selection call; they are never padded. The
 whitening is fitted on other images (:func:`fit_how_whitening`) from streamed moments of their
 scale-1 descriptors (top ``n`` by attention, smoothed, not reduced).
+
+A backbone built from a HOW checkpoint (``build_backbone(name, weights="how_r18.pth")``, the
+layout of gtolias/how; :func:`gpu_dsm.backbones.checkpoint.split_how_checkpoint`) carries the
+learned reduction: :func:`describe_how` uses it when given no whitening, :func:`fit_how_whitening`
+returns it without fitting, the layer defaults to the checkpoint's, and each scale is sampled as
+the authors' ``how_net.scale_image`` does (``recompute_scale_factor=True``). The features then
+equal the authors' ``HOWNet.forward_local`` (strength = their attention times the image's
+largest attention: they divide by it, which changes no selection).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_dsm.backbones import Backbone
+from gpu_dsm.backbones.checkpoint import HOWCheckpoint
 from gpu_dsm.backbones.layers import cut_backbone
 from gpu_dsm.checks import as_tensor
 from gpu_dsm.extract import ExtractConfig, iterate_activations
@@ -206,18 +215,48 @@ def _maps_by_scale(batch) -> list[torch.Tensor | None]:
     return [None if per_scale is None else torch.stack(per_scale) for per_scale in batch.activations]
 
 
+def how_checkpoint(backbone) -> HOWCheckpoint | None:
+    """The HOW checkpoint ``backbone`` was built from (:class:`HOWCheckpoint`: learned reduction,
+    layer, smoothing), else ``None``."""
+    return getattr(getattr(backbone, "head", None), "how", None)
+
+
+def _check_checkpoint_config(checkpoint: HOWCheckpoint, config: HOWConfig) -> None:
+    if config.layer is not None and config.layer != checkpoint.layer:
+        raise ValueError(f"HOWConfig.layer={config.layer!r}, but the HOW checkpoint's reduction was learned on "
+                         f"{checkpoint.layer!r}: leave layer=None")
+    if config.smoothing != checkpoint.smoothing:
+        raise ValueError(f"HOWConfig.smoothing={config.smoothing}, but the HOW checkpoint was trained with "
+                         f"{checkpoint.smoothing}x{checkpoint.smoothing} smoothing: set smoothing={checkpoint.smoothing}")
+
+
 @torch.no_grad()
-def describe_how(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], whitening: Whitening,
+def describe_how(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], whitening: Whitening | None = None,
                  config: HOWConfig | None = None, desc: str = "HOW") -> HOWFeatures:
     """:class:`HOWFeatures` of ``images`` (in input order) from ``backbone`` cut at ``config.layer``;
-    on the backbone's device."""
+    on the backbone's device.
+
+    ``whitening``: the reduction ``(d, K)``; ``None`` takes the learned reduction of the HOW
+    checkpoint ``backbone`` was built from (:func:`how_checkpoint`; an error without one). With
+    such a backbone, ``config.layer`` must be ``None`` or the checkpoint's and ``config.smoothing``
+    the checkpoint's, and scales are sampled as the authors' code does (``recompute_scale_factor``).
+    """
     config = config or HOWConfig()
+    checkpoint = how_checkpoint(backbone)
+    if checkpoint is not None:
+        _check_checkpoint_config(checkpoint, config)
+    if whitening is None:
+        if checkpoint is None:
+            raise ValueError("describe_how: no whitening given and the backbone is not a HOW checkpoint's: "
+                             "fit one with fit_how_whitening")
+        whitening = checkpoint.reduction
     net = cut_backbone(backbone, config.layer)
     if whitening.input_dim != net.out_channels:
         raise ValueError(f"the HOW whitening takes {whitening.input_dim}-D maps but {backbone.name}'s layer "
                          f"{config.layer or 'default'} gives {net.out_channels}-D: fit it on this layer")
     per_image: list[dict | None] = [None] * len(images)
-    for batch in iterate_activations(net, images, config.extract_config(), desc=desc):
+    batches = iterate_activations(net, images, config.extract_config(), desc=desc, recompute_scale_factor=checkpoint is not None)
+    for batch in batches:
         maps = _maps_by_scale(batch)
         if all(m is None for m in maps):
             continue  # smaller than the network needs at every scale: no features (ASMK scores it 0)
@@ -267,8 +306,15 @@ def how_moments(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], con
 def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
                       desc: str = "HOW whitening") -> Whitening:
     """HOW's PCA whitening of ``backbone``'s layer, learned on ``images`` (not the evaluated
-    queries): the moments of :func:`how_moments`, ``dim`` rows (:func:`pca_whitening_from_moments`)."""
+    queries): the moments of :func:`how_moments`, ``dim`` rows (:func:`pca_whitening_from_moments`).
+
+    A backbone built from a HOW checkpoint returns the checkpoint's learned reduction instead
+    (nothing is fitted, ``images`` are not read)."""
     config = config or HOWConfig()
+    checkpoint = how_checkpoint(backbone)
+    if checkpoint is not None:
+        _check_checkpoint_config(checkpoint, config)
+        return checkpoint.reduction
     if len(images) == 0:
         raise ValueError("fit_how_whitening: no images")
     return pca_whitening_from_moments(*how_moments(backbone, images, config, desc), config.dim)

@@ -12,6 +12,10 @@ resnet50 / resnet101 2048     32     a user's file (torchvision state dict or re
 
 ``upsample=True`` applies the paper's activation upsampling "↑" (stride 32 -> 16) to ResNet
 and EfficientNet-Lite.
+
+A ResNet's weights file may also be a HOW checkpoint (gtolias/how ``how_r18.pth``,
+``how_r50-.pth``): the trunk ends at HOW's layer (R50-: ``layer3``, 1024-D, stride 16) and
+``backbone.head.how`` carries its learned reduction (:func:`split_how_checkpoint`).
 """
 from __future__ import annotations
 
@@ -26,10 +30,13 @@ from torch import nn
 
 from gpu_dsm.backbones.backbone import Backbone
 from gpu_dsm.backbones.checkpoint import (
+    HOWCheckpoint,
     RetrievalHead,
+    is_how_checkpoint,
     is_retrieval_checkpoint,
     load_strict,
     read_weights_file,
+    split_how_checkpoint,
     split_retrieval_checkpoint,
 )
 from gpu_dsm.backbones.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite
@@ -171,8 +178,13 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
         weights: ``"default"`` for the bundled ImageNet weights (EfficientNet-Lite only; any other
             backbone raises a ``ValueError`` saying which file to pass, :func:`weights_needed`),
             ``"none"`` for random initialisation (with a ``UserWarning``), or the path of a weights file: a plain state
-            dict of the architecture, or a cnnimageretrieval-pytorch retrieval checkpoint
-            (its GeM ``p``, whitening and normalisation go to ``backbone.head``).
+            dict of the architecture, a cnnimageretrieval-pytorch retrieval checkpoint
+            (its GeM ``p``, whitening and normalisation go to ``backbone.head``), or a HOW checkpoint
+            (gtolias/how, e.g. ``how_r18.pth``, ``how_r50-.pth``; :func:`split_how_checkpoint`): the
+            network's ``features`` then end at HOW's layer (R18: ``layer4``, 512-D, stride 32; -R50:
+            ``layer3``, 1024-D, stride 16, the checkpoint has no later weights), there is no classifier,
+            ``mean`` / ``std`` are the checkpoint's, and ``backbone.head.how.reduction`` is its learned
+            reduction, which :func:`gpu_dsm.how.describe_how` uses in place of a fitted whitening.
         upsample: apply activation upsampling "↑" (paper 4.1): stride 32 -> 16, same weights.
         trust_weights_file: unpickle ``weights`` in full. By default only tensors, plain data and
             numpy arrays are read, so a crafted file cannot run code; a file that needs more is
@@ -193,6 +205,8 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
                       "beyond tests and timing", UserWarning, stacklevel=2)
     else:
         obj = read_weights_file(weights, trust=trust_weights_file)
+        if is_how_checkpoint(obj):
+            return _how_backbone(name, net, facts, obj, weights, upsample)
         if is_retrieval_checkpoint(obj):
             state, head = split_retrieval_checkpoint(obj, architecture=name)
             features, _ = _split(name, net)
@@ -223,6 +237,31 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
         halvings=halvings,
         activation_bound=facts.get("activation_bound"),
     )
+    return backbone.to(memory_format=torch.channels_last).eval()
+
+
+def _how_backbone(name: str, net: nn.Module, facts: dict[str, Any], obj: dict[str, Any], weights, upsample: bool) -> Backbone:
+    """A HOW checkpoint's backbone: the ResNet trunk up to its layer, with its weights and head."""
+    state, head = split_how_checkpoint(obj, architecture=name)
+    features, _ = _split(name, net)
+    halvings = facts["halvings"]
+    if head.how.skip_layer:
+        features = nn.Sequential(*list(features.children())[:-head.how.skip_layer])
+        halvings = halvings[:len(halvings) - head.how.skip_layer]
+        if upsample:
+            raise ValueError(f"activation upsampling (↑) halves layer4's stride; this HOW checkpoint ends at {head.how.layer}")
+    load_strict(features, state, f"{name} features up to {head.how.layer} (HOW checkpoint {weights})")
+    last = list(features.children())[-1][-1]
+    channels = int((getattr(last, "conv3", None) or last.conv2).out_channels)
+    if upsample:
+        _upsample(name, features)
+        halvings = halvings[:-1]
+    if head.how.reduction.input_dim != channels:
+        raise ValueError(f"HOW checkpoint: the reduction takes {head.how.reduction.input_dim}-D maps, {name} up to "
+                         f"{head.how.layer} gives {channels}-D")
+    backbone = Backbone(name=name, features=features, out_channels=channels, stride=2 ** len(halvings),
+                        mean=head.mean or facts["mean"], std=head.std or facts["std"], upsampled=upsample, head=head,
+                        classifier=None, weights=str(weights), halvings=halvings)
     return backbone.to(memory_format=torch.channels_last).eval()
 
 

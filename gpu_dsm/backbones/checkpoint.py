@@ -1,4 +1,5 @@
-"""Reading weights files: plain state dicts and cnnimageretrieval-pytorch retrieval checkpoints.
+"""Reading weights files: plain state dicts, cnnimageretrieval-pytorch retrieval checkpoints and
+HOW checkpoints (gtolias/how: backbone, learned 1x1 reduction; :func:`split_how_checkpoint`).
 
 A retrieval checkpoint (Radenović et al., cnnimageretrieval-pytorch) is a dict with
 ``state_dict`` (keys ``features.*``, ``pool.p``, optionally ``whiten.weight`` / ``whiten.bias``)
@@ -47,6 +48,8 @@ class RetrievalHead:
             the scales are averaged with power 1.
         learned_whitening: ``meta['Lw']``: per training set name, ``{"ss": ..., "ms": ...}``, the
             whitenings learned for single- and multi-scale descriptors, applied after extraction.
+        how: a HOW checkpoint's learned reduction, layer and smoothing (:class:`HOWCheckpoint`);
+            :func:`gpu_dsm.how.describe_how` uses its reduction in place of a fitted whitening.
     """
 
     pooling: str | None = None
@@ -56,6 +59,7 @@ class RetrievalHead:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    how: "HOWCheckpoint | None" = None  # what a HOW checkpoint carries (split_how_checkpoint), else None
 
     def post_whitening(self, num_scales: int, name: str | None = None) -> tuple[str, Whitening] | None:
         """The learned whitening cnnimageretrieval-pytorch applies after extraction, with a label:
@@ -184,3 +188,129 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
             parts.append(f"{len(shapes)} with other shapes (first: {shapes[:3]})")
         raise ValueError(f"weights do not fit {what}: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+# --- HOW checkpoints (Tolias, Jenicek, Chum, ECCV 2020; github.com/gtolias/how) -------------------------
+
+#: the layer HOW reads its map from, per ``skip_layer`` (blocks dropped from the end of the ResNet trunk)
+HOW_SKIP_LAYERS = {0: "layer4", 1: "layer3"}
+#: architectures whose HOW checkpoints load (the trunk is torchvision's, as in gtolias/how ``init_network``)
+HOW_ARCHITECTURES = ("resnet18", "resnet50", "resnet101")
+#: gtolias/how ``stages/evaluate.py`` ``_convert_checkpoint``: the runtime it gives a checkpoint of the first format
+_HOW_OLD_RUNTIME = {"image_size": 1024, "features_num": 1000, "scales": [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25],
+                    "training_scales": [1]}
+
+
+@dataclass
+class HOWCheckpoint:
+    """What a HOW checkpoint carries besides the backbone's convolutional weights.
+
+    Fields:
+        architecture: ``resnet18`` / ``resnet50`` / ``resnet101``.
+        skip_layer: trunk blocks dropped from the end (0: up to ``layer4``; 1: up to ``layer3``, "-R50").
+        layer: the map HOW reads (:data:`HOW_SKIP_LAYERS`); the backbone's ``features`` end there.
+        reduction: the learned 1x1 conv with bias (``dim_reduction``, in the first format ``whiten``)
+            as a :class:`Whitening`: ``projection (d, K)`` = the conv weight ``(d, K, 1, 1)``,
+            ``bias (d,)``; HOW applies it without L2 normalisation.
+        smoothing: kernel size of the average smoothing before the reduction (1: none).
+        runtime: the checkpoint's test-time settings (``image_size``, ``features_num``, ``scales``,
+            ``mean_std``), informative: :class:`gpu_dsm.how.HOWConfig` decides.
+        format: ``"how/2020"`` (``_version`` + ``net_params``) or ``"how/first"`` (``meta`` only,
+            the layout ``_convert_checkpoint`` converts).
+    """
+
+    architecture: str
+    skip_layer: int
+    layer: str
+    reduction: Whitening
+    smoothing: int
+    runtime: dict[str, Any] = field(default_factory=dict)
+    format: str = "how/2020"
+
+
+def is_how_checkpoint(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` is a gtolias/how checkpoint: ``net_params`` / ``_version: how/...`` (as its
+    ``train.py`` saves), or the first format (``meta['skip_layer']``, a 1x1-conv ``whiten`` layer)."""
+    if not is_retrieval_checkpoint(obj):
+        return False
+    if "net_params" in obj or str(obj.get("_version", "")).startswith("how/"):
+        return True
+    meta = obj.get("meta")
+    return isinstance(meta, dict) and "skip_layer" in meta and "feat_pool_k" in meta
+
+
+def _how_params(obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """gtolias/how's ``net_params`` (``init_network`` arguments) of either format."""
+    if "net_params" in obj:
+        params = obj["net_params"]
+        if not isinstance(params, dict):
+            raise ValueError(f"HOW checkpoint: 'net_params' must be a dict, got {type(params).__name__}")
+        return params, str(obj.get("_version", "how/2020"))
+    meta = obj.get("meta") or {}
+    missing = [k for k in ("architecture", "skip_layer", "dim", "feat_pool_k", "mean", "std") if k not in meta]
+    if missing:
+        raise ValueError(f"HOW checkpoint of the first format: meta lacks {missing}")
+    return {"architecture": meta["architecture"], "skip_layer": meta["skip_layer"], "dim_reduction": {"dim": meta["dim"]},
+            "smoothing": {"kernel_size": meta["feat_pool_k"]},
+            "runtime": {"mean_std": [meta["mean"], meta["std"]], **_HOW_OLD_RUNTIME}}, "how/first"
+
+
+def split_how_checkpoint(obj: dict[str, Any], architecture: str | None = None) -> tuple[dict[str, torch.Tensor], RetrievalHead]:
+    """Return the ``features.*`` weights (prefix removed) and a head whose ``how`` is the
+    :class:`HOWCheckpoint` (learned reduction, layer, smoothing) and whose ``mean`` / ``std`` are
+    the checkpoint's input normalisation (``runtime['mean_std']``, first format ``meta['mean']`` /
+    ``['std']``).
+
+    What is read: ``net_params`` (``architecture``, ``skip_layer``, ``dim_reduction['dim']``,
+    ``smoothing['kernel_size']``, ``runtime``) or, in the first format, ``meta`` (``architecture``,
+    ``skip_layer``, ``dim``, ``feat_pool_k``, ``mean``, ``std``); ``state_dict``: ``features.<i>.*``
+    (the children of torchvision's ResNet without ``avgpool``/``fc``, the last ``skip_layer``
+    dropped), ``dim_reduction.weight (d, K, 1, 1)`` / ``.bias (d,)`` (first format: ``whiten.*``).
+    Optimizer, scheduler and scores are ignored. Refused, with an error naming it: another
+    architecture than ``architecture`` or one outside :data:`HOW_ARCHITECTURES`, a ``skip_layer``
+    outside :data:`HOW_SKIP_LAYERS`, no reduction layer, state-dict keys of any other layer.
+    """
+    params, version = _how_params(obj)
+    state = obj["state_dict"]
+    arch = str(params.get("architecture"))
+    if arch not in HOW_ARCHITECTURES:
+        raise ValueError(f"HOW checkpoint of architecture {arch!r}: supported are {', '.join(HOW_ARCHITECTURES)}")
+    if architecture is not None and arch != architecture:
+        raise ValueError(f"the HOW checkpoint is a {arch} network (its architecture), not {architecture}")
+    skip = int(params.get("skip_layer") or 0)
+    if skip not in HOW_SKIP_LAYERS:
+        raise ValueError(f"HOW checkpoint with skip_layer={skip}: supported are {sorted(HOW_SKIP_LAYERS)}")
+    prefix = "dim_reduction." if version != "how/first" else "whiten."
+    if not params.get("dim_reduction") or f"{prefix}weight" not in state:
+        raise ValueError(f"HOW checkpoint without a dimensionality reduction layer ('{prefix}weight'): "
+                         "gpu_dsm reads HOW's reduced descriptors only")
+    other = sorted(k for k in state if not k.startswith("features.") and k not in (f"{prefix}weight", f"{prefix}bias"))
+    if other:
+        raise ValueError(f"the HOW checkpoint's state_dict has {len(other)} keys of layers gpu_dsm does not apply "
+                         f"(first: {other[:5]}); refusing to ignore them")
+    weight = torch.as_tensor(state[f"{prefix}weight"])
+    if weight.ndim != 4 or tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"HOW checkpoint: '{prefix}weight' must be a 1x1 conv weight (d, K, 1, 1), got {tuple(weight.shape)}")
+    bias = torch.as_tensor(state.get(f"{prefix}bias", torch.zeros(weight.shape[0])))
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"HOW checkpoint: '{prefix}bias' must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dim = int((params.get("dim_reduction") or {}).get("dim", weight.shape[0]))
+    if dim != weight.shape[0]:
+        raise ValueError(f"HOW checkpoint: dim_reduction dim {dim} but '{prefix}weight' has {weight.shape[0]} rows")
+    smoothing = params.get("smoothing") or {}
+    size = int(smoothing.get("kernel_size", 1)) if isinstance(smoothing, dict) else 1
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    if not features:
+        raise ValueError("HOW checkpoint has no 'features.*' weights in its state_dict")
+    runtime = dict(params.get("runtime") or {})
+    reduction = Whitening(projection=weight[:, :, 0, 0].float().clone(), bias=bias.float().clone(), method="how-checkpoint")
+    how = HOWCheckpoint(architecture=arch, skip_layer=skip, layer=HOW_SKIP_LAYERS[skip], reduction=reduction,
+                        smoothing=size, runtime=runtime, format=version)
+    head = RetrievalHead(meta=dict(obj.get("meta") or {}), how=how)
+    mean_std = runtime.get("mean_std")
+    if mean_std is not None:
+        if len(mean_std) != 2 or any(len(v) != 3 for v in mean_std):
+            raise ValueError(f"HOW checkpoint: runtime['mean_std'] must be [mean (3,), std (3,)], got {mean_std!r}")
+        head.mean = tuple(float(v) for v in mean_std[0])
+        head.std = tuple(float(v) for v in mean_std[1])
+    return features, head

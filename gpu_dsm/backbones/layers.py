@@ -55,12 +55,22 @@ def backbone_layers(name: str) -> list[str]:
     raise ValueError(f"unknown backbone {name!r}")
 
 
+def how_checkpoint_layer(backbone: Backbone) -> str | None:
+    """The layer a HOW checkpoint's backbone ends at (its reduction's input), else ``None``."""
+    how = getattr(getattr(backbone, "head", None), "how", None)
+    return how.layer if how is not None else None
+
+
 def cut_backbone(backbone: Backbone, layer: str | None = None) -> Backbone:
-    """``backbone`` up to ``layer`` (default :data:`HOW_LAYERS`), as a :class:`Backbone` whose
-    ``forward`` gives that layer's map ``(B, K_layer, h, w)``; the last layer returns ``backbone``."""
+    """``backbone`` up to ``layer`` (default :data:`HOW_LAYERS`; for a HOW checkpoint's backbone,
+    the checkpoint's layer, the last it has), as a :class:`Backbone` whose ``forward`` gives that
+    layer's map ``(B, K_layer, h, w)``; the last layer returns ``backbone``."""
     name = backbone.name
-    layer = layer or HOW_LAYERS[name]
+    checkpoint_layer = how_checkpoint_layer(backbone)
+    layer = layer or checkpoint_layer or HOW_LAYERS[name]
     known = backbone_layers(name)
+    if checkpoint_layer is not None:  # the trunk ends there: no later layer exists
+        known = known[: known.index(checkpoint_layer) + 1]
     if layer not in known:
         raise ValueError(f"{name} has no layer {layer!r} for local descriptors; known: {', '.join(known)}")
     last = known[-1]
