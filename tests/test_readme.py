@@ -102,3 +102,55 @@ def test_readme_block_runs(line, code, reason, hidden_setup, capsys):
         assert "global+dsm+D" in printed
     else:
         raise AssertionError(f"README.md:{line}: the block leaves no `result` to check")
+
+
+# --- the docs' result tables come from eval/results/ -------------------------------------------
+
+def _result(command: str = "gpu-dsm evaluate --dataset toy") -> dict:
+    from gpu_dsm.eval.tables import record
+
+    evaluate_output = {"dataset": "toy", "backbone": "efficientnet_lite0", "results": {
+        "global": {"mAP": {"E": 50.0, "M": 41.37, "H": 34.81}, "mP@10": {"E": 54.17, "M": 48.75, "H": 33.75},
+                   "AP": {"E": [50.0]}, "ranks": [[0, 1]]},
+        "global+dsm": {"mAP": {"E": 59.72, "M": 45.38, "H": None}, "mP@10": {"E": 56.67, "M": 48.75, "H": None},
+                       "AP": {"E": [59.72]}, "ranks": [[1, 0]]}}}
+    return record(evaluate_output, command, date="2026-12-03")
+
+
+def test_tables_regenerate_and_check(tmp_path):
+    import json
+
+    from gpu_dsm.eval.tables import main, regenerate
+
+    (tmp_path / "eval" / "results").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
+    result = _result()
+    assert "ranks" not in result["results"]["global"] and result["results"]["global"]["AP"] == {"E": [50.0]}
+    (tmp_path / "eval" / "results" / "toy.json").write_text(json.dumps(result))
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("# Results\n\n<!-- table: toy -->\nstale\n<!-- /table -->\n\ntext after\n")
+    assert regenerate(tmp_path, check=True) == ["docs/results.md: toy"]
+    assert "stale" in page.read_text()                                   # --check writes nothing
+    assert main(["--root", str(tmp_path)]) == 0
+    text = page.read_text()
+    assert "| global | 50.00 | 41.37 | 34.81 | 54.17 | 48.75 | 33.75 |" in text
+    assert "| global+dsm | 59.72 | 45.38 | — |" in text
+    assert "`gpu-dsm evaluate --dataset toy`" in text and "2026-12-03" in text and text.endswith("text after\n")
+    assert main(["--root", str(tmp_path), "--check"]) == 0
+    page.write_text(text.replace("45.38", "45.39"))                     # a figure typed by hand
+    assert main(["--root", str(tmp_path), "--check"]) == 1
+    page.write_text(text.replace("table: toy", "table: missing").replace("<!-- /table -->", "<!-- /table -->", 1))
+    with pytest.raises(ValueError, match="missing"):
+        regenerate(tmp_path, check=True)
+
+
+def test_docs_tables_equal_the_result_files():
+    from gpu_dsm.eval.tables import ROOT, load_results, regenerate, tables_in
+
+    results = load_results(ROOT / "eval" / "results")
+    assert results, "eval/results/ holds no result file"
+    for name, result in results.items():
+        assert {"command", "machine", "date", "results"} <= set(result), name
+    pages = [p.read_text(encoding="utf-8") for p in (ROOT / "docs").rglob("*.md")]
+    assert set(results) <= {name for text in pages for name in tables_in(text)}  # every file shown
+    assert regenerate(ROOT, check=True) == []
