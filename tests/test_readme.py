@@ -3,8 +3,8 @@
 The examples use the names a user has in hand: ``query_images`` and ``database_images`` (lists of
 image paths), and for the re-ranking example ``my_similarities`` / ``my_indices`` (a model's
 ``(Q, K)`` top-k). A hidden setup defines them here: 1 query photo and 6 database photos of
-roxford5k-mini (real 1024 x 683 images; the examples extract at 512 px: 7 images per block), and a top-k of 4 candidates in a fixed random order with decreasing
-similarities. A block preceded by the line ``<!-- readme-test: skip (REASON) -->`` is not run;
+roxford5k-mini (real 1024 x 683 images; the examples extract at 512 px: 7 images per block), and
+a top-k of 4 candidates in a fixed random order with decreasing similarities. A block preceded by the line ``<!-- readme-test: skip (REASON) -->`` is not run;
 only blocks that need a GPU or a user's file may carry it.
 """
 from __future__ import annotations
