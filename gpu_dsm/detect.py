@@ -70,8 +70,7 @@ class DetectorConfig:
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
     # "reference" (the DSM authors' code, gpu_dsm.reference_selection; use DetectorConfig.reference()).
-    # Default measured (README, "Which rules are the default"): global+dsm +0.4 mAP M on
-    # roxford5k-19q, +0.1 on holidays-811 against the reference rules (within noise), 15-25x faster
+    # Default "gpu_dsm": ours, the faster of the two (README, "Which rules are the default")
     rules: str = "gpu_dsm"
     max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
 
