@@ -65,7 +65,7 @@ class DetectorConfig:
     per_channel_query: int = 20  # paper 4.1 / reference: strongest features per (scale, channel), query
     per_channel_database: int = 10  # paper 4.1 / reference: same, database image
     nms_iou: float = 0.2  # paper 4.1: NMS over all channels of a database image
-    max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet); 512 matched 1024 for EfficientNet (notes 8)
+    max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet)
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or

@@ -1,4 +1,4 @@
-"""Fast spatial matching of DSM features (paper 3.5-3.6; reference code, notes section 3).
+"""Fast spatial matching of DSM features (paper 3.5-3.6; the authors' reference code, github.com/osimeoni/DSM).
 
 For each (query, candidate) pair and each of the ``S x S`` (query scale, candidate scale) pairs:
 

@@ -242,7 +242,7 @@ def test_graph_size_rule():
 
 @pytest.mark.slow
 def test_default_diffusion_keeps_a_small_database_intact(tmp_path, data_root, capsys):
-    """Issue 10's rule: with every default (1024 px), global+dsm+D loses at most 1 mAP (Medium) to
+    """The small-database diffusion rule: with every default (1024 px), global+dsm+D loses at most 1 mAP (Medium) to
     the global ranking on roxford5k-mini (the paper's k = 50 lost 16 there)."""
     out = tmp_path / "r.json"
     assert main(["evaluate", "--data-root", str(data_root), "--dataset", "roxford5k-mini", "--rerank", "dsm", "--diffusion",
