@@ -98,10 +98,10 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     d = DetectorConfig()
     g = p.add_argument_group("local features (DSM detector, paper 3.3-3.4)")
     g.add_argument("--detector", choices=RULES, default=d.rules,
-                   help="feature selection around MSER: 'reference' = the DSM authors' code (both polarities, strength "
-                        "in the 1-sigma ellipse, NMS before the per-channel cap, MATLAB rounding and tie order; "
-                        "DetectorConfig.reference(); 15-25x slower), 'gpu_dsm' = ours (README, 'Local features'; measured "
-                        "+0.4 mAP M on roxford5k-19q, within noise) (default: %(default)s)")
+                   help="feature selection around MSER: 'reference' = the DSM authors' feature code, reproduced "
+                        "(both polarities, strength in the 1-sigma ellipse, NMS before the per-channel cap, MATLAB "
+                        "rounding and tie order; DetectorConfig.reference(); slower), 'gpu_dsm' = ours (docs, 'Detector') "
+                        "(default: %(default)s)")
     g.add_argument("--levels", choices=LEVEL_MODES, default=d.levels,
                    help="activations -> 8-bit levels: round (reference code), range (x*255/bound, ReLU6 nets), "
                         "channel_max, auto = range for bounded activations else round (default: %(default)s)")
