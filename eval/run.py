@@ -515,7 +515,9 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     diagnostics: dict[str, Any] = {}
     if cfg.initial == "asmk":
+        start = time.perf_counter()
         artifacts = asmk_index(cfg, retrieval, dataset, base, backbone, log, timing)
+        timing["asmk_s"] = round(time.perf_counter() - start, 4)  # HOW features, codebook and index (cached or built)
         database.asmk, queries.how = artifacts.index, artifacts.queries
         diagnostics["asmk"] = artifacts.diagnostics
     if cfg.diffusion is not None:
