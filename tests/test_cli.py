@@ -110,13 +110,22 @@ def test_the_drop_in_modules_are_one_import_away():
         assert hasattr(gpu_dsm, name), name
 
 
-def test_progress_bars_stay_out_of_logs(tiny_root, tmp_path):
-    """Progress is on by default; with stderr redirected to a file (not a terminal) nothing of it is written."""
+def test_progress_reaches_a_log_as_lines(tiny_root, tmp_path):
+    """Progress is on by default; with stderr redirected to a file (not a terminal) it arrives as
+    plain lines with the count, the rate and the time (no bar, no carriage returns); --no-progress
+    silences it."""
     log = tmp_path / "log.txt"
+    command = [sys.executable, "-m", "gpu_dsm.cli", "evaluate", "--data-root", str(tiny_root), "--dataset", "tiny",
+               "--image-size", "128", "--scales", "1", "--cache-dir", str(tmp_path / "c"), "--device", "cpu",
+               "--rerank", "dsm"]
     with open(log, "w") as f:
-        out = subprocess.run([sys.executable, "-m", "gpu_dsm.cli", "evaluate", "--data-root", str(tiny_root), "--dataset",
-                              "tiny", "--image-size", "128", "--scales", "1", "--cache-dir", str(tmp_path / "c"),
-                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=f, text=True)
+        out = subprocess.run(command, stdout=subprocess.PIPE, stderr=f, text=True)
     assert out.returncode == 0 and "global" in out.stdout
     text = log.read_text()
-    assert "\r" not in text and "img/s" not in text and "it/s" not in text
+    assert "\r" not in text
+    assert re.search(r"tiny database: 8/8 img \(100%\), [0-9.]+ img/s, done in", text), text
+    assert re.search(r"re-ranking global: 2/2 query \(100%\), [0-9.]+ query/s, done in", text), text
+    with open(log, "w") as f:
+        quiet = subprocess.run(command + ["--no-progress", "--cache-dir", str(tmp_path / "d")], stdout=subprocess.PIPE,
+                               stderr=f, text=True)
+    assert quiet.returncode == 0 and log.read_text() == ""
