@@ -60,6 +60,7 @@ from gpu_dsm.how import HOWConfig, describe_how, fit_how_whitening
 from gpu_dsm.io import write_json
 from gpu_dsm.kernels.labelling import label_planes
 from gpu_dsm.match import MatchConfig, spatial_verify
+from gpu_dsm.reference.graph import dense_mutual_knn
 from gpu_dsm.reference import asmk as reference_asmk
 from gpu_dsm.reference.mser import mser_reference, region_stats
 from gpu_dsm.stable_regions import mser
@@ -235,25 +236,6 @@ def check_match(queries: LocalFeatures, database: LocalFeatures, device: torch.d
             "pairs_with_other_inliers": inlier_sets, "errors": per_error}
 
 
-def _dense_mutual_knn(x: np.ndarray, k: int, gamma: float) -> np.ndarray:
-    """``D^-1/2 W D^-1/2`` of the mutual kNN graph of unit rows ``x``, with plain loops (float64)."""
-    n = len(x)
-    sims = x @ x.T
-    knn = []
-    for i in range(n):
-        s = sims[i].copy()
-        s[i] = -np.inf
-        knn.append(set(np.argsort(-s, kind="stable")[:k].tolist()))
-    w = np.zeros((n, n))
-    for i in range(n):
-        for j in knn[i]:
-            if i in knn[j]:
-                w[i, j] = max(sims[i, j], 0.0) ** gamma
-    d = w.sum(1)
-    inv = np.where(d > 0, 1 / np.sqrt(np.maximum(d, 1e-300)), 0.0)
-    return inv[:, None] * w * inv[None, :]
-
-
 def check_diffusion(descriptors: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """The kNN graph and torch-sparse CG (the GPU path) on the device against a plain-loop dense
     affinity and ``scipy.sparse.linalg.cg`` in float64."""
@@ -269,7 +251,7 @@ def check_diffusion(descriptors: torch.Tensor, device: torch.device) -> dict[str
     graph = build_knn_graph(descriptors.to(device), graph_cfg)
     got, _ = diffuse(graph, seeds.to(device), cfg)
     got = got.cpu().double().numpy()
-    affinity = _dense_mutual_knn(descriptors.double().numpy(), k, graph_cfg.gamma)
+    affinity = dense_mutual_knn(descriptors.double().numpy(), k, graph_cfg.gamma)
     graph_difference = float(np.abs(graph.affinity.to_dense().cpu().double().numpy() - affinity).max())
     system = sp.eye(n) - alpha * sp.csr_matrix(affinity)
     want = np.stack([sla.cg(system, seeds[:, j].double().numpy(), rtol=1e-12, maxiter=1000)[0]

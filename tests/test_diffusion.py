@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from gpu_dsm.diffusion import ConvergenceWarning, DiffusionConfig, conjugate_gradient, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
+from gpu_dsm.reference.graph import dense_mutual_knn
 
 
 def _clustered(n, d=32, clusters=20, noise=0.6, seed=0):
@@ -17,22 +18,8 @@ def _clustered(n, d=32, clusters=20, noise=0.6, seed=0):
 
 
 def _reference_affinity(x, k, gamma):
-    """Dense mutual kNN affinity with plain loops."""
-    n = len(x)
-    sims = (x @ x.T).double().numpy()
-    knn = []
-    for i in range(n):
-        s = sims[i].copy()
-        s[i] = -np.inf
-        knn.append(set(np.argsort(-s, kind="stable")[:k].tolist()))
-    w = np.zeros((n, n))
-    for i in range(n):
-        for j in knn[i]:
-            if i in knn[j]:
-                w[i, j] = max(sims[i, j], 0) ** gamma
-    d = w.sum(1)
-    inv = np.where(d > 0, 1 / np.sqrt(np.maximum(d, 1e-300)), 0)
-    return inv[:, None] * w * inv[None, :]
+    """Dense mutual kNN affinity with plain loops (:mod:`gpu_dsm.reference.graph`)."""
+    return dense_mutual_knn(x.double().numpy(), k, gamma)
 
 
 def test_graph_matches_plain_loops():
