@@ -104,15 +104,19 @@ class ASMKRanking:
 
 
 def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend a top-k ``(Q, k)`` to all ``num_images`` images: the others follow in database
-    order with score ``-inf``."""
-    q = indices.shape[0]
-    seen = torch.zeros(q, num_images, dtype=torch.bool, device=indices.device)
-    seen.scatter_(1, indices.clamp(min=0), indices >= 0)
-    rest = torch.argsort(seen.to(torch.int8), dim=1, stable=True)[:, : num_images - indices.shape[1]]
-    full = torch.cat([indices, rest], 1)
-    tail = torch.full(rest.shape, float("-inf"), dtype=scores.dtype, device=scores.device)
-    return torch.cat([scores, tail], 1), full
+    """Extend a top-k ``(Q, k)`` to all ``num_images`` images: the images it does not hold follow in
+    database order with score ``-inf`` (an approximate index's ``-1``, "no result", is dropped)."""
+    full_scores, full_indices = [], []
+    for row_scores, row in zip(scores, indices):
+        found = row >= 0
+        seen = torch.zeros(num_images, dtype=torch.bool, device=row.device)
+        seen[row[found]] = True
+        rest = torch.nonzero(~seen).flatten()
+        full_indices.append(torch.cat([row[found], rest]))
+        full_scores.append(torch.cat([row_scores[found], row_scores.new_full((rest.numel(),), float("-inf"))]))
+    if not full_indices:
+        return scores.new_zeros(0, num_images), indices.new_zeros(0, num_images)
+    return torch.stack(full_scores), torch.stack(full_indices)
 
 
 def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, device: torch.device | str) -> LocalFeatures:

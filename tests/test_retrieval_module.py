@@ -262,3 +262,13 @@ def test_the_extraction_batch_size_follows_the_device():
 
     assert default_batch_size("cpu") == 1
     assert default_batch_size(torch.device("cuda:1")) == 16 and default_batch_size("meta") == 16
+
+
+def test_an_approximate_top_k_is_completed_to_a_full_ranking():
+    """What an approximate index does not return follows in database order; its -1 ("no result") is dropped."""
+    from gpu_dsm.ranking import complete_ranking
+
+    scores, ranks = complete_ranking(torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.2, -1.0]]),
+                                     torch.tensor([[3, 0, 2], [4, 1, -1]]), 6)
+    assert ranks.tolist() == [[3, 0, 2, 1, 4, 5], [4, 1, 0, 2, 3, 5]]
+    assert scores[0, :3].tolist() == pytest.approx([0.9, 0.5, 0.1]) and torch.isinf(scores[1, 2:]).all()
