@@ -2,6 +2,7 @@
 drops in after any network, and its learned state travels with it."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_a_saved_module_with_whitening_and_codebook_ranks_identically(lite0, min
     small = _small()
     cfg = RetrievalConfig(diffusion=DiffusionConfig(), **small)
     database, queries = mini.database_specs()[:6], mini.query_specs()[:2]
-    learner = DSMRetrieval(lite0, dataclasses_replace(cfg, initial="global"))
+    learner = DSMRetrieval(lite0, dataclasses.replace(cfg, initial="global"))
     whitening = fit_pca_whitening(learner.index(database).global_descriptors, dim=4)
     retrieval = DSMRetrieval(lite0, cfg, whitening=whitening).fit_asmk(database)
     keys = retrieval.state_dict().keys()
@@ -81,12 +82,6 @@ def test_a_saved_module_with_whitening_and_codebook_ranks_identically(lite0, min
     assert restored.learned.whitening().output_dim == 4
     for name, ranks in before.methods.items():
         assert torch.equal(ranks, after.methods[name]), name
-
-
-def dataclasses_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_drop_in_after_a_torchvision_trunk_as_written(mini):
