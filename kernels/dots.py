@@ -17,10 +17,22 @@ BACKENDS = ("auto", "numpy", "torch")
 
 
 def column_dots(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 2048, backend: str = "auto") -> torch.Tensor:
-    """``(Q,)`` with ``out[j] = sum_i a[i, j] * b[i, j]`` for ``a``, ``b`` ``(N, Q)`` of one dtype.
+    """Column-wise dot products ``out[j] = sum_i a[i, j] * b[i, j]``.
 
-    ``backend``: ``"auto"`` (``"numpy"`` on the CPU, ``"torch"`` elsewhere), ``"numpy"`` (chunked
-    ``einsum``, CPU only) or ``"torch"`` (``torch.linalg.vecdot``, any device)."""
+    Args:
+        a, b: ``(N, Q)`` floating point of one dtype, on one device.
+        chunk_rows: rows summed per ``einsum`` call (numpy backend).
+        backend: ``"auto"`` (``"numpy"`` on the CPU, ``"torch"`` elsewhere), ``"numpy"`` (chunked
+            ``einsum``, CPU only) or ``"torch"`` (``torch.linalg.vecdot``, any device).
+    Returns:
+        ``(Q,)`` in the dtype of the inputs, on their device.
+
+    Examples:
+        >>> import torch
+        >>> a = torch.arange(6.0).view(3, 2)
+        >>> column_dots(a, torch.ones(3, 2))
+        tensor([6., 9.])
+    """
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"column_dots expects two (N, Q) matrices of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if backend not in BACKENDS:

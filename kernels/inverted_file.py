@@ -72,17 +72,28 @@ def inverted_file_scores(query: torch.Tensor, word: torch.Tensor, codes: torch.T
                          image_ids: torch.Tensor, db_codes: torch.Tensor, num_queries: int, num_images: int, *,
                          weight_of_distance: torch.Tensor | None = None, alpha: float = 3.0, tau: float = 0.0,
                          threads: int | None = None, comparisons_per_thread: int = COMPARISONS_PER_THREAD) -> torch.Tensor:
-    """Unnormalised ASMK scores ``(num_queries, num_images)`` float64, on the CPU.
+    """Unnormalised ASMK scores of ``num_queries`` queries against ``num_images`` database images.
+
+    All tensors are on the CPU (the kernel reads their memory) and are made contiguous here.
 
     Args:
-        query: ``(R,)`` int64 query of every row, sorted; word: ``(R,)`` int64 its visual word.
-        codes: ``(R, B)`` the rows' codes: packed bits (uint8) or real vectors (float64).
+        query: ``(R,)`` int64 query (``0..num_queries - 1``) of every row, sorted;
+            word: ``(R,)`` int64 its visual word (``0..K - 1``).
+        codes: ``(R, B)`` the rows' codes: packed bits (uint8, ``B`` bytes) or real vectors
+            (float64, ``B`` dimensions).
         offsets: ``(K + 1,)`` int64, entries of word ``w`` are ``offsets[w]:offsets[w + 1]``.
-        image_ids: ``(E,)`` int32 database image of every entry; db_codes: ``(E, B)`` as ``codes``.
-        weight_of_distance: packed bits: ``(8 B + 1,)`` float64, ``sigma`` of each Hamming distance.
-        alpha, tau: real codes: ``sigma(s) = sign(s) |s|^alpha`` where ``s >= tau``.
+        image_ids: ``(E,)`` int32 database image (``0..num_images - 1``) of every entry;
+            db_codes: ``(E, B)`` of the dtype of ``codes``.
+        num_queries, num_images: the size of the score block.
+        weight_of_distance: packed bits: ``(8 B + 1,)`` float64, ``sigma`` of each Hamming
+            distance ``0..8 B`` (bits).
+        alpha, tau: real codes: ``sigma(s) = sign(s) |s|^alpha`` where the cosine similarity
+            ``s >= tau``.
         threads: at most this many threads (default ``torch.get_num_threads()``), each with at
             least ``comparisons_per_thread`` comparisons.
+    Returns:
+        ``(num_queries, num_images)`` float64 on the CPU: for each pair, the sum of ``sigma`` over
+        the pairs of rows and entries that share a word.
     """
     binary = codes.dtype == torch.uint8
     tensors = {"query": query, "word": word, "codes": codes, "offsets": offsets, "image_ids": image_ids,

@@ -78,12 +78,29 @@ def label_planes(masks: torch.Tensor, backend: str = "auto") -> tuple[torch.Tens
     """Label the components of every plane of ``masks``.
 
     Args:
-        masks: ``(P, H, W)`` bool.
+        masks: ``(P, H, W)`` bool, any device; ``P`` planes of ``H x W`` pixels.
         backend: ``"auto"`` (``"scipy"`` on the CPU, ``"propagate"`` elsewhere), ``"scipy"`` or
             ``"propagate"``.
     Returns:
-        ``(labels (P, H, W) on masks' device, number of components)``; labels are int32 or int64
-        (whatever holds the count), identical values for both backends.
+        ``(labels, count)``: ``labels`` ``(P, H, W)`` int32 (int64 when the count needs it) on
+        the device of ``masks``, 0 for background and ``1..count`` for the components, numbered
+        in raster order of their first pixel over ``(plane, row, column)``; ``count`` an int.
+        Both backends give identical tensors.
+
+    Examples:
+        >>> import torch
+        >>> masks = torch.tensor([[[1, 1, 0, 0],
+        ...                        [0, 0, 0, 1],
+        ...                        [1, 0, 0, 1]]], dtype=torch.bool)
+        >>> labels, count = label_planes(masks)
+        >>> count
+        3
+        >>> labels[0]
+        tensor([[1, 1, 0, 0],
+                [0, 0, 0, 2],
+                [3, 0, 0, 2]], dtype=torch.int32)
+        >>> torch.equal(label_planes(masks, "propagate")[0], labels)
+        True
     """
     if masks.dtype != torch.bool or masks.ndim != 3:
         raise ValueError(f"label_planes expects a (P, H, W) bool tensor, got {masks.dtype} {tuple(masks.shape)}")

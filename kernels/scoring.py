@@ -32,8 +32,21 @@ ERRORS = ("symmetric", "one_way")
 def hypotheses_from_frames(frame1: torch.Tensor, frame2: torch.Tensor, xy1: torch.Tensor, xy2: torch.Tensor) -> torch.Tensor:
     """One hypothesis per correspondence: ``T = A2 A1^-1``, ``t = x2 - T x1``.
 
-    Args: lower-triangular frames ``(..., 2, 2)`` and centres ``(..., 2)`` of both sides.
-    Returns: ``(..., 5)`` parameters ``(a, b, c, tx, ty)`` in the dtype of the inputs.
+    Args:
+        frame1, frame2: ``(..., 2, 2)`` floating point lower-triangular frames (query,
+            candidate), with positive diagonals.
+        xy1, xy2: ``(..., 2)`` their centres ``(x, y)``, feature-map pixels; all four of one
+            dtype, on one device.
+    Returns:
+        ``(..., 5)`` parameters ``(a, b, c, tx, ty)`` (``tx``, ``ty`` in candidate pixels) in the
+        dtype of the inputs, on their device.
+
+    Examples:
+        >>> import torch
+        >>> frame1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> frame2 = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> hypotheses_from_frames(frame1, frame2, torch.tensor([1.0, 1.0]), torch.tensor([5.0, 4.0]))
+        tensor([2., 0., 2., 3., 2.])
     """
     p, q, r = frame1[..., 0, 0], frame1[..., 1, 0], frame1[..., 1, 1]
     a2, b2, c2 = frame2[..., 0, 0], frame2[..., 1, 0], frame2[..., 1, 1]
@@ -46,7 +59,7 @@ def hypotheses_from_frames(frame1: torch.Tensor, frame2: torch.Tensor, xy1: torc
 
 
 def log_scale(params: torch.Tensor) -> torch.Tensor:
-    """``log det T = log(a c)`` of hypotheses ``(..., 5)``."""
+    """``log det T = log(a c)`` of hypotheses ``(..., 5)`` -> ``(...)``, their dtype and device."""
     return torch.log(params[..., 0] * params[..., 2])
 
 
@@ -63,7 +76,22 @@ def _metric(params: torch.Tensor, error: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def direct_errors(params: torch.Tensor, xy1: torch.Tensor, xy2: torch.Tensor, error: str = "symmetric") -> torch.Tensor:
-    """Transfer errors by the direct formula: params ``(..., K, 5)``, points ``(..., C, 2)`` -> ``(..., K, C)``."""
+    """Transfer errors by the direct formula.
+
+    Args:
+        params: ``(..., K, 5)`` floating point hypotheses ``(a, b, c, tx, ty)``.
+        xy1, xy2: ``(..., C, 2)`` correspondence points (query, candidate), pixels; same dtype
+            and device as ``params``.
+        error: ``"symmetric"`` (both transfer directions) or ``"one_way"`` (query to candidate).
+    Returns:
+        ``(..., K, C)`` squared errors, pixels^2, in the dtype of the inputs.
+
+    Examples:
+        >>> import torch
+        >>> params = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]])  # the identity
+        >>> direct_errors(params, torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 3.0]]))
+        tensor([[0., 8.]])
+    """
     a, b, c, tx, ty = (params[..., i, None] for i in range(5))
     x1, y1 = xy1[..., None, :, 0], xy1[..., None, :, 1]
     x2, y2 = xy2[..., None, :, 0], xy2[..., None, :, 1]
@@ -112,12 +140,23 @@ def inlier_mask(
     """``error < threshold_sq`` for every hypothesis and correspondence of each group.
 
     Args:
-        params: ``(G, K, 5)`` hypotheses (float64 recommended; coefficients are built in float64).
-        xy1, xy2: ``(G, C, 2)`` correspondence points (query, candidate).
-        valid: ``(G, C)`` real correspondences.
+        params: ``(G, K, 5)`` floating point hypotheses (float64 recommended; coefficients are
+            built in float64).
+        xy1, xy2: ``(G, C, 2)`` floating point correspondence points (query, candidate), pixels;
+            the product runs in their dtype (float32 or float64).
+        valid: ``(G, C)`` bool, real correspondences.
         threshold_sq: squared error threshold, pixels^2.
+        error: ``"symmetric"`` or ``"one_way"`` (see :func:`direct_errors`).
     Returns:
-        ``(G, K, C)`` bool, False for padded correspondences.
+        ``(G, K, C)`` bool on the device of ``params``, False for padded correspondences.
+
+    Examples:
+        >>> import torch
+        >>> params = torch.tensor([[[1.0, 0.0, 1.0, 0.0, 0.0]]], dtype=torch.float64)
+        >>> xy1 = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+        >>> xy2 = torch.tensor([[[0.5, 0.0], [1.0, 3.0]]])
+        >>> inlier_mask(params, xy1, xy2, torch.tensor([[True, True]]), threshold_sq=1.0)
+        tensor([[[ True, False]]])
     """
     if error not in ERRORS:
         raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
@@ -151,8 +190,17 @@ def inlier_mask(
 
 
 def scale_gate(log_scale_corr: torch.Tensor, log_scale_hyp: torch.Tensor, max_change: float) -> torch.Tensor:
-    """``|log det T_l - log det T_k| <= log(max_change)`` for hypotheses ``(G, K)`` and
-    correspondences ``(G, C)`` -> ``(G, K, C)``; float32 with a float64 check near the bound."""
+    """``|log det T_l - log det T_k| <= log(max_change)``, in float32 with a float64 check near the bound.
+
+    Args:
+        log_scale_corr: ``(G, C)`` floating point :func:`log_scale` of each correspondence's own
+            hypothesis.
+        log_scale_hyp: ``(G, K)`` floating point :func:`log_scale` of each hypothesis, on the same
+            device.
+        max_change: largest allowed ratio of area scales (> 1).
+    Returns:
+        ``(G, K, C)`` bool on the device of the inputs.
+    """
     limit = math.log(max_change)
     diff = (log_scale_corr.float()[:, None, :] - log_scale_hyp.float()[..., None]).abs_()
     inside = diff <= limit
@@ -164,7 +212,22 @@ def scale_gate(log_scale_corr: torch.Tensor, log_scale_hyp: torch.Tensor, max_ch
 
 
 def count_unique(mask: torch.Tensor, ids: torch.Tensor, num_ids: int) -> torch.Tensor:
-    """Distinct ids among the True entries: ``mask (G, K, C)``, ``ids (G, C)`` in ``[0, num_ids)`` -> ``(G, K)``."""
+    """Distinct ids among the True entries of each row.
+
+    Args:
+        mask: ``(G, K, C)`` bool.
+        ids: ``(G, C)`` int64 in ``[0, num_ids)`` (e.g. the query feature of each correspondence),
+            on the device of ``mask``.
+        num_ids: the number of possible ids.
+    Returns:
+        ``(G, K)`` int64 counts on the device of ``mask``.
+
+    Examples:
+        >>> import torch
+        >>> mask = torch.tensor([[[True, True, True], [False, True, False]]])
+        >>> count_unique(mask, torch.tensor([[0, 0, 2]]), num_ids=3)
+        tensor([[2, 1]])
+    """
     g, k, c = mask.shape
     seen = torch.zeros(g, k, max(num_ids, 1), dtype=torch.uint8, device=mask.device)
     seen.scatter_reduce_(2, ids[:, None, :].expand(g, k, c), mask.to(torch.uint8), "amax")
