@@ -42,6 +42,7 @@ from gpu_dsm.checks import as_tensor
 from gpu_dsm.extract import ExtractConfig, iterate_activations
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.io import torch_load_checked, torch_save
+from gpu_dsm.kernels.precision import ieee_float32_matmul
 from gpu_dsm.whitening import Whitening, pca_whitening_from_moments
 
 #: HOW's test scales, the reference's literal decimals (HOW paper 4.1, eval config)
@@ -159,12 +160,17 @@ def smooth(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
 
 
 def reduce_map(maps: torch.Tensor, whitening: Whitening | None, dim: int) -> torch.Tensor:
-    """The 1x1 reduction ``P[:dim] (u - m)`` of ``(B, K, h, w)`` -> ``(B, dim, h, w)`` (identity without whitening)."""
+    """The 1x1 reduction ``P[:dim] (u - m)`` of ``(B, K, h, w)`` -> ``(B, dim, h, w)`` float32 on
+    the maps' device (identity without whitening). The product is IEEE float32 whatever TF32 or
+    matmul precision the caller set (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`): the
+    descriptors feed ASMK's word assignment."""
     if whitening is None:
         return maps.float()
     proj = whitening.projection[:dim].to(maps.device, torch.float32)
     bias = whitening.bias[:dim].to(maps.device, torch.float32)
-    return torch.einsum("dk,bkhw->bdhw", proj, maps.float()) + bias[None, :, None, None]
+    with ieee_float32_matmul():
+        reduced = torch.einsum("dk,bkhw->bdhw", proj, maps.float())
+    return reduced + bias[None, :, None, None]
 
 
 def select_features(maps_per_scale: Sequence[torch.Tensor], whitening: Whitening | None, num_features: int,

@@ -160,3 +160,33 @@ def test_summation_order_changes_scores_in_the_last_bits_only(binary):
     gaps = (scores[:, :-1] - scores[:, 1:])
     assert bool((gaps[gaps > 0] > 1e-13).all())  # no near-ties that a 1e-13 change could swap
     assert torch.equal(order, s_order)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_how_reduction_runs_in_ieee_float32_under_every_setting(setting, restore_settings, monkeypatch):
+    """HOW's 1x1 reduction (the descriptors ASMK assigns to words) is an IEEE float32 product
+    whatever the caller set, equal to the float64 product within float32 rounding, and the
+    caller's settings are back afterwards."""
+    from gpu_dsm.how import reduce_map
+    from gpu_dsm.whitening import Whitening
+
+    g = torch.Generator().manual_seed(11)
+    maps = torch.rand(2, 40, 5, 6, generator=g) * 6
+    whitening = Whitening(projection=torch.randn(40, 40, generator=g), bias=torch.randn(40, generator=g))
+    baseline = reduce_map(maps, whitening, 16)
+    _set(setting)
+    before = _precisions()
+    seen = []
+    einsum = torch.einsum
+
+    def recording_einsum(*args):
+        seen.append((_B.cuda.matmul.fp32_precision, _B.mkldnn.matmul.fp32_precision))
+        return einsum(*args)
+
+    monkeypatch.setattr(torch, "einsum", recording_einsum)
+    reduced = reduce_map(maps, whitening, 16)
+    assert seen == [("ieee", "ieee")]
+    assert _precisions() == before
+    assert torch.equal(reduced, baseline)
+    exact = torch.einsum("dk,bkhw->bdhw", whitening.projection[:16].double(), maps.double()) + whitening.bias[:16, None, None].double()
+    torch.testing.assert_close(reduced.double(), exact, rtol=1e-5, atol=1e-4)
