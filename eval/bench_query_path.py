@@ -22,7 +22,8 @@ Queries: ``--queries`` source query tables (cycled) with simulated global descri
 the database's. Stages, ``--batch`` queries at a time, each timed on its own: ``search`` (top
 ``--top-k`` of the global descriptors, read through the memory map), ``gather`` (the candidates'
 tables from disk), ``verify`` (spatial verification, :class:`DSMReranker`), ``diffuse`` (seeds from
-the verified top, CG on the whole graph), ``rank`` (the final top ``--output-k``). Reported: ms per
+the verified top, CG on the whole graph, or with ``--truncation-size R`` on each query's top R:
+the search then returns R), ``rank`` (the final top ``--output-k``). Reported: ms per
 query per stage, peak memory (process RSS, memory-mapped pages included; CUDA allocations on a
 GPU), disk bytes, and what the stages found (inliers, CG iterations). No timing is asserted.
 """
@@ -234,19 +235,23 @@ def query_path(store: FeatureStore, index: GlobalIndex, graph: KnnGraph, queries
         peak[stage] = _peak_rss_mb()
         return result
 
+    # truncated diffusion solves on each query's top R: the search returns them
+    searched = max(top_k, min(dcfg.truncation_size or 0, graph.num_nodes))
     for lo in range(0, queries_global.shape[0], batch):
         hi = min(lo + batch, queries_global.shape[0])
-        sims, top = timed("search", lambda: index.search(queries_global[lo:hi], top_k))
-        candidates = timed("gather", lambda: store.local_features(top.reshape(-1).cpu().numpy(), device=device))
-        result = timed("verify", lambda: reranker(query_tables[list(range(lo, hi))], candidates, sims, top))
+        sims, top = timed("search", lambda: index.search(queries_global[lo:hi], searched))
+        candidates = timed("gather", lambda: store.local_features(top[:, :top_k].reshape(-1).cpu().numpy(), device=device))
+        result = timed("verify", lambda: reranker(query_tables[list(range(lo, hi))], candidates, sims[:, :top_k],
+                                                  top[:, :top_k]))
 
         def diffuse_batch():
             order = result.order
             seeds = dsm_seeds(sims.gather(1, order), result.indices, result.inliers, graph.num_nodes,
                               dcfg.dsm_candidates, dcfg.dsm_keep, dcfg.gamma)
+            ranks = torch.cat([result.indices.to(top.device), top[:, top_k:]], dim=1)  # the re-ranked top, then the rest
             with warnings.catch_warnings():  # 20 iterations at alpha 0.99: the residual is reported instead
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                return diffuse(op, seeds.to(device), dcfg)
+                return diffuse(op, seeds.to(device), dcfg, ranks.to(device))
 
         f, info = timed("diffuse", diffuse_batch)
         scores, ranking = timed("rank", lambda: f.T.topk(min(output_k, graph.num_nodes), dim=1))
@@ -278,6 +283,9 @@ def main(argv=None) -> dict:
     p.add_argument("--cross-fraction", type=float, default=0.1,
                    help="fraction of a node's neighbours outside its cluster (default: %(default)s: one connected graph)")
     p.add_argument("--search", choices=SEARCH_BACKENDS, default="exact", help="global search backend (default: %(default)s)")
+    p.add_argument("--truncation-size", type=int, default=None, metavar="R",
+                   help="truncated diffusion on each query's top R (DiffusionConfig.truncation_size) (default: none, the "
+                        "whole graph)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated database and queries (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while the database is written")
     args = p.parse_args(argv)
@@ -305,14 +313,17 @@ def main(argv=None) -> dict:
     labels = torch.randint(0, centres.shape[0], (args.queries,), generator=generator)
     queries_global = simulated_descriptors(labels, centres, args.noise, generator).to(device)
     query_tables = source_q.local_features(np.arange(args.queries) % source_q.num_images, device=device)
-    query_path(store, index, graph, queries_global[:1], query_tables[[0]], args.top_k, args.output_k, 1, device=device)  # warm-up
-    run = query_path(store, index, graph, queries_global, query_tables, args.top_k, args.output_k, args.batch, device=device)
+    dcfg = DiffusionConfig(truncation_size=args.truncation_size)
+    query_path(store, index, graph, queries_global[:1], query_tables[[0]], args.top_k, args.output_k, 1, diffusion=dcfg,
+               device=device)  # warm-up
+    run = query_path(store, index, graph, queries_global, query_tables, args.top_k, args.output_k, args.batch,
+                     diffusion=dcfg, device=device)
     per_query = {stage: round(1000 * s / args.queries, 2) for stage, s in run["seconds"].items()}
     counts = store.feature_counts()
     report = {
         "benchmark": "query_path", "device": str(device), "threads": torch.get_num_threads(),
         "images": args.images, "queries": args.queries, "batch": args.batch, "top_k": args.top_k, "output_k": args.output_k,
-        "search": args.search, "global_dim": int(store.meta["global_dim"]),
+        "search": args.search, "truncation_size": args.truncation_size, "global_dim": int(store.meta["global_dim"]),
         "local_features_per_image": round(float(counts.mean()), 1), "graph_nodes": graph.num_nodes, "graph_edges": graph.num_edges,
         "ms_per_query": {**per_query, "total": round(sum(per_query.values()), 2)},
         "load_s": round(load_s, 2), "prepare": simulated.timings,

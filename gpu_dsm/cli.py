@@ -183,6 +183,10 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, default=d.gamma, help="similarity exponent of graph weights and seeds (default: %(default)s)")
     g.add_argument("--cg-iterations", type=int, default=d.max_iter, help="conjugate-gradient iterations at most (default: %(default)s)")
     g.add_argument("--cg-tol", type=float, default=d.tol, help="conjugate-gradient relative residual (default: %(default)s)")
+    g.add_argument("--truncation-size", type=int, default=d.truncation_size, metavar="R",
+                   help="truncated diffusion: solve each query on the sub-graph of its top R images, R at least the "
+                        "re-ranked top-k (fyang93/diffusion's truncated solve; for large databases, docs 'Scaling "
+                        "out') (default: none, the whole graph as the paper)")
     g.add_argument("--query-k", type=int, default=d.query_k, help="plain seeds: the query's kq most similar images (default: %(default)s)")
     g.add_argument("--dsm-keep", type=int, default=d.dsm_keep,
                    help="DSM seeds kept of the top 10 verified images (default: %(default)s, paper 4.1; the reference code keeps 4)")
@@ -195,7 +199,7 @@ def _diffusion_config(args: argparse.Namespace):
     if not getattr(args, "diffusion", False):
         return None, GraphConfig()
     return (DiffusionConfig(alpha=args.alpha, gamma=args.gamma, max_iter=args.cg_iterations, tol=args.cg_tol,
-                            query_k=args.query_k, dsm_keep=args.dsm_keep),
+                            query_k=args.query_k, dsm_keep=args.dsm_keep, truncation_size=args.truncation_size),
             GraphConfig(k=args.graph_k, gamma=args.gamma, backend=args.graph_backend))
 
 

@@ -14,7 +14,9 @@ The final ranking sorts the whole database by ``f``; images diffusion does not r
 order of the initial ranking after those it does.
 
 The solve runs on the connected components of the graph that hold a seed (the rest of ``f`` is
-exactly zero), with the products and column reductions of ``gpu_dsm.kernels``.
+exactly zero), with the products and column reductions of ``gpu_dsm.kernels``. With
+``DiffusionConfig.truncation_size`` R it runs, per query, on the sub-graph of its top R images
+(truncated diffusion, :func:`truncated_conjugate_gradient`): the large-database setting.
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ class DiffusionConfig:
     # sparse products (ours): "auto" (scipy on the CPU, torch elsewhere), "scipy", or "torch" (the
     # GPU path's CSR products and torch.linalg.vecdot reductions, on any device)
     sparse_backend: str = "auto"
+    # None (default): solve on the whole graph (Iscen et al., the paper). R: truncated diffusion,
+    # each query on the sub-graph of its top R initial images (fyang93/diffusion's truncated solve;
+    # ours to offer: a 1M-image query then costs R nodes' edges, docs "Scaling out"); R must hold
+    # every seed: at least the re-ranked top-k and query_k
+    truncation_size: int | None = None
 
     def __post_init__(self):
         # I - alpha S is positive definite (CG converges) only for 0 < alpha < 1: |eig(S)| <= 1
@@ -66,6 +73,9 @@ class DiffusionConfig:
             raise ValueError(f"diffusion tol must be > 0, got {self.tol}")
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ValueError(f"diffusion gamma must be > 0, got {self.gamma}")
+        if self.truncation_size is not None and int(self.truncation_size) < max(self.query_k, self.dsm_candidates):
+            raise ValueError(f"diffusion truncation_size must hold the seeds: at least query_k ({self.query_k}) and "
+                             f"dsm_candidates ({self.dsm_candidates}), got {self.truncation_size}")
         for name in ("max_iter", "query_k", "dsm_candidates", "dsm_keep"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"diffusion {name} must be >= 1, got {getattr(self, name)}")
@@ -133,14 +143,70 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     return op.from_internal(f), info
 
 
+def truncated_conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tensor, candidates: torch.Tensor,
+                                 alpha: float = 0.99, tol: float = 1e-6, max_iter: int = 20,
+                                 backend: str = "auto") -> tuple[torch.Tensor, CGInfo]:
+    """Solve column ``q`` of ``(I - alpha S) F = Y`` on the sub-graph induced by ``candidates[q]``.
+
+    Truncated diffusion: each query's system is the sub-matrix of ``I - alpha S`` on its top ``R``
+    images (the truncated solve of fyang93/diffusion, ``lap_alpha[ids][:, ids]``), so a solve
+    costs ``R`` nodes' edges instead of the whole graph's. All queries' sub-graphs form one
+    block-diagonal operator: each iteration is one product, each column keeps its own CG steps
+    (the result equals solving each query alone).
+
+    Args:
+        affinity: ``(N, N)`` sparse symmetric ``S``, or its :class:`SparseOperator`.
+        rhs: ``(N, Q)`` seeds; every non-zero of column ``q`` must lie on ``candidates[q]``.
+        candidates: ``(Q, R)`` int64 database indices, distinct within a row (e.g. the initial top R).
+
+    Returns:
+        ``(F (N, Q), CGInfo)``: ``F`` is zero outside each column's candidates; dtype of the operator.
+    """
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
+    n = affinity.shape[0]
+    rhs = as_tensor(rhs, "rhs", kind="float")
+    candidates = as_tensor(candidates, "candidates", ndim=2, kind="int", device=rhs.device).long()
+    if rhs.ndim != 2 or rhs.shape[0] != n or candidates.shape[0] != rhs.shape[1]:
+        raise ValueError(f"rhs must be ({n}, Q) and candidates (Q, R), got {tuple(rhs.shape)} and {tuple(candidates.shape)}")
+    if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= n):
+        raise ValueError(f"candidates must be database indices in 0..{n - 1}")
+    if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
+        raise ValueError("diffusion seeds contain NaN or Inf")
+    op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype, backend=backend)
+    num_q, r = candidates.shape
+    y = rhs.T.gather(1, candidates).to(op.dtype)  # (Q, R): column q's seeds on its candidates
+    outside = (rhs != 0).sum(0) != (y != 0).sum(1)
+    if bool(outside.any()):
+        q = int(outside.nonzero()[0, 0])
+        raise ValueError(f"diffusion: query {q} has seeds outside its {r} candidates (truncation_size): raise "
+                         "truncation_size to at least the re-ranked top-k and the seeds' query_k")
+    blocks = op.induced_blocks(op.internal_index(candidates.to(op.device)))
+
+    def product(p: torch.Tensor, out: torch.Tensor) -> None:  # p, out (R, Q): column q is block q
+        shifted = blocks.shifted_product(p.T.contiguous().view(num_q * r, 1), alpha)
+        out.copy_(shifted.view(num_q, r).T)
+
+    f_sub, info = _solve(product, y.to(op.device).T.contiguous(), tol, max_iter, op.backend)
+    f = torch.zeros(n, num_q, dtype=op.dtype, device=f_sub.device)
+    f.scatter_(0, candidates.to(f.device).T, f_sub)
+    return f, info
+
+
 def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol: float, max_iter: int) -> tuple[torch.Tensor, CGInfo]:
-    """Batched CG on ``op``'s internal order (see :func:`conjugate_gradient`); overwrites ``rhs``.
+    """Batched CG on ``op``'s internal order (see :func:`conjugate_gradient`); overwrites ``rhs``."""
+    return _solve(lambda p, out: op.shifted_product(p, alpha, out=out), rhs, tol, max_iter, op.backend)
+
+
+def _solve(product, rhs: torch.Tensor, tol: float, max_iter: int, backend: str) -> tuple[torch.Tensor, CGInfo]:
+    """Batched CG for ``A F = rhs`` (``rhs (N, Q)``, overwritten), ``product(p, out)`` writing
+    ``A p`` into ``out``; each column keeps its own steps and stops at its tolerance.
 
     Few fresh ``(N, Q)`` buffers: on the CPU their first touch (page faults) costs as much as
     several iterations' vector operations. The reductions run as the products do: the torch
     sparse backend (the GPU path) with ``torch.linalg.vecdot``, the scipy one with numpy.
     """
-    dots = "torch" if op.backend == "torch" else "auto"
+    dots = "torch" if backend == "torch" else "auto"
 
     def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _column_dots(a, b, backend=dots)
@@ -157,7 +223,7 @@ def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol
         if not active.any():
             it -= 1
             break
-        op.shifted_product(p, alpha, out=ap)
+        product(p, ap)
         denom = column_dots(p, ap)
         step = torch.where(active & (denom > 0), rs / denom.clamp(min=1e-30), torch.zeros_like(rs))
         f.addcmul_(p, step)
@@ -227,10 +293,14 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
 
 
 def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor,
-            config: DiffusionConfig | None = None) -> tuple[torch.Tensor, CGInfo]:
+            config: DiffusionConfig | None = None, ranks: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a :class:`KnnGraph` (its
     product operator is built once and kept), a :class:`SparseOperator` (its own backend), or a
     sparse affinity; ``config.sparse_backend`` chooses the products of the first and last.
+
+    With ``config.truncation_size`` R, each query is solved on the sub-graph of its first R
+    images of ``ranks`` (``(Q, >= R)`` int64 database indices, best first; required then):
+    :func:`truncated_conjugate_gradient`. Scores are zero outside them.
 
     Warns (:class:`ConvergenceWarning`) when CG stops at ``max_iter`` with a column's relative
     residual above ``tol`` (the reference code's 20 iterations often do at alpha = 0.99): the
@@ -244,7 +314,16 @@ def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor
         op = graph
     else:
         op = SparseOperator(graph, cfg.dtype, backend=cfg.sparse_backend)
-    f, info = conjugate_gradient(op, seeds.to(op.dtype), cfg.alpha_for(seeds.shape[0]), cfg.tol, cfg.max_iter)
+    alpha = cfg.alpha_for(seeds.shape[0])
+    if cfg.truncation_size is None:
+        f, info = conjugate_gradient(op, seeds.to(op.dtype), alpha, cfg.tol, cfg.max_iter)
+    elif ranks is None:
+        raise ValueError("diffusion with truncation_size needs each query's ranking (ranks) to take its top R from")
+    else:
+        r = min(int(cfg.truncation_size), seeds.shape[0])
+        if ranks.shape[-1] < r:
+            raise ValueError(f"diffusion: ranks hold {ranks.shape[-1]} images per query, truncation_size needs {r}")
+        f, info = truncated_conjugate_gradient(op, seeds.to(op.dtype), ranks[:, :r], alpha, cfg.tol, cfg.max_iter)
     residual = info.relative_residual
     unconverged = int((residual > cfg.tol).sum()) if residual.numel() else 0
     if unconverged:

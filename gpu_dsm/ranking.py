@@ -177,8 +177,9 @@ def diffuse_initial(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Te
     2017): ``(ranking (Q, N), CGInfo)``, unreached images in the initial order."""
     device = graph.device
     seeds = plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k, config.gamma)
-    f, info = diffuse(graph, seeds, config)
-    return diffusion_ranking(f, ranks.to(device)), info
+    ranks = ranks.to(device)
+    f, info = diffuse(graph, seeds, config, ranks)
+    return diffusion_ranking(f, ranks), info
 
 
 def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
@@ -191,8 +192,9 @@ def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: Rera
     k = reranked.order.shape[1]
     seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
                       reranked.inliers.to(device), graph.num_nodes, config.dsm_candidates, config.dsm_keep, config.gamma)
-    f, info = diffuse(graph, seeds, config)
-    return diffusion_ranking(f, reranked_ranks.to(device)), info
+    reranked_ranks = reranked_ranks.to(device)
+    f, info = diffuse(graph, seeds, config, reranked_ranks)
+    return diffusion_ranking(f, reranked_ranks), info
 
 
 @dataclass

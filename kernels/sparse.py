@@ -5,7 +5,8 @@ dense ``X`` ``(N, Q)``: ``S @ X`` and the conjugate-gradient operator ``X - alph
 (:meth:`SparseOperator.shifted_product`). It works in an internal node order; callers move dense
 matrices in and out with :meth:`to_internal` / :meth:`from_internal`. :meth:`restricted` gives
 the operator of an induced sub-graph (e.g. the connected components a batch of queries reaches,
-:meth:`reached_by`).
+:meth:`reached_by`); :meth:`induced_blocks` the block-diagonal operator of one induced sub-graph
+per query (truncated diffusion).
 
 - ``"scipy"`` (the CPU path): the reverse Cuthill-McKee order, which puts graph neighbours close
   in memory (1.4x faster products on a 20k-node kNN graph), and scipy's compiled CSR kernel
@@ -158,6 +159,55 @@ class SparseOperator:
         new_crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         sub._set_torch(csr_tensor(new_crow, new_index[col[edge]], values[edge], n))
         return sub
+
+    def induced_blocks(self, nodes: torch.Tensor) -> "SparseOperator":
+        """The block-diagonal operator of the sub-graphs induced by each row of ``nodes``.
+
+        Args:
+            nodes: ``(B, R)`` int64 internal node indices (:meth:`internal_index`), distinct within a row.
+
+        Returns:
+            an operator of ``B * R`` nodes, no reordering, the same dtype, backend and threads: node
+            ``r`` of block ``b`` is row ``b * R + r``, and block ``b`` is the sub-matrix
+            ``S[nodes[b]][:, nodes[b]]``: edges leaving a row's nodes are dropped (the truncated
+            solve of fyang93/diffusion, ``lap_alpha[ids][:, ids]``).
+        """
+        if nodes.ndim != 2:
+            raise ValueError(f"induced_blocks expects (B, R) node indices, got shape {tuple(nodes.shape)}")
+        crow, col, values = self._arrays()
+        n, (b, r) = self.shape[0], nodes.shape
+        flat = nodes.to(self.device, torch.int64).reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+            raise ValueError(f"induced_blocks: node indices must lie in 0..{n - 1}")
+        start, count = crow[flat], crow[flat + 1] - crow[flat]
+        row = torch.repeat_interleave(count)  # (E,) block-diagonal row of every edge of a selected node
+        first = torch.cumsum(count, 0) - count
+        edge = start[row] + torch.arange(row.numel(), device=self.device) - first[row]
+        # an edge is kept when its target is a node of the same block: (block, node) keys, searched
+        keys, order = (torch.arange(b, device=self.device)[:, None] * n + flat.view(b, r)).reshape(-1).sort()
+        wanted = torch.div(row, r, rounding_mode="floor") * n + col[edge].long()
+        at = torch.searchsorted(keys, wanted).clamp(max=max(keys.numel() - 1, 0))
+        hit = keys[at] == wanted if keys.numel() else torch.zeros_like(wanted, dtype=torch.bool)
+        rows, cols, kept = row[hit], order[at[hit]], values[edge[hit]]
+        if self.backend == "torch":  # CSR rows with sorted columns (the scipy path sorts its own)
+            by_row = torch.argsort(rows * (b * r) + cols)
+            rows, cols, kept = rows[by_row], cols[by_row], kept[by_row]
+        counts = torch.bincount(rows, minlength=b * r)
+        block_crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return SparseOperator(csr_tensor(block_crow, cols, kept, b * r), self.dtype, reorder=False, backend=self.backend,
+                              threads=self.threads)
+
+    def _arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSR ``(row pointers int64, column indices, values)`` in the internal order, on the operator's device."""
+        if self._scipy is not None:
+            a = self._scipy
+            return (torch.from_numpy(a.indptr.astype(np.int64, copy=False)), torch.from_numpy(a.indices),
+                    torch.from_numpy(a.data))
+        return self._torch.crow_indices().long(), self._torch.col_indices(), self._torch.values()
+
+    def internal_index(self, original: torch.Tensor) -> torch.Tensor:
+        """Internal indices of nodes ``original`` given in the caller's order (any shape)."""
+        return original if self._inverse is None else self._inverse.to(original.device)[original]
 
     def to_internal(self, dense: torch.Tensor) -> torch.Tensor:
         return dense if self._order is None else dense[self._order]

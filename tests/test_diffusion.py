@@ -288,3 +288,55 @@ def test_the_solve_leaves_the_callers_seeds_alone(kwargs):
     assert torch.equal(y, before)
     again, _ = conjugate_gradient(op, y, alpha=0.9, tol=1e-7, max_iter=100)
     assert torch.equal(y, before) and torch.allclose(first, again, atol=1e-6) and first[3, 0] >= 1.0
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_truncated_solve_equals_each_querys_sub_matrix_solve(backend):
+    """Truncated diffusion: column q equals a direct solve of the sub-matrix of I - alpha S on the
+    query's top R (fyang93/diffusion's truncated solve), zero elsewhere; R = N is the whole solve."""
+    from gpu_dsm.diffusion import truncated_conjugate_gradient
+    from gpu_dsm.kernels.sparse import SparseOperator
+
+    x, centres = _clustered(500, seed=3)
+    g = build_knn_graph(x, GraphConfig(k=12))
+    q = F.normalize(centres[:4] + 0.5 * torch.randn(4, centres.shape[1], generator=torch.Generator().manual_seed(4)), dim=1)
+    sims, ranks = (q @ x.T).sort(dim=1, descending=True)
+    y = plain_seeds(sims, ranks, 500, 10, 3.0).double()
+    op = SparseOperator(g.affinity, torch.float64, backend=backend)  # reordered nodes on the scipy path
+    s = sp.csr_matrix(g.affinity.to_dense().double().numpy())
+    r = 80
+    f, info = truncated_conjugate_gradient(op, y, ranks[:, :r], alpha=0.95, tol=1e-13, max_iter=500)
+    assert f.shape == (500, 4) and info.iterations > 1
+    for j in range(4):
+        ids = ranks[j, :r].numpy()
+        expected = sla.spsolve((sp.eye(r) - 0.95 * s[ids][:, ids]).tocsc(), y[ids, j].numpy())
+        np.testing.assert_allclose(f[ids, j].numpy(), expected, rtol=1e-9, atol=1e-12)
+        outside = np.setdiff1d(np.arange(500), ids)
+        assert torch.all(f[outside, j] == 0)
+    whole, _ = conjugate_gradient(op, y, alpha=0.95, tol=1e-13, max_iter=500)
+    every, _ = truncated_conjugate_gradient(op, y, ranks, alpha=0.95, tol=1e-13, max_iter=500)
+    torch.testing.assert_close(every, whole, rtol=1e-9, atol=1e-12)
+
+
+def test_truncated_diffusion_config_and_bad_input():
+    from gpu_dsm.diffusion import truncated_conjugate_gradient
+
+    x, _ = _clustered(200, seed=5)
+    g = build_knn_graph(x, GraphConfig(k=8))
+    sims, ranks = (x[:3] @ x.T).sort(dim=1, descending=True)
+    y = plain_seeds(sims, ranks, 200, 10, 3.0)
+    cfg = DiffusionConfig(alpha=0.9, truncation_size=50)
+    f, _ = diffuse(g, y, cfg, ranks)
+    assert int((f != 0).sum(0).max()) <= 50
+    with pytest.raises(ValueError, match="needs each query's ranking"):
+        diffuse(g, y, cfg)
+    with pytest.raises(ValueError, match="must hold the seeds"):
+        DiffusionConfig(truncation_size=5)
+    with pytest.raises(ValueError, match="seeds outside its 20 candidates"):
+        truncated_conjugate_gradient(g.affinity, y, ranks[:, 5:25])
+    with pytest.raises(ValueError, match="database indices"):
+        truncated_conjugate_gradient(g.affinity, y, ranks[:, :20] + 500)
+    # a truncated ranking: the top R re-ordered by diffusion, then the rest in the initial order
+    order = diffusion_ranking(f, ranks)
+    assert torch.equal(order[:, 50:], ranks[:, 50:])
+    assert torch.equal(order[:, :50].sort(1).values, ranks[:, :50].sort(1).values)
