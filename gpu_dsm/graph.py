@@ -61,7 +61,13 @@ class GraphConfig:
 
 @dataclass
 class KnnGraph:
-    """``affinity``: ``(N, N)`` sparse CSR ``S = D^-1/2 W D^-1/2``; ``k``, ``gamma`` as built."""
+    """A database's kNN graph, as built by :func:`build_knn_graph`.
+
+    Fields:
+        affinity: ``(N, N)`` sparse CSR float32 ``S = D^-1/2 W D^-1/2`` (symmetric, zero diagonal),
+            on the device of the descriptors it was built from (or where :meth:`load` put it).
+        k: neighbours per node used; gamma: the similarity exponent; mutual: mutual neighbours only.
+    """
 
     affinity: torch.Tensor
     k: int
@@ -80,20 +86,25 @@ class KnnGraph:
 
     @property
     def num_nodes(self) -> int:
+        """``N``, the database images."""
         return int(self.affinity.shape[0])
 
     @property
     def device(self) -> torch.device:
+        """The device of ``affinity``."""
         return self.affinity.device
 
     @property
     def num_edges(self) -> int:
+        """Stored non-zeros of ``affinity`` (each undirected edge counts twice)."""
         return int(self.affinity._nnz())
 
     def to(self, device: torch.device | str) -> "KnnGraph":
+        """The same graph with ``affinity`` on ``device``."""
         return KnnGraph(self.affinity.to(device), self.k, self.gamma, self.mutual)
 
     def save(self, path: str | Path) -> Path:
+        """Write the graph (its CSR arrays, from the CPU) to ``path``; returns the path."""
         a = self.affinity.cpu()
         state = {"format": _FORMAT, "k": self.k, "gamma": self.gamma, "mutual": self.mutual, "size": list(a.shape),
                  "crow": a.crow_indices(), "col": a.col_indices(), "values": a.values()}
@@ -101,6 +112,7 @@ class KnnGraph:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "KnnGraph":
+        """Read a graph written by :meth:`save`, its affinity on ``device``."""
         state = torch_load_checked(path, _FORMAT, "graph")
         n = state["size"][0]
         if state["crow"].numel() != n + 1 or state["col"].numel() != state["values"].numel():
@@ -116,8 +128,25 @@ def _coo_to_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n:
 
 
 def exact_neighbours(x: torch.Tensor, k: int, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` nearest neighbours by inner product of every row of ``x (N, D)``, itself excluded:
-    ``(similarities (N, k), indices (N, k))``, best first."""
+    """``k`` nearest neighbours by inner product of every row of ``x``, itself excluded.
+
+    Args:
+        x: ``(N, D)`` floating point descriptors, any device; ``1 <= k <= N - 1``.
+        chunk_size: rows per similarity block (memory: ``chunk_size x N`` scores).
+    Returns:
+        ``(similarities, indices)``, both ``(N, k)`` on the device of ``x``, best first:
+        inner products in the dtype of ``x`` and int64 rows of ``x``.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+        >>> exact_neighbours(x, 1)
+        (tensor([[0.8000],
+                [0.8000],
+                [0.6000]]), tensor([[1],
+                [0],
+                [1]]))
+    """
     n = x.shape[0]
     sims, idx = [], []
     for start in range(0, n, chunk_size):
@@ -131,7 +160,11 @@ def exact_neighbours(x: torch.Tensor, k: int, chunk_size: int = 4096) -> tuple[t
 
 
 def faiss_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate neighbours with FAISS (HNSW, inner product); self excluded."""
+    """Approximate neighbours with FAISS (HNSW, inner product); self excluded.
+
+    Same arguments and results as :func:`exact_neighbours` (the search runs on the CPU in float32;
+    similarities come back float32, indices int64, on the device of ``x``).
+    """
     try:
         import faiss
     except ImportError as exc:
@@ -155,6 +188,28 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
 
     ``k`` is ``config.neighbours(N)`` (a k larger than ``N - 1`` is clamped to ``N - 1``: every
     other node is a neighbour).
+
+    Args:
+        descriptors: ``(N, D)`` finite floating point (computed in float32), ``N > 0``, any device.
+        config: neighbours, weight exponent and backend (default :class:`GraphConfig`).
+    Returns:
+        :class:`KnnGraph` whose ``affinity`` is an ``(N, N)`` sparse CSR float32 tensor on the
+        descriptors' device.
+
+    Examples:
+        Two pairs of similar images; each image's nearest neighbour is its pair:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> x = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+        >>> graph = build_knn_graph(x, GraphConfig(k=1))
+        >>> graph.num_nodes, graph.num_edges, graph.affinity.layout
+        (4, 4, torch.sparse_csr)
+        >>> graph.affinity.to_dense().round(decimals=4)
+        tensor([[0., 1., 0., 0.],
+                [1., 0., 0., 0.],
+                [0., 0., 0., 1.],
+                [0., 0., 1., 0.]])
     """
     cfg = config or GraphConfig()
     descriptors = as_tensor(descriptors, "descriptors", kind="float")
@@ -194,7 +249,19 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
 
 def normalised_affinity(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
     """``S = D^-1/2 W D^-1/2`` as a sparse ``(n, n)`` CSR tensor from the edges of a symmetric ``W``
-    (each edge listed in both directions, weights > 0); a node without edges keeps an empty row."""
+    (each edge listed in both directions, weights > 0); a node without edges keeps an empty row.
+
+    ``rows``, ``cols``: ``(E,)`` int64 node indices; ``weights``: ``(E,)`` floating point, on their
+    device. The result has the dtype and device of ``weights``.
+
+    Examples:
+        >>> import torch
+        >>> S = normalised_affinity(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2.0, 2.0]), 3)
+        >>> S.to_dense().round(decimals=4)
+        tensor([[0., 1., 0.],
+                [1., 0., 0.],
+                [0., 0., 0.]])
+    """
     degree = torch.zeros(n, device=weights.device, dtype=weights.dtype).index_add_(0, rows, weights)
     inv_sqrt = torch.where(degree > 0, degree.clamp(min=1e-30).rsqrt(), torch.zeros_like(degree))
     return _coo_to_csr(rows, cols, weights * inv_sqrt[rows] * inv_sqrt[cols], n)

@@ -1,7 +1,20 @@
 """Global descriptors pooled from activations: MAC, SPoC, GeM, and their multi-scale aggregate.
 
-Pure functions take activations ``(B, K, H, W)`` and return ``(B, K)`` (not normalised);
-the ``nn.Module`` wrappers hold the parameters (GeM's ``p``) and L2-normalise.
+Pure functions take activations ``(B, K, H, W)`` (``B`` images, ``K`` channels, an ``H x W``
+feature map; any floating dtype, any device) and return ``(B, K)`` in the same dtype on the same
+device (not normalised); the ``nn.Module`` wrappers hold the parameters (GeM's ``p``) and
+L2-normalise.
+
+Examples:
+    >>> import torch
+    >>> x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]],
+    ...                    [[0.0, 0.0], [0.0, 8.0]]]])  # (B=1, K=2, H=2, W=2)
+    >>> mac(x), spoc(x)
+    (tensor([[4., 8.]]), tensor([[2.5000, 2.0000]]))
+    >>> gem(x, p=1.0)  # p = 1 is the mean, p -> inf the max
+    tensor([[2.5000, 2.0000]])
+    >>> MAC()(x)  # L2-normalised
+    tensor([[0.4472, 0.8944]])
 """
 from __future__ import annotations
 
@@ -15,12 +28,13 @@ POOLINGS = ("gem", "mac", "spoc", "gemmp")  # gemmp: GeM with one p per channel 
 
 
 def mac(x: torch.Tensor) -> torch.Tensor:
-    """Max pooling (MAC, Tolias et al.): ``(B, K, H, W) -> (B, K)``."""
+    """Max pooling (MAC, Tolias et al.): ``(B, K, H, W) -> (B, K)``, dtype and device of ``x``."""
     return x.amax(dim=(-2, -1))
 
 
 def spoc(x: torch.Tensor, center_prior: bool = False) -> torch.Tensor:
-    """Sum pooling (SPoC, Babenko & Lempitsky 2015), as a mean over positions: ``(B, K, H, W) -> (B, K)``.
+    """Sum pooling (SPoC, Babenko & Lempitsky 2015), as a mean over positions: ``(B, K, H, W) -> (B, K)``,
+    dtype and device of ``x``.
 
     ``center_prior`` weights positions by a Gaussian centred on the map with sigma one third of
     the distance from the centre to the nearest border (SPoC paper, "centering prior").
@@ -37,13 +51,40 @@ def spoc(x: torch.Tensor, center_prior: bool = False) -> torch.Tensor:
 
 
 def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised mean pooling (Radenović et al.): ``mean(clamp(x, eps)^p)^(1/p)``; ``(B, K, H, W) -> (B, K)``."""
+    """Generalised mean pooling (Radenović et al.): ``mean(clamp(x, eps)^p)^(1/p)``.
+
+    Args:
+        x: ``(B, K, H, W)`` floating point activations.
+        p: the exponent: a float or a tensor broadcastable to ``(B, K)`` (``GeM``'s ``(1,)``
+            parameter), on the device of ``x``.
+        eps: activations are clamped from below at ``eps`` (so ``p`` may be fractional).
+    Returns:
+        ``(B, K)`` in the dtype of ``x``, on its device.
+
+    Examples:
+        >>> import torch
+        >>> gem(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]), p=3.0)  # (25 / 4) ** (1 / 3)
+        tensor([[2.9240]])
+    """
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 def pool(x: torch.Tensor, method: str, p: float | torch.Tensor = 3.0) -> torch.Tensor:
-    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name (``gemmp``: :func:`gem` with a
-    ``(K,)`` tensor ``p``, one exponent per channel); ``x``: ``(B, K, H, W)``, H, W >= 1."""
+    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name.
+
+    Args:
+        x: ``(B, K, H, W)`` floating point activations, ``H, W >= 1``.
+        method: one of :data:`POOLINGS`; ``"gemmp"`` is :func:`gem` with a ``(K,)`` tensor ``p``,
+            one exponent per channel.
+        p: GeM's exponent (``gem``: a float or ``(1,)`` tensor; ``gemmp``: ``(K,)``).
+    Returns:
+        ``(B, K)`` in the dtype of ``x``, on its device, not normalised.
+
+    Examples:
+        >>> import torch
+        >>> pool(torch.ones(2, 3, 4, 5), "spoc").shape
+        torch.Size([2, 3])
+    """
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[-1] * x.shape[-2] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"pool: expected activations (B, K, H, W) with H, W >= 1, got {shape}")
@@ -60,10 +101,16 @@ def pool(x: torch.Tensor, method: str, p: float | torch.Tensor = 3.0) -> torch.T
 
 
 def multiscale_aggregate(per_scale: Sequence[torch.Tensor], p: float = 1.0) -> torch.Tensor:
-    """Combine L2-normalised per-scale descriptors ``[(B, K)] * S`` into one ``(B, K)``.
+    """Combine per-scale descriptors ``[(B, K)] * S`` (each L2-normalised here) into one ``(B, K)``.
 
     Power mean over scales, ``(mean_s v_s^p)^(1/p)``, then L2 normalisation: ``p`` = GeM's p for
     GeM networks, 1 (average) for MAC (DSM paper 4.1; cnnimageretrieval-pytorch ``extract_ms``).
+    The result has the dtype and device of the inputs (all on one device).
+
+    Examples:
+        >>> import torch
+        >>> multiscale_aggregate([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])])
+        tensor([[0.3162, 0.9487]])
     """
     if len(per_scale) == 0:
         raise ValueError("multiscale_aggregate: no scales")
@@ -73,14 +120,14 @@ def multiscale_aggregate(per_scale: Sequence[torch.Tensor], p: float = 1.0) -> t
 
 
 class MAC(nn.Module):
-    """L2-normalised MAC: ``(B, K, H, W) -> (B, K)``."""
+    """L2-normalised MAC: ``(B, K, H, W) -> (B, K)``, dtype and device of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(mac(x), dim=-1)
 
 
 class SPoC(nn.Module):
-    """L2-normalised SPoC: ``(B, K, H, W) -> (B, K)``."""
+    """L2-normalised SPoC: ``(B, K, H, W) -> (B, K)``, dtype and device of the input."""
 
     def __init__(self, center_prior: bool = False):
         super().__init__()
@@ -91,7 +138,16 @@ class SPoC(nn.Module):
 
 
 class GeM(nn.Module):
-    """L2-normalised GeM with a learnable ``p`` (default 3, Radenović et al.): ``(B, K, H, W) -> (B, K)``."""
+    """L2-normalised GeM with a learnable ``p`` (default 3, Radenović et al.): ``(B, K, H, W) -> (B, K)``.
+
+    ``p`` is a ``(1,)`` float32 parameter: move the module with ``.to()`` to the input's device
+    (and dtype); the result has the input's dtype and device.
+
+    Examples:
+        >>> import torch
+        >>> GeM(p=3.0)(torch.ones(2, 4, 3, 3)).shape
+        torch.Size([2, 4])
+    """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()

@@ -18,12 +18,19 @@ def similarity_topk(
     """Top-``k`` database images per query by inner product, best first.
 
     Args:
-        queries: ``(Q, D)``; database: ``(N, D)``; both L2-normalised, finite, same device
-            (numpy arrays are accepted).
-        k: how many to return (``None``: all ``N``, a full ranking).
+        queries: ``(Q, D)``; database: ``(N, D)``; floating point of one dtype, L2-normalised,
+            finite, on one device (numpy arrays are accepted and stay on the CPU).
+        k: how many to return (``None``: all ``N``, a full ranking; capped at ``N``).
         chunk_size: database rows scored at once; bounds memory to ``Q * (k + chunk_size)`` scores.
     Returns:
-        ``(scores (Q, k), indices (Q, k))``; equal scores keep database order.
+        ``(scores, indices)``, both ``(Q, k)`` on the inputs' device: cosine similarities in the
+        inputs' dtype, and int64 database rows; equal scores keep database order.
+
+    Examples:
+        >>> import torch
+        >>> database = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+        >>> similarity_topk(torch.tensor([[0.8, 0.6]]), database, k=2)
+        (tensor([[0.9600, 0.8000]]), tensor([[2, 0]]))
     """
     queries = as_tensor(queries, "queries", kind="float")
     database = as_tensor(database, "database", kind="float")
@@ -59,9 +66,22 @@ def _topk(queries: torch.Tensor, database: torch.Tensor, k: int | None, chunk_si
 
 
 def stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions ``(Q, k)`` of each row's ``k`` largest ``scores (Q, W)``, best first, equal
-    scores in position order: ``sort(descending, stable)[:, :k]`` exactly, by a top-k selection
-    when ``k`` is a small part of the row (a full sort costs as much as the products)."""
+    """Positions of each row's ``k`` largest scores, best first, equal scores in position order.
+
+    ``sort(descending, stable)[:, :k]`` exactly, by a top-k selection when ``k`` is a small part of
+    the row (a full sort costs as much as the products).
+
+    Args:
+        scores: ``(Q, W)`` real scores, any device.
+        k: ``0 <= k <= W``.
+    Returns:
+        ``(Q, k)`` int64 column positions on the device of ``scores``.
+
+    Examples:
+        >>> import torch
+        >>> stable_top(torch.tensor([[0.1, 0.5, 0.5, 0.2]]), 2)
+        tensor([[1, 2]])
+    """
     width = scores.shape[1]
     if 4 * k >= width:
         return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
@@ -107,9 +127,20 @@ class GlobalIndex:
 
     ``GlobalIndex.build(database (N, D), SearchConfig(backend=...))`` then
     ``index.search(queries (Q, D), k) -> (scores (Q, k), indices (Q, k))``, on the queries' device.
-    ``"exact"`` is :func:`similarity_topk`; the FAISS backends (inner product) run on the CPU:
-    ``"faiss-flat"`` exact, ``"faiss-ivfpq"`` and ``"faiss-hnsw"`` approximate (their recall@k
-    against exact search: ``python -m gpu_dsm.eval.bench_search``).
+    ``"exact"`` is :func:`similarity_topk` (it keeps the database tensor, on its device, and moves
+    it to the queries' device per search); the FAISS backends (inner product) copy the database to
+    the CPU as float32 and search there: ``"faiss-flat"`` exact, ``"faiss-ivfpq"`` and
+    ``"faiss-hnsw"`` approximate (their recall@k against exact search:
+    ``python -m gpu_dsm.eval.bench_search``).
+
+    Examples:
+        >>> import torch
+        >>> database = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # (N, D), L2-normalised
+        >>> index = GlobalIndex.build(database, SearchConfig(backend="exact"))
+        >>> index.num_images
+        3
+        >>> index.search(torch.tensor([[0.8, 0.6]]), k=5)  # k is capped at N
+        (tensor([[0.9600, 0.8000, 0.6000]]), tensor([[2, 0, 1]]))
     """
 
     def __init__(self, config: SearchConfig, database: torch.Tensor | None, faiss_index=None):
@@ -119,10 +150,13 @@ class GlobalIndex:
 
     @property
     def num_images(self) -> int:
+        """``N``, the database images indexed."""
         return int(self.database.shape[0]) if self.database is not None else int(self.faiss_index.ntotal)
 
     @classmethod
     def build(cls, database: torch.Tensor, config: SearchConfig | None = None) -> "GlobalIndex":
+        """Index ``database`` ``(N, D)``: finite floating point, L2-normalised global descriptors
+        (any device for ``"exact"``; FAISS copies them to the CPU as float32)."""
         cfg = config or SearchConfig()
         database = as_tensor(database, "database", ndim=2, kind="float", finite=True)
         if cfg.backend == "exact":
@@ -150,7 +184,13 @@ class GlobalIndex:
         return cls(cfg, None, index)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores (Q, k), indices (Q, k))``, best first, on the queries' device (k capped at N)."""
+        """Top-``k`` of ``queries`` ``(Q, D)`` (finite floating point, L2-normalised), best first.
+
+        Returns:
+            ``(scores, indices)``, both ``(Q, k)`` (``k`` capped at ``N``) on the queries' device:
+            cosine similarities (the queries' dtype for ``"exact"``, float32 from FAISS) and int64
+            database rows; an approximate FAISS index marks a missing result with index ``-1``.
+        """
         queries = as_tensor(queries, "queries", ndim=2, kind="float", finite=True)
         dim = self.database.shape[1] if self.database is not None else self.faiss_index.d
         if queries.shape[1] != dim:

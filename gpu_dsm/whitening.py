@@ -9,6 +9,20 @@ followed by L2 normalisation. It is fitted once, saved, loaded and applied:
   (cnnimageretrieval-pytorch ``whitenlearn``; DSM paper 4.1 "supervised whitening"):
   ``m = mean(X_q)``, ``S = cov(X_q - X_p)``, ``P = chol(S)^-1``, then rotate by the eigenvectors
   of ``P (X - m) (X - m)^T P^T`` sorted by decreasing eigenvalue.
+
+Examples:
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> descriptors = torch.randn(50, 6)  # (N, D) float32
+    >>> whitening = fit_pca_whitening(descriptors, dim=4)
+    >>> whitening.method, tuple(whitening.projection.shape), whitening.projection.dtype
+    ('pca', (4, 6), torch.float32)
+    >>> whitened = whitening.apply(descriptors)  # (N, 4), L2-normalised
+    >>> whitened.shape, round(float(whitened[0].norm()), 4)
+    (torch.Size([50, 4]), 1.0)
+    >>> projected = whitening.project(descriptors)  # without L2: identity covariance
+    >>> torch.allclose(projected.T @ projected / 50, torch.eye(4), atol=1e-4)
+    True
 """
 from __future__ import annotations
 
@@ -26,7 +40,17 @@ _FORMAT = "gpu_dsm.whitening/1"
 
 @dataclass
 class Whitening:
-    """Affine whitening ``y = l2n(P[:dim] x + b[:dim])``; rows of ``P`` sorted by importance."""
+    """Affine whitening ``y = l2n(P[:dim] x + b[:dim])``; rows of ``P`` sorted by importance.
+
+    Fields:
+        projection: ``(d, D)`` floating point ``P`` (float32 when fitted here), mapping ``D``-dim
+            descriptors to ``d`` dimensions.
+        bias: ``(d,)`` ``b``, same dtype and device as ``projection``.
+        method: how it was learned: ``"pca"``, ``"supervised"`` (or a checkpoint's label).
+
+    :meth:`apply` and :meth:`project` compute in the descriptors' dtype on their device (the
+    parameters are moved there); :meth:`save` writes them from the CPU.
+    """
 
     projection: torch.Tensor  # (d, D)
     bias: torch.Tensor  # (d,)
@@ -34,24 +58,29 @@ class Whitening:
 
     @classmethod
     def from_mean_projection(cls, mean: torch.Tensor, projection: torch.Tensor, method: str) -> "Whitening":
-        """Build from the ``(m, P)`` form ``P (x - m)``."""
+        """Build from the ``(m, P)`` form ``P (x - m)``: ``mean`` ``(D,)``, ``projection``
+        ``(d, D)``, of one dtype on one device (kept as given)."""
         return cls(projection=projection, bias=-(projection @ mean), method=method)
 
     @property
     def input_dim(self) -> int:
+        """``D``, the dimension of the descriptors it takes."""
         return int(self.projection.shape[1])
 
     @property
     def output_dim(self) -> int:
+        """``d``, the largest dimension it produces."""
         return int(self.projection.shape[0])
 
     def apply(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Whiten ``(N, D)`` finite descriptors to ``(N, dim)`` L2-normalised ones (``dim`` defaults to all)."""
+        """Whiten ``(N, D)`` finite floating point descriptors to ``(N, dim)`` L2-normalised ones
+        (``dim`` defaults to all ``d``), in the descriptors' dtype, on their device."""
         return F.normalize(self.project(descriptors, dim), dim=-1)
 
     def project(self, descriptors: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         """The affine map alone, ``(N, D) -> (N, dim)`` ``P[:dim] x + b[:dim]``, without L2
-        normalisation (HOW's reduction keeps the raw projected vectors)."""
+        normalisation (HOW's reduction keeps the raw projected vectors); in the descriptors'
+        dtype, on their device."""
         descriptors = as_tensor(descriptors, "descriptors", kind="float", finite=True)
         if descriptors.ndim != 2 or descriptors.shape[1] != self.input_dim:
             raise ValueError(
@@ -65,11 +94,13 @@ class Whitening:
         return descriptors @ proj.T + bias
 
     def save(self, path: str | Path) -> Path:
+        """Write the parameters (moved to the CPU) to ``path`` (``torch.save`` format); returns the path."""
         state = {"format": _FORMAT, "method": self.method, "projection": self.projection.cpu(), "bias": self.bias.cpu()}
         return torch_save(path, state)
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
+        """Read a whitening written by :meth:`save`; its tensors are on the CPU."""
         state = torch_load_checked(path, _FORMAT, "whitening")
         return cls(projection=state["projection"], bias=state["bias"], method=state["method"])
 
@@ -90,10 +121,12 @@ def _sorted_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_pca_whitening(descriptors: torch.Tensor, dim: int | None = None, eps: float = 1e-6) -> Whitening:
-    """PCA whitening of ``(N, D)`` descriptors.
+    """PCA whitening of ``(N, D)`` finite floating point descriptors (``N >= 2``).
 
     ``dim`` defaults to the numerical rank (at most ``N - 1``): directions with an eigenvalue
     below ``eps`` times the largest carry no information and would be blown up by 1/sqrt.
+    Fitted in float64; the :class:`Whitening` holds float32 ``(dim, D)`` / ``(dim,)`` tensors on
+    the descriptors' device.
     """
     x = _check_descriptors(descriptors, "fit_pca_whitening")
     mean = x.mean(0)
@@ -112,8 +145,20 @@ def fit_supervised_whitening(
 ) -> Whitening:
     """Supervised (Mikolajczyk & Matas) whitening from matching pairs ``(query_idx[i], positive_idx[i])``.
 
-    ``descriptors``: ``(N, D)``; the index tensors: ``(M,)`` rows of ``descriptors``. ``eps`` is a
-    ridge added to the intra-pair covariance when it is singular (fewer pairs than dimensions).
+    ``descriptors``: ``(N, D)`` finite floating point, on the CPU; the index tensors: ``(M,)``
+    integer rows of ``descriptors``. ``eps`` is a ridge (relative to the mean variance) added to
+    the intra-pair covariance, so it is invertible also with fewer pairs than dimensions. Fitted in
+    float64; the :class:`Whitening` holds float32 ``(D, D)`` / ``(D,)`` tensors on the CPU.
+
+    Examples:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> queries = torch.randn(20, 6)
+        >>> descriptors = torch.cat([queries, queries + 0.1 * torch.randn(20, 6)])  # image i matches 20 + i
+        >>> pairs = torch.arange(20)
+        >>> whitening = fit_supervised_whitening(descriptors, pairs, pairs + 20)
+        >>> whitening.method, whitening.apply(descriptors).shape
+        ('supervised', torch.Size([40, 6]))
     """
     x = _check_descriptors(descriptors, "fit_supervised_whitening")
     query_idx = torch.as_tensor(query_idx, dtype=torch.long)
@@ -135,7 +180,8 @@ def fit_supervised_whitening(
 def pca_whitening_from_moments(count: int, total: torch.Tensor, outer: torch.Tensor, dim: int | None = None,
                                clip: float = 1e-14) -> Whitening:
     """PCA whitening from streamed moments of ``count`` descriptors: ``total = sum x`` ``(D,)`` and
-    ``outer = sum x x^T`` ``(D, D)`` (float64 sums), so a large set never has to be in memory.
+    ``outer = sum x x^T`` ``(D, D)`` (float64 sums, on one device), so a large set never has to be
+    in memory. The :class:`Whitening` holds float32 ``(dim, D)`` / ``(dim,)`` tensors on their device.
 
     HOW's rule (the reference's ``pcawhitenlearn_shrinkage`` with shrinkage 1): covariance over
     ``count``, eigenvalues sorted descending and clipped at ``clip``, ``P`` = the first ``dim`` rows

@@ -12,6 +12,10 @@ import importlib
 import pytest
 
 MODULES = [
+    "gpu_dsm.graph",
+    "gpu_dsm.pooling",
+    "gpu_dsm.search",
+    "gpu_dsm.whitening",
     "gpu_dsm.kernels.bits",
     "gpu_dsm.kernels.dots",
     "gpu_dsm.kernels.labelling",
