@@ -1,5 +1,6 @@
 """eval/bench_match.py at toy size: both backends timed and equal, OpenCV compared where it is
-installed and reported unavailable where it is not, the JSON record complete."""
+installed and reported unavailable where it is not, the torch backend's launches and host syncs
+counted, the JSON record complete."""
 import json
 
 import torch
@@ -28,7 +29,25 @@ def test_bench_match_runs_on_cached_tables(tmp_path, native_kernel):
             assert 0 <= run["estimateAffine2D"]["pairs_within_one_inlier"] <= 6
             assert run["estimateAffinePartial2D"]["ratio_vs_native"] > 0
     assert result["reference"]["agree"] is True
+    counted = result["torch_launches"]
+    assert counted["batches"] == 1 and counted["launches_per_batch"] > 0 and counted["host_syncs_per_batch"] >= 1
+    assert counted["launches_max"] >= counted["launches_per_batch"] and counted["per_batch_by_operator"]
     try:
         import cv2  # noqa: F401,F811
     except ImportError:
         assert result["opencv"].startswith("unavailable")
+
+
+def test_count_launches_sees_kernels_and_host_syncs():
+    from gpu_dsm.eval.timing import count_launches
+
+    def work(x):
+        y = torch.where(x > 3, x * 2, x)  # kernels, no sync
+        n = int(y.max())  # a scalar read
+        return y[y > n // 2].tolist()  # boolean indexing (nonzero) and a host copy
+
+    count, out = count_launches(work, torch.arange(10))
+    assert out == [10, 12, 14, 16, 18]
+    assert count.host_syncs == 3 and count.launches >= 4
+    assert count.by_op["aten::nonzero"]["host_syncs"] == 1 and count.by_op["host_copy::tolist"]["host_syncs"] == 1
+    assert "tolist" not in torch.Tensor.__dict__  # the annotation is removed again
