@@ -1,8 +1,18 @@
 """The forms in which activations can be given, brought to one: per image, a list over scales.
 
-    per_image_maps(torch.rand(2, 512, 20, 30))                          # (B, K, H, W): 2 images, 1 scale
-    per_image_maps([torch.rand(2, 512, 20, 30), torch.rand(2, 512, 14, 21)])  # one (B, K, H, W) per scale
-    per_image_maps([[torch.rand(512, 20, 30)], [torch.rand(512, 9, 9)]])      # per image [(K, h_s, w_s)] * S
+The maps are returned as views of the given tensors (same dtype, same device); no copy is made.
+
+Examples:
+    >>> import torch
+    >>> maps = per_image_maps(torch.rand(2, 512, 20, 30))  # (B, K, H, W): 2 images, 1 scale
+    >>> len(maps), [tuple(m.shape) for m in maps[0]]
+    (2, [(512, 20, 30)])
+    >>> maps = per_image_maps([torch.rand(2, 512, 20, 30), torch.rand(2, 512, 14, 21)])  # one (B, K, H, W) per scale
+    >>> [tuple(m.shape) for m in maps[1]]
+    [(512, 20, 30), (512, 14, 21)]
+    >>> maps = per_image_maps([[torch.rand(512, 20, 30)], [torch.rand(512, 9, 9)]])  # per image [(K, h_s, w_s)] * S
+    >>> [tuple(m[0].shape) for m in maps]
+    [(512, 20, 30), (512, 9, 9)]
 """
 from __future__ import annotations
 
@@ -17,7 +27,9 @@ _FORMS = ("a (B, K, H, W) tensor, a list of (B, K, H, W) tensors (one per scale)
 
 
 def is_activations(obj) -> bool:
-    """Whether ``obj`` is activations in one of the accepted forms (rather than images)."""
+    """Whether ``obj`` is activations in one of the accepted forms (rather than images): a
+    floating point ``(B, K, H, W)`` or ``(K, H, W)`` tensor, a list of ``(B, K, H, W)`` tensors, or
+    a list of lists of ``(K, h, w)`` tensors."""
     if isinstance(obj, torch.Tensor):
         return obj.ndim in (3, 4) and obj.is_floating_point()
     if isinstance(obj, (list, tuple)) and obj:
@@ -29,7 +41,8 @@ def is_activations(obj) -> bool:
 
 
 def per_image_maps(activations: Activations) -> list[list[torch.Tensor]]:
-    """``activations`` as ``[[(K, h_s, w_s)] * S] * B``: per image, its maps at each scale.
+    """``activations`` as ``[[(K, h_s, w_s)] * S] * B``: per image, its maps at each scale, as
+    views of the given tensors (their dtype and device).
 
     Raises:
         ValueError: any other form, or per-scale tensors with different batch sizes or channels.

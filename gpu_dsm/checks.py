@@ -30,6 +30,17 @@ def as_tensor(value: Any, name: str, *, ndim: int | None = None, kind: str | Non
         device: required device (a tensor elsewhere is an error, not a silent copy); numpy and
             lists are placed there.
         finite: refuse NaN/Inf.
+    Returns:
+        ``value`` itself when it is a tensor (same dtype and device, no copy); otherwise a new
+        tensor of numpy's dtype for the values (e.g. float64, int64) on ``device`` (default the CPU).
+
+    Examples:
+        >>> as_tensor([[1.0, 2.0]], "xy", ndim=2, kind="float")
+        tensor([[1., 2.]], dtype=torch.float64)
+        >>> as_tensor([1, 2], "xy", kind="float")
+        Traceback (most recent call last):
+        ...
+        TypeError: xy must hold float values, got dtype torch.int64
     """
     if isinstance(value, torch.Tensor):
         tensor = value
@@ -55,7 +66,8 @@ def as_tensor(value: Any, name: str, *, ndim: int | None = None, kind: str | Non
 
 
 def check_shape(tensor: torch.Tensor, shape: Sequence[int | None], name: str) -> None:
-    """Raise unless ``tensor.shape`` matches ``shape`` (``None`` matches any size)."""
+    """Raise a ``ValueError`` naming ``name`` unless ``tensor.shape`` matches ``shape`` (``None``
+    matches any size)."""
     if tensor.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")

@@ -16,6 +16,21 @@ README, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.reference_selectio
 5. per channel keep the strongest 20 (query) or 10 (database); database images: NMS over the
    boxes of all channels jointly (IoU 0.2); keep the strongest ``max_features`` per scale;
 6. over all scales keep the strongest ``max_features``.
+
+Examples:
+    Two channels of a ReLU6 network (activations in 0..6), each with one blob of activation:
+
+    >>> import torch
+    >>> ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+    >>> def blob(x, y, sigma):
+    ...     return 6 * torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
+    >>> acts = torch.stack([blob(3, 4, 1.5), blob(8, 7, 2.0)])[None]  # (B=1, K=2, H=12, W=12) float32
+    >>> features = detect(acts, activation_bound=6.0)  # LocalFeatures, padded to 512 rows
+    >>> features.counts, features.capacity
+    (tensor([4]), 512)
+    >>> features.xy[0, :2], features.channel[0, :2]  # centres (x, y) in map pixels; channel = visual word
+    (tensor([[8., 7.],
+            [3., 4.]]), tensor([1, 0]))
 """
 from __future__ import annotations
 
@@ -125,21 +140,33 @@ def _scaled(acts: torch.Tensor, mode: str, bound: float | None) -> torch.Tensor:
 
 
 def activations_to_levels(acts: torch.Tensor, mode: str = "round", bound: float | None = None) -> torch.Tensor:
-    """``(..., K, H, W)`` activations -> uint8 levels of the same shape.
+    """``(..., K, H, W)`` real activations -> uint8 grey levels 0..255 of the same shape, on their device.
 
-    ``"round"``: round and saturate at 255 (reference code). ``"range"``: ``x * 255 / bound``.
-    ``"channel_max"``: each channel scaled so its maximum is 255. Raises on NaN/Inf.
+    ``"round"``: round and saturate at 255 (reference code). ``"range"``: ``x * 255 / bound``
+    (``bound`` in activation units, e.g. 6 for ReLU6). ``"channel_max"``: each channel scaled so
+    its maximum is 255. Computed in float32; raises on NaN/Inf.
+
+    Examples:
+        >>> import torch
+        >>> activations_to_levels(torch.tensor([[[0.0, 1.5, 6.0, 7.0]]]), "range", bound=6.0)
+        tensor([[[  0,  64, 255, 255]]], dtype=torch.uint8)
     """
     x = _scaled(acts, mode, bound)
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins: int = 1000) -> int:
-    """MSER delta of one image and scale (paper 4.1, reference code).
+    """MSER delta of one image and scale (paper 4.1, reference code), in grey levels.
 
-    A ``bins``-bin histogram of the non-zero levels of the whole ``(K, H, W)`` tensor; the centre
-    of the bin where the cumulative histogram reaches ``quantile``, truncated to an integer (as
-    VLFeat's 8-bit ``Delta``), clamped to ``[1, cap]``. No non-zero level: ``cap``.
+    A ``bins``-bin histogram of the non-zero levels of the whole ``(K, H, W)`` tensor (uint8 or
+    any real dtype, any device); the centre of the bin where the cumulative histogram reaches
+    ``quantile``, truncated to an integer (as VLFeat's 8-bit ``Delta``), clamped to ``[1, cap]``.
+    No non-zero level: ``cap``.
+
+    Examples:
+        >>> import torch
+        >>> auto_delta(torch.tensor([[[0, 2, 4, 8, 200]]], dtype=torch.uint8))
+        8
     """
     nz = levels[levels > 0].float()
     if nz.numel() == 0:
@@ -294,10 +321,16 @@ def _image_features(regions_per_scale: Sequence[MSERRegions], maps: Sequence[tor
 
 def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: DetectorConfig, is_query: bool,
                    bound: float | None) -> list[dict]:
-    """Features of a batch of images, one unpadded dict per image (``xy``, ``frame``, ``strength``,
-    ``channel``, ``scale``), from per-image activations ``[(K, h_s, w_s)] * S``. All maps of one
-    size (every image and channel) share one MSER call. ``bound``: as ``activation_bound`` of
-    :func:`detect` (``None``: ``cfg.activation_bound``)."""
+    """Features of a batch of images, one unpadded dict per image, from per-image activations
+    ``[(K, h_s, w_s)] * S`` (floating point or uint8, on one device). All maps of one size (every
+    image and channel) share one MSER call. ``bound``: as ``activation_bound`` of :func:`detect`
+    (``None``: ``cfg.activation_bound``).
+
+    Each dict holds ``n <= cfg.max_features`` features, strongest first, on the activations'
+    device: ``xy (n, 2)`` float32 centres ``(x, y)`` and ``frame (n, 2, 2)`` float32
+    lower-triangular frames, both in feature-map pixels of the feature's scale; ``strength (n,)``
+    float32 (activation units); ``channel (n,)`` and ``scale (n,)`` int64.
+    :meth:`gpu_dsm.features.LocalFeatures.from_images` pads them into a table."""
     bound = bound if bound is not None else cfg.activation_bound
     for maps in maps_per_image:
         for acts in maps:
@@ -326,7 +359,8 @@ def detect(
 
     Args:
         maps_per_image: per image, its activations at each scale ``[(K, h_s, w_s)] * S``; or a
-            ``(B, K, H, W)`` tensor (one scale), or a list of them (one per scale).
+            ``(B, K, H, W)`` tensor (one scale), or a list of them (one per scale). Floating point
+            (any dtype; computed in float32), or uint8 levels, all on one device.
         cfg: detector parameters (paper defaults).
         is_query: queries keep 20 per channel and skip NMS; database images 10 and NMS.
         scales: the scale factors (recorded in the table).
@@ -334,7 +368,21 @@ def detect(
             used by ``levels="range"`` / ``"auto"``; default ``cfg.activation_bound``. Without a bound,
             ``"auto"`` rounds the raw activations (VGG/ResNet) and warns if that leaves few levels.
     Returns:
-        :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device.
+        :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device:
+        ``xy (B, N, 2)`` float32 centres and ``frame (B, N, 2, 2)`` float32 frames in feature-map
+        pixels of each feature's scale, ``strength (B, N)`` float32 in activation units,
+        ``channel`` / ``scale (B, N)`` int64, ``valid (B, N)`` bool, ``map_sizes (B, S, 2)``
+        int64 ``(h, w)``; features strongest first.
+
+    Examples:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> acts = 6 * torch.rand(2, 8, 12, 12)  # (B, K, H, W): 2 images, 8 channels, one scale
+        >>> features = detect(acts, is_query=True, activation_bound=6.0)
+        >>> features.xy.shape, features.frame.shape, features.counts
+        (torch.Size([2, 512, 2]), torch.Size([2, 512, 2, 2]), tensor([53, 52]))
+        >>> features.map_sizes.tolist()  # (h, w) of each image's map at each scale
+        [[[12, 12]], [[12, 12]]]
     """
     cfg = cfg or DetectorConfig()
     maps_per_image = per_image_maps(maps_per_image)
@@ -349,7 +397,20 @@ def detect(
 
 
 class DSMDetector(nn.Module):
-    """``nn.Module`` wrapper of :func:`detect` holding a :class:`DetectorConfig`."""
+    """``nn.Module`` wrapper of :func:`detect` holding a :class:`DetectorConfig` and the activation bound.
+
+    ``forward(maps_per_image, is_query=False, scales=())`` takes the activations :func:`detect`
+    takes and returns its :class:`LocalFeatures`, on the activations' device. The module holds no
+    tensors: it works on any device as is.
+
+    Examples:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> detector = DSMDetector(DetectorConfig(max_features=32), activation_bound=6.0)
+        >>> features = detector(6 * torch.rand(2, 8, 12, 12))  # database images: NMS, 10 per channel
+        >>> features.xy.shape, features.counts.tolist()
+        (torch.Size([2, 32, 2]), [18, 18])
+    """
 
     def __init__(self, config: DetectorConfig | None = None, activation_bound: float | None = None):
         super().__init__()
@@ -362,4 +423,5 @@ class DSMDetector(nn.Module):
         return cls(config, backbone.activation_bound)
 
     def forward(self, maps_per_image, is_query: bool = False, scales: Sequence[float] = ()) -> LocalFeatures:
+        """:func:`detect` with this module's configuration and activation bound."""
         return detect(maps_per_image, self.config, is_query, scales, self.activation_bound)

@@ -27,7 +27,21 @@ class LocalFeatures:
         map_sizes: ``(B, S, 2)`` int64, ``(height, width)`` of each scale's feature map.
         scales: the scale factors, shared by all images.
         num_channels: channels of the network (visual words), for checks when matching.
-    Padded rows hold zeros (and an identity frame) and ``valid == False``.
+    Padded rows hold zeros (and an identity frame) and ``valid == False``. All tensors are on one
+    device (:attr:`device`; the activations' device when made by :func:`gpu_dsm.detect.detect`).
+
+    Examples:
+        >>> import torch
+        >>> one = {"xy": torch.tensor([[2.0, 3.0]]), "frame": torch.eye(2)[None], "strength": torch.tensor([5.0]),
+        ...        "channel": torch.tensor([7]), "scale": torch.tensor([0])}
+        >>> features = LocalFeatures.from_images([one, {}], map_sizes=torch.tensor([[[10, 12]], [[10, 12]]]),
+        ...                                      scales=(1.0,), num_channels=16, capacity=4)
+        >>> features.num_images, features.capacity, features.counts
+        (2, 4, tensor([1, 0]))
+        >>> features.xy.shape, features.xy.dtype, features.channel.dtype
+        (torch.Size([2, 4, 2]), torch.float32, torch.int64)
+        >>> features.trimmed().capacity, features[1].num_images
+        (1, 1)
     """
 
     xy: torch.Tensor
@@ -44,27 +58,31 @@ class LocalFeatures:
 
     @property
     def num_images(self) -> int:
+        """``B``, the images of the table."""
         return int(self.valid.shape[0])
 
     @property
     def capacity(self) -> int:
+        """``N``, the rows per image (valid and padded)."""
         return int(self.valid.shape[1])
 
     @property
     def counts(self) -> torch.Tensor:
-        """``(B,)`` number of valid features per image."""
+        """``(B,)`` int64 number of valid features per image, on :attr:`device`."""
         return self.valid.sum(1)
 
     @property
     def device(self) -> torch.device:
+        """The device of the tensors."""
         return self.xy.device
 
     @property
     def cov(self) -> torch.Tensor:
-        """``(B, N, 2, 2)`` covariances ``A A^T``."""
+        """``(B, N, 2, 2)`` float32 covariances ``A A^T``, feature-map pixels^2, on :attr:`device`."""
         return self.frame @ self.frame.transpose(-1, -2)
 
     def to(self, device: torch.device | str) -> "LocalFeatures":
+        """The same table with every tensor on ``device``."""
         return self._replace(**{name: getattr(self, name).to(device) for name in self._TENSORS})
 
     def _replace(self, **tensors) -> "LocalFeatures":
@@ -73,7 +91,8 @@ class LocalFeatures:
         return LocalFeatures(**values)
 
     def __getitem__(self, index) -> "LocalFeatures":
-        """Images ``index`` (int, slice, list or tensor); an int keeps the batch dimension."""
+        """Images ``index`` (int, slice, list or int64 / bool tensor on the table's device); an int
+        keeps the batch dimension."""
         if isinstance(index, int):
             index = [index]
         return self._replace(**{name: getattr(self, name)[index] for name in self._TENSORS})
@@ -84,14 +103,17 @@ class LocalFeatures:
         return self._replace(**{name: getattr(self, name)[:, :n] for name in self._TENSORS if name != "map_sizes"})
 
     def image(self, i: int) -> dict[str, torch.Tensor]:
-        """The valid rows of image ``i`` as a dict of unpadded tensors."""
+        """The valid rows of image ``i`` as a dict of unpadded tensors, on :attr:`device`:
+        ``xy (n, 2)``, ``frame (n, 2, 2)``, ``strength (n,)`` (float32), ``channel (n,)``,
+        ``scale (n,)`` (int64)."""
         keep = self.valid[i]
         return {name: getattr(self, name)[i][keep] for name in ("xy", "frame", "strength", "channel", "scale")}
 
     @staticmethod
     def empty(num_images: int, num_scales: int, scales: Sequence[float] = (), num_channels: int = 0,
               device: torch.device | str = "cpu", capacity: int = 0) -> "LocalFeatures":
-        """``num_images`` images without features, padded to ``capacity`` rows."""
+        """``num_images`` images without features, padded to ``capacity`` rows, on ``device``
+        (``map_sizes`` all zero)."""
         return LocalFeatures.from_images([{}] * num_images, torch.zeros(num_images, num_scales, 2, dtype=torch.long),
                                          scales, num_channels, capacity=capacity, device=device)
 
@@ -99,7 +121,18 @@ class LocalFeatures:
     def from_images(per_image: Sequence[dict[str, torch.Tensor]], map_sizes: torch.Tensor,
                     scales: Sequence[float] = (), num_channels: int = 0, capacity: int | None = None,
                     device: torch.device | str | None = None) -> "LocalFeatures":
-        """Pad per-image dicts (``xy (n, 2)``, ``frame (n, 2, 2)``, ``strength``, ``channel``, ``scale``)."""
+        """Pad per-image dicts into a table.
+
+        Args:
+            per_image: per image a dict of ``xy (n, 2)``, ``frame (n, 2, 2)`` (feature-map pixels),
+                ``strength (n,)``, ``channel (n,)``, ``scale (n,)`` (any real / integer dtypes:
+                stored as float32 and int64); an empty dict for an image without features.
+            map_sizes: ``(B, S, 2)`` integer ``(height, width)`` of each image's map per scale.
+            scales, num_channels: recorded as given.
+            capacity: rows per image (default: the largest ``n``).
+            device: where the table is made (default: that of the first non-empty dict, else of
+                ``map_sizes``).
+        """
         counts = [int(d["xy"].shape[0]) if d else 0 for d in per_image]
         n = max(counts, default=0) if capacity is None else int(capacity)
         if counts and max(counts) > n:
@@ -131,7 +164,7 @@ class LocalFeatures:
 
     @staticmethod
     def cat(parts: Sequence["LocalFeatures"]) -> "LocalFeatures":
-        """Concatenate batches of images (padding to the largest capacity)."""
+        """Concatenate batches of images (padding to the largest count), on the device of the first part."""
         if not parts:
             raise ValueError("LocalFeatures.cat: nothing to concatenate")
         per_image = [p.image(i) for p in parts for i in range(p.num_images)]

@@ -36,10 +36,32 @@ def _cell_scale(features: LocalFeatures, image_sizes: torch.Tensor) -> torch.Ten
 
 
 def features_to_laf(features: LocalFeatures, image_sizes: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
-    """LAFs ``(B, N, 2, 3)`` in pixels of images of ``image_sizes`` ``(B, 2)`` (width, height).
+    """LAFs of ``features`` in pixels of images of ``image_sizes``.
 
-    Padded rows (``features.valid == False``) get a zero-size LAF at the origin; keep using
-    ``features.valid`` as the mask.
+    Args:
+        features: a :class:`LocalFeatures` table of ``B`` images, ``N`` rows each.
+        image_sizes: ``(B, 2)`` ``(width, height)`` in image pixels (integer or float; a tensor,
+            array or list), on the features' device.
+        radius: the outline drawn, in standard deviations (1: the 1-sigma ellipse).
+    Returns:
+        ``(B, N, 2, 3)`` float32 LAFs ``[A | c]`` in image pixels, on the features' device.
+        Padded rows (``features.valid == False``) get a zero-size LAF at the origin; keep using
+        ``features.valid`` as the mask.
+
+    Examples:
+        A feature at map pixel ``(2, 3)`` with a unit frame, in a 48 x 40 image whose map is
+        12 x 10 (4 image pixels per map pixel):
+
+        >>> import torch
+        >>> one = {"xy": torch.tensor([[2.0, 3.0]]), "frame": torch.eye(2)[None], "strength": torch.tensor([5.0]),
+        ...        "channel": torch.tensor([7]), "scale": torch.tensor([0])}
+        >>> features = LocalFeatures.from_images([one], map_sizes=torch.tensor([[[10, 12]]]), scales=(1.0,))
+        >>> laf = features_to_laf(features, torch.tensor([[48, 40]]))
+        >>> laf
+        tensor([[[[ 4.0000,  0.0000,  9.5000],
+                  [ 0.0000,  4.0000, 13.5000]]]])
+        >>> laf_to_features(laf, features, torch.tensor([[48, 40]])).xy
+        tensor([[[2., 3.]]])
     """
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
@@ -52,7 +74,9 @@ def features_to_laf(features: LocalFeatures, image_sizes: torch.Tensor, radius: 
 
 def laf_to_features(laf: torch.Tensor, template: LocalFeatures, image_sizes: torch.Tensor, radius: float = 1.0) -> LocalFeatures:
     """The inverse of :func:`features_to_laf`: ``template`` with centres and frames read off ``laf``
-    ``(B, N, 2, 3)`` (channels, scales, strengths and validity are kept).
+    ``(B, N, 2, 3)`` (floating point, image pixels, on the template's device; channels, scales,
+    strengths and validity are kept). ``image_sizes`` and ``radius`` as for :func:`features_to_laf`;
+    the new ``xy`` and ``frame`` are float32 in feature-map pixels.
 
     A LAF's ``A`` may be any invertible matrix (kornia rotates and shears them); the frame kept is
     the lower-triangular (upright) Cholesky factor of ``A A^T``, which describes the same ellipse.

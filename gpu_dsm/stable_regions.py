@@ -66,6 +66,8 @@ class MSERRegions:
             otherwise another pixel of that value), so MATLAB's ``vl_mser`` lists a map's regions of
             one polarity in the order of ``(value of u, seed)`` (used by ``DetectorConfig.reference()``).
         num_maps: number of maps searched.
+
+    All tensors are on the device of the ``levels`` that :func:`mser` was given.
     """
 
     map_index: torch.Tensor
@@ -87,14 +89,16 @@ class MSERRegions:
         return [f.name for f in fields(self) if f.name != "num_maps"]
 
     def to(self, device: torch.device | str) -> "MSERRegions":
+        """The same regions with every tensor on ``device``."""
         return MSERRegions(**{name: getattr(self, name).to(device) for name in self._tensor_fields()}, num_maps=self.num_maps)
 
     def select(self, index: torch.Tensor) -> "MSERRegions":
-        """Rows ``index`` (a bool mask or integer indices)."""
+        """Rows ``index``: a ``(N,)`` bool mask, int64 indices or a slice, on the regions' device."""
         return MSERRegions(**{name: getattr(self, name)[index] for name in self._tensor_fields()}, num_maps=self.num_maps)
 
     @staticmethod
     def cat(parts: list["MSERRegions"], num_maps: int) -> "MSERRegions":
+        """The rows of ``parts`` (on one device) one after the other, as regions of ``num_maps`` maps."""
         names = [f.name for f in fields(MSERRegions) if f.name != "num_maps"]
         return MSERRegions(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, num_maps=num_maps)
 
@@ -385,9 +389,10 @@ def mser(
     """MSER of every map of ``levels`` (VLFeat semantics; module docstring).
 
     Args:
-        levels: ``(..., H, W)`` integer tensor of values 0..255; one map per leading index.
-        delta: VLFeat's ``Delta``, in grey levels (>= 1): one for all maps, or a tensor with one
-            per map (shaped like the leading dimensions, or flat).
+        levels: ``(..., H, W)`` integer tensor (uint8 or wider) of grey levels 0..255, any device;
+            one map per leading index.
+        delta: VLFeat's ``Delta``, in grey levels (>= 1): one for all maps, or an integer tensor
+            with one per map (shaped like the leading dimensions, or flat).
         max_variation: VLFeat's ``MaxVariation`` (DSM: 0.5).
         min_diversity: VLFeat's ``MinDiversity`` (DSM: 0.7); 1 disables the duplicate test.
         min_area / max_area: region area bounds as fractions of ``H * W`` (DSM: 0.001 / 0.75).
@@ -396,15 +401,31 @@ def mser(
         level_step: threshold spacing; 1 is exact. ``s > 1`` thresholds at multiples of ``s``
             (``delta`` becomes ``round(delta / s)`` steps): faster and approximate; measured
             recall of the exact regions in README ("MSER").
-        values: optional ``(..., H, W)`` tensor; ``max_value`` / ``sum_value`` are then its
-            maximum / sum over each region (default: of ``levels``).
+        values: optional ``(..., H, W)`` real tensor on the device of ``levels`` (e.g. the
+            activations the levels were made from); ``max_value`` / ``sum_value`` are then its
+            maximum (in its dtype) / sum (float64) over each region (default: of ``levels``).
         backend: connected-component labelling backend (``gpu_dsm.kernels.labelling``).
         max_voxels: memory budget: maps are processed in chunks of at most this many level-set
             voxels (for every map and grey value present below its top, the pixels at or below
             it); about 40 bytes each at the peak (measured).
     Returns:
-        :class:`MSERRegions` on ``levels``' device. Maps smaller than 3x3 and empty inputs give
-        no regions; so do constant maps.
+        :class:`MSERRegions` on ``levels``' device, coordinates in pixels of the maps. Maps
+        smaller than 3x3 and empty inputs give no regions; so do constant maps.
+
+    Examples:
+        Two 12 x 12 maps, each with one bright blob; each blob gives nested regions:
+
+        >>> import torch
+        >>> ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+        >>> def blob(x, y, sigma):
+        ...     return 255 * torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
+        >>> levels = torch.stack([blob(3, 4, 1.5), blob(8, 7, 2.0)]).round().to(torch.uint8)  # (2, 12, 12)
+        >>> regions = mser(levels, delta=12)
+        >>> regions.map_index, regions.area, regions.level
+        (tensor([0, 0, 0, 1, 1, 1]), tensor([37,  9,  1, 37,  9,  1]), tensor([ 28, 164, 255,  73, 199, 255]))
+        >>> regions.mean[[0, 3]]  # centroids (x, y), float64
+        tensor([[3., 4.],
+                [8., 7.]], dtype=torch.float64)
     """
     levels = as_tensor(levels, "mser: levels")
     if values is not None:

@@ -12,6 +12,12 @@ import importlib
 import pytest
 
 MODULES = [
+    "gpu_dsm.activations",
+    "gpu_dsm.checks",
+    "gpu_dsm.detect",
+    "gpu_dsm.features",
+    "gpu_dsm.laf",
+    "gpu_dsm.stable_regions",
     "gpu_dsm.graph",
     "gpu_dsm.pooling",
     "gpu_dsm.search",
