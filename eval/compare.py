@@ -17,13 +17,14 @@ import numpy as np
 from gpu_dsm.eval.protocol import SETUPS
 
 
+def group_names(names: Sequence[str]) -> list[str]:
+    """The group (landmark) of every query: its name without the trailing image number."""
+    return [re.sub(r"[_-]?\d+$", "", str(name)) or str(name) for name in names]
+
+
 def query_groups(names: Sequence[str]) -> np.ndarray:
     """Group index of every query (see the module docstring)."""
-    keys = []
-    for name in names:
-        stripped = re.sub(r"[_-]?\d+$", "", str(name))
-        keys.append(stripped or str(name))
-    _, index = np.unique(np.asarray(keys), return_inverse=True)
+    _, index = np.unique(np.asarray(group_names(names)), return_inverse=True)
     return index
 
 

@@ -1,20 +1,34 @@
 """The docs' result tables, generated from the result files under ``eval/results/``.
 
-A result file is JSON: ``{"command": the command that produced it, "machine": {cpu_cores, gpu,
-platform, torch}, "date": "YYYY-MM-DD", "dataset", "backbone", "options": every setting, "results": {method: {"mAP": {"E", "M",
-"H"}, "mP@10": {...}, "AP": {...}}}}``. ``record`` makes one from a ``gpu-dsm evaluate`` results
-file (the per-query rankings are left out; the per-query APs are kept).
+A result file is JSON with ``"command"`` (the command that produced it), ``"machine"`` (cpu_cores,
+gpu, platform, torch) and ``"date"`` (YYYY-MM-DD), and either an evaluation (``"dataset"``,
+``"backbone"``, ``"options"``, ``"queries"``, ``"results": {method: {"mAP": {"E", "M", "H"},
+"mP@10": {...}, "AP": {...}}}``; ``record`` makes one from a ``gpu-dsm evaluate`` results file,
+per-query rankings left out, per-query APs kept) or a benchmark (``"kind": "benchmark"``,
+``"report"``: the benchmark's own JSON; ``record-benchmark`` makes one).
 
 A docs page holds a generated table between two marker lines::
 
-    <!-- table: NAME -->
+    <!-- table: SPEC -->
     ...generated...
     <!-- /table -->
 
-where ``NAME`` is the stem of a result file. ``python -m gpu_dsm.eval.tables`` rewrites every such
-table from its file; ``--check`` rewrites nothing and exits 1 naming each table that differs.
+``SPEC`` is one of
+
+- ``NAME``: the evaluation of result file ``NAME.json``, a row per method;
+- ``paired A:METHOD vs B:METHOD; ...``: per comparison, method B of file ``B`` against method A
+  of file ``A`` over the same queries, mean AP difference per setup with its 95% paired
+  bootstrap interval over query groups (:mod:`gpu_dsm.eval.compare`; a landmark's queries are
+  resampled together) and the queries that gain / lose;
+- ``landmarks SETUP A:METHOD vs B:METHOD; ...``: the same differences per query group
+  (landmark) for one setup;
+- ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each.
+
+``python -m gpu_dsm.eval.tables`` rewrites every such table from its files; ``--check`` rewrites
+nothing and exits 1 naming each table that differs.
 
     python -m gpu_dsm.eval.tables record RESULTS.json --command "gpu-dsm evaluate ..." --out eval/results/NAME.json
+    python -m gpu_dsm.eval.tables record-benchmark REPORT.json --command "python -m ..." --out eval/results/NAME.json
     python -m gpu_dsm.eval.tables [--check]
 """
 from __future__ import annotations
@@ -34,7 +48,8 @@ from gpu_dsm.io import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (eval/ installs as gpu_dsm.eval in place)
 SETUPS = ("E", "M", "H")
-MARKER = re.compile(r"^<!-- table: (?P<name>[A-Za-z0-9_.-]+) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
+MARKER = re.compile(r"^<!-- table: (?P<spec>[^\n]+?) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
+SIDE = re.compile(r"^(?P<file>[A-Za-z0-9_.-]+):(?P<method>\S+)$")
 
 
 def machine() -> dict:
@@ -51,7 +66,15 @@ def record(results: dict, command: str, date: str | None = None) -> dict:
                for name, entry in results["results"].items()}
     return {"command": command, "machine": machine(), "date": date or datetime.date.today().isoformat(),
             "dataset": results.get("dataset"), "backbone": results.get("backbone"),
-            "options": results.get("options"), "results": methods}
+            "options": results.get("options"), "queries": results.get("queries"), "results": methods}
+
+
+def record_benchmark(report: dict, command: str, date: str | None = None) -> dict:
+    """A result file's content from a benchmark's JSON report (kept whole)."""
+    if not isinstance(report, dict) or "benchmark" not in report:
+        raise ValueError("record-benchmark: not a benchmark report (no 'benchmark' key)")
+    return {"kind": "benchmark", "command": command, "machine": machine(),
+            "date": date or datetime.date.today().isoformat(), "report": report}
 
 
 def _cell(value) -> str:
@@ -68,10 +91,144 @@ def format_table(result: dict) -> str:
     for name, entry in result["results"].items():
         cells = [_cell(entry["mAP"].get(s)) for s in SETUPS] + [_cell(entry["mP@10"].get(s)) for s in SETUPS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", _source(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _source(result: dict) -> str:
+    """The line naming where a result came from: command, machine and date."""
     m = result["machine"]
     where = f"{m.get('cpu_cores')} CPU cores, GPU: {m.get('gpu')}, torch {m.get('torch')}"
-    lines += ["", f"`{result['command']}` ({where}; {result['date']})"]
-    return "\n".join(lines) + "\n"
+    return f"`{result['command']}` ({where}; {result['date']})"
+
+
+def _comparisons(spec: str, results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
+    """``(file A, method A, file B, method B)`` of each ``A:METHOD vs B:METHOD`` item of ``spec``."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        sides = [SIDE.match(side.strip()) for side in item.split(" vs ")]
+        if len(sides) != 2 or not all(sides):
+            raise ValueError(f"table spec {item!r}: expected FILE:METHOD vs FILE:METHOD")
+        for side in sides:
+            if side["file"] not in results:
+                raise ValueError(f"table spec {item!r}: no result file {side['file']}.json")
+            if side["method"] not in results[side["file"]].get("results", {}):
+                raise ValueError(f"table spec {item!r}: {side['file']}.json has no method {side['method']!r}")
+        out.append((sides[0]["file"], sides[0]["method"], sides[1]["file"], sides[1]["method"]))
+    if not out:
+        raise ValueError(f"table spec {spec!r} names no comparison")
+    return out
+
+
+def _label(file_a: str, method_a: str, file_b: str, method_b: str) -> str:
+    if file_a == file_b:
+        return f"{method_b} vs {method_a} ({file_a})"
+    return f"{file_b}: {method_b} vs {file_a}: {method_a}"
+
+
+def _sources(results: dict[str, dict], files) -> list[str]:
+    return [f"- {name}: {_source(results[name])}" for name in dict.fromkeys(files)]
+
+
+def format_paired(spec: str, results: dict[str, dict]) -> str:
+    """The paired-difference table of ``spec`` (see the module docstring)."""
+    from gpu_dsm.eval.compare import compare_reports
+
+    lines = ["| comparison | E | M | H |", "| --- | --- | --- | --- |"]
+    files = []
+    for fa, ma, fb, mb in _comparisons(spec, results):
+        compared = compare_reports(results[fa], results[fb], ma, mb)
+        cells = []
+        for setup in SETUPS:
+            r = compared["setups"][setup]
+            cells.append("—" if r["delta"] is None else
+                         f"{r['delta']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] ({r['gain']}/{r['loss']})")
+        lines.append(f"| {_label(fa, ma, fb, mb)} | " + " | ".join(cells) + " |")
+        files += [fa, fb]
+    lines += ["", "mAP difference [95% paired bootstrap over query groups] (queries gaining / losing), from:", ""]
+    return "\n".join(lines + _sources(results, files)) + "\n"
+
+
+def format_landmarks(spec: str, results: dict[str, dict]) -> str:
+    """Per query group (landmark) mean AP differences of one setup (see the module docstring)."""
+    from gpu_dsm.eval.compare import compare_reports, group_names
+
+    setup, _, rest = spec.partition(" ")
+    if setup not in SETUPS:
+        raise ValueError(f"landmarks table: setup {setup!r} is not one of {SETUPS}")
+    comparisons = _comparisons(rest, results)
+    columns, files, groups = [], [], None
+    for fa, ma, fb, mb in comparisons:
+        names = results[fa].get("queries")
+        if not names:
+            raise ValueError(f"landmarks table: {fa}.json has no query names")
+        if groups is not None and group_names(names) != groups:
+            raise ValueError("landmarks table: the comparisons are of different queries")
+        per_query = compare_reports(results[fa], results[fb], ma, mb)["setups"][setup]["per_query"]
+        groups = group_names(names)
+        columns.append(per_query)
+        files += [fa, fb]
+    order = sorted(set(groups))
+    lines = ["| group | queries | " + " | ".join(_label(*c) for c in comparisons) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in comparisons) + " |"]
+    for name in order:
+        members = [i for i, g in enumerate(groups) if g == name]
+        cells = []
+        for per_query in columns:
+            values = [per_query[i] for i in members if per_query[i] is not None]
+            cells.append("—" if not values else f"{sum(values) / len(values):+.2f}")
+        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Mean AP difference ({setup}) over each group's queries, from:", ""]
+    return "\n".join(lines + _sources(results, files)) + "\n"
+
+
+QUERY_PATH_STAGES = ("search", "gather", "verify", "diffuse", "rank", "total")
+
+
+def format_query_path(spec: str, results: dict[str, dict]) -> str:
+    """A row per ``eval/bench_query_path.py`` result file: ms per query per stage and peak RSS."""
+    names = spec.split()
+    lines = ["| images | search backend | diffusion | queries per batch | " + " | ".join(QUERY_PATH_STAGES)
+             + " (ms per query) | peak RSS (GiB) |", "| --- " * (5 + len(QUERY_PATH_STAGES)) + "|"]
+    for name in names:
+        result = results.get(name)
+        if result is None or result.get("kind") != "benchmark" or result["report"].get("benchmark") != "query_path":
+            raise ValueError(f"query-path table: {name}.json is not a recorded query_path benchmark")
+        r = result["report"]
+        truncation = r.get("truncation_size")
+        diffusion = "whole graph" if truncation is None else f"top {truncation}"
+        ms = [f"{r['ms_per_query'][stage]:.1f}" for stage in QUERY_PATH_STAGES]
+        rss = max(r["peak_rss_mb"].values()) / 1024 if r.get("peak_rss_mb") else float("nan")
+        lines.append(f"| {r['images']:,} | {r['search']} | {diffusion} | {r['batch']} | " + " | ".join(ms)
+                     + f" | {rss:.1f} |")
+    lines += ["", "From:", ""]
+    return "\n".join(lines + _sources(results, names)) + "\n"
+
+
+def format_spec(spec: str, results: dict[str, dict]) -> str:
+    """The generated table of one marker's ``spec``."""
+    kind, _, rest = spec.partition(" ")
+    if kind == "paired":
+        return format_paired(rest, results)
+    if kind == "landmarks":
+        return format_landmarks(rest, results)
+    if kind == "query-path":
+        return format_query_path(rest, results)
+    if spec not in results:
+        raise ValueError(f"table {spec!r} has no result file {spec}.json")
+    return format_table(results[spec])
+
+
+def files_of(spec: str) -> list[str]:
+    """The result files a marker's ``spec`` reads."""
+    kind, _, rest = spec.partition(" ")
+    if kind == "query-path":
+        return rest.split()
+    if kind in ("paired", "landmarks"):
+        rest = rest.partition(" ")[2] if kind == "landmarks" else rest
+        return [m["file"] for item in rest.split(";") for side in item.split(" vs ")
+                if (m := SIDE.match(side.strip()))]
+    return [spec]
 
 
 def load_results(folder: Path) -> dict[str, dict]:
@@ -86,16 +243,18 @@ def load_results(folder: Path) -> dict[str, dict]:
 def render(text: str, results: dict[str, dict], page: str = "page") -> str:
     """``text`` with every marked table regenerated; a marker naming no result file is an error."""
     def replace(match: re.Match) -> str:
-        name = match.group("name")
-        if name not in results:
-            raise ValueError(f"{page}: table {name!r} has no result file {name}.json")
-        return f"<!-- table: {name} -->\n{format_table(results[name])}<!-- /table -->"
+        spec = match.group("spec")
+        try:
+            table = format_spec(spec, results)
+        except ValueError as exc:
+            raise ValueError(f"{page}: {exc}") from None
+        return f"<!-- table: {spec} -->\n{table}<!-- /table -->"
     return MARKER.sub(replace, text)
 
 
 def tables_in(text: str) -> list[str]:
-    """Names of the marked tables of a page."""
-    return [m.group("name") for m in MARKER.finditer(text)]
+    """The specs of the marked tables of a page."""
+    return [m.group("spec") for m in MARKER.finditer(text)]
 
 
 def regenerate(root: Path = ROOT, check: bool = False) -> list[str]:
@@ -122,12 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("results", help="the results JSON written by gpu-dsm evaluate --out")
     rec.add_argument("--command", required=True, help="the exact command that produced it")
     rec.add_argument("--out", required=True, help="eval/results/NAME.json")
+    bench = sub.add_parser("record-benchmark", help="make a result file from a benchmark's JSON report")
+    bench.add_argument("results", help="the JSON the benchmark wrote with --out")
+    bench.add_argument("--command", required=True, help="the exact command that produced it")
+    bench.add_argument("--out", required=True, help="eval/results/NAME.json")
     parser.add_argument("--root", default=str(ROOT), help="repository root (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 naming the tables that differ")
     args = parser.parse_args(argv)
-    if args.action == "record":
+    if args.action in ("record", "record-benchmark"):
+        make = record if args.action == "record" else record_benchmark
         with open(args.results, encoding="utf-8") as f:
-            write_json(args.out, record(json.load(f), args.command))
+            write_json(args.out, make(json.load(f), args.command))
         print(f"wrote {args.out}")
         return 0
     differing = regenerate(Path(args.root), check=args.check)

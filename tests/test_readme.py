@@ -144,12 +144,52 @@ def test_tables_regenerate_and_check(tmp_path):
 
 
 def test_docs_tables_equal_the_result_files():
-    from gpu_dsm.eval.tables import ROOT, load_results, regenerate, tables_in
+    from gpu_dsm.eval.tables import ROOT, files_of, load_results, regenerate, tables_in
 
     results = load_results(ROOT / "eval" / "results")
     assert results, "eval/results/ holds no result file"
     for name, result in results.items():
-        assert {"command", "machine", "date", "results"} <= set(result), name
+        assert {"command", "machine", "date"} <= set(result), name
+        assert ("report" if result.get("kind") == "benchmark" else "results") in result, name
     pages = [p.read_text(encoding="utf-8") for p in (ROOT / "docs").rglob("*.md")]
-    assert set(results) <= {name for text in pages for name in tables_in(text)}  # every file shown
+    shown = {name for text in pages for spec in tables_in(text) for name in files_of(spec)}
+    assert set(results) <= shown  # every file shown
     assert regenerate(ROOT, check=True) == []
+
+
+def test_paired_landmark_and_query_path_tables():
+    """The generated comparison tables recompute the paired bootstrap from the files' per-query
+    APs (gpu_dsm.eval.compare), per setup and per landmark; a benchmark table reads its report."""
+    from gpu_dsm.eval.compare import compare_reports
+    from gpu_dsm.eval.tables import files_of, format_spec, record, record_benchmark
+
+    queries = ["all_souls_1", "all_souls_2", "radcliffe_camera_1", "magdalen_3"]
+    ap_a = {"E": [50.0, 60.0, 70.0, 10.0], "M": [40.0, 50.0, 60.0, 20.0], "H": [None, 10.0, 20.0, None]}
+    ap_b = {"E": [55.0, 60.0, 60.0, 30.0], "M": [48.0, 50.0, 50.0, 20.0], "H": [None, 30.0, 20.0, None]}
+
+    def entry(ap):
+        return {"mAP": {s: 0.0 for s in "EMH"}, "mP@10": {s: 0.0 for s in "EMH"}, "AP": ap}
+
+    run = record({"dataset": "toy", "queries": queries, "results": {"a": entry(ap_a), "b": entry(ap_b)}},
+                 "gpu-dsm evaluate --dataset toy", date="2026-12-03")
+    results = {"toy": run}
+    paired = format_spec("paired toy:a vs toy:b", results)
+    expected = compare_reports(run, run, "a", "b")["setups"]["M"]
+    assert f"{expected['delta']:+.2f} [{expected['ci'][0]:+.2f}, {expected['ci'][1]:+.2f}] (1/1)" in paired
+    assert "| b vs a (toy) | +3.75 [" in paired and "`gpu-dsm evaluate --dataset toy`" in paired
+    landmarks = format_spec("landmarks M toy:a vs toy:b", results)
+    assert "| all_souls | 2 | +4.00 |" in landmarks and "| radcliffe_camera | 1 | -10.00 |" in landmarks
+    assert "| magdalen | 1 | +0.00 |" in landmarks
+    assert files_of("landmarks M toy:a vs toy:b") == ["toy", "toy"]
+    with pytest.raises(ValueError, match="no method 'c'"):
+        format_spec("paired toy:a vs toy:c", results)
+    with pytest.raises(ValueError, match="no result file nope"):
+        format_spec("paired nope:a vs toy:b", results)
+    report = {"benchmark": "query_path", "images": 1000000, "search": "exact", "truncation_size": 1000, "batch": 10,
+              "ms_per_query": {"search": 1.0, "gather": 2.0, "verify": 3.0, "diffuse": 4.0, "rank": 5.0, "total": 15.0},
+              "peak_rss_mb": {"search": 1024.0, "verify": 2048.0}}
+    results["qp"] = record_benchmark(report, "python -m gpu_dsm.eval.bench_query_path", date="2026-12-03")
+    table = format_spec("query-path qp", results)
+    assert "| 1,000,000 | exact | top 1000 | 10 | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 | 15.0 | 2.0 |" in table
+    with pytest.raises(ValueError, match="not a recorded query_path"):
+        format_spec("query-path toy", results)
