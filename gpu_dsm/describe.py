@@ -62,14 +62,18 @@ class GlobalRecipe:
     network_whitening: Whitening | None
 
     def options(self) -> dict:
+        """The recipe as plain data (``p`` a float or a list), for result files and cache keys."""
         p = self.p.tolist() if isinstance(self.p, torch.Tensor) else self.p
         return {"pooling": self.pooling, "p": p, "multiscale_power": self.multiscale_power,
                 "network_whitening": self.network_whitening is not None}
 
     def descriptor_dim(self, num_channels: int) -> int:
+        """``D`` of the descriptors of a network with ``num_channels`` channels (the in-network
+        whitening's output dimension when there is one)."""
         return self.network_whitening.output_dim if self.network_whitening is not None else num_channels
 
     def __call__(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:func:`global_descriptor` of one image's maps ``[(K, h_s, w_s)] * S`` -> ``(D,)``."""
         return global_descriptor(maps, self.pooling, self.p, self.multiscale_power, self.network_whitening)
 
 
@@ -81,6 +85,22 @@ def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: flo
     L2-normalised again: a whitening layer inside the network, as in cnnimageretrieval-pytorch);
     scales are combined by a power mean with ``multiscale_power`` (default :func:`multiscale_p`:
     GeM's p, or 1) and the result is L2-normalised (paper 4.1; cnnimageretrieval-pytorch ``extract_ms``).
+
+    Args:
+        maps: the image's finite activations at each scale, ``(K, h_s, w_s)``, any floating dtype,
+            on one device.
+        pooling, p: as :func:`gpu_dsm.pooling.pool` (``p`` a float, or a tensor on the maps' device).
+        multiscale_power: exponent of the power mean over scales.
+        network_whitening: a :class:`Whitening` applied per scale (``D`` = its output dimension,
+            else ``K``).
+    Returns:
+        ``(D,)`` float32 on the maps' device.
+
+    Examples:
+        >>> import torch
+        >>> maps = [torch.tensor([[[1.0, 2.0]], [[2.0, 2.0]]])]  # one scale, K = 2 channels of 1 x 2
+        >>> global_descriptor(maps, "mac")
+        tensor([0.7071, 0.7071])
     """
     per_scale = []
     for m in maps:
@@ -107,8 +127,10 @@ def describe_images(
     desc: str = "describe",
 ) -> None:
     """One pass over ``images``; for each batch of the network,
-    ``sink(indices [B], global descriptors (B, K), maps per image [[(K, h, w)] * S] * B)``, so the
-    sink can process a batch at once (the detector runs one MSER call per map size).
+    ``sink(indices [B], global descriptors (B, D), maps per image [[(K, h, w)] * S] * B)``, so the
+    sink can process a batch at once (the detector runs one MSER call per map size). Descriptors
+    are float32, L2-normalised; descriptors and maps (the backbone's dtype) are on the backbone's
+    device.
 
     Global descriptors are the network's multi-scale ones (a checkpoint's whitening layer included,
     as the network applies it); learned whitening (``Lw``, ``--whitening``) is a search-time step.
@@ -129,10 +151,25 @@ def describe_global(
     whitening: Whitening | None = None,
     desc: str = "global descriptors",
 ) -> torch.Tensor:
-    """Global descriptors ``(N, D)`` of ``images``, float32 on the backbone's device.
+    """Global descriptors ``(N, D)`` of ``images``, float32, L2-normalised, on the backbone's device.
 
     ``whitening`` (or, if None, the learned whitening a retrieval checkpoint carries, ``Lw[..]['ms']``
-    for several scales and ``['ss']`` for one) is applied last.
+    for several scales and ``['ss']`` for one) is applied last. Row ``i`` describes ``images[i]``.
+
+    Examples:
+        A tiny random network (stride 8, 8 channels) on two random in-memory images:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gpu_dsm.backbones.wrap import as_backbone
+        >>> _ = torch.manual_seed(0)
+        >>> backbone = as_backbone(nn.Sequential(nn.Conv2d(3, 8, kernel_size=8, stride=8), nn.ReLU()))
+        >>> images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8),  # (3, H, W) uint8 RGB
+        ...           torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)]
+        >>> config = ExtractConfig(image_size=64, scales=(1.0, 0.5), progress=False)
+        >>> descriptors = describe_global(backbone, images, config)
+        >>> descriptors.shape, descriptors.dtype, descriptors.norm(dim=1)
+        (torch.Size([2, 8]), torch.float32, tensor([1., 1.]))
     """
     extract = extract or ExtractConfig()
     recipe = (config or GlobalConfig()).resolve(backbone)

@@ -63,9 +63,10 @@ class ExtractConfig:
 class ActivationBatch:
     """Activations of a batch of images at every scale.
 
-    ``activations[s][i]``: ``(K, h, w)`` map of image ``indices[i]`` at scale ``scales[s]``
-    (``activations[s]`` is ``None`` for a scale skipped as too small, ``small_scales="skip"``);
-    ``image_sizes[s][i]``: the ``(height, width)`` in pixels of the image the network saw.
+    ``activations[s][i]``: ``(K, h, w)`` map of image ``indices[i]`` at scale ``scales[s]``, in
+    the backbone's dtype on its device (``activations[s]`` is ``None`` for a scale skipped as too
+    small, ``small_scales="skip"``); ``image_sizes[s][i]``: the ``(height, width)`` in pixels of
+    the image the network saw.
     """
 
     indices: list[int]
@@ -74,7 +75,7 @@ class ActivationBatch:
     image_sizes: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def of_image(self, i: int) -> list[torch.Tensor]:
-        """The per-scale maps of the ``i``-th image of the batch."""
+        """The per-scale maps ``[(K, h_s, w_s)] * S`` of the ``i``-th image of the batch."""
         return [per_scale[i] for per_scale in self.activations]
 
 
@@ -147,9 +148,22 @@ def iterate_activations(
     (cnnimageretrieval-pytorch), or with ``recompute_scale_factor`` at ``H / floor(H s)`` (HOW's
     ``how_net.scale_image``, gtolias/how).
 
-    Device and dtype follow ``backbone``; maps stay on that device. Progress is reported as
-    ``desc`` when ``cfg.progress`` (:func:`gpu_dsm.progress.progress`: a bar on a terminal,
-    lines with the rate and ETA on stderr otherwise).
+    Device and dtype follow ``backbone``; maps stay on that device. Images are read as uint8 RGB
+    (paths, or in-memory ``(H, W, 3)`` arrays / ``(3, H, W)`` tensors: :mod:`gpu_dsm.images`) and
+    scaled to ``[0, 1]`` on the backbone's device. Progress is reported as ``desc`` when
+    ``cfg.progress`` (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines with the rate
+    and ETA on stderr otherwise).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from gpu_dsm.backbones.wrap import as_backbone
+        >>> _ = torch.manual_seed(0)
+        >>> backbone = as_backbone(nn.Sequential(nn.Conv2d(3, 8, kernel_size=8, stride=8), nn.ReLU()))
+        >>> images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)]
+        >>> for batch in iterate_activations(backbone, images, ExtractConfig(image_size=64, scales=(1.0, 0.5), progress=False)):
+        ...     print(batch.indices, batch.image_sizes, [tuple(m.shape) for m in batch.of_image(0)])
+        [0] [[(48, 64)], [(24, 32)]] [(8, 6, 8), (8, 3, 4)]
     """
     cfg = cfg or ExtractConfig()
     specs = as_specs(images)
@@ -174,9 +188,20 @@ def iterate_activations(
 def extract_activations(
     backbone: Backbone, images: Sequence[ImageLike | ImageSpec], cfg: ExtractConfig | None = None
 ) -> list[list[torch.Tensor]]:
-    """All activations in input order: ``result[i][s]`` is image ``i`` at scale ``s``, ``(K, h, w)``.
+    """All activations in input order: ``result[i][s]`` is image ``i`` at scale ``s``, ``(K, h, w)``,
+    in the backbone's dtype on its device.
 
     Keeps everything in memory; for a whole database use :func:`iterate_activations`.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from gpu_dsm.backbones.wrap import as_backbone
+        >>> backbone = as_backbone(nn.Sequential(nn.Conv2d(3, 8, kernel_size=8, stride=8), nn.ReLU()))
+        >>> images = [torch.zeros(3, 48, 64, dtype=torch.uint8), torch.zeros(3, 64, 64, dtype=torch.uint8)]
+        >>> maps = extract_activations(backbone, images, ExtractConfig(image_size=64, scales=(1.0, 0.5), progress=False))
+        >>> [[tuple(m.shape) for m in per_scale] for per_scale in maps]
+        [[(8, 6, 8), (8, 3, 4)], [(8, 8, 8), (8, 4, 4)]]
     """
     result: list[list[torch.Tensor] | None] = [None] * len(images)
     for batch in iterate_activations(backbone, images, cfg):

@@ -46,13 +46,19 @@ ImageLike = Union[str, Path, np.ndarray, torch.Tensor]
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to extract: its source and an optional box ``(x0, y0, x1, y1)`` in its pixels."""
+    """One image to extract: its source and an optional box ``(x0, y0, x1, y1)`` in its pixels.
+
+    ``source`` is a path, an ``(H, W)`` / ``(H, W, 3|4)`` uint8 numpy array, or a ``(3, H, W)``
+    uint8 tensor (any device; read on the CPU). The box is in pixels of the source, right and
+    bottom exclusive, rounded as PIL's ``crop`` rounds.
+    """
 
     source: ImageLike
     box: tuple[float, float, float, float] | None = None
 
     @property
     def name(self) -> str:
+        """The path, or ``<ndarray>`` / ``<Tensor>`` for an in-memory image (for messages)."""
         return str(self.source) if isinstance(self.source, (str, Path)) else f"<{type(self.source).__name__}>"
 
 
@@ -126,7 +132,7 @@ def _open(spec: ImageSpec) -> Image.Image:
 
 
 def source_size(spec: ImageSpec) -> tuple[int, int]:
-    """``(width, height)`` of the source before cropping, read from the file header when possible."""
+    """``(width, height)`` in pixels of the source before cropping, read from the file header when possible."""
     src = spec.source
     if isinstance(src, (str, Path)):
         try:
@@ -165,7 +171,8 @@ def _aspect_size(width: int, height: int, bound: int) -> tuple[int, int]:
 
 
 def resized_size(width: int, height: int, max_size: float, upscale: bool) -> tuple[int, int]:
-    """Size after fitting the image into ``max_size x max_size`` (``max_size`` floored, as PIL does).
+    """``(width, height)`` in pixels after fitting a ``width x height`` image into
+    ``max_size x max_size`` (``max_size`` floored, as PIL does).
 
     Without ``upscale`` this is exactly PIL's ``Image.thumbnail((max_size, max_size))``, which
     cnnimageretrieval-pytorch and revisitop use: never enlarged. With ``upscale`` an image smaller
@@ -184,7 +191,7 @@ def crop_bound(spec: ImageSpec, width: int, height: int, max_size: int, upscale:
 
     The standard protocol (revisitop, cnnimageretrieval-pytorch), ``upscale=False``: a query crop
     keeps the scale its full image gets, ``max_size * crop's longer side / image's longer side``.
-    With ``upscale`` the crop's longer side is brought to ``max_size`` itself.
+    With ``upscale`` the crop's longer side is brought to ``max_size`` itself. All in pixels.
     """
     if spec.box is None or upscale:
         return float(max_size)
@@ -200,11 +207,23 @@ def target_size(spec: ImageSpec, max_size: int, upscale: bool) -> tuple[int, int
 
 
 def load_image(spec: ImageSpec, max_size: int = 1024, upscale: bool = False) -> torch.Tensor:
-    """Load, crop to ``spec.box`` and resize: uint8 ``(3, H, W)``.
+    """Load, crop to ``spec.box`` and resize: uint8 RGB ``(3, H, W)`` on the CPU, longer side at
+    most ``max_size`` pixels.
 
     Downscaling is PIL's ``thumbnail`` with Lanczos filtering (its default two-step reduction,
     ``reducing_gap=2``), as cnnimageretrieval-pytorch's ``imresize``; with ``upscale`` a smaller
     image is enlarged by a Lanczos ``resize``. See :func:`crop_bound` for the size of query crops.
+
+    Examples:
+        A 200 x 150 crop of a 400 x 300 image keeps the scale of its full image (fitted into
+        100 px: half the size), unless ``upscale`` brings the crop itself to 100 px:
+
+        >>> import torch
+        >>> image = torch.zeros(3, 300, 400, dtype=torch.uint8)  # (3, H, W) uint8 RGB
+        >>> load_image(ImageSpec(image, box=(0, 0, 200, 150)), max_size=100).shape
+        torch.Size([3, 38, 50])
+        >>> load_image(ImageSpec(image, box=(0, 0, 200, 150)), max_size=100, upscale=True).shape
+        torch.Size([3, 75, 100])
     """
     image = _open(spec)
     width, height = image.size
@@ -223,4 +242,5 @@ def load_image(spec: ImageSpec, max_size: int = 1024, upscale: bool = False) -> 
 
 
 def as_specs(images: Sequence[ImageLike | ImageSpec]) -> list[ImageSpec]:
+    """Every item as an :class:`ImageSpec` (an image without a box when it is not one already)."""
     return [im if isinstance(im, ImageSpec) else ImageSpec(im) for im in images]

@@ -52,12 +52,14 @@ class RerankResult:
     """Re-ranked top-k of ``Q`` queries.
 
     Fields:
-        indices: ``(Q, K)`` database indices, best first.
-        scores: ``(Q, K)`` the re-ranking score of each, in that order.
-        inliers: ``(Q, K)`` inlier counts, in that order.
-        order: ``(Q, K)`` positions in the initial top-k, in the new order.
-        match: the :class:`MatchResult` of the ``Q * K`` pairs in the initial order (``None``
-            where results of several batches were merged).
+        indices: ``(Q, K)`` int64 database indices, best first.
+        scores: ``(Q, K)`` float64 re-ranking score of each, in that order (``-inf`` beyond the
+            re-ranked ``top_k``).
+        inliers: ``(Q, K)`` int64 inlier counts, in that order (0 beyond ``top_k``).
+        order: ``(Q, K)`` int64 positions in the initial top-k, in the new order.
+        match: the :class:`MatchResult` of the ``Q * min(top_k, K)`` verified pairs in the
+            initial order (``None`` where results of several batches were merged).
+    All tensors are on the device of the candidates' features.
     """
 
     indices: torch.Tensor
@@ -67,13 +69,26 @@ class RerankResult:
     match: MatchResult | None
 
     def initial_order_inliers(self) -> torch.Tensor:
-        """``(Q, K)`` inlier counts in the initial (pre-re-ranking) order of the candidates."""
+        """``(Q, K)`` int64 inlier counts in the initial (pre-re-ranking) order of the candidates."""
         return torch.zeros_like(self.inliers).scatter_(1, self.order, self.inliers)
 
 
 def rerank_scores(inliers: torch.Tensor, similarities: torch.Tensor, score: str = "fused", weight: float = 1.0) -> torch.Tensor:
-    """Scores ``(Q, K)`` float64 from inlier counts and initial similarities ``(Q, K)`` (finite);
-    ``K = 0`` gives an empty ``(Q, 0)``."""
+    """Re-ranking scores from inlier counts and initial similarities (module docstring).
+
+    Args:
+        inliers: ``(Q, K)`` inlier counts (any real or integer dtype).
+        similarities: ``(Q, K)`` finite initial similarities, on the device of ``inliers``.
+        score: ``"inliers"`` (the count itself) or ``"fused"``.
+        weight: weight of the normalised inlier count in ``"fused"``.
+    Returns:
+        ``(Q, K)`` float64 on the device of ``inliers``; ``K = 0`` gives an empty ``(Q, 0)``.
+
+    Examples:
+        >>> import torch
+        >>> rerank_scores(torch.tensor([[2, 6, 0]]), torch.tensor([[0.9, 0.8, 0.7]]))  # 2/6 + 1, 6/6 + 0.5, 0 + 0
+        tensor([[1.3333, 1.5000, 0.0000]], dtype=torch.float64)
+    """
     inliers = as_tensor(inliers, "inliers", ndim=2, kind="number")
     similarities = as_tensor(similarities, "similarities", ndim=2, kind="number", finite=True)
     check_shape(similarities, tuple(inliers.shape), "similarities")
@@ -99,9 +114,31 @@ class DSMReranker(nn.Module):
     - ``similarities``: ``(Q, K)`` initial similarities (or any score decreasing with rank).
     - ``indices``: ``(Q, K)`` database indices of the candidates (default ``0..K-1``).
 
-    Only the first ``top_k`` of each row are re-ranked; returns :class:`RerankResult`. With no
-    candidates (``K = 0``) or no queries (``Q = 0``) the result is empty: every tensor ``(Q, K)``
-    with a zero side, and a :class:`MatchResult` of no pairs.
+    Only the first ``top_k`` of each row are re-ranked; returns :class:`RerankResult`, on the
+    candidate features' device (``similarities`` and ``indices`` are moved there; query and
+    candidate features must share a device). With no candidates (``K = 0``) or no queries
+    (``Q = 0``) the result is empty: every tensor ``(Q, K)`` with a zero side, and a
+    :class:`MatchResult` of no pairs.
+
+    Examples:
+        A query with six features (one per channel) and three candidates: two with the same
+        channels at scrambled places, one with the query's features moved by ``(3, 2)`` map pixels:
+
+        >>> import torch
+        >>> def features(xys, map_size=(20, 20)):  # one image per list of (x, y), channels 0, 1, ...
+        ...     images = [{"xy": torch.tensor(xy), "frame": torch.eye(2).expand(len(xy), 2, 2),
+        ...                "strength": torch.ones(len(xy)), "channel": torch.arange(len(xy)),
+        ...                "scale": torch.zeros(len(xy), dtype=torch.long)} for xy in xys]
+        ...     return LocalFeatures.from_images(images, torch.tensor([[map_size]] * len(xys)), (1.0,), 8)
+        >>> xy = [[2.0, 3.0], [10.0, 4.0], [6.0, 12.0], [14.0, 14.0], [3.0, 9.0], [12.0, 8.0]]
+        >>> scrambled = [xy[i] for i in (3, 0, 5, 1, 4, 2)]
+        >>> query = features([xy])
+        >>> candidates = features([scrambled, [[x + 3, y + 2] for x, y in xy], scrambled[::-1]])  # Q * K = 1 * 3
+        >>> result = DSMReranker()(query, candidates, torch.tensor([[0.9, 0.85, 0.5]]), torch.tensor([[42, 7, 13]]))
+        >>> result.indices, result.inliers  # the moved copy verifies all six features and goes first
+        (tensor([[ 7, 42, 13]]), tensor([[6, 1, 2]]))
+        >>> result.order  # positions in the initial top-k
+        tensor([[1, 0, 2]])
     """
 
     def __init__(self, config: RerankConfig | None = None):
@@ -110,6 +147,8 @@ class DSMReranker(nn.Module):
 
     def forward(self, query_features: LocalFeatures, candidate_features: LocalFeatures, similarities: torch.Tensor,
                 indices: torch.Tensor | None = None) -> RerankResult:
+        """Re-rank (arguments in the class docstring): ``similarities`` ``(Q, K)`` finite real,
+        ``indices`` ``(Q, K)`` integer database indices."""
         cfg = self.config
         for name, features in (("query_features", query_features), ("candidate_features", candidate_features)):
             if not isinstance(features, LocalFeatures):
@@ -141,8 +180,9 @@ class DSMReranker(nn.Module):
 def rerank_by_inliers(inliers: torch.Tensor, similarities: torch.Tensor, indices: torch.Tensor,
                       config: RerankConfig) -> RerankResult:
     """Re-rank the first ``kk = min(config.top_k, K)`` candidates of each query from their
-    inlier counts ``(Q, >= kk)`` (initial order) and similarities / indices ``(Q, K)``, by
-    ``config.score``; the rest keep their place. Stable: ties keep the initial order.
+    inlier counts ``(Q, >= kk)`` (integer, initial order) and similarities (finite real) / indices
+    (int64) ``(Q, K)``, by ``config.score``; the rest keep their place. Stable: ties keep the
+    initial order. The :class:`RerankResult` (``match=None``) is on the similarities' device.
 
     Verification is independent per pair, so the inliers of a query's top 100 also give the
     re-ranking of its top 20 (:mod:`gpu_dsm.eval.sweep` relies on it)."""
