@@ -43,18 +43,31 @@ NUM_VERTICES = 40  # reference code: np = 40 vertices (first and last coincide)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """MATLAB's ``round``: halves away from zero."""
+    """MATLAB's ``round``: halves away from zero; a floating point tensor of any shape, its dtype and device.
+
+    Examples:
+        >>> import torch
+        >>> round_half_away(torch.tensor([-1.5, -0.5, 0.5, 1.5, 2.4]))
+        tensor([-2., -1.,  1.,  2.,  2.])
+    """
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
 def reference_levels(scaled: torch.Tensor) -> torch.Tensor:
-    """MATLAB's ``uint8(x)``: round half away from zero, saturate to 0..255."""
+    """MATLAB's ``uint8(x)``: round half away from zero, saturate to 0..255; floating point of any
+    shape -> uint8 of that shape, on its device.
+
+    Examples:
+        >>> import torch
+        >>> reference_levels(torch.tensor([-3.0, 0.5, 254.5, 300.0]))
+        tensor([  0,   1, 255, 255], dtype=torch.uint8)
+    """
     return round_half_away(scaled).clamp(0, MAX_LEVEL).to(torch.uint8)
 
 
 def reference_delta(scaled: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins: int = 1000) -> int:
-    """Delta of one image and scale as the reference computes it, from the float values ``scaled``
-    ``(K, H, W)`` that are rounded into levels.
+    """Delta of one image and scale as the reference computes it, in grey levels, from the float
+    values ``scaled`` ``(K, H, W)`` (any device) that are rounded into levels.
 
     MATLAB's ``hist(values, 1000)`` of the non-zero values (bins of equal width between their
     minimum and maximum, each holding ``edge_k <= v < edge_k+1``, the last one its upper edge too),
@@ -80,7 +93,8 @@ def reference_delta(scaled: torch.Tensor, quantile: float = 0.6, cap: int = 12, 
 
 def reference_order(regions: MSERRegions) -> torch.Tensor:
     """Row order of ``vl_mser`` over the channels: channel, dark before bright, grey value of the
-    processed map (``u = level``, or ``255 - level`` for bright), seed pixel."""
+    processed map (``u = level``, or ``255 - level`` for bright), seed pixel. Returns ``(N,)``
+    int64 row indices of ``regions``, on their device."""
     u = torch.where(regions.bright, MAX_LEVEL - regions.level, regions.level)
     order = torch.argsort(regions.seed, stable=True)
     for key in (u, regions.bright.long(), regions.map_index):
@@ -97,7 +111,8 @@ def vlfeat_moments(regions: MSERRegions) -> tuple[torch.Tensor, torch.Tensor]:
     with every operation rounded to float32, as the C code does.
 
     Returns:
-        ``mean (n, 2)`` float32 ``(x, y)``, 0-based; ``moments (n, 3)`` float32 ``(Sxx, Sxy, Syy)``.
+        ``mean (n, 2)`` float32 ``(x, y)``, 0-based map pixels; ``moments (n, 3)`` float32
+        ``(Sxx, Sxy, Syy)``, pixels^2; on the regions' device.
     """
     n = regions.area.double()
     mean, cov = regions.mean.double(), regions.cov.double()
@@ -114,15 +129,16 @@ def vlfeat_moments(regions: MSERRegions) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def singular(moments: torch.Tensor) -> torch.Tensor:
-    """The reference's singular test, ``Sxy^2 - Syy Sxx == 0`` on the float32 moments in double
-    precision (exact: both products of floats fit a double)."""
+    """The reference's singular test, ``Sxy^2 - Syy Sxx == 0`` on the float32 moments ``(n, 3)``
+    in double precision (exact: both products of floats fit a double); ``(n,)`` bool, on their device."""
     m = moments.double()
     return m[:, 1] * m[:, 1] - m[:, 2] * m[:, 0] == 0
 
 
 def cholesky_fails(moments: torch.Tensor) -> torch.Tensor:
     """Where ``chol([Sxx Sxy; Sxy Syy], 'lower')`` fails (LAPACK ``potf2``, as OpenBLAS runs it for
-    a 2 x 2 matrix): ``Sxx <= 0``, or ``Syy - l21^2 <= 0`` with ``l21 = Sxy * (1 / sqrt(Sxx))``."""
+    a 2 x 2 matrix): ``Sxx <= 0``, or ``Syy - l21^2 <= 0`` with ``l21 = Sxy * (1 / sqrt(Sxx))``.
+    ``moments``: ``(n, 3)`` ``(Sxx, Sxy, Syy)``; returns ``(n,)`` bool on their device."""
     m = moments.double()
     l11 = m[:, 0].clamp(min=0).sqrt()
     l21 = m[:, 1] * (1.0 / l11)
@@ -154,7 +170,8 @@ def _split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a * b + c`` rounded once (float64), from error-free products and sums (Dekker, Knuth):
-    the BLAS matrix product of the reference accumulates with fused multiply-adds."""
+    the BLAS matrix product of the reference accumulates with fused multiply-adds. Float64 tensors
+    of one broadcastable shape, on one device; the result has the broadcast shape."""
     p = a * b
     ah, al = _split(a)
     bh, bl = _split(b)
@@ -168,7 +185,9 @@ def ellipse_polygons(mean32: torch.Tensor, moments: torch.Tensor) -> tuple[torch
     """Vertices ``(n, 40)`` x and y (unrounded, 1-based) of the 1-sigma ellipses the reference
     draws: ``vl_frame2oell`` maps the moments to ``A = [a 0; b c]`` (``a = sqrt(Sxx)``,
     ``b = Sxy / max(a, 1e-18)``, ``c = sqrt(max(Syy - b^2, 0))``), then ``A [cos t; sin t]`` (BLAS:
-    ``y = fma(c, sin t, b cos t)``) plus the centre ``mean + 1``; ``t``: ``linspace(0, 2 pi, 40)``."""
+    ``y = fma(c, sin t, b cos t)``) plus the centre ``mean + 1``; ``t``: ``linspace(0, 2 pi, 40)``.
+    ``mean32`` ``(n, 2)`` and ``moments`` ``(n, 3)`` as :func:`vlfeat_moments` returns them; the
+    vertices are float64 map pixels, on their device."""
     m = moments.double()
     a = m[:, 0].sqrt()
     b = m[:, 1] / a.clamp(min=1e-18)
@@ -233,14 +252,16 @@ def ellipse_strength(scaled: torch.Tensor, acts: torch.Tensor, channel: torch.Te
 
     Args:
         scaled: ``(K, H, W)`` the float values the reference sees (its ``fms``), one image and scale.
-        acts: ``(K, H, W)`` the activations (reported strength).
-        channel, mean32, moments: ``(n,)``, ``(n, 2)`` and ``(n, 3)`` from :func:`vlfeat_moments`.
+        acts: ``(K, H, W)`` the activations (reported strength), on the device of ``scaled``.
+        channel, mean32, moments: ``(n,)`` int64 channels, and ``(n, 2)`` / ``(n, 3)`` float32
+            from :func:`vlfeat_moments`.
         max_elements: memory budget per chunk (pixels x span pairs).
     Returns:
         ``rank (n,)`` float64, the largest ``scaled`` value in the mask (the reference's strength);
         ``strength (n,)`` float64, the largest activation there; ``box (n, 4)`` float64
         ``(x1, y1, x2, y2)``, inclusive 1-based bounds of the polygon clipped to the map;
-        ``keep (n,)``: box at least 2 x 2 pixels and a non-zero sum in the mask.
+        ``keep (n,)`` bool: box at least 2 x 2 pixels and a non-zero sum in the mask. All on the
+        device of ``scaled``.
     """
     n = channel.numel()
     height, width = scaled.shape[-2:]
@@ -289,7 +310,16 @@ def ellipse_strength(scaled: torch.Tensor, acts: torch.Tensor, channel: torch.Te
 
 def top_per_group(group: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask keeping the ``k`` strongest rows of each group, a stable selection (ties: earlier
-    rows), as the reference's per-channel cap; the default rules use it too."""
+    rows), as the reference's per-channel cap; the default rules use it too.
+
+    ``group``: ``(n,)`` int64; ``strength``: ``(n,)`` real, on the same device. Returns ``(n,)`` bool
+    on that device.
+
+    Examples:
+        >>> import torch
+        >>> top_per_group(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1.0, 3.0, 2.0, 5.0, 5.0]), k=2)
+        tensor([False,  True,  True,  True,  True])
+    """
     if group.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=group.device)
     order = torch.argsort(strength, descending=True, stable=True)
@@ -311,7 +341,8 @@ def select_scale(regions: MSERRegions, scaled: torch.Tensor, acts: torch.Tensor,
     order whose ties break as the reference's (channel, then the reference's order within a
     channel). ``scaled`` / ``acts``: ``(K, H, W)``, the values the reference reads its strength
     from and the activations; ``ranks`` are the former (the reference's strength), ``strengths``
-    the largest activation at the same place."""
+    the largest activation at the same place. Returns ``(m,)`` int64 rows and ``(m,)`` float64
+    strengths and ranks, on the regions' device."""
     device = regions.area.device
     rows = reference_order(regions)
     mean32, moments = vlfeat_moments(regions.select(rows))

@@ -57,7 +57,8 @@ class Ranks:
             self._group().barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum of ``tensor`` over every rank (each rank gets the same bits), on its device."""
+        """The sum of ``tensor`` (any shape and dtype) over every rank (each rank gets the same
+        bits), of its shape and dtype on its device; summed on the CPU (gloo)."""
         if not self.distributed:
             return tensor
         summed = tensor.detach().cpu().clone()

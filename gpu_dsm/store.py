@@ -84,6 +84,32 @@ class StoreWriter:
     store does not depend on the order in which images were added or on interruptions (local
     features are laid out in image order), so a resumed write gives the same files as an
     uninterrupted one. A second writer of the same store at the same time is refused.
+
+    Tensors given to :meth:`add_global` and :meth:`add_local` may be on any device and of any
+    real dtype: they are copied to the CPU and stored in the dtypes of the module docstring.
+
+    Examples:
+        Two images, 4-D global descriptors, one local feature in the first image:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> path = Path(folder.name) / "store"
+        >>> feature = {"xy": torch.tensor([[2.0, 3.0]]), "frame": torch.eye(2)[None], "strength": torch.tensor([5.0]),
+        ...            "channel": torch.tensor([7]), "scale": torch.tensor([0])}
+        >>> with StoreWriter(path, ["a.jpg", "b.jpg"], global_dim=4, options={"network": "demo"},
+        ...                  local={"scales": [1.0], "num_channels": 16}) as writer:
+        ...     for i in writer.missing():
+        ...         writer.add_global(i, torch.full((4,), 0.5))
+        ...         writer.add_local(i, feature if i == 0 else {}, map_sizes=torch.tensor([[10, 12]]))
+        >>> store = FeatureStore(path)
+        >>> store.names, store.global_descriptors().shape, store.feature_counts()
+        (['a.jpg', 'b.jpg'], torch.Size([2, 4]), array([1, 0]))
+        >>> features = store.local_features([1, 0])  # LocalFeatures of images 1 and 0, on the CPU
+        >>> features.counts, features.xy[1]
+        (tensor([0, 1]), tensor([[2., 3.]]))
+        >>> folder.cleanup()
     """
 
     def __init__(self, path: str | Path, names: Sequence[str], global_dim: int, options: dict[str, Any],
@@ -261,7 +287,7 @@ class StoreWriter:
     # --- adding images ---------------------------------------------------------------------------
 
     def add_global(self, index: int, descriptor: torch.Tensor) -> None:
-        """Row ``index``: a ``(D,)`` finite descriptor."""
+        """Row ``index``: a ``(D,)`` finite real descriptor (any device; stored as float32)."""
         row = descriptor.detach().float().cpu().numpy()
         if not np.isfinite(row).all():
             name = self.names[index] if 0 <= index < len(self.names) else index
@@ -272,8 +298,15 @@ class StoreWriter:
         self._finished(index)
 
     def add_local(self, index: int, features: dict[str, torch.Tensor], map_sizes: torch.Tensor) -> None:
-        """Image ``index``'s features (unpadded: ``xy``, ``frame``, ``strength``, ``channel``,
-        ``scale``, as :meth:`LocalFeatures.image` returns) and ``(S, 2)`` map sizes."""
+        """Image ``index``'s features and map sizes.
+
+        Args:
+            index: the image's row.
+            features: unpadded, as :meth:`LocalFeatures.image` returns: ``xy (n, 2)``,
+                ``frame (n, 2, 2)`` (lower-triangular; feature-map pixels), ``strength (n,)``,
+                ``channel (n,)``, ``scale (n,)``, any device; an empty dict for no features.
+            map_sizes: ``(S, 2)`` integer ``(height, width)`` of the image's map at each scale.
+        """
         if self.local is None:
             raise RuntimeError("this store was opened without local features")
         n = int(features["xy"].shape[0]) if features else 0
@@ -385,7 +418,11 @@ class StoreWriter:
 
 
 class FeatureStore:
-    """A store opened for reading (memory-mapped)."""
+    """A store opened for reading (memory-mapped); written by :class:`StoreWriter` (example there).
+
+    Readers return CPU tensors (float32 descriptors) unless given a ``device``, and numpy arrays
+    for counts.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -446,18 +483,22 @@ class FeatureStore:
 
     @property
     def num_images(self) -> int:
+        """``N``, the images of the store."""
         return int(self.meta["num_images"])
 
     @property
     def names(self) -> list[str]:
+        """The image names, row order."""
         return list(self.meta["names"])
 
     @property
     def options(self) -> dict[str, Any]:
+        """The options that produced the store (network, image size, scales, ...)."""
         return dict(self.meta["options"])
 
     @property
     def has_local(self) -> bool:
+        """Whether the store holds local features."""
         return self._local is not None
 
     def _non_finite(self, name: str, rows: np.ndarray) -> None:
@@ -467,7 +508,8 @@ class FeatureStore:
                              f"{rows.shape[0]} read); delete the store to rebuild it")
 
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
-        """``(N, D)`` float32 (or the rows ``indices``), on the CPU; raises if any row read is not finite."""
+        """``(N, D)`` float32 global descriptors (or ``(n, D)``: the rows ``indices``), on the CPU;
+        raises if any row read is not finite."""
         rows = self._global if indices is None else self._global[np.asarray(indices, dtype=np.int64)]
         rows = np.array(rows, dtype=np.float32)
         self._non_finite("global.npy", rows)
@@ -479,7 +521,7 @@ class FeatureStore:
         return self.path.name
 
     def feature_counts(self, indices: Sequence[int] | None = None) -> np.ndarray:
-        """``(n,)`` number of local features of images ``indices`` (all by default)."""
+        """``(n,)`` int64 numpy array: the number of local features of images ``indices`` (all by default)."""
         if self._local is None:
             raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
         idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -488,7 +530,9 @@ class FeatureStore:
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
         """Padded :class:`LocalFeatures` of images ``indices`` (all by default, repeats allowed),
-        read from the memory map: one gather of the images' rows per array, one copy to ``device``."""
+        read from the memory map: one gather of the images' rows per array, one copy to ``device``.
+        ``capacity``: rows per image (default the largest count read). Coordinates are float32
+        feature-map pixels, as the detector wrote them."""
         if self._local is None:
             raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
         idx = np.arange(self.num_images) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -528,6 +572,7 @@ class FeatureStore:
         return {**self._local, "start": self._start, "count": self._count, "map_sizes": self._sizes}
 
     def bytes_per_image(self) -> float:
+        """Bytes on disk per image (all files of the store)."""
         total = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         return total / max(self.num_images, 1)
 
@@ -557,18 +602,22 @@ class StoreStack:
 
     @property
     def num_images(self) -> int:
+        """Images of all stores."""
         return int(self.offsets[-1])
 
     @property
     def names(self) -> list[str]:
+        """The image names of all stores, in stack order."""
         return [name for store in self.stores for name in store.names]
 
     @property
     def has_local(self) -> bool:
+        """Whether the stores hold local features (all or none do)."""
         return self.stores[0].has_local
 
     @property
     def key(self) -> str:
+        """The stores' keys joined by ``+``."""
         return "+".join(store.key for store in self.stores)
 
     @property
@@ -585,6 +634,7 @@ class StoreStack:
         return idx, [(s, np.nonzero(owner == s)[0]) for s in range(len(self.stores)) if (owner == s).any()]
 
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """As :meth:`FeatureStore.global_descriptors`, over the stack: ``(n, D)`` float32 on the CPU."""
         if indices is None:
             return torch.cat([store.global_descriptors() for store in self.stores])
         idx, parts = self._split(indices)
@@ -594,6 +644,7 @@ class StoreStack:
         return out
 
     def feature_counts(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """As :meth:`FeatureStore.feature_counts`, over the stack: ``(n,)`` int64 numpy array."""
         idx, parts = self._split(indices)
         out = np.zeros(idx.size, dtype=np.int64)
         for s, pos in parts:
@@ -602,6 +653,7 @@ class StoreStack:
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
+        """As :meth:`FeatureStore.local_features`, over the stack (on ``device``)."""
         idx, parts = self._split(indices)
         if capacity is None:
             capacity = int(self.feature_counts(idx).max(initial=0))
@@ -618,5 +670,6 @@ class StoreStack:
                                      for name in LocalFeatures._TENSORS})
 
     def bytes_per_image(self) -> float:
+        """Bytes on disk per image, over all stores."""
         total = sum(store.bytes_per_image() * store.num_images for store in self.stores)
         return total / max(self.num_images, 1)

@@ -24,7 +24,17 @@ def _colour(i: int) -> tuple[int, int, int]:
 def feature_to_image(xy: torch.Tensor, frame: torch.Tensor, map_size: Sequence[int], image_size: Sequence[int]):
     """Map centres ``(n, 2)`` and frames ``(n, 2, 2)`` from feature-map pixels (map ``(h, w)``) to
     pixels of an image shown at ``(width, height)``: activation pixel centres sit at the centres
-    of their receptive-field cells. The results keep each input's device and dtype."""
+    of their receptive-field cells. The inputs are floating point; the results keep each input's
+    device and dtype.
+
+    Examples:
+        >>> import torch
+        >>> xy, frame = feature_to_image(torch.tensor([[2.0, 3.0]]), torch.eye(2)[None], map_size=(10, 12),
+        ...                              image_size=(48, 40))
+        >>> xy, frame[0]
+        (tensor([[ 9.5000, 13.5000]]), tensor([[4., 0.],
+                [0., 4.]]))
+    """
     h, w = int(map_size[0]), int(map_size[1])
     sx, sy = image_size[0] / w, image_size[1] / h
     scale = torch.tensor([sx, sy], dtype=xy.dtype, device=xy.device)
@@ -49,8 +59,9 @@ def draw_matches(
 ) -> Image.Image:
     """Side-by-side picture of inlier correspondences.
 
-    ``query_points`` / ``candidate_points``: ``(xy (m, 2), frame (m, 2, 2))`` of the ``m`` inlier
-    correspondences, already in pixels of the respective images (:func:`feature_to_image`).
+    ``query_points`` / ``candidate_points``: ``(xy (m, 2), frame (m, 2, 2))`` floating point CPU
+    tensors of the ``m`` inlier correspondences, already in pixels of the respective images
+    (:func:`feature_to_image`). Returns an RGB image, the two side by side (and the title above).
     """
     gap = 10
     height = max(query_image.height, candidate_image.height) + (24 if title else 0)
