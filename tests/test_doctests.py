@@ -13,6 +13,8 @@ import pytest
 
 MODULES = [
     "gpu_dsm.activations",
+    "gpu_dsm.backbones.efficientnet_lite",
+    "gpu_dsm.backbones.wrap",
     "gpu_dsm.checks",
     "gpu_dsm.describe",
     "gpu_dsm.detect",

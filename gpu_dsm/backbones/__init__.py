@@ -189,6 +189,9 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
         trust_weights_file: unpickle ``weights`` in full. By default only tensors, plain data and
             numpy arrays are read, so a crafted file cannot run code; a file that needs more is
             refused with an error saying so.
+    Returns:
+        A :class:`Backbone` with float32 weights on the CPU (move it with ``.to(device, dtype)``),
+        mapping ``(B, 3, H, W)`` RGB in ``[0, 1]`` to activations ``(B, K, h, w)``.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
@@ -272,6 +275,7 @@ def save_retrieval_checkpoint(backbone: Backbone, path: str | Path, gem_p: float
     ``pooling`` defaults to ``gem`` with ``gem_p`` (``gemmp`` for a ``(K,)`` tensor), else ``mac``;
     ``whitening`` becomes the ``whiten`` layer; ``learned_whitening`` is saved as ``meta['Lw']``
     (``{name: {"ss": {"m", "P"}, "ms": {...}}}`` with numpy arrays, as cnnimageretrieval-pytorch does).
+    Tensors are written from the CPU (``pool.p`` as float32), whatever the backbone's device.
     """
     state = {f"features.{k}": v.cpu() for k, v in backbone.features.state_dict().items()}
     if pooling is None:

@@ -62,14 +62,16 @@ class Backbone(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the module's buffers and weights."""
         return self.mean.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the network's weights (images are cast to it by extraction)."""
         return next(self.features.parameters()).dtype
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """Activation map ``(h, w)`` for an input of ``height x width`` pixels."""
+        """Activation map ``(h, w)`` (activation pixels) for an input of ``height x width`` pixels."""
         for rounding in self.halvings:
             if rounding == "ceil":
                 height, width = -(-height // 2), -(-width // 2)
@@ -78,9 +80,14 @@ class Backbone(nn.Module):
         return height, width
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - mean) / std`` per RGB channel: ``(B, 3, H, W)`` floating point in ``[0, 1]``
+        on the module's device -> the network's input, same shape, dtype and device."""
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in ``[0, 1]`` (the network's dtype, on its device; ``H, W >=
+        min_input_size``) -> activations ``(B, K, h, w)``, ``(h, w) = output_size(H, W)``, same
+        dtype and device (channels-last memory layout)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: expected RGB images (B, 3, H, W), got {tuple(images.shape)}")
         if min(images.shape[-2:]) < self.min_input_size:

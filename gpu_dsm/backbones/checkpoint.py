@@ -42,14 +42,18 @@ class RetrievalHead:
 
     Fields:
         pooling: ``meta['pooling']`` (one of :data:`CHECKPOINT_POOLINGS`), ``None`` without a checkpoint.
-        gem_p: learned GeM exponent: a float (``gem``) or a ``(K,)`` tensor, one per channel (``gemmp``).
+        gem_p: learned GeM exponent: a float (``gem``) or a ``(K,)`` float32 CPU tensor, one per
+            channel (``gemmp``).
         network_whitening: the checkpoint's ``whiten`` layer. cnnimageretrieval-pytorch applies it
             inside the network, to each scale's pooled, L2-normalised vector (then L2 again), before
-            the scales are averaged with power 1.
+            the scales are averaged with power 1. Its tensors are float32 on the CPU.
         learned_whitening: ``meta['Lw']``: per training set name, ``{"ss": ..., "ms": ...}``, the
-            whitenings learned for single- and multi-scale descriptors, applied after extraction.
+            whitenings learned for single- and multi-scale descriptors, applied after extraction
+            (float64 CPU tensors, as the checkpoint's numpy arrays).
         how: a HOW checkpoint's learned reduction, layer and smoothing (:class:`HOWCheckpoint`);
             :func:`gpu_dsm.how.describe_how` uses its reduction in place of a fitted whitening.
+        mean, std: the checkpoint's input normalisation per RGB channel (``None``: the network's).
+        meta: the checkpoint's ``meta`` dict.
     """
 
     pooling: str | None = None
@@ -91,6 +95,7 @@ def read_weights_file(path: str | Path, trust: bool = False) -> dict[str, Any]:
 
 
 def is_retrieval_checkpoint(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` is a cnnimageretrieval-pytorch checkpoint (a dict with a ``state_dict`` dict)."""
     return "state_dict" in obj and isinstance(obj["state_dict"], dict)
 
 
@@ -114,7 +119,8 @@ def _learned_whitening(lw: Any) -> dict[str, dict[str, Whitening]]:
 
 
 def split_retrieval_checkpoint(obj: dict[str, Any], architecture: str | None = None) -> tuple[dict[str, torch.Tensor], RetrievalHead]:
-    """Return the ``features.*`` weights (prefix removed) and the pooling/whitening head.
+    """Return the ``features.*`` weights (prefix removed; tensors as loaded, on the CPU) and the
+    pooling/whitening head.
 
     Refuses, with an error naming the format, what is not reproduced exactly: poolings other
     than :data:`CHECKPOINT_POOLINGS` (``rmac``), regional pooling (``regional``, R-GeM with its own
@@ -211,7 +217,7 @@ class HOWCheckpoint:
         layer: the map HOW reads (:data:`HOW_SKIP_LAYERS`); the backbone's ``features`` end there.
         reduction: the learned 1x1 conv with bias (``dim_reduction``, in the first format ``whiten``)
             as a :class:`Whitening`: ``projection (d, K)`` = the conv weight ``(d, K, 1, 1)``,
-            ``bias (d,)``; HOW applies it without L2 normalisation.
+            ``bias (d,)``, float32 on the CPU; HOW applies it without L2 normalisation.
         smoothing: kernel size of the average smoothing before the reduction (1: none).
         runtime: the checkpoint's test-time settings (``image_size``, ``features_num``, ``scales``,
             ``mean_std``), informative: :class:`gpu_dsm.how.HOWConfig` decides.

@@ -66,7 +66,13 @@ class Conv2dSame(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size.
 
     For stride 1 this is symmetric ``dilation * (k - 1) / 2`` padding; for stride 2 the extra
-    pixel goes to the bottom/right, as in TensorFlow.
+    pixel goes to the bottom/right, as in TensorFlow. ``(B, C, H, W) -> (B, C_out, ceil(H / s),
+    ceil(W / s))``, in the input's dtype on its device (the weights must match).
+
+    Examples:
+        >>> import torch
+        >>> Conv2dSame(3, 4, 3, stride=2)(torch.zeros(1, 3, 7, 8)).shape
+        torch.Size([1, 4, 4, 4])
     """
 
     def __init__(self, *args, **kwargs):
@@ -90,7 +96,8 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class MBConvBlock(nn.Module):
-    """Inverted residual block without squeeze-excitation (Lite)."""
+    """Inverted residual block without squeeze-excitation (Lite): ``(B, in_ch, H, W) ->
+    (B, out_ch, ceil(H / stride), ceil(W / stride))``, the input's dtype and device."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int):
         super().__init__()
@@ -120,7 +127,15 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite classifier; :meth:`forward_features` gives the last conv activations.
 
     Shapes: ``(B, 3, H, W)`` normalised RGB -> features ``(B, 1280, ceil(H/32), ceil(W/32))``
-    (stride 16 after :meth:`dilate_last_stage`) -> logits ``(B, num_classes)``.
+    (stride 16 after :meth:`dilate_last_stage`) -> logits ``(B, num_classes)``; outputs in the
+    input's dtype on its device (the module's).
+
+    Examples:
+        >>> import torch
+        >>> net = EfficientNetLite("efficientnet_lite0").eval()  # random weights
+        >>> with torch.no_grad():
+        ...     net.forward_features(torch.zeros(1, 3, 65, 64)).shape, net(torch.zeros(1, 3, 64, 64)).shape
+        (torch.Size([1, 1280, 3, 2]), torch.Size([1, 1000]))
     """
 
     def __init__(self, variant: str = "efficientnet_lite0", num_classes: int = 1000):
@@ -153,12 +168,14 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(self.out_channels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last conv activations ``(B, 1280, h, w)`` after ReLU6 (values in ``[0, 6]``)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits ``(B, num_classes)``."""
         x = self.forward_features(x).mean(dim=(-2, -1))
         return self._fc(self._dropout(x))
 

@@ -64,7 +64,8 @@ def how_checkpoint_layer(backbone: Backbone) -> str | None:
 def cut_backbone(backbone: Backbone, layer: str | None = None) -> Backbone:
     """``backbone`` up to ``layer`` (default :data:`HOW_LAYERS`; for a HOW checkpoint's backbone,
     the checkpoint's layer, the last it has), as a :class:`Backbone` whose ``forward`` gives that
-    layer's map ``(B, K_layer, h, w)``; the last layer returns ``backbone``."""
+    layer's map ``(B, K_layer, h, w)`` (``h ~ H / its stride``); the last layer returns ``backbone``.
+    The cut network shares the backbone's weights, device and dtype."""
     name = backbone.name
     checkpoint_layer = how_checkpoint_layer(backbone)
     layer = layer or checkpoint_layer or HOW_LAYERS[name]

@@ -1,10 +1,18 @@
 """Any network as a :class:`Backbone`: a plain ``nn.Module`` mapping images to activation maps.
 
-    trunk = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2])
-    backbone = as_backbone(trunk)          # stride and channels measured, ImageNet normalisation
-    backbone.stride, backbone.out_channels  # (32, 512)
-
 A module with ``forward_features`` (timm's convention) is called through it.
+
+Examples:
+    >>> import torch
+    >>> import torchvision
+    >>> from torch import nn
+    >>> trunk = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2])  # random weights
+    >>> backbone = as_backbone(trunk)  # stride and channels measured, ImageNet normalisation
+    >>> backbone.stride, backbone.out_channels, backbone.device, backbone.dtype
+    (32, 512, device(type='cpu'), torch.float32)
+    >>> with torch.no_grad():
+    ...     backbone(torch.rand(2, 3, 64, 96)).shape  # (B, 3, H, W) RGB in [0, 1] -> (B, K, h, w)
+    torch.Size([2, 512, 2, 3])
 """
 from __future__ import annotations
 
@@ -41,7 +49,9 @@ def _probe(features, side_h: int, side_w: int, device: torch.device, dtype: torc
 def as_backbone(module: nn.Module, stride: int | None = None, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None, activation_bound: float | None = None,
                 name: str | None = None) -> Backbone:
-    """``module`` as a :class:`Backbone` (returned unchanged when it already is one).
+    """``module`` as a :class:`Backbone` (returned unchanged when it already is one), on the
+    device and in the dtype of the module's first floating point parameter or buffer (the CPU and
+    float32 for a module without any).
 
     Args:
         module: maps RGB images ``(B, 3, H, W)``, normalised by ``mean``/``std``, to activations
