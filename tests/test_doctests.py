@@ -13,6 +13,9 @@ import pytest
 
 MODULES = [
     "gpu_dsm.activations",
+    "gpu_dsm.asmk.codebook",
+    "gpu_dsm.asmk.codes",
+    "gpu_dsm.asmk.index",
     "gpu_dsm.backbones.efficientnet_lite",
     "gpu_dsm.backbones.wrap",
     "gpu_dsm.checks",

@@ -30,14 +30,24 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
     """The ``k`` nearest words of every descriptor by squared L2, nearest first.
 
     Args:
-        descriptors: ``(F, d)`` float; codebook: ``(K, d)`` of the same dtype and device.
+        descriptors: ``(F, d)`` finite floating point, any device; codebook: ``(K, d)`` finite
+            floating point on the same device (cast to the descriptors' dtype).
         k: words per descriptor (``k <= K``).
         memory_budget: bytes of one block of distances (``rows x K``).
     Returns:
-        ``(words (F, k) int64, squared distances (F, k))``, computed in the inputs' dtype as
-        ``|x|^2 + (|c|^2 - 2 x.c)``, words ranked by the bracket (float64 inputs give exact
-        assignments up to ties). The products are IEEE float32 for float32 inputs whatever the
-        caller's TF32 / matmul precision settings (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`).
+        ``(words (F, k) int64, squared distances (F, k))`` on the descriptors' device, the
+        distances in their dtype, computed as ``|x|^2 + (|c|^2 - 2 x.c)``, words ranked by the
+        bracket (float64 inputs give exact assignments up to ties). The products are IEEE float32
+        for float32 inputs whatever the caller's TF32 / matmul precision settings
+        (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`).
+
+    Examples:
+        >>> import torch
+        >>> codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])  # (K = 3, d = 2)
+        >>> nearest_words(torch.tensor([[1.0, 1.0], [1.0, 8.0]]), codebook, k=2)
+        (tensor([[0, 1],
+                [2, 0]]), tensor([[ 2., 82.],
+                [ 5., 65.]]))
     """
     x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
     c = as_tensor(codebook, "codebook", ndim=2, kind="float", device=x.device, finite=True)
@@ -81,9 +91,10 @@ def _group_size(n: int, k: int) -> int | None:
 
 
 def smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` smallest entries of every row of ``values (R, K)``, ascending, with their columns:
-    what ``torch.topk(values, k, largest=False)`` gives (the same values; among equal values
-    possibly other columns).
+    """The ``k`` smallest entries of every row of ``values (R, K)`` (real, any device), ascending,
+    with their int64 columns, both ``(R, k)`` on the device of ``values``: what
+    ``torch.topk(values, k, largest=False)`` gives (the same values; among equal values possibly
+    other columns).
 
     Long rows go through group minima: the row is cut into groups of about ``sqrt(K / k)``
     columns; the ``k`` smallest entries lie in the ``k`` groups with the smallest minima (a group
@@ -105,13 +116,22 @@ def smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kmeans_objective(descriptors: torch.Tensor, codebook: torch.Tensor, memory_budget: int = 1 << 30) -> float:
-    """Mean squared distance of the descriptors to their nearest word (lower is better)."""
+    """Mean squared distance of ``descriptors (F, d)`` to their nearest word of ``codebook (K, d)``
+    (squared descriptor units, computed in float64 from :func:`nearest_words`; lower is better).
+
+    Examples:
+        >>> import torch
+        >>> codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+        >>> kmeans_objective(torch.tensor([[1.0, 1.0], [9.0, 0.0]]), codebook)  # (2 + 1) / 2
+        1.5
+    """
     return float(nearest_words(descriptors, codebook, 1, memory_budget)[1].double().mean())
 
 
 def train_codebook(descriptors: torch.Tensor, size: int, iterations: int = 10, seed: int = 1234,
                    memory_budget: int = 1 << 30, backend: str = "torch", points_per_word: int | None = 256) -> torch.Tensor:
-    """A ``(size, d)`` k-means codebook of ``descriptors (F, d)``, on their device.
+    """A ``(size, d)`` k-means codebook of ``descriptors (F, d)`` (finite floating point), in their
+    dtype, on their device.
 
     ``backend="torch"``: Lloyd iterations from ``size`` distinct descriptors drawn with ``seed``;
     a word that loses all its descriptors is moved onto the descriptor farthest from its word
@@ -119,6 +139,16 @@ def train_codebook(descriptors: torch.Tensor, size: int, iterations: int = 10, s
     descriptors, drawn with ``seed``, are clustered (faiss' default subsampling, 256; ``None``: all).
     ``backend="faiss"`` (optional ``faiss-cpu``): ``faiss.Kmeans`` with the same iterations and
     seed, as the reference trains it (it subsamples the same way).
+
+    Examples:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> descriptors = torch.randn(200, 4)
+        >>> codebook = train_codebook(descriptors, size=8, iterations=5)
+        >>> codebook.shape, codebook.dtype
+        (torch.Size([8, 4]), torch.float32)
+        >>> kmeans_objective(descriptors, codebook) < kmeans_objective(descriptors, descriptors[:8])
+        True
     """
     x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
     if not 1 <= int(size):

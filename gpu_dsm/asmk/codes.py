@@ -25,7 +25,8 @@ _BIT_WEIGHTS = [1 << i for i in range(8)]
 class WordVectors:
     """Aggregated residuals, one row per (image, word) pair present, sorted by image then word.
 
-    ``image (E,)`` int64, ``word (E,)`` int64, ``vector (E, d)`` float64 sums of residuals.
+    ``image (E,)`` int64, ``word (E,)`` int64, ``vector (E, d)`` float64 sums of residuals
+    (descriptor units), all on the descriptors' device.
     """
 
     image: torch.Tensor
@@ -38,9 +39,24 @@ def aggregate_residuals(descriptors: torch.Tensor, image_ids: torch.Tensor, code
     """:class:`WordVectors` of ``descriptors (F, d)`` of images ``image_ids (F,)`` (int >= 0), each
     feature assigned to its ``assignments`` nearest words of ``codebook (K, d)``.
 
-    Residuals are summed in float64 (a float32 sum in another order could flip the sign of a
-    near-zero sum). Features are processed image-contiguously in chunks within ``memory_budget``
+    ``descriptors`` and ``codebook`` are finite floating point, ``image_ids`` integer, all on one
+    device. Residuals are summed in float64 (a float32 sum in another order could flip the sign of
+    a near-zero sum). Features are processed image-contiguously in chunks within ``memory_budget``
     bytes; no loop runs per feature, word or image.
+
+    Examples:
+        Three features of two images, each assigned to its nearest of three words:
+
+        >>> import torch
+        >>> codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+        >>> features = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 8.0]])
+        >>> vectors = aggregate_residuals(features, torch.tensor([0, 0, 1]), codebook, assignments=1)
+        >>> vectors.image, vectors.word
+        (tensor([0, 0, 1]), tensor([0, 1, 2]))
+        >>> vectors.vector  # feature - its word, summed per (image, word)
+        tensor([[ 1.,  1.],
+                [-1.,  1.],
+                [ 1., -2.]], dtype=torch.float64)
     """
     x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
     ids = as_tensor(image_ids, "image_ids", ndim=1, kind="int", device=x.device)
@@ -85,7 +101,14 @@ def aggregate_residuals(descriptors: torch.Tensor, image_ids: torch.Tensor, code
 
 
 def binary_codes(vectors: torch.Tensor) -> torch.Tensor:
-    """``(E, ceil(d / 8))`` uint8: bit ``j`` of a code is ``vectors[:, j] > 0`` (zero padded)."""
+    """``(E, ceil(d / 8))`` uint8 from real ``vectors (E, d)``, on their device: bit ``j`` (least
+    significant first) of a code is ``vectors[:, j] > 0`` (zero padded).
+
+    Examples:
+        >>> import torch
+        >>> binary_codes(torch.tensor([[1.0, -2.0, 0.0, 3.0]]))  # bits 0 and 3: 1 + 8
+        tensor([[9]], dtype=torch.uint8)
+    """
     e, d = vectors.shape
     bits = vectors > 0
     pad = (-d) % 8
@@ -96,34 +119,49 @@ def binary_codes(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_codes(vectors: torch.Tensor) -> torch.Tensor:
-    """Non-binary codes ``V / (||V|| + 1e-6)`` (float64, as the reference)."""
+    """Non-binary codes ``V / (||V|| + 1e-6)`` of ``vectors (E, d)``: same shape, dtype (float64
+    from :func:`aggregate_residuals`, as the reference) and device."""
     return vectors / (vectors.norm(dim=1, keepdim=True) + 1e-6)
 
 
 def code_similarity(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """Row-wise ``s`` of codes ``a``, ``b`` (same shape): packed bits -> ``1 - 2 hamming / dim``;
-    float codes -> their dot product. float64."""
+    """Row-wise ``s`` of codes ``a``, ``b`` (same shape ``(E, B)``, same device): packed bits
+    (uint8) -> ``1 - 2 hamming / dim``; float codes -> their dot product. ``(E,)`` float64.
+
+    Examples:
+        >>> import torch
+        >>> code_similarity(torch.tensor([[0b1011]], dtype=torch.uint8), torch.tensor([[0b0011]], dtype=torch.uint8), dim=4)
+        tensor([0.5000], dtype=torch.float64)
+    """
     if a.dtype == torch.uint8:
         return 1.0 - 2.0 * hamming(a, b).double() / dim
     return (a * b).sum(-1).double()
 
 
 def match_weights(a: torch.Tensor, b: torch.Tensor, dim: int, alpha: float, tau: float) -> torch.Tensor:
-    """Row-wise ``sigma(s)`` of codes ``a``, ``b`` (float64). Packed bits: ``s`` takes one of the
-    ``d + 1`` values ``1 - 2 h / d``, so ``sigma`` is read from a table indexed by the Hamming
-    distance ``h`` (the same float64 values :func:`selectivity` computes, in one gather)."""
+    """Row-wise ``sigma(s)`` of codes ``a``, ``b`` (``(E, B)``, one device): ``(E,)`` float64.
+    Packed bits: ``s`` takes one of the ``d + 1`` values ``1 - 2 h / d``, so ``sigma`` is read from
+    a table indexed by the Hamming distance ``h`` (the same float64 values :func:`selectivity`
+    computes, in one gather)."""
     if a.dtype == torch.uint8:
         return distance_weights(a.shape[-1], dim, alpha, tau, a.device)[hamming(a, b)]
     return selectivity(code_similarity(a, b, dim), alpha, tau)
 
 
 def distance_weights(width: int, dim: int, alpha: float, tau: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(8 width + 1,)`` float64: ``sigma(1 - 2 h / dim)`` for every Hamming distance ``h`` of
-    packed codes of ``width`` bytes."""
+    """``(8 width + 1,)`` float64 on ``device``: ``sigma(1 - 2 h / dim)`` for every Hamming
+    distance ``h`` (bits) of packed codes of ``width`` bytes."""
     distances = torch.arange(8 * width + 1, device=device, dtype=torch.float64)
     return selectivity(1.0 - 2.0 * distances / dim, alpha, tau)
 
 
 def selectivity(s: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
-    """``sigma(s) = sign(s) |s|^alpha`` where ``s >= tau``, else 0 (for ``tau = 0``: ``s^alpha`` or 0)."""
+    """``sigma(s) = sign(s) |s|^alpha`` where ``s >= tau``, else 0 (for ``tau = 0``: ``s^alpha`` or 0);
+    elementwise, in the dtype and on the device of ``s``.
+
+    Examples:
+        >>> import torch
+        >>> selectivity(torch.tensor([-0.5, 0.0, 0.5, 1.0]), alpha=3.0, tau=0.0)
+        tensor([0.0000, 0.0000, 0.1250, 1.0000])
+    """
     return torch.where(s >= tau, torch.sign(s) * s.abs().pow(alpha), torch.zeros_like(s))

@@ -42,7 +42,33 @@ def _codes(vectors: WordVectors, binary: bool) -> torch.Tensor:
 
 @dataclass
 class ASMKIndex:
-    """An ASMK inverted file over ``num_images`` database images (see the module docstring)."""
+    """An ASMK inverted file over ``num_images`` database images (see the module docstring).
+
+    Fields (all on one device, :attr:`device`):
+        codebook: ``(K, d)`` floating point visual words.
+        offsets: ``(K + 1,)`` int64, the entries of word ``w`` are ``offsets[w]:offsets[w + 1]``.
+        image_ids: ``(E,)`` int32 (int64 beyond 2^31 images), database image of every entry.
+        codes: ``(E, B)`` uint8 packed bits (``B = ceil(d / 8)``), or ``(E, d)`` float64 vectors
+            (``config.binary=False``).
+        image_words: ``(N,)`` int64, distinct words of each database image.
+        config: the :class:`ASMKConfig` it was built with.
+
+    Examples:
+        Three database images of 20 random 8-D descriptors each, 16 random words; the query holds
+        noisy copies of image 1's descriptors:
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> codebook = torch.randn(16, 8)
+        >>> database = torch.randn(60, 8)
+        >>> index = ASMKIndex.build(codebook, database, image_ids=torch.arange(60) // 20)
+        >>> index.num_images, index.num_words, index.codes.dtype, index.codes.shape[1]
+        (3, 16, torch.uint8, 1)
+        >>> query = database[20:40] + 0.05 * torch.randn(20, 8)
+        >>> scores, indices = index.search(query, torch.zeros(20, dtype=torch.long), k=3)  # one query (id 0)
+        >>> indices, scores.dtype
+        (tensor([[1, 2, 0]]), torch.float64)
+    """
 
     codebook: torch.Tensor
     offsets: torch.Tensor
@@ -57,26 +83,31 @@ class ASMKIndex:
 
     @property
     def num_images(self) -> int:
+        """``N``, the database images."""
         return int(self.image_words.numel())
 
     @property
     def num_words(self) -> int:
+        """``K``, the codebook's words."""
         return int(self.codebook.shape[0])
 
     @property
     def dim(self) -> int:
+        """``d``, the descriptors' dimension."""
         return int(self.codebook.shape[1])
 
     @property
     def device(self) -> torch.device:
+        """The device of the index's tensors."""
         return self.codebook.device
 
     @property
     def num_entries(self) -> int:
+        """``E``, the (image, word) entries."""
         return int(self.image_ids.numel())
 
     def bytes_per_image(self) -> float:
-        """Memory of codes + image ids per database image (the inverted file without the codebook)."""
+        """Memory of codes + image ids per database image, bytes (the inverted file without the codebook)."""
         total = self.codes.numel() * self.codes.element_size() + self.image_ids.numel() * self.image_ids.element_size()
         return total / max(self.num_images, 1)
 
@@ -84,7 +115,11 @@ class ASMKIndex:
     def build(cls, codebook: torch.Tensor, descriptors: torch.Tensor, image_ids: torch.Tensor,
               config: ASMKConfig | None = None, num_images: int | None = None) -> "ASMKIndex":
         """Index ``descriptors (F, d)`` of database images ``image_ids (F,)`` in ``0..num_images - 1``
-        (default: ``max + 1``) against ``codebook (K, d)``, on the descriptors' device."""
+        (default: ``max + 1``) against ``codebook (K, d)``, on the descriptors' device.
+
+        ``descriptors`` and ``codebook`` are finite floating point (the codebook is kept in the
+        descriptors' dtype), ``image_ids`` integer, all on one device. Field dtypes: the class
+        docstring."""
         cfg = config or ASMKConfig()
         x = as_tensor(descriptors, "descriptors", ndim=2, kind="float", finite=True)
         ids = as_tensor(image_ids, "image_ids", ndim=1, kind="int", device=x.device)
@@ -108,13 +143,15 @@ class ASMKIndex:
         """Score every database image for every query.
 
         Args:
-            query_descriptors: ``(Fq, d)`` local descriptors of all queries, on the index's device.
-            query_image_ids: ``(Fq,)`` query of each descriptor, in ``0..num_queries - 1``.
+            query_descriptors: ``(Fq, d)`` finite floating point local descriptors of all queries,
+                on the index's device.
+            query_image_ids: ``(Fq,)`` integer query of each descriptor, in ``0..num_queries - 1``,
+                on the index's device.
             k: images returned per query (``None``: all, a full ranking).
             num_queries: ``Q`` (default ``max id + 1``; queries without descriptors score 0).
         Returns:
-            ``(scores (Q, k) float64, indices (Q, k) int64)``, best first; equal scores keep the
-            database order.
+            ``(scores (Q, k) float64, indices (Q, k) int64)`` on the index's device, best first
+            (``k`` capped at ``N``); equal scores keep the database order.
         """
         cfg = self.config
         x = as_tensor(query_descriptors, "query_descriptors", ndim=2, kind="float", device=self.device, finite=True)
@@ -130,7 +167,8 @@ class ASMKIndex:
     def search_codes(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int,
                      k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`search` from the queries' aggregated codes: one row per (query, word) pair,
-        sorted by query (``query (E,)``, ``word (E,)``, ``codes (E, B)`` as the index's)."""
+        sorted by query (``query (E,)`` and ``word (E,)`` int64, ``codes (E, B)`` of the index's
+        dtype and width), on the index's device. Returns as :meth:`search`."""
         cfg = self.config
         q, n = int(num_queries), self.num_images
         k = n if k is None else min(int(k), n)
@@ -208,6 +246,7 @@ class ASMKIndex:
         return scores.view(num_queries, n)
 
     def state_dict(self) -> dict:
+        """The index as plain data: its config and its tensors, copied to the CPU."""
         return {"format": _FORMAT, "config": dataclasses.asdict(self.config),
                 **{name: getattr(self, name).cpu() for name in _TENSORS}}
 
@@ -217,6 +256,7 @@ class ASMKIndex:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "ASMKIndex":
+        """Read an index written by :meth:`save`, its tensors on ``device``."""
         state = torch_load_checked(path, _FORMAT, "ASMK index")
         try:
             config = ASMKConfig(**state["config"])
@@ -235,6 +275,7 @@ class ASMKIndex:
             raise ValueError("ASMKIndex: offsets, codes and image ids do not fit together")
 
     def to(self, device: torch.device | str) -> "ASMKIndex":
+        """The same index with every tensor on ``device``."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if f.name != "config"})
 
