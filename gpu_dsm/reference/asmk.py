@@ -12,7 +12,10 @@ def _nearest(x, codebook, count):
 
 
 def aggregate(descriptors, image_ids, codebook, count):
-    """``{image: {word: residual sum}}`` with each feature added to its ``count`` nearest words."""
+    """``{image: {word: residual sum}}`` with each feature added to its ``count`` nearest words.
+
+    ``descriptors``: ``(F, d)`` array-like (computed in float64); ``image_ids``: ``F`` integers;
+    ``codebook``: ``(K, d)`` array-like. Residual sums are ``(d,)`` float64 numpy arrays."""
     vectors = {}
     for x, image in zip(np.asarray(descriptors, dtype=np.float64), image_ids):
         words = vectors.setdefault(int(image), {})
@@ -29,7 +32,9 @@ def _code(v, binary):
 
 def scores(codebook, db_descriptors, db_ids, num_images, q_descriptors, q_ids, num_queries,
            db_assignments=1, q_assignments=5, binary=True, alpha=3.0, tau=0.0):
-    """``(num_queries, num_images)`` ASMK scores, normalised by sqrt(|C_X|) sqrt(|C_Q|)."""
+    """``(num_queries, num_images)`` float64 numpy array of ASMK scores, normalised by
+    sqrt(|C_X|) sqrt(|C_Q|). Descriptors ``(F, d)`` and the codebook ``(K, d)`` are array-likes
+    (computed in float64), the ids sequences of integers, as :func:`aggregate` takes them."""
     codebook = np.asarray(codebook, dtype=np.float64)
     d = codebook.shape[1]
     db = aggregate(db_descriptors, db_ids, codebook, db_assignments)

@@ -67,7 +67,8 @@ def _stable_descending(values):
 # ------------------------------------------------------------------------------- default rules
 def default_levels(acts: np.ndarray, bound: float | None) -> np.ndarray:
     """``levels="auto"``: ``round(a * 255 / bound)`` (ReLU6: ``bound = 6``) or ``round(a)`` without a
-    bound; halves to even; saturated to 0..255 (float32 products, as ``torch``)."""
+    bound; halves to even; saturated to 0..255 (float32 products, as ``torch``). ``acts``: a real
+    numpy array of any shape; returns int64 levels of that shape."""
     x = acts.astype(np.float32) * (f32(255.0 / bound) if bound is not None else f32(1.0))
     out = np.zeros(x.shape, dtype=np.int64)
     for idx, v in np.ndenumerate(x):
@@ -78,7 +79,8 @@ def default_levels(acts: np.ndarray, bound: float | None) -> np.ndarray:
 def default_delta(levels: np.ndarray, quantile: float = 0.6, cap: int = 12, bins: int = 1000) -> int:
     """Paper 4.1: the centre of the histogram bin (``bins`` equal bins between the smallest and largest
     non-zero level) where the cumulative share of the non-zero levels reaches ``quantile``, truncated
-    to an integer, within ``[1, cap]``. Exact rational arithmetic."""
+    to an integer, within ``[1, cap]``. Exact rational arithmetic. ``levels``: an integer numpy
+    array of any shape (one image and scale); returns the delta in grey levels."""
     values = sorted(int(v) for v in levels.ravel() if v > 0)
     if not values:
         return cap
@@ -107,7 +109,8 @@ def default_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
     region's pixels, ties ranked by the mean (``+ 1e-6 * mean / largest mean``); per channel the
     ``per_channel`` strongest (20 query / 10 database); database: greedy NMS over all channels on
     the regions' pixel boxes (``+1`` on the far edges); the ``max_features`` strongest. Among equal
-    ranks: the order (channel, threshold level, first pixel in raster order)."""
+    ranks: the order (channel, threshold level, first pixel in raster order). ``acts`` is a real
+    numpy array; ``x``, ``y`` of the features are float64 map pixels."""
     per_channel = per_channel or (20 if is_query else 10)
     stats = stats if stats is not None else {}
     levels = default_levels(acts, bound)
@@ -155,7 +158,8 @@ def default_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
 
 def default_image_features(maps, bound: float | None, is_query: bool, max_features: int = 512, stats=None, **rules):
     """The default rules on one image: per scale :func:`default_scale_features`, then the
-    ``max_features`` strongest over the scales (ties: scale order, then each scale's order)."""
+    ``max_features`` strongest over the scales (ties: scale order, then each scale's order).
+    ``maps``: the image's activations, one ``(K, h_s, w_s)`` real numpy array per scale."""
     stats = stats if stats is not None else {}
     everything = []
     for s, acts in enumerate(maps):
@@ -173,7 +177,8 @@ def matlab_round(x: float) -> float:
 
 
 def matlab_uint8(x: np.ndarray) -> np.ndarray:
-    """``uint8(x)``: round halves away from zero, saturate to 0..255."""
+    """``uint8(x)``: round halves away from zero, saturate to 0..255; a real numpy array of any
+    shape -> uint8 of that shape."""
     out = np.zeros(x.shape, dtype=np.int64)
     for idx, v in np.ndenumerate(x):
         out[idx] = min(255, max(0, int(matlab_round(float(v)))))
@@ -183,7 +188,8 @@ def matlab_uint8(x: np.ndarray) -> np.ndarray:
 def hist_delta(scaled: np.ndarray, quantile: float = 0.6, cap: int = 12, bins: int = 1000) -> int:
     """``compute_delta`` of ``fit_localfeatures.m``: ``[co, ce] = hist(values, 1000)`` of the non-zero
     values, ``v = find(cumsum(co) / sum(co) < 0.6)``, ``min(round(ce(v(end))), 12)`` (the first bin
-    when no bin is below the share, where the reference fails; at least 1)."""
+    when no bin is below the share, where the reference fails; at least 1). ``scaled``: the float
+    values of one image and scale, a real numpy array of any shape; returns grey levels."""
     values = [float(v) for v in scaled.ravel() if v != 0]
     if not values:
         return cap
@@ -332,7 +338,8 @@ def authors_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
                            max_regions=36, per_channel=None, iou=0.2, tot_max=512, stats=None):
     """``cmp_mser_regions`` (+ ``cmp_nms`` for database images) and the per-scale part of
     ``get_max_feats_ms`` on one image and scale, ``acts`` ``(K, H, W)``; ``fms = acts * 255 / bound``
-    (float32; the raw activations without a bound). Features in the reference's final row order."""
+    (float32; the raw activations without a bound). Features in the reference's final row order.
+    ``acts`` is a real numpy array; ``x``, ``y`` of the features are float64 0-based map pixels."""
     per_channel = per_channel or (20 if is_query else 10)
     stats = stats if stats is not None else {}
     scaled = acts.astype(np.float32) * (f32(255.0 / bound) if bound is not None else f32(1.0))
@@ -391,7 +398,8 @@ def authors_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
 
 def authors_image_features(maps, bound: float | None, is_query: bool, ms_tot_max: int = 512, stats=None, **rules):
     """All scales: :func:`authors_scale_features` per scale, then ``get_max_feats_ms``'s multi-scale
-    cut (the ``ms_tot_max`` strongest, stable over the scales in order)."""
+    cut (the ``ms_tot_max`` strongest, stable over the scales in order). ``maps``: one
+    ``(K, h_s, w_s)`` real numpy array per scale."""
     stats = stats if stats is not None else {}
     everything = []
     for s, acts in enumerate(maps):

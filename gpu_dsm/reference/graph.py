@@ -10,7 +10,16 @@ import numpy as np
 
 
 def dense_mutual_knn(x: np.ndarray, k: int, gamma: float) -> np.ndarray:
-    """``D^-1/2 W D^-1/2`` of the mutual kNN graph of unit rows ``x (N, D)``, with plain loops (float64)."""
+    """``D^-1/2 W D^-1/2`` of the mutual kNN graph of unit rows ``x (N, D)`` (numpy, any real
+    dtype), with plain loops: a dense ``(N, N)`` float64 numpy array.
+
+    Examples:
+        >>> import numpy as np
+        >>> dense_mutual_knn(np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), k=1, gamma=3.0)
+        array([[0., 1., 0.],
+               [1., 0., 0.],
+               [0., 0., 0.]])
+    """
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
     sims = x @ x.T

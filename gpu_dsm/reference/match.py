@@ -34,9 +34,9 @@ import numpy as np
 @dataclass
 class PairMatch:
     """Result of one pair: ``inliers`` (each feature once), winning ``transform``
-    ``(a, b, c, tx, ty)`` (``None`` without inliers), ``scale_pair`` (query scale, candidate
-    scale) or ``None``, and ``matches``, the winner's inlier correspondences as sorted
-    (query feature row, candidate feature row) tuples."""
+    ``(a, b, c, tx, ty)`` (a ``(5,)`` float64 numpy array, feature-map pixels; ``None`` without
+    inliers), ``scale_pair`` (query scale, candidate scale) or ``None``, and ``matches``, the
+    winner's inlier correspondences as sorted (query feature row, candidate feature row) tuples."""
 
     inliers: int = 0
     transform: np.ndarray | None = None
@@ -53,7 +53,14 @@ def _log(x: float) -> float:
 
 
 def hypothesis(f1: np.ndarray, f2: np.ndarray, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
-    """``(a, b, c, tx, ty)`` of one correspondence from its float64 frames ``(2, 2)`` and centres ``(2,)``."""
+    """``(a, b, c, tx, ty)`` ``(5,)`` float64 of one correspondence from its float64 lower-triangular
+    frames ``(2, 2)`` and centres ``(2,)`` (numpy, feature-map pixels).
+
+    Examples:
+        >>> import numpy as np
+        >>> hypothesis(np.eye(2), 2 * np.eye(2), np.array([1.0, 1.0]), np.array([5.0, 4.0]))
+        array([2., 0., 2., 3., 2.])
+    """
     p, q, r = float(f1[0, 0]), float(f1[1, 0]), float(f1[1, 1])
     a2, b2, c2 = float(f2[0, 0]), float(f2[1, 0]), float(f2[1, 1])
     with np.errstate(all="ignore"):
@@ -119,7 +126,8 @@ class _Group:
 
 def solve_normal_equations(n, sx, sy, sxx, sxy, syy, su, sxu, sv, sxv, syv) -> np.ndarray | None:
     """``u = a x + tx`` and ``v = b x + c y + ty`` in the least-squares sense, from the sums of
-    the inliers' coordinates; ``None`` if a system is singular or ``a, c`` are not positive."""
+    the inliers' coordinates (float64 scalars); ``(5,)`` float64 ``(a, b, c, tx, ty)``, or
+    ``None`` if a system is singular or ``a, c`` are not positive."""
     det2 = sxx * n - sx * sx
     m_yy = syy * n - sy * sy
     m_xy = sxy * n - sy * sx
@@ -142,7 +150,8 @@ def match_pair(q: dict, c: dict, threshold: float = 2.0, max_scale: float = 3.0,
                lo_hypotheses: int = 5, lo_factor: float = 4.0, lo_rounds: int = 2, lo_min_inliers: int = 4,
                num_scales: int = 3) -> PairMatch:
     """Spatially verify one pair. ``q``, ``c``: dicts of numpy arrays as ``LocalFeatures.image``
-    gives them (``xy (F, 2)``, ``frame (F, 2, 2)``, ``channel (F,)``, ``scale (F,)``)."""
+    gives them (``xy (F, 2)`` and ``frame (F, 2, 2)`` real, feature-map pixels, computed in
+    float64; ``channel (F,)`` and ``scale (F,)`` integers); ``threshold`` in feature-map pixels."""
     th_sq = threshold ** 2
     lo_th_sq = (lo_factor * threshold) ** 2
     log_limit = math.log(max_scale) + 1e-12

@@ -12,8 +12,18 @@ f32 = np.float32
 
 
 def mser_reference(image, delta, max_variation=0.5, min_diversity=0.7, min_area=0.001, max_area=0.75):
-    """MSER of one ``(H, W)`` uint8-valued map; returns a list of regions, each a dict with
-    ``value`` (grey level of the region in ``image``), ``pixels`` (sorted flat indices ``y*W+x``)."""
+    """MSER of one ``(H, W)`` map of integer grey levels 0..255 (array-like); returns a list of
+    regions, each a dict with ``value`` (grey level of the region in ``image``, an int) and
+    ``pixels`` (sorted flat indices ``y*W+x``, a list of ints). Dark-on-bright: regions of
+    ``{image <= value}``; pass ``255 - levels`` for bright regions.
+
+    Examples:
+        >>> import numpy as np
+        >>> ys, xs = np.mgrid[0:12, 0:12]
+        >>> levels = np.round(255 * np.exp(-((xs - 3) ** 2 + (ys - 4) ** 2) / 4.5)).astype(np.uint8)  # one blob
+        >>> [(region["value"], len(region["pixels"])) for region in mser_reference(255 - levels, delta=12)]
+        [(0, 1), (91, 9), (227, 37)]
+    """
     image = np.asarray(image, dtype=np.int64)
     height, width = image.shape
     nel = height * width
@@ -159,7 +169,8 @@ def _component(mask, seed, width):
 
 
 def region_stats(pixels, width):
-    """Area, mean (x, y) and population covariance of a region's pixels (float64)."""
+    """Area (int), mean ``(x, y)`` ``(2,)`` and population covariance ``(2, 2)`` (float64 numpy
+    arrays, pixels and pixels^2) of a region's flat pixel indices ``y * width + x``."""
     ys, xs = np.divmod(np.asarray(pixels), width)
     pts = np.stack([xs, ys], 1).astype(np.float64)
     mean = pts.mean(0)
