@@ -21,7 +21,15 @@ DEFAULT_KAPPAS = (1, 5, 10)
 def compute_ap(positive_ranks: np.ndarray, num_positives: int) -> float:
     """Trapezoidal AP from the sorted 0-based, junk-adjusted ranks of the positives found.
 
-    ``num_positives`` counts all positives, found or not (recall is divided by it).
+    ``positive_ranks``: ``(P,)`` integer numpy array, ascending; ``num_positives`` counts all
+    positives, found or not (recall is divided by it). Returns AP as a fraction in [0, 1].
+
+    Examples:
+        Positives at ranks 0 and 2 (first and third):
+
+        >>> import numpy as np
+        >>> print(f"{compute_ap(np.array([0, 2]), num_positives=2):.4f}")  # ((1 + 1) / 2 + (1/2 + 2/3) / 2) / 2
+        0.7917
     """
     ap = 0.0
     for j, rank in enumerate(positive_ranks):
@@ -46,8 +54,10 @@ def compute_map(
     """mAP, per-query AP, mean P@k and per-query P@k for one setup.
 
     Args:
-        ranks: ``(num_queries, num_database)`` database indices, best first, per query.
+        ranks: ``(num_queries, num_database)`` integer database indices (numpy array or
+            array-like), best first, per query.
         positives / junk: per query, database indices.
+        kappas: the ``k`` of mP@k.
     Returns:
         ``(mAP, aps (Q,), mean_pr (len(kappas),), prs (Q, len(kappas)))``, fractions in [0, 1];
         queries without positives get NaN and are left out of the means.
@@ -91,6 +101,20 @@ def evaluate_revisited(ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[
 
     Returns ``{"mAP": {"E", "M", "H"}, "mP@k": {...} for k in kappas, "AP": {setup: per-query}}``
     in percent, per-query APs as lists (``None`` where a query has no positive).
+
+    ``ranks``: ``(num_queries, num_database)`` integer database indices (numpy array, or a CPU
+    tensor), best first; ``gnd``: revisitop's ground truth, per query a dict of ``easy``,
+    ``hard`` and ``junk`` database indices.
+
+    Examples:
+        One query whose easy positive (image 0) is ranked second, hard positive (image 2) fourth,
+        behind a junk image (1):
+
+        >>> import numpy as np
+        >>> table = evaluate_revisited(np.array([[3, 0, 1, 2, 4]]), [{"easy": [0], "hard": [2], "junk": [1]}],
+        ...                            kappas=(1, 5))
+        >>> table["mAP"], table["mP@5"]
+        ({'E': 25.0, 'M': 41.67, 'H': 25.0}, {'E': 50.0, 'M': 66.67, 'H': 50.0})
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[0] != len(gnd):

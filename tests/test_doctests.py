@@ -21,6 +21,7 @@ MODULES = [
     "gpu_dsm.checks",
     "gpu_dsm.describe",
     "gpu_dsm.detect",
+    "gpu_dsm.eval.protocol",
     "gpu_dsm.extract",
     "gpu_dsm.features",
     "gpu_dsm.laf",
