@@ -75,7 +75,8 @@ class ActivationBatch:
     image_sizes: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def of_image(self, i: int) -> list[torch.Tensor]:
-        """The per-scale maps ``[(K, h_s, w_s)] * S`` of the ``i``-th image of the batch."""
+        """The per-scale maps ``[(K, h_s, w_s)] * S`` of the ``i``-th image of the batch (the
+        backbone's dtype, on its device)."""
         return [per_scale[i] for per_scale in self.activations]
 
 

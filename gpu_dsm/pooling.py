@@ -123,6 +123,7 @@ class MAC(nn.Module):
     """L2-normalised MAC: ``(B, K, H, W) -> (B, K)``, dtype and device of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K, H, W)`` floating point -> ``(B, K)`` unit rows, dtype and device of ``x``."""
         return F.normalize(mac(x), dim=-1)
 
 
@@ -134,6 +135,7 @@ class SPoC(nn.Module):
         self.center_prior = center_prior
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K, H, W)`` floating point -> ``(B, K)`` unit rows, dtype and device of ``x``."""
         return F.normalize(spoc(x, self.center_prior), dim=-1)
 
 
@@ -155,6 +157,7 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K, H, W)`` floating point on the module's device -> ``(B, K)`` unit rows, dtype of ``x``."""
         return F.normalize(gem(x, self.p, self.eps), dim=-1)
 
     def extra_repr(self) -> str:

@@ -69,7 +69,8 @@ class RerankResult:
     match: MatchResult | None
 
     def initial_order_inliers(self) -> torch.Tensor:
-        """``(Q, K)`` int64 inlier counts in the initial (pre-re-ranking) order of the candidates."""
+        """``(Q, K)`` int64 inlier counts in the initial (pre-re-ranking) order of the candidates,
+        on the result's device."""
         return torch.zeros_like(self.inliers).scatter_(1, self.order, self.inliers)
 
 

@@ -60,8 +60,9 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
 
 def nearest_words_checked(x: torch.Tensor, c: torch.Tensor, k: int, memory_budget: int = 1 << 30
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nearest_words` of inputs its caller has already checked (finite, same device and
-    width, ``1 <= k <= K``): the library's own loops call it so a block is not checked twice."""
+    """:func:`nearest_words` of inputs its caller has already checked (finite floating point, same
+    device and width, ``1 <= k <= K``): the library's own loops call it so a block is not checked
+    twice. Same results (dtypes, device) as :func:`nearest_words`."""
     c = c.to(x.dtype)
     # |x - c|^2 = |x|^2 + (|c|^2 - 2 x.c): words are ranked by the bracket, which one product of
     # [x, 1] with [-2c, |c|^2] gives without a pass for the sum; |x|^2 is added to the k kept

@@ -262,10 +262,10 @@ def _how_params(obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def split_how_checkpoint(obj: dict[str, Any], architecture: str | None = None) -> tuple[dict[str, torch.Tensor], RetrievalHead]:
-    """Return the ``features.*`` weights (prefix removed) and a head whose ``how`` is the
-    :class:`HOWCheckpoint` (learned reduction, layer, smoothing) and whose ``mean`` / ``std`` are
-    the checkpoint's input normalisation (``runtime['mean_std']``, first format ``meta['mean']`` /
-    ``['std']``).
+    """Return the ``features.*`` weights (prefix removed; tensors as loaded, on the CPU) and a
+    head whose ``how`` is the :class:`HOWCheckpoint` (learned reduction, layer, smoothing) and
+    whose ``mean`` / ``std`` are the checkpoint's input normalisation (``runtime['mean_std']``,
+    first format ``meta['mean']`` / ``['std']``).
 
     What is read: ``net_params`` (``architecture``, ``skip_layer``, ``dim_reduction['dim']``,
     ``smoothing['kernel_size']``, ``runtime``) or, in the first format, ``meta`` (``architecture``,

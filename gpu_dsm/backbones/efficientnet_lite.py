@@ -84,6 +84,7 @@ class Conv2dSame(nn.Conv2d):
         return total // 2, total - total // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad ``x`` as TensorFlow's "SAME" does, then convolve (shapes in the class docstring)."""
         top, bottom = self._same_pad(x.shape[-2], 0)
         left, right = self._same_pad(x.shape[-1], 1)
         if top or bottom or left or right:
@@ -113,6 +114,7 @@ class MBConvBlock(nn.Module):
         self.has_skip = stride == 1 and in_ch == out_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand, depthwise, project, plus the input where the shapes allow (class docstring)."""
         y = x
         if self.has_expand:
             y = F.relu6(self._bn0(self._expand_conv(y)))
@@ -168,14 +170,15 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(self.out_channels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last conv activations ``(B, 1280, h, w)`` after ReLU6 (values in ``[0, 6]``)."""
+        """Last conv activations ``(B, 1280, h, w)`` after ReLU6 (values in ``[0, 6]``), in the
+        dtype of ``x`` on its device."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits ``(B, num_classes)``."""
+        """ImageNet logits ``(B, num_classes)``, in the dtype of ``x`` on its device."""
         x = self.forward_features(x).mean(dim=(-2, -1))
         return self._fc(self._dropout(x))
 
