@@ -10,7 +10,7 @@ import torch
 
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.kernels import fsm, native, scoring
-from gpu_dsm.match import MatchConfig, choose_backend, spatial_verify, tentative_correspondences
+from gpu_dsm.match import MatchConfig, _plan_chunks, choose_backend, spatial_verify, tentative_correspondences
 from gpu_dsm.reference.match import verify_pair_details
 
 def _plain(query, candidates, query_index, cfg):
@@ -150,6 +150,30 @@ def test_without_a_compiler_auto_falls_back_and_native_names_the_reason(tmp_path
         native._build.cache_clear()
         fsm._library.cache_clear()
 
+
+
+@pytest.mark.parametrize("budget", [2**25, 3000, 1])
+def test_torch_backend_reads_the_device_four_times_whatever_the_chunks(budget):
+    from gpu_dsm.eval.timing import count_launches
+
+    q, c = _random_tables(2)
+    cfg = MatchConfig(backend="torch", max_elements=budget)
+    count, result = count_launches(spatial_verify, q, c, None, cfg)
+    # numbers of scales and channels, of correspondences, the group sizes, the longest match list
+    assert count.host_syncs == 4, count.by_op
+    assert torch.equal(result.inliers, spatial_verify(q, c, config=MatchConfig(backend="torch")).inliers)
+
+
+def test_chunk_plan_covers_every_group_once_within_the_budget():
+    sizes = [250, 100, 41, 40, 13, 8, 5, 3, 2, 1, 1]
+    for budget, cost in ((10**4, 1), (10**6, 10**5), (1, 0), (10**9, 10**9)):
+        plan = _plan_chunks(sizes, lambda w: w * w, budget, cost)
+        assert [start for start, _, _ in plan] == [0] + [stop for _, stop, _ in plan[:-1]]
+        assert plan[-1][1] == len(sizes)
+        for start, stop, width in plan:
+            assert width == sizes[start] and ((stop - start) * width * width <= budget or stop - start == 1)
+    assert len(_plan_chunks(sizes, lambda w: w * w, 10**9, 10**9)) == 1  # launches cost more than padding
+    assert len(_plan_chunks(sizes, lambda w: w * w, 10**9, 0)) == 9  # padding costs: one chunk per rung
 
 _B = torch.backends
 _PRECISION = {"global": _B, "cuda.matmul": _B.cuda.matmul, "mkldnn.matmul": _B.mkldnn.matmul}
