@@ -21,7 +21,8 @@ float64 matcher (:mod:`gpu_dsm.reference.match`) on a few pairs and checks both 
 it there. For the torch backend it also counts, per batch (one query with its top K, one
 ``spatial_verify`` call), the operator launches and host syncs a GPU run would make
 (:func:`gpu_dsm.eval.timing.count_launches`, from ``torch.profiler``'s record of the aten
-operators). Without opencv-python-headless (``pip install gpu_dsm[bench]``) OpenCV is reported as
+operators); on the CPU also with the chunks a GPU would use (the CPU's are cut to its cache).
+Without opencv-python-headless (``pip install gpu_dsm[bench]``) OpenCV is reported as
 unavailable and the rest runs.
 
 ``--sizes 512,2048`` instead runs synthetic tables shaped like DSM's (a third of the candidates
@@ -36,12 +37,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 from gpu_dsm.eval.timing import benchmark_parser, count_launches, peak_gpu_memory_mb, reset_peak_memory, sync
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm import match
 from gpu_dsm.io import write_json
 from gpu_dsm.match import MatchConfig, spatial_verify, tentative_correspondences
 from gpu_dsm.reference.match import match_pair
@@ -178,7 +181,7 @@ def compare_with_opencv(args, device: torch.device) -> dict:
                 sync(device)
                 return out
 
-            seconds, cpu, res = _best_of(args.repeat if backend == "native" else 1, project)
+            seconds, cpu, res = _best_of(args.repeat, project)
             counts[backend] = res.inliers.cpu().numpy()
             run[backend] = {"ms_per_query": round(1000 * seconds / num_queries, 2),
                             "cpu_ms_per_query": round(1000 * cpu / num_queries, 2)}
@@ -207,9 +210,14 @@ def compare_with_opencv(args, device: torch.device) -> dict:
                       f"{run[method]['pairs_within_one_inlier']}/{num_pairs} pairs within one inlier")
     torch.set_num_threads(saved_threads)
     result["torch_launches"] = torch_launches(qd, cd, qid)
-    counted = result["torch_launches"]
-    print(f"torch: launches per batch {counted['launches_per_batch']:.0f}, host syncs per batch "
-          f"{counted['host_syncs_per_batch']:.0f} (a batch: {counted['batch']})")
+    if device.type == "cpu":
+        result["torch_launches_gpu_plan"] = torch_launches(qd, cd, qid, gpu_plan=True)
+    for key, plan in (("torch_launches", f"chunks planned for {device.type}"),
+                      ("torch_launches_gpu_plan", "chunks planned for a GPU")):
+        if key in result:
+            counted = result[key]
+            print(f"torch: launches per batch {counted['launches_per_batch']:.0f}, host syncs per batch "
+                  f"{counted['host_syncs_per_batch']:.0f} ({plan}; a batch: {counted['batch']})")
     if args.reference_pairs:
         result["reference"] = _check_reference(q, c, qi, args.reference_pairs)
         print(f"plain float64 matcher: {result['reference']['ms_per_query_extrapolated']:.0f} ms/query "
@@ -217,15 +225,18 @@ def compare_with_opencv(args, device: torch.device) -> dict:
     return result
 
 
-def torch_launches(q: LocalFeatures, c: LocalFeatures, qi: torch.Tensor, top_ops: int = 12) -> dict:
+def torch_launches(q: LocalFeatures, c: LocalFeatures, qi: torch.Tensor, top_ops: int = 12,
+                   gpu_plan: bool = False) -> dict:
     """Operator launches and host syncs of the torch backend per batch, a batch being one query
     with its candidates (one ``spatial_verify`` call, as the re-ranker makes per query batch of
-    one); the mean over the queries, the largest, and the operators that launch or sync most."""
+    one); the mean over the queries, the largest, and the operators that launch or sync most.
+    ``gpu_plan``: with the chunks a GPU would use (the CPU's are cut to its cache)."""
     cfg = MatchConfig(backend="torch")
     counts, by_op = [], {}
     for query in range(q.num_images):
         rows = (qi == query).nonzero().squeeze(1)
-        count, _ = count_launches(spatial_verify, q[query:query + 1], c[rows], torch.zeros_like(rows), cfg)
+        with mock.patch.dict(match._CHUNKS, clear=gpu_plan):
+            count, _ = count_launches(spatial_verify, q[query:query + 1], c[rows], torch.zeros_like(rows), cfg)
         counts.append((count.launches, count.host_syncs))
         for name, entry in count.by_op.items():
             total = by_op.setdefault(name, {"launches": 0, "host_syncs": 0})
@@ -236,7 +247,8 @@ def torch_launches(q: LocalFeatures, c: LocalFeatures, qi: torch.Tensor, top_ops
     return {"batch": f"one query with its top {c.num_images // max(q.num_images, 1)} (one spatial_verify call)",
             "batches": len(counts), "launches_per_batch": round(sum(a for a, _ in counts) / n, 1),
             "host_syncs_per_batch": round(sum(b for _, b in counts) / n, 1),
-            "launches_max": max((a for a, _ in counts), default=0), "host_syncs_max": max((b for _, b in counts), default=0),
+            "launches_max": max((a for a, _ in counts), default=0),
+            "host_syncs_max": max((b for _, b in counts), default=0),
             "per_batch_by_operator": {name: {k: round(v / n, 1) for k, v in entry.items()} for name, entry in ranked},
             "counted": "torch.profiler on the features' device (eval/timing.py count_launches)"}
 

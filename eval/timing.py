@@ -37,11 +37,12 @@ def peak_gpu_memory_mb(device: torch.device | str) -> float | None:
 
 # operators that launch no kernel on a GPU: views, allocations, metadata, and the scalar read itself
 _NO_KERNEL = frozenset(f"aten::{name}" for name in (
-    "empty", "empty_strided", "empty_like", "view", "view_as", "reshape", "_reshape_alias", "_unsafe_view", "as_strided",
-    "as_strided_", "expand", "expand_as", "select", "slice", "narrow", "unsqueeze", "squeeze", "t", "transpose", "mT",
-    "mH", "permute", "movedim", "diagonal", "detach", "detach_", "alias", "resize_", "flatten", "unflatten", "unbind",
-    "split", "split_with_sizes", "chunk", "lift_fresh", "resolve_conj", "resolve_neg", "to", "_to_copy", "contiguous",
-    "item", "_local_scalar_dense", "is_nonzero", "result_type", "broadcast_tensors", "numpy_T", "set_", "clone"))
+    "empty", "empty_strided", "empty_like", "view", "view_as", "reshape", "_reshape_alias", "_unsafe_view",
+    "as_strided", "as_strided_", "expand", "expand_as", "select", "slice", "narrow", "unsqueeze", "squeeze", "t",
+    "transpose", "mT", "mH", "permute", "movedim", "diagonal", "detach", "detach_", "alias", "resize_", "flatten",
+    "unflatten", "unbind", "split", "split_with_sizes", "chunk", "lift_fresh", "resolve_conj", "resolve_neg", "to",
+    "_to_copy", "contiguous", "item", "_local_scalar_dense", "is_nonzero", "result_type", "broadcast_tensors",
+    "numpy_T", "set_", "clone"))
 # operators whose output size or result needs the device's data on the host: one device->host copy each
 _SYNC_OPS = frozenset(f"aten::{name}" for name in (
     "_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_consecutive", "unique_dim",

@@ -248,7 +248,8 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     if choose_backend(cfg.backend, device) == "native":
         best_count, best_params, mask = _verify_native(query, candidates, query_index, corr, sizes, cfg)
     else:
-        best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host, cfg)
+        best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host,
+                                                      cfg)
     return _winners(corr, groups, sizes, best_count, best_params, mask, num_pairs, num_scales, n_corr)
 
 
@@ -267,7 +268,8 @@ def _winners(corr, groups, sizes, best_count, best_params, mask, num_pairs: int,
     transform = torch.full((num_pairs + 1, 5), math.nan, dtype=torch.float64, device=device)
     transform.index_copy_(0, target, torch.where(is_winner[:, None], best_params, math.nan))
     scale_pair = torch.full((num_pairs + 1, 2), -1, dtype=torch.long, device=device)
-    scale_pair.index_copy_(0, target, torch.stack([scale_pair_of_group // num_scales, scale_pair_of_group % num_scales], 1))
+    scale_pair.index_copy_(0, target, torch.stack([scale_pair_of_group // num_scales,
+                                                   scale_pair_of_group % num_scales], 1))
     # inlier correspondences of the winners, in (query row, candidate row) order per pair
     num_corr = mask.numel()
     pair = corr["pair"]
@@ -468,26 +470,34 @@ def _monomials(cols: torch.Tensor) -> torch.Tensor:
 
 def _fit(mask: torch.Tensor, monomials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares hypotheses ``(6, G, K)`` on the inliers ``mask (G, K, C)`` and whether each is
-    valid ``(G, K)``: the normal equations solved by Cramer's rule as in reference/match.py
-    ``solve_normal_equations``; ``monomials (G, C, 11)`` from :func:`_monomials`."""
+    valid ``(G, K)``: the normal equations solved by Cramer's rule with the formulas of
+    reference/match.py ``solve_normal_equations``, each family of terms one batched operation;
+    ``monomials (G, C, 11)`` from :func:`_monomials`."""
     sums = torch.bmm(mask.to(monomials.dtype), monomials)
     n, sx, sy, sxx, sxy, syy, su, sxu, sv, sxv, syv = sums.unbind(-1)
-    det2 = sxx * n - sx * sx
-    m_yy = syy * n - sy * sy
-    m_xy = sxy * n - sy * sx
-    m_xyy = sxy * sy - syy * sx
-    det3 = sxx * m_yy - sxy * m_xy + sx * m_xyy
-    ok = (n >= 3) & (det2.abs() > 1e-9 * (1 + sxx * n)) & (det3.abs() > 1e-9 * (1 + sxx * syy * n))
-    r_v = syv * n - sy * sv
-    r_w = sxy * sv - syv * sx
-    a = (sxu * n - sx * su) / det2
-    tx = (sxx * su - sx * sxu) / det2
-    b = (sxv * m_yy - sxy * r_v + sx * (syv * sy - syy * sv)) / det3
-    c = (sxx * r_v - sxv * m_xy + sx * r_w) / det3
-    ty = (sxx * (syy * sv - syv * sy) - sxy * r_w + sxv * m_xyy) / det3
-    hyp = torch.stack([a, b, c, tx, ty, torch.log(a * c)])
-    ok &= (a > 0) & (c > 0) & torch.isfinite(hyp[:5]).all(0)
-    return hyp, ok
+    det2, m_yy, m_xy, m_xyy, a_num, tx_num, r_v, q_v, r_w, q_w = _products(
+        (sxx, n, sx, sx), (syy, n, sy, sy), (sxy, n, sy, sx), (sxy, sy, syy, sx), (sxu, n, sx, su),
+        (sxx, su, sx, sxu), (syv, n, sy, sv), (syv, sy, syy, sv), (sxy, sv, syv, sx), (syy, sv, syv, sy))
+    det3, b_num, c_num, ty_num = _products(
+        (sxx, m_yy, sxy, m_xy, sx, m_xyy), (sxv, m_yy, sxy, r_v, sx, q_v), (sxx, r_v, sxv, m_xy, sx, r_w),
+        (sxx, q_w, sxy, r_w, sxv, m_xyy))
+    params = torch.stack([a_num, b_num, c_num, tx_num, ty_num]) / torch.stack([det2, det3, det3, det2, det3])
+    bounds = 1e-9 * (1 + torch.stack([sxx, sxx * syy]) * n)
+    ok = (n >= 3) & (torch.stack([det2, det3]).abs() > bounds).all(0)
+    ok &= (params[0] > 0) & (params[2] > 0) & torch.isfinite(params).all(0)
+    return torch.cat([params, torch.log(params[0] * params[2])[None]]), ok
+
+
+def _products(*terms: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``p q - r s`` of each term ``(p, q, r, s)``, or ``p q - r s + t u`` of each ``(p, q, r, s, t, u)``,
+    evaluated left to right like the scalar formula, all terms in one batched operation."""
+    width = len(terms[0])
+    factors = torch.stack([x for term in terms for x in term]).unflatten(0, (len(terms), width))
+    p, q, r, s, *rest = factors.unbind(1)
+    out = p * q - r * s
+    if rest:
+        out += rest[0] * rest[1]
+    return out.unbind(0)
 
 
 def _padded(rows: torch.Tensor, sizes: torch.Tensor, starts: torch.Tensor, width: int, num_corr: int) -> torch.Tensor:

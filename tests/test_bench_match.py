@@ -32,6 +32,7 @@ def test_bench_match_runs_on_cached_tables(tmp_path, native_kernel):
     counted = result["torch_launches"]
     assert counted["batches"] == 1 and counted["launches_per_batch"] > 0 and counted["host_syncs_per_batch"] >= 1
     assert counted["launches_max"] >= counted["launches_per_batch"] and counted["per_batch_by_operator"]
+    assert counted["host_syncs_per_batch"] == result["torch_launches_gpu_plan"]["host_syncs_per_batch"] == 4
     try:
         import cv2  # noqa: F401,F811
     except ImportError:
