@@ -42,9 +42,9 @@ from unittest import mock
 import numpy as np
 import torch
 
+from gpu_dsm import match
 from gpu_dsm.eval.timing import benchmark_parser, count_launches, peak_gpu_memory_mb, reset_peak_memory, sync
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm import match
 from gpu_dsm.io import write_json
 from gpu_dsm.match import MatchConfig, spatial_verify, tentative_correspondences
 from gpu_dsm.reference.match import match_pair
