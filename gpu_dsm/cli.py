@@ -184,9 +184,9 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cg-iterations", type=int, default=d.max_iter, help="conjugate-gradient iterations at most (default: %(default)s)")
     g.add_argument("--cg-tol", type=float, default=d.tol, help="conjugate-gradient relative residual (default: %(default)s)")
     g.add_argument("--truncation-size", type=int, default=d.truncation_size, metavar="R",
-                   help="truncated diffusion: solve each query on the sub-graph of its top R images, R at least the "
-                        "re-ranked top-k (fyang93/diffusion's truncated solve; for large databases, docs 'Scaling "
-                        "out') (default: none, the whole graph as the paper)")
+                   help="truncated diffusion: solve each query on the sub-graph of its top R images, R >= 10 (the "
+                        "seeds' candidates) (fyang93/diffusion's truncated solve; for large databases, docs 'Diffusion') "
+                        "(default: none, the whole graph as the paper)")
     g.add_argument("--query-k", type=int, default=d.query_k, help="plain seeds: the query's kq most similar images (default: %(default)s)")
     g.add_argument("--dsm-keep", type=int, default=d.dsm_keep,
                    help="DSM seeds kept of the top 10 verified images (default: %(default)s, paper 4.1; the reference code keeps 4)")
