@@ -114,6 +114,16 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     graphs (mutual kNN graphs often are). ``backend``: the sparse backend of the operator built
     from a sparse ``affinity`` (``gpu_dsm.kernels.sparse``; a :class:`SparseOperator` keeps its
     own); the column reductions follow it (``"torch"``: ``torch.linalg.vecdot``).
+
+    Args:
+        affinity: ``(N, N)`` sparse (COO or CSR) symmetric ``S``, any device (the ``"scipy"``
+            backend: the CPU), or its :class:`SparseOperator`.
+        rhs: ``(N, Q)`` finite floating point seeds ``Y``, on the operator's device; never modified.
+        alpha: ``0 < alpha < 1``; tol: relative residual at which a column stops; max_iter: iterations at most.
+    Returns:
+        ``(F, CGInfo)``: ``F`` ``(N, Q)`` in the operator's dtype (built here: the dtype of
+        ``rhs``) on its device, in the caller's node order; ``CGInfo.relative_residual`` ``(Q,)``
+        in that dtype, on that device.
     """
     if not (math.isfinite(alpha) and 0 < alpha < 1):
         raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
@@ -155,12 +165,17 @@ def truncated_conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: t
     (the result equals solving each query alone).
 
     Args:
-        affinity: ``(N, N)`` sparse symmetric ``S``, or its :class:`SparseOperator`.
-        rhs: ``(N, Q)`` seeds; every non-zero of column ``q`` must lie on ``candidates[q]``.
-        candidates: ``(Q, R)`` int64 database indices, distinct within a row (e.g. the initial top R).
+        affinity: ``(N, N)`` sparse symmetric ``S`` (any device; the ``"scipy"`` backend: the
+            CPU), or its :class:`SparseOperator`.
+        rhs: ``(N, Q)`` finite floating point seeds, any device (moved to the operator's); every
+            non-zero of column ``q`` must lie on ``candidates[q]``.
+        candidates: ``(Q, R)`` integer database indices, distinct within a row (e.g. the initial
+            top R), any device.
 
     Returns:
-        ``(F (N, Q), CGInfo)``: ``F`` is zero outside each column's candidates; dtype of the operator.
+        ``(F (N, Q), CGInfo)``: ``F`` is zero outside each column's candidates, in the operator's
+        dtype (built here: the dtype of ``rhs``) on its device; ``CGInfo.relative_residual``
+        ``(Q,)`` likewise.
     """
     if not (math.isfinite(alpha) and 0 < alpha < 1):
         raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
@@ -238,7 +253,25 @@ def _solve(product, rhs: torch.Tensor, tol: float, max_iter: int, backend: str) 
 
 def plain_seeds(similarities: torch.Tensor, ranks: torch.Tensor, num_nodes: int, query_k: int = 10,
                 gamma: float = 3.0) -> torch.Tensor:
-    """``(N, Q)`` seeds from each query's ``query_k`` best initial similarities ``(Q, >= query_k)``."""
+    """``(N, Q)`` seeds from each query's ``query_k`` best initial similarities: ``similarity^gamma``
+    (negative similarities count as 0) at those images, zero elsewhere (Iscen et al. 2017).
+
+    Args:
+        similarities: ``(Q, >= K)`` finite real initial scores, best first (moved to the device of ``ranks``).
+        ranks: ``(Q, K)`` integer database indices in ``0..num_nodes - 1``, in the same order;
+            the first ``min(query_k, K)`` of each row are the seeds.
+        num_nodes: ``N``, the database images.
+    Returns:
+        ``(N, Q)`` float32 on the device of ``ranks``.
+
+    Examples:
+        >>> import torch
+        >>> plain_seeds(torch.tensor([[0.9, 0.5, 0.1]]), torch.tensor([[2, 0, 1]]), 4, query_k=2, gamma=1.0)
+        tensor([[0.5000],
+                [0.0000],
+                [0.9000],
+                [0.0000]])
+    """
     similarities, ranks = _seed_inputs(similarities, ranks, num_nodes, "ranks")
     k = min(query_k, ranks.shape[1])
     y = torch.zeros(num_nodes, ranks.shape[0], dtype=torch.float32, device=ranks.device)
@@ -251,8 +284,30 @@ def dsm_seeds(similarities: torch.Tensor, indices: torch.Tensor, inliers: torch.
               candidates: int = 10, keep: int = 5, gamma: float = 3.0) -> torch.Tensor:
     """``(N, Q)`` seeds from spatially verified candidates.
 
-    Args (rows in re-ranked order): ``similarities``, ``indices`` and ``inliers`` ``(Q, K)``: the
-    global similarity, database index and inlier count of each re-ranked candidate.
+    Of the first ``candidates`` of each row, weight ``inliers / max inliers * similarity``
+    (negative similarities count as 0), the best ``keep`` of them are seeds (ties: row order);
+    a row without any inlier takes ``similarity^gamma`` instead (the plain query). Rows of
+    ``similarities``, ``indices`` and ``inliers`` are in re-ranked order: the global similarity,
+    database index and inlier count of each re-ranked candidate.
+
+    Args:
+        similarities: ``(Q, >= K)`` finite real global similarities (moved to the device of ``indices``).
+        indices: ``(Q, K)`` integer database indices in ``0..num_nodes - 1``.
+        inliers: ``(Q, K)`` inlier counts, any real or integer dtype (moved to the device of ``indices``).
+        num_nodes: ``N``, the database images.
+    Returns:
+        ``(N, Q)`` float32 on the device of ``indices``.
+
+    Examples:
+        Candidate 1 has the most inliers: weight ``6/6 * 0.8``; candidate 0 ``3/6 * 0.9``; the
+        third, without inliers, is not kept:
+
+        >>> import torch
+        >>> dsm_seeds(torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[3, 0, 1]]), torch.tensor([[3, 6, 0]]), 4, keep=2)
+        tensor([[0.8000],
+                [0.0000],
+                [0.0000],
+                [0.4500]])
     """
     similarities, indices = _seed_inputs(similarities, indices, num_nodes, "indices")
     inliers = as_tensor(inliers, "inliers", kind="number", device=indices.device)
@@ -285,7 +340,20 @@ def _seed_inputs(similarities, indices, num_nodes: int, name: str) -> tuple[torc
 
 
 def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torch.Tensor:
-    """Full ranking ``(Q, N)`` by diffusion scores ``(N, Q)``, ties (unreached images) in initial order."""
+    """Full ranking ``(Q, N)`` by diffusion scores ``(N, Q)``, ties (unreached images) in initial order.
+
+    Args:
+        scores: ``(N, Q)`` real diffusion scores (:func:`diffuse`).
+        initial_ranks: ``(Q, N)`` int64 database indices of each query's initial ranking, best
+            first, on the device of ``scores``.
+    Returns:
+        ``(Q, N)`` int64 database indices, best first, on that device.
+
+    Examples:
+        >>> import torch
+        >>> diffusion_ranking(torch.tensor([[0.0], [0.2], [0.0], [0.7]]), torch.tensor([[2, 1, 0, 3]]))
+        tensor([[3, 1, 2, 0]])
+    """
     # scores in initial order, then a stable sort: equal scores keep the initial order
     f = scores.T.gather(1, initial_ranks)
     order = torch.argsort(f, dim=1, descending=True, stable=True)
@@ -305,6 +373,52 @@ def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor
     Warns (:class:`ConvergenceWarning`) when CG stops at ``max_iter`` with a column's relative
     residual above ``tol`` (the reference code's 20 iterations often do at alpha = 0.99): the
     result is then the truncated solve, and the warning says by how much.
+
+    Args:
+        graph: the database's graph; its products run on its device (the ``"scipy"`` backend: the CPU).
+        seeds: ``(N, Q)`` finite floating point (:func:`plain_seeds`, :func:`dsm_seeds`), on the
+            graph's device (any device with ``truncation_size``); converted to the solve's dtype.
+        config: alpha, tolerance, iterations, dtype, backend, truncation (default :class:`DiffusionConfig`).
+        ranks: ``(Q, >= R)`` integer database indices, any device; only with ``truncation_size``.
+    Returns:
+        ``(F, CGInfo)``: ``F`` ``(N, Q)`` on the graph's device, in ``config.dtype`` (a
+        :class:`SparseOperator` graph: its own dtype); ``CGInfo.relative_residual`` ``(Q,)`` likewise.
+
+    Examples:
+        Five images in two components (``{0, 1, 2}`` and ``{3, 4}``) and one query whose initial
+        ranking is ``0, 1, 2, 4, 3``:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from gpu_dsm.graph import GraphConfig, build_knn_graph
+        >>> x = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+        >>> graph = build_knn_graph(x, GraphConfig(k=2))
+        >>> ranks = torch.tensor([[0, 1, 2, 4, 3]])
+        >>> similarities = torch.tensor([[1.0, 0.9, 0.8, 0.2, 0.1]])
+        >>> config = DiffusionConfig(alpha=0.5)
+
+        Seeded by the top image only, diffusion reaches its component; images 4 and 3 are not
+        reached (score 0) and keep their initial order:
+
+        >>> scores, info = diffuse(graph, plain_seeds(similarities, ranks, graph.num_nodes, query_k=1), config)
+        >>> scores.shape, scores.dtype
+        (torch.Size([5, 1]), torch.float32)
+        >>> scores.T.round(decimals=3)
+        tensor([[1.1990, 0.4150, 0.3830, 0.0000, 0.0000]])
+        >>> info.iterations  # the solve ran on the 3-node component: CG is exact in 3 steps
+        3
+        >>> diffusion_ranking(scores, ranks)
+        tensor([[0, 1, 2, 4, 3]])
+
+        Seeded by the spatially verified candidates (image 1 with 12 inliers, image 2 with 3),
+        image 1 leads:
+
+        >>> seeds = dsm_seeds(similarities[:, :3], ranks[:, :3], torch.tensor([[0, 12, 3]]), graph.num_nodes, keep=2)
+        >>> seeds.T
+        tensor([[0.0000, 0.9000, 0.2000, 0.0000, 0.0000]])
+        >>> scores, info = diffuse(graph, seeds, config)
+        >>> diffusion_ranking(scores, ranks)
+        tensor([[1, 2, 0, 4, 3]])
     """
     cfg = config or DiffusionConfig()
     seeds = as_tensor(seeds, "seeds", kind="float")

@@ -74,10 +74,16 @@ class HOWConfig:
         self.extract_config()  # validates scales, image_size, batch_size
 
     def extract_config(self, scales: Sequence[float] | None = None) -> ExtractConfig:
+        """The :class:`ExtractConfig` HOW's maps are computed with: ``image_size``, ``upscale``,
+        ``batch_size`` and ``progress`` of this config, ``scales`` (default: this config's), and
+        ``small_scales="skip"``: a scale at which an image is too small for the network gives
+        no maps instead of an error."""
         return ExtractConfig(image_size=self.image_size, scales=tuple(scales or self.scales), upscale=self.upscale,
                              batch_size=self.batch_size, small_scales="skip", progress=self.progress)
 
     def options(self) -> dict:
+        """Every field that changes the features (all but ``progress``), as a plain dict: what a
+        results file records of HOW."""
         out = dataclasses.asdict(self)
         out.pop("progress")
         return out
@@ -101,7 +107,7 @@ class HOWFeatures:
     scales: tuple[float, ...] = HOW_SCALES
 
     def counts(self) -> torch.Tensor:
-        """``(num_images,)`` features per image."""
+        """``(num_images,)`` int64 features per image, on the device of ``image_ids``."""
         return torch.bincount(self.image_ids, minlength=self.num_images)
 
     def save(self, path: str | Path) -> Path:
@@ -112,6 +118,9 @@ class HOWFeatures:
 
     @classmethod
     def load(cls, path: str | Path) -> "HOWFeatures":
+        """Read features written by :meth:`save`, on the CPU. A file of another format, arrays of
+        different lengths, image ids outside ``0..num_images - 1`` or non-finite descriptors
+        raise ``ValueError``."""
         state = torch_load_checked(path, _FORMAT, "HOW features")
         try:
             feats = cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
@@ -147,13 +156,33 @@ def merge_how_features(parts: Sequence[HOWFeatures], indices: Sequence[Sequence[
 
 
 def attention(maps: torch.Tensor) -> torch.Tensor:
-    """``(B, K, h, w) -> (B, h, w)``: the L2 norm over channels, ``sqrt(sum u^2 + 1e-10)``."""
+    """``(B, K, h, w) -> (B, h, w)``: the L2 norm over channels, ``sqrt(sum u^2 + 1e-10)``.
+
+    ``maps``: real, any dtype and device; the result is float32 on their device (computed in float32).
+
+    Examples:
+        >>> import torch
+        >>> maps = torch.tensor([[[[3.0, 0.0]], [[4.0, 0.0]]]])  # (1, 2, 1, 2): two channels
+        >>> attention(maps)  # an all-zero position keeps sqrt(1e-10)
+        tensor([[[5.0000e+00, 1.0000e-05]]])
+    """
     return (maps.float().pow(2).sum(1) + 1e-10).sqrt()
 
 
 def smooth(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
     """``(B, K, h, w)`` averaged over ``size x size`` windows, stride 1; a border cell averages
-    its valid neighbours only (``count_include_pad=False``)."""
+    its valid neighbours only (``count_include_pad=False``).
+
+    ``maps``: floating point, any device; ``size``: odd. The result has their shape, dtype and
+    device (``maps`` itself for ``size=1``).
+
+    Examples:
+        >>> import torch
+        >>> smooth(torch.arange(9.0).view(1, 1, 3, 3))  # corner: mean(0, 1, 3, 4); centre: mean of all 9
+        tensor([[[[2.0000, 2.5000, 3.0000],
+                  [3.5000, 4.0000, 4.5000],
+                  [5.0000, 5.5000, 6.0000]]]])
+    """
     if size == 1:
         return maps
     return F.avg_pool2d(maps, size, stride=1, padding=size // 2, count_include_pad=False)
@@ -178,14 +207,16 @@ def select_features(maps_per_scale: Sequence[torch.Tensor], whitening: Whitening
     """HOW features of a batch of images of one size, from their raw maps at every scale.
 
     Args:
-        maps_per_scale: ``[(B, K, h_s, w_s)] * S`` raw layer maps (finite); ``None`` for a scale
-            at which the images were too small for the network (it gives no features).
+        maps_per_scale: ``[(B, K, h_s, w_s)] * S`` raw layer maps (finite floating point, on one
+            device); ``None`` for a scale at which the images were too small for the network (it
+            gives no features).
         whitening: the reduction (``None``: raw smoothed ``K``-D descriptors, for fitting it).
         num_features: ``n``, kept per image over all scales (fewer if the maps are smaller).
         dim: reduction dimension (default: the whitening's).
     Returns:
-        ``descriptors (B, n, d)``, ``xy (B, n, 2)``, ``scale (B, n)``, ``strength (B, n)``,
-        best first (ties: scale order, then row-major position).
+        ``descriptors (B, n, d)`` float32, ``xy (B, n, 2)`` float32 (feature-map pixels, ``x`` =
+        column), ``scale (B, n)`` int64 index into ``maps_per_scale``, ``strength (B, n)`` float32
+        attention, on the maps' device, best first (ties: scale order, then row-major position).
     """
     present = [m for m in maps_per_scale if m is not None]
     if not present:
@@ -288,10 +319,11 @@ def _flatten(per_image: list[dict | None], scales, device, dim: int) -> HOWFeatu
 @torch.no_grad()
 def how_moments(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
                 desc: str = "HOW whitening") -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(count, sum (K,), sum of outer products (K, K))`` in float64 of the scale-1 descriptors
-    (top ``num_features`` by attention, smoothed) of ``images`` at ``backbone``'s HOW layer:
-    what :func:`fit_how_whitening` learns from. Moments of disjoint image sets add up, so
-    processes can each sum a slice (:mod:`gpu_dsm.shards`)."""
+    """``(count, sum (K,), sum of outer products (K, K))`` of the scale-1 descriptors (top
+    ``num_features`` by attention, smoothed) of ``images`` at ``backbone``'s HOW layer: an int
+    and two float64 tensors on the backbone's device, what :func:`fit_how_whitening` learns
+    from. Moments of disjoint image sets add up, so processes can each sum a slice
+    (:mod:`gpu_dsm.shards`)."""
     config = config or HOWConfig()
     net = cut_backbone(backbone, config.layer)
     k = net.out_channels

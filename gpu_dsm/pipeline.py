@@ -90,15 +90,22 @@ class LearnedState(nn.Module):
             self.register_buffer(name, None)
 
     def set(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Hold a detached float32 copy of ``tensor`` (on its device) as buffer ``name``, one of
+        :attr:`NAMES`, or clear it (``None``); an unknown name raises ``KeyError``."""
         if name not in self.NAMES:
             raise KeyError(name)
         self._buffers[name] = None if tensor is None else tensor.detach().float().clone()
 
     def whitening(self, prefix: str = "") -> Whitening | None:
+        """The :class:`Whitening` held under ``prefix`` (``""``: global descriptors', ``"how_"``:
+        HOW's): its float32 buffers, on their device (the module's after ``.to()``), not copied;
+        ``None`` when absent."""
         projection, bias = self._buffers[f"{prefix}whitening_projection"], self._buffers[f"{prefix}whitening_bias"]
         return None if projection is None else Whitening(projection=projection, bias=bias)
 
     def set_whitening(self, whitening: Whitening | None, prefix: str = "") -> None:
+        """Hold ``whitening``'s projection and bias under ``prefix`` (as :meth:`set`: float32
+        copies, on their device), or clear both (``None``)."""
         self.set(f"{prefix}whitening_projection", None if whitening is None else whitening.projection)
         self.set(f"{prefix}whitening_bias", None if whitening is None else whitening.bias)
 
@@ -158,14 +165,20 @@ class DSMRetrieval(nn.Module):
 
     @property
     def how_whitening(self) -> Whitening | None:
+        """HOW's learned reduction ``(d, K)`` (float32, on the module's device), with the ASMK
+        initial ranking; ``None`` until :meth:`fit_asmk` learns it or the constructor is given it."""
         return self.learned.whitening("how_")
 
     @property
     def codebook(self) -> torch.Tensor | None:
+        """The ASMK codebook ``(K, d)`` float32 on the module's device; ``None`` until
+        :meth:`fit_asmk` learns it or the constructor is given it."""
         return self.learned.codebook
 
     @property
     def device(self) -> torch.device:
+        """Where the module computes: the backbone's device, or without a backbone where
+        ``.to()`` put the module (the CPU at first)."""
         return self.backbone.device if self.backbone is not None else self._anchor.device
 
     def _network(self, what: str) -> Backbone:
@@ -369,4 +382,6 @@ class DSMRetrieval(nn.Module):
                               gather_local(index.local, [candidate], self.device), config=match)
 
     def forward(self, queries, database) -> SearchResult:
+        """``module(queries, database)``: :meth:`search` of ``queries`` in ``database``, which is
+        indexed first (:meth:`index`) unless it is already :class:`DescribedImages`."""
         return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))

@@ -62,6 +62,7 @@ class DescribedImages:
 
     @property
     def num_images(self) -> int:
+        """``N``, the images described (rows of ``global_descriptors``)."""
         return int(self.global_descriptors.shape[0])
 
 
@@ -69,7 +70,16 @@ class InitialRanking(Protocol):
     """A database index that ranks it for every query: ``(scores (Q, k), indices (Q, k))``, best
     first; ``k=None``: the whole database."""
 
-    def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank the database for each of the ``Q`` images of ``queries``.
+
+        Args:
+            queries: the described queries (the ranking reads what it needs of them).
+            k: images returned per query (``None``: all ``N``, a full ranking; capped at ``N``).
+        Returns:
+            ``(scores (Q, k), indices (Q, k))``: real scores and int64 database indices, best first.
+        """
+        ...
 
 
 @dataclass
@@ -82,6 +92,14 @@ class GlobalRanking:
     index: GlobalIndex
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``k`` of every query by its ``global_descriptors`` ``(Q, D)`` (:meth:`GlobalIndex.search`).
+
+        Returns:
+            ``(scores (Q, k), indices (Q, k))`` on the device of the queries' descriptors, best
+            first: cosine similarities (their dtype for the exact index, float32 from FAISS) and
+            int64 database indices. ``k=None``: ``(Q, N)``; the images an approximate index did not
+            return come last, with score ``-inf`` (:func:`complete_ranking`).
+        """
         n = self.index.num_images
         scores, indices = self.index.search(queries.global_descriptors, n if k is None else k)
         if k is None and indices.shape[1] < n:
@@ -96,6 +114,13 @@ class ASMKRanking:
     index: ASMKIndex
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``k`` of every query by the ASMK similarity of its HOW features (``queries.how``,
+        moved to the index's device; :meth:`ASMKIndex.search`).
+
+        Returns:
+            ``(scores (Q, k) float64, indices (Q, k) int64)`` on the index's device, best first
+            (``k=None``: all ``N``); a query without features scores 0 everywhere.
+        """
         if queries.how is None:
             raise ValueError("the ASMK initial ranking needs the queries' HOW features (describe them with the module)")
         device = self.index.device
@@ -105,7 +130,21 @@ class ASMKRanking:
 
 def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend a top-k ``(Q, k)`` to all ``num_images`` images: the images it does not hold follow in
-    database order with score ``-inf`` (an approximate index's ``-1``, "no result", is dropped)."""
+    database order with score ``-inf`` (an approximate index's ``-1``, "no result", is dropped).
+
+    Args:
+        scores: ``(Q, k)`` floating point scores, best first.
+        indices: ``(Q, k)`` int64 database indices (distinct within a row, or ``-1``), on the
+            device of ``scores``.
+        num_images: ``N``.
+    Returns:
+        ``(scores (Q, N), indices (Q, N))`` in the dtypes of the inputs, on their device.
+
+    Examples:
+        >>> import torch
+        >>> complete_ranking(torch.tensor([[0.9, 0.5, 0.0]]), torch.tensor([[2, 4, -1]]), 5)
+        (tensor([[0.9000, 0.5000,   -inf,   -inf,   -inf]]), tensor([[2, 4, 0, 1, 3]]))
+    """
     full_scores, full_indices = [], []
     for row_scores, row in zip(scores, indices):
         found = row >= 0
@@ -120,7 +159,12 @@ def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: in
 
 
 def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, device: torch.device | str) -> LocalFeatures:
-    """The local features of images ``indices`` (in that order, repeats allowed) on ``device``."""
+    """The local features of images ``indices`` (in that order, repeats allowed) on ``device``.
+
+    ``indices``: database rows, a sequence of ints or an integer tensor (any device). A
+    :class:`LocalFeatures` table (any device) is indexed on its device and the rows moved; a
+    feature store reads them from its memory map.
+    """
     if isinstance(source, LocalFeatures):
         rows = torch.as_tensor(indices, dtype=torch.long, device=source.device)
         return source[rows].to(device)
@@ -136,14 +180,16 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
     Args:
         reranker: the :class:`DSMReranker` (its ``config.top_k`` candidates are verified).
         queries, database: where the local features of the queries / database images come from.
-        ranks: ``(Q, N)`` database indices of each query's ranking, best first (on the CPU).
-        similarities: ``(Q, >= K)`` their initial scores.
-        device: where verification runs.
+        ranks: ``(Q, N)`` int64 database indices of each query's ranking, best first (on the CPU).
+        similarities: ``(Q, >= K)`` their initial scores, real, any device (moved to ``device``).
+        device: where verification runs (the local features are gathered there).
         query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
         show_progress: report progress (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
     Returns:
-        ``(new ranks (Q, N), re-ranking of the top-k)``: the top-k re-ordered, the rest unchanged;
-        the :class:`RerankResult` on the CPU (its ``match`` is ``None``: per-batch results are not merged).
+        ``(new ranks (Q, N), re-ranking of the top-k)``: the new ranks int64 on the device of
+        ``ranks``, the top-k re-ordered and the rest unchanged; the :class:`RerankResult` ``(Q, K)``
+        on the CPU (int64 ``indices``, ``inliers`` and ``order``, float64 ``scores``; its ``match``
+        is ``None``: per-batch results are not merged).
     """
     if query_batch < 1:
         raise ValueError(f"query_batch must be >= 1, got {query_batch}")
@@ -174,7 +220,11 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
 def diffuse_initial(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig
                     ) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
-    2017): ``(ranking (Q, N), CGInfo)``, unreached images in the initial order."""
+    2017): ``(ranking (Q, N), CGInfo)``, unreached images in the initial order.
+
+    ``similarities`` ``(Q, N)`` real scores and ``ranks`` ``(Q, N)`` int64 database indices of
+    the initial ranking, best first, any device (moved to the graph's). The ranking is int64 on
+    the graph's device; ``CGInfo.relative_residual`` ``(Q,)`` in ``config.dtype`` there."""
     device = graph.device
     seeds = plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k, config.gamma)
     ranks = ranks.to(device)
@@ -187,7 +237,9 @@ def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: Rera
     """Diffusion seeded by the spatially verified top of each query (paper 3.6, :func:`dsm_seeds`):
     ``(ranking (Q, N), CGInfo)``. ``similarities (Q, >= K)`` in the initial order, ``reranked``
     the re-ranking of the top ``K``, ``reranked_ranks (Q, N)`` the re-ranked full ranking (the
-    order of unreached images)."""
+    order of unreached images). Inputs: real similarities, int64 indices, any device (moved to
+    the graph's). The ranking is int64 on the graph's device; ``CGInfo.relative_residual``
+    ``(Q,)`` in ``config.dtype`` there."""
     device = graph.device
     k = reranked.order.shape[1]
     seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
@@ -237,16 +289,17 @@ class SearchResult:
 
     @property
     def initial_method(self) -> str:
+        """The configured initial ranking, ``"global"`` or ``"asmk"``: ``method`` up to its first ``+``."""
         return self.method.split("+", 1)[0]
 
     @property
     def initial(self) -> torch.Tensor:
-        """``(Q, N)`` the configured initial ranking."""
+        """``(Q, N)`` int64 database indices of the configured initial ranking, best first, on the CPU."""
         return self.stages[self.initial_method].ranks
 
     @property
     def similarities(self) -> torch.Tensor:
-        """``(Q, N)`` its scores."""
+        """``(Q, N)`` float32 scores of the configured initial ranking, in its order, on the CPU."""
         return self.stages[self.initial_method].scores
 
     @property

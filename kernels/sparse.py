@@ -40,7 +40,27 @@ def _csr_matvecs():
 
 
 def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """An ``(n, n)`` torch CSR tensor, without torch's beta warning."""
+    """An ``(n, n)`` torch CSR tensor, without torch's beta warning.
+
+    Args:
+        crow: ``(n + 1,)`` row pointers; col: ``(nnz,)`` column indices; both int64 (or both int32).
+        values: ``(nnz,)`` the non-zeros, any dtype; all three on one device.
+        n: the rows and columns.
+    Returns:
+        sparse CSR ``(n, n)`` in the dtype of ``values``, on their device.
+
+    Examples:
+        The path graph ``0 - 1 - 2``:
+
+        >>> import torch
+        >>> S = csr_tensor(torch.tensor([0, 1, 3, 4]), torch.tensor([1, 0, 2, 1]), torch.ones(4), 3)
+        >>> S.layout, S.dtype
+        (torch.sparse_csr, torch.float32)
+        >>> S.to_dense()
+        tensor([[0., 1., 0.],
+                [1., 0., 1.],
+                [0., 1., 0.]])
+    """
     with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size=(n, n))
@@ -50,11 +70,43 @@ class SparseOperator:
     """Products with a fixed symmetric sparse ``S`` (COO or CSR) in an internal node order.
 
     Args:
-        matrix: ``(N, N)`` sparse tensor, symmetric.
-        dtype: dtype of the products (float32 or float64).
+        matrix: ``(N, N)`` sparse tensor, symmetric, any floating point dtype; any device (the
+            ``"scipy"`` backend: the CPU). The operator keeps its device (``device``).
+        dtype: dtype of the products (float32 or float64): the matrix is converted to it, and
+            dense operands must have it.
         reorder: scipy path: reverse Cuthill-McKee node order.
         backend: ``"auto"`` (``"scipy"`` on the CPU, ``"torch"`` elsewhere), ``"scipy"``, ``"torch"``.
         threads: scipy path: threads sharing a product (default: ``torch.get_num_threads()``).
+
+    Dense operands are ``(N, Q)`` in ``dtype`` on ``device``, in the internal order: the scipy
+    path may renumber the nodes, so dense matrices go through :meth:`to_internal` on the way in
+    and :meth:`from_internal` on the way out.
+
+    Examples:
+        The path graph ``0 - 1 - 2`` and an isolated node ``3``:
+
+        >>> import torch
+        >>> S = csr_tensor(torch.tensor([0, 1, 3, 4, 4]), torch.tensor([1, 0, 2, 1]), torch.ones(4), 4)
+        >>> op = SparseOperator(S)  # on the CPU: the scipy path
+        >>> op.num_nodes, op.backend, op.dtype
+        (4, 'scipy', torch.float32)
+        >>> x = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
+        >>> op.from_internal(op.shifted_product(op.to_internal(x), alpha=0.5))  # x - 0.5 S x
+        tensor([[ 1.0000],
+                [-0.5000],
+                [ 0.0000],
+                [ 0.0000]])
+        >>> op.from_internal(op.components)
+        tensor([0, 0, 0, 1])
+        >>> op.from_internal(op.reached_by(op.to_internal(x)))
+        tensor([ True,  True,  True, False])
+        >>> op.restricted(op.reached_by(op.to_internal(x))).num_nodes
+        3
+
+        The torch path (any device) keeps the caller's order, and gives the same products:
+
+        >>> SparseOperator(S, backend="torch").shifted_product(x, alpha=0.5).T
+        tensor([[ 1.0000, -0.5000,  0.0000,  0.0000]])
     """
 
     def __init__(self, matrix: torch.Tensor, dtype: torch.dtype = torch.float32, reorder: bool = True,
@@ -114,11 +166,13 @@ class SparseOperator:
 
     @property
     def num_nodes(self) -> int:
+        """``N``, the graph's nodes (rows of ``S``)."""
         return self.shape[0]
 
     @property
     def components(self) -> torch.Tensor:
-        """``(N,)`` connected-component label of every node, internal order (computed once)."""
+        """``(N,)`` int64 connected-component label of every node, internal order, on the
+        operator's device (computed once, by scipy on the CPU)."""
         if self._components is None:
             import scipy.sparse as sp
             from scipy.sparse.csgraph import connected_components
@@ -129,17 +183,22 @@ class SparseOperator:
         return self._components
 
     def reached_by(self, dense: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` bool: nodes in a connected component holding a non-zero of ``dense`` ``(N, Q)``
-        (internal order). Products of ``dense`` with ``S`` stay zero elsewhere."""
+        """``(N,)`` bool on the operator's device: nodes in a connected component holding a
+        non-zero of ``dense`` ``(N, Q)`` (any dtype, internal order, on the operator's device).
+        Products of ``dense`` with ``S`` stay zero elsewhere."""
         labels = self.components
         seeded = torch.zeros(int(labels.max()) + 1 if labels.numel() else 0, dtype=torch.bool, device=self.device)
         seeded[labels[(dense != 0).any(1)]] = True
         return seeded[labels]
 
     def restricted(self, nodes: torch.Tensor) -> "SparseOperator":
-        """The operator of the sub-graph induced by ``nodes`` (``(N,)`` bool, internal order), in
-        that order (its internal order is the identity). No edge may leave ``nodes`` for the
-        sub-graph's products to equal the full ones there: pass a union of components."""
+        """The operator of the sub-graph induced by ``nodes`` (``(N,)`` bool, internal order, any
+        device), in that order (its internal order is the identity). No edge may leave ``nodes``
+        for the sub-graph's products to equal the full ones there: pass a union of components.
+
+        Returns:
+            an operator of ``nodes.sum()`` nodes with this one's dtype, device, backend and threads.
+        """
         keep = nodes.to(self.device)
         sub = object.__new__(SparseOperator)
         sub.device, sub.dtype, sub.backend, sub.threads = self.device, self.dtype, self.backend, self.threads
@@ -164,10 +223,11 @@ class SparseOperator:
         """The block-diagonal operator of the sub-graphs induced by each row of ``nodes``.
 
         Args:
-            nodes: ``(B, R)`` int64 internal node indices (:meth:`internal_index`), distinct within a row.
+            nodes: ``(B, R)`` integer internal node indices (:meth:`internal_index`), distinct
+                within a row, any device (moved to the operator's).
 
         Returns:
-            an operator of ``B * R`` nodes, no reordering, the same dtype, backend and threads: node
+            an operator of ``B * R`` nodes, no reordering, the same dtype, device, backend and threads: node
             ``r`` of block ``b`` is row ``b * R + r``, and block ``b`` is the sub-matrix
             ``S[nodes[b]][:, nodes[b]]``: edges leaving a row's nodes are dropped (the truncated
             solve of fyang93/diffusion, ``lap_alpha[ids][:, ids]``).
@@ -206,17 +266,26 @@ class SparseOperator:
         return self._torch.crow_indices().long(), self._torch.col_indices(), self._torch.values()
 
     def internal_index(self, original: torch.Tensor) -> torch.Tensor:
-        """Internal indices of nodes ``original`` given in the caller's order (any shape)."""
+        """Internal indices of nodes ``original`` given in the caller's order: integer indices of
+        any shape, any device; the result has their shape and device (``original`` itself when the
+        operator keeps the caller's order)."""
         return original if self._inverse is None else self._inverse.to(original.device)[original]
 
     def to_internal(self, dense: torch.Tensor) -> torch.Tensor:
+        """The rows of ``dense`` ``(N, ...)`` (caller's order) in the internal order: a permuted
+        copy of the same dtype and device, or ``dense`` itself when the operator keeps the
+        caller's order (the torch path, ``reorder=False``, a graph without edges)."""
         return dense if self._order is None else dense[self._order]
 
     def from_internal(self, dense: torch.Tensor) -> torch.Tensor:
+        """The rows of ``dense`` ``(N, ...)`` (internal order) in the caller's order: the inverse
+        of :meth:`to_internal`, a permuted copy of the same dtype and device or ``dense`` itself."""
         return dense if self._inverse is None else dense[self._inverse]
 
     def original_index(self, internal: torch.Tensor) -> torch.Tensor:
-        """Node indices in the caller's order of internal indices ``internal``."""
+        """Node indices in the caller's order of internal indices ``internal`` (integer, any shape,
+        any device); the result has their shape and device (``internal`` itself when the
+        operator keeps the caller's order)."""
         return internal if self._order is None else self._order.to(internal.device)[internal]
 
     def _accumulate(self, data: np.ndarray, dense: np.ndarray, out: np.ndarray, start_from_dense: bool) -> None:
@@ -243,7 +312,8 @@ class SparseOperator:
             raise ValueError(f"expected a dense ({self.shape[1]}, Q) matrix, got {tuple(dense.shape)}")
 
     def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
-        """``S @ dense`` with ``dense`` ``(N, Q)`` in the internal order (see :meth:`to_internal`)."""
+        """``S @ dense`` with ``dense`` ``(N, Q)`` in the internal order (see :meth:`to_internal`),
+        in the operator's dtype on its device; the result ``(N, Q)`` likewise."""
         self._check(dense)
         if self._torch is not None:
             return self._torch @ dense
@@ -255,7 +325,10 @@ class SparseOperator:
         return torch.from_numpy(out)
 
     def shifted_product(self, dense: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``dense - alpha * (S @ dense)``, written into ``out`` when given (``(N, Q)``, contiguous)."""
+        """``dense - alpha * (S @ dense)``, written into ``out`` when given (``(N, Q)``, contiguous).
+
+        ``dense``: ``(N, Q)`` in the operator's dtype, internal order, on its device; ``out`` (and
+        the result, ``out`` when given) likewise."""
         self._check(dense)
         if out is None:
             out = torch.empty_like(dense)
