@@ -213,8 +213,9 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     Returns:
         :class:`MatchResult` over the ``P`` pairs, on the features' device.
 
-    On any device the call reads from the device four times (the number of scales, of
-    correspondences, the group sizes and the longest match list); the rest is queued.
+    On any device the call reads from the device four times (the numbers of scales and channels
+    with the range check of ``query_index``, the number of correspondences, the group sizes, the
+    longest match list); the rest is queued.
     """
     cfg = config or MatchConfig()
     for name, features in (("query", query), ("candidates", candidates)):
@@ -266,7 +267,7 @@ def _winners(corr, groups, sizes, best_count, best_params, mask, num_pairs: int,
     target = torch.where(is_winner, pair_of_group, num_pairs)  # the others write to a spare row
     inliers = torch.zeros(num_pairs + 1, dtype=torch.long, device=device).scatter_(0, target, best_count)
     transform = torch.full((num_pairs + 1, 5), math.nan, dtype=torch.float64, device=device)
-    transform.index_copy_(0, target, torch.where(is_winner[:, None], best_params, math.nan))
+    transform.index_copy_(0, target, best_params)
     scale_pair = torch.full((num_pairs + 1, 2), -1, dtype=torch.long, device=device)
     scale_pair.index_copy_(0, target, torch.stack([scale_pair_of_group // num_scales,
                                                    scale_pair_of_group % num_scales], 1))
