@@ -4,8 +4,9 @@ PyTorch lets user code lower the precision of every float32 matrix product proce
 ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``
 (TF32 on CUDA: 10-bit mantissas), ``"medium"`` (also bfloat16 in oneDNN on the CPU), or the
 ``fp32_precision`` attributes behind them (PyTorch docs, "TensorFloat-32 (TF32) on Ampere (and
-later) devices"). Kernels whose results must not depend on that (nearest visual words, where a
-rounded product changes an assignment) run their products inside :func:`ieee_float32_matmul`.
+later) devices"). Kernels whose results must not depend on that (ASMK's nearest visual words,
+where a rounded product changes an assignment, and HOW's reduction of the descriptors assigned)
+run their products inside :func:`ieee_float32_matmul`.
 """
 from __future__ import annotations
 

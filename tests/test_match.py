@@ -95,12 +95,24 @@ def test_recovers_a_known_transform():
     assert res.inliers.tolist() == [0] and res.scale_pair.tolist() == [[-1, -1]]
 
 
-def test_scale_gate():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_scale_gate(backend, native_kernel):
+    """An inlier's own area change relative to the hypothesis' lies within
+    ``[1 / max_scale_change, max_scale_change]``, bounds included."""
     q, c = _synthetic_pair(transform=(1.0, 0.0, 1.0, 0.0, 0.0))
-    c.frame[0, :20] *= 2.0  # area change 4 > 3 relative to the identity: these 20 fail the gate
-    res = spatial_verify(q, c)
-    assert res.inliers.tolist() == [20]
-    assert spatial_verify(q, c, config=MatchConfig(max_scale_change=5.0)).inliers.tolist() == [40]
+    c.frame[0, :20] *= 2.0  # area change 4 relative to the identity (exact in float32)
+
+    def inliers(max_scale_change):
+        cfg = MatchConfig(max_scale_change=max_scale_change, backend=backend)
+        return spatial_verify(q, c, config=cfg).inliers.tolist()
+
+    assert inliers(3.0) == [20]  # 4 > 3: the 20 fail the gate
+    assert inliers(3.999) == [20]
+    assert inliers(4.0) == [40]  # on the bound: inside
+    assert inliers(5.0) == [40]
+    q.frame[0, :20] *= 2.0  # the other way round: area change 1/4
+    c.frame[0, :20] /= 2.0
+    assert inliers(3.999) == [20] and inliers(4.0) == [40]
 
 
 def test_empty_and_mismatched_inputs():

@@ -1,7 +1,8 @@
 """Both backends of spatial verification (the C kernel and tensor passes) against the plain float64
 matcher on small many-to-many tables (inlier counts, inlier correspondences, scale pairs,
-transforms); the kernel's threads, input checks and the fallback without a compiler; scoring
-independent of the float32 matmul precision settings. The real tables: test_match_real.py."""
+transforms); the kernel's threads, input checks and the fallback without a compiler; the chunk
+plan and the tensor passes' four device reads; the tensor passes' decisions under every float32
+matmul precision setting. The real tables: test_match_real.py."""
 import dataclasses
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.kernels import fsm, native, scoring
-from gpu_dsm.match import MatchConfig, _plan_chunks, choose_backend, spatial_verify, tentative_correspondences
+from gpu_dsm.kernels import fsm, native
+from gpu_dsm.match import ERRORS, MatchConfig, _plan_chunks, choose_backend, spatial_verify, tentative_correspondences
 from gpu_dsm.reference.match import verify_pair_details
 
 def _plain(query, candidates, query_index, cfg):
@@ -181,22 +182,19 @@ _PRECISION = {"global": _B, "cuda.matmul": _B.cuda.matmul, "mkldnn.matmul": _B.m
 
 @pytest.mark.parametrize("setting", ["allow_tf32=True", "matmul_precision=highest", "matmul_precision=high",
                                      "matmul_precision=medium", "fp32_precision=tf32", "mkldnn=bf16"])
-def test_inlier_decisions_do_not_depend_on_the_float32_matmul_precision(setting, monkeypatch):
+def test_torch_backend_decisions_do_not_depend_on_the_float32_matmul_precision(setting, monkeypatch):
+    """TF32 and bfloat16 settings lower float32 products only (PyTorch docs, "TensorFloat-32 (TF32)
+    on Ampere (and later) devices"); the tensor passes have none: their one product, the
+    least-squares sums, is float64. Under every setting the counts, inliers, scale pairs and
+    transforms are the plain matcher's, and the caller's settings are left as they were."""
     saved = {name: obj.fp32_precision for name, obj in _PRECISION.items()}
     seen = []
     bmm = torch.bmm
 
     def recording_bmm(a, b):
-        seen.append((a.dtype, _B.cuda.matmul.fp32_precision, _B.mkldnn.matmul.fp32_precision))
+        seen.append((a.dtype, b.dtype))
         return bmm(a, b)
 
-    g = torch.Generator().manual_seed(0)
-    xy1 = torch.rand(4, 300, 2, generator=g) * 60
-    xy2 = xy1 * 1.1 + torch.randn(4, 300, 2, generator=g) * 2  # errors spread around the threshold
-    params = torch.randn(4, 50, 5, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.01, 0.01, 0.5, 0.5],
-                                                                                   dtype=torch.float64)
-    params += torch.tensor([1.1, 0.0, 1.1, 0.0, 0.0], dtype=torch.float64)
-    valid = torch.ones(4, 300, dtype=torch.bool)
     kind, value = setting.split("=")
     try:
         if kind == "allow_tf32":
@@ -209,14 +207,17 @@ def test_inlier_decisions_do_not_depend_on_the_float32_matmul_precision(setting,
             _B.fp32_precision = value
         before = {name: obj.fp32_precision for name, obj in _PRECISION.items()}
         monkeypatch.setattr(torch, "bmm", recording_bmm)
-        for error in ("one_way", "symmetric"):
-            got = scoring.inlier_mask(params, xy1, xy2, valid, 16.0, error)
-            exact = scoring.direct_errors(params, xy1.double(), xy2.double(), error) < 16.0
-            assert torch.equal(got, exact)
-            assert 0.05 < exact.float().mean() < 0.95
+        for error in ERRORS:
+            cfg = MatchConfig(backend="torch", error=error, threshold=2.0)
+            for seed in range(2):
+                q, c = _random_tables(seed)
+                qi = torch.zeros(c.num_images, dtype=torch.long)
+                result = spatial_verify(q, c, qi, cfg)
+                assert _compare(result, _plain(q, c, qi, cfg), transform_tolerance=0.0) == ([], 0.0)
+                assert result.inliers.max() >= 12  # the shared transform found
         monkeypatch.undo()
-        assert seen and all(s == (torch.float32, "ieee", "ieee") for s in seen)  # products at IEEE float32
-        assert {name: obj.fp32_precision for name, obj in _PRECISION.items()} == before  # the caller's settings back
+        assert seen and all(s == (torch.float64, torch.float64) for s in seen)  # the refinement's sums
+        assert {name: obj.fp32_precision for name, obj in _PRECISION.items()} == before
     finally:
         for name, value in saved.items():
             _PRECISION[name].fp32_precision = value
