@@ -273,6 +273,12 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
                        help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
         g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
                        help="k-means iterations (default: %(default)s, the reference's)")
+        g.add_argument("--asmk-alpha", type=float, default=a.alpha,
+                       help="selectivity exponent of the match kernel, sigma(s) = s^alpha (default: %(default)s, HOW's "
+                            "_eccv20_how.yml)")
+        g.add_argument("--query-assignments", type=int, default=a.query_assignments,
+                       help="nearest words per query descriptor, multiple assignment (default: %(default)s, HOW's "
+                            "_eccv20_how.yml; 1: none)")
         g.add_argument("--asmk-search", choices=SEARCH_BACKENDS, default=a.search_backend,
                        help="inverted-file scoring: 'native', a C kernel on the CPU (built on first use with the system's "
                             "C compiler, $CC); 'torch', tensor passes on any device; 'auto', native on the CPU where it "
@@ -296,6 +302,8 @@ def _asmk_run(args: argparse.Namespace):
     default = ASMKConfig()
     asmk = ASMKConfig(codebook_size=getattr(args, "codebook_size", default.codebook_size),
                       kmeans_iterations=getattr(args, "kmeans_iterations", default.kmeans_iterations),
+                      alpha=getattr(args, "asmk_alpha", default.alpha),
+                      query_assignments=getattr(args, "query_assignments", default.query_assignments),
                       search_backend=getattr(args, "asmk_search", default.search_backend))
     return ASMKRun(how=how, asmk=asmk, codebook_data=tuple(args.codebook_data))
 

@@ -129,3 +129,16 @@ def test_progress_reaches_a_log_as_lines(tiny_root, tmp_path):
         quiet = subprocess.run(command + ["--no-progress", "--cache-dir", str(tmp_path / "d")], stdout=subprocess.PIPE,
                                stderr=f, text=True)
     assert quiet.returncode == 0 and log.read_text() == ""
+
+
+def test_model_options_reach_the_configs():
+    """The ASMK kernel and diffusion truncation options land in the configs a run uses."""
+    from gpu_dsm.cli import _asmk_run, _diffusion_config
+
+    args = build_parser().parse_args(["evaluate", "--initial", "asmk", "--asmk-alpha", "1.5", "--query-assignments", "1",
+                                      "--diffusion", "--truncation-size", "300"])
+    asmk = _asmk_run(args).asmk
+    assert (asmk.alpha, asmk.query_assignments) == (1.5, 1)
+    assert _diffusion_config(args)[0].truncation_size == 300
+    defaults = build_parser().parse_args(["evaluate", "--initial", "asmk", "--diffusion"])
+    assert _asmk_run(defaults).asmk.alpha == 3.0 and _diffusion_config(defaults)[0].truncation_size is None
