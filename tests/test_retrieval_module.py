@@ -267,3 +267,25 @@ def test_an_approximate_top_k_is_completed_to_a_full_ranking():
                                      torch.tensor([[3, 0, 2], [4, 1, -1]]), 6)
     assert ranks.tolist() == [[3, 0, 2, 1, 4, 5], [4, 1, 0, 2, 3, 5]]
     assert scores[0, :3].tolist() == pytest.approx([0.9, 0.5, 0.1]) and torch.isinf(scores[1, 2:]).all()
+
+
+def test_truncated_diffusion_in_the_module(lite0, mini):
+    """Truncation at R = N is the whole-graph solve (every method ranks alike); at R < N the images
+    past each query's top R keep the order of the ranking diffusion refines."""
+    full_cfg = RetrievalConfig(diffusion=DiffusionConfig(dtype=torch.float64, tol=1e-12, max_iter=300),
+                               **_small(initial="global"))
+    database, queries = mini.database_specs()[:12], mini.query_specs()[:2]
+    retrieval = DSMRetrieval(lite0, full_cfg)
+    index, described = retrieval.index(database), retrieval.describe(queries, is_query=True)
+    full = retrieval.search(described, index)
+
+    def truncated(r: int):
+        cfg = dataclasses.replace(full_cfg, diffusion=dataclasses.replace(full_cfg.diffusion, truncation_size=r))
+        return DSMRetrieval(lite0, cfg).search(described, index)
+
+    every = truncated(12)
+    for name, ranks in full.methods.items():
+        assert torch.equal(ranks, every.methods[name]), name
+    top10 = truncated(10)
+    assert torch.equal(top10.methods["global+D"][:, 10:], full.methods["global"][:, 10:])
+    assert torch.equal(top10.methods["global+dsm+D"][:, 10:], full.methods["global+dsm"][:, 10:])
