@@ -22,7 +22,9 @@ A docs page holds a generated table between two marker lines::
   resampled together) and the queries that gain / lose;
 - ``landmarks SETUP A:METHOD vs B:METHOD; ...``: the same differences per query group
   (landmark) for one setup;
-- ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each.
+- ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each;
+- ``match NAME``: an ``eval/bench_match.py`` result file (real tables): each method's time, OpenCV's
+  over the C kernel's, the pairs that agree, the tensor path's launches and host syncs.
 
 ``python -m gpu_dsm.eval.tables`` rewrites every such table from its files; ``--check`` rewrites
 nothing and exits 1 naming each table that differs.
@@ -188,13 +190,12 @@ QUERY_PATH_STAGES = ("search", "gather", "verify", "diffuse", "rank", "total")
 def format_query_path(spec: str, results: dict[str, dict]) -> str:
     """A row per ``eval/bench_query_path.py`` result file: ms per query per stage and peak RSS."""
     names = spec.split()
+    for name in names:
+        _benchmark(results, name, "query_path", "query-path")
     lines = ["| images | search backend | diffusion | queries per batch | " + " | ".join(QUERY_PATH_STAGES)
              + " (ms per query) | peak RSS (GiB) |", "| --- " * (5 + len(QUERY_PATH_STAGES)) + "|"]
     for name in names:
-        result = results.get(name)
-        if result is None or result.get("kind") != "benchmark" or result["report"].get("benchmark") != "query_path":
-            raise ValueError(f"query-path table: {name}.json is not a recorded query_path benchmark")
-        r = result["report"]
+        r = results[name]["report"]
         truncation = r.get("truncation_size")
         diffusion = "whole graph" if truncation is None else f"top {truncation}"
         ms = [f"{r['ms_per_query'][stage]:.1f}" for stage in QUERY_PATH_STAGES]
@@ -203,6 +204,47 @@ def format_query_path(spec: str, results: dict[str, dict]) -> str:
                      + f" | {rss:.1f} |")
     lines += ["", "From:", ""]
     return "\n".join(lines + _sources(results, names)) + "\n"
+
+
+def _benchmark(results: dict[str, dict], name: str, benchmark: str, table: str) -> dict:
+    result = results.get(name)
+    if result is None or result.get("kind") != "benchmark" or result["report"].get("benchmark") != benchmark:
+        raise ValueError(f"{table} table: {name}.json is not a recorded {benchmark} benchmark")
+    return result["report"]
+
+
+def format_match(spec: str, results: dict[str, dict]) -> str:
+    """A row per method and thread count of an ``eval/bench_match.py`` result file (real tables):
+    ms per query (wall, process CPU), OpenCV's time over the C kernel's, pairs within one inlier
+    of the project's count; then the tensor path's launches and host syncs per batch."""
+    name = spec.strip()
+    r = _benchmark(results, name, "match", "match")
+    tables = r["tables"]
+    lines = ["| threads | method | ms per query | CPU ms per query | time over the C kernel's | pairs within one inlier |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    labels = {"native": "C kernel (`native`)", "torch": "tensor path (`torch`)",
+              "estimateAffine2D": "`cv2.estimateAffine2D`", "estimateAffinePartial2D": "`cv2.estimateAffinePartial2D`"}
+    for threads, run in r["runs"].items():
+        native = run.get("native", {}).get("ms_per_query")
+        for method, label in labels.items():
+            if method not in run:
+                continue
+            e = run[method]
+            ratio = f"{e['ms_per_query'] / native:.1f}x" if native else "—"
+            agree = f"{e['pairs_within_one_inlier']} / {e['pairs']}" if "pairs_within_one_inlier" in e else "—"
+            lines.append(f"| {threads.split('_')[0]} | {label} | {e['ms_per_query']:.1f} | {e['cpu_ms_per_query']:.1f} | "
+                         f"{ratio} | {agree} |")
+    notes = [f"{tables['dataset']}: {tables['queries']} queries x top {tables['pairs'] // max(tables['queries'], 1)}, "
+             f"{tables['image_size']} px, median {tables['correspondences_per_pair_median']} correspondences per pair."]
+    for key, plan in (("torch_launches", "this device's chunk plan"), ("torch_launches_gpu_plan", "a GPU's chunk plan")):
+        if key in r:
+            t = r[key]
+            notes.append(f"Tensor path, {plan}: {t['launches_per_batch']:.0f} operator launches and "
+                         f"{t['host_syncs_per_batch']:.0f} host syncs per batch ({t['batch']}).")
+    if isinstance(r.get("opencv"), str):
+        notes.append(f"OpenCV: {r['opencv']}.")
+    lines += ["", " ".join(notes), "", "From:", ""]
+    return "\n".join(lines + _sources(results, [name])) + "\n"
 
 
 def format_spec(spec: str, results: dict[str, dict]) -> str:
@@ -214,6 +256,8 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         return format_landmarks(rest, results)
     if kind == "query-path":
         return format_query_path(rest, results)
+    if kind == "match":
+        return format_match(rest, results)
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -222,7 +266,7 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
 def files_of(spec: str) -> list[str]:
     """The result files a marker's ``spec`` reads."""
     kind, _, rest = spec.partition(" ")
-    if kind == "query-path":
+    if kind in ("query-path", "match"):
         return rest.split()
     if kind in ("paired", "landmarks"):
         rest = rest.partition(" ")[2] if kind == "landmarks" else rest

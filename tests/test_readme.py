@@ -193,3 +193,19 @@ def test_paired_landmark_and_query_path_tables():
     assert "| 1,000,000 | exact | top 1000 | 10 | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 | 15.0 | 2.0 |" in table
     with pytest.raises(ValueError, match="not a recorded query_path"):
         format_spec("query-path toy", results)
+
+
+def test_match_benchmark_table():
+    from gpu_dsm.eval.tables import format_spec, record_benchmark
+
+    report = {"benchmark": "match", "tables": {"dataset": "roxford5k-mini", "queries": 8, "pairs": 800, "image_size": 1024,
+                                               "correspondences_per_pair_median": 243},
+              "runs": {"1_threads": {"native": {"ms_per_query": 10.0, "cpu_ms_per_query": 9.5},
+                                     "torch": {"ms_per_query": 40.0, "cpu_ms_per_query": 39.0},
+                                     "estimateAffine2D": {"ms_per_query": 85.0, "cpu_ms_per_query": 80.0,
+                                                          "pairs_within_one_inlier": 300, "pairs": 800}}},
+              "torch_launches_gpu_plan": {"batch": "one query", "launches_per_batch": 560.0, "host_syncs_per_batch": 4.0}}
+    table = format_spec("match bm", {"bm": record_benchmark(report, "python -m gpu_dsm.eval.bench_match", date="2026-12-03")})
+    assert "| 1 | `cv2.estimateAffine2D` | 85.0 | 80.0 | 8.5x | 300 / 800 |" in table
+    assert "| 1 | tensor path (`torch`) | 40.0 | 39.0 | 4.0x | — |" in table
+    assert "560 operator launches and 4 host syncs per batch" in table
