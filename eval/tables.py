@@ -7,7 +7,7 @@ gpu, platform, torch) and ``"date"`` (YYYY-MM-DD), and either an evaluation (``"
 per-query rankings left out, per-query APs kept) or a benchmark (``"kind": "benchmark"``,
 ``"report"``: the benchmark's own JSON; ``record-benchmark`` makes one).
 
-A docs page holds a generated table between two marker lines::
+A docs page (or the README) holds a generated table between two marker lines::
 
     <!-- table: SPEC -->
     ...generated...
@@ -23,6 +23,7 @@ A docs page holds a generated table between two marker lines::
 - ``landmarks SETUP A:METHOD vs B:METHOD; ...``: the same differences per query group
   (landmark) for one setup;
 - ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each;
+- ``headline NAME NAME ...``: the README's table, a column of mAP Medium / Hard per evaluation file;
 - ``match NAME``: an ``eval/bench_match.py`` result file (real tables): each method's time, OpenCV's
   over the C kernel's, the pairs that agree, the tensor path's launches and host syncs.
 
@@ -247,6 +248,26 @@ def format_match(spec: str, results: dict[str, dict]) -> str:
     return "\n".join(lines + _sources(results, [name])) + "\n"
 
 
+def format_headline(spec: str, results: dict[str, dict]) -> str:
+    """A row per method, a column per evaluation file: mAP Medium / Hard (Medium alone for a set
+    without a Hard setup), for the README."""
+    names = spec.split()
+    for name in names:
+        if name not in results or "results" not in results[name]:
+            raise ValueError(f"headline table: no evaluation result file {name}.json")
+    has_hard = {n: any(e["mAP"].get("H") is not None for e in results[n]["results"].values()) for n in names}
+    header = [f"{results[n].get('dataset') or n} M / H" if has_hard[n] else f"{results[n].get('dataset') or n}" for n in names]
+    lines = ["| method | " + " | ".join(header) + " |", "| --- " * (1 + len(names)) + "|"]
+    for method in results[names[0]]["results"]:
+        cells = []
+        for n in names:
+            m = results[n]["results"].get(method, {}).get("mAP", {})
+            cells.append(f"{_cell(m.get('M'))} / {_cell(m.get('H'))}" if has_hard[n] else _cell(m.get("M")))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "From:", ""]
+    return "\n".join(lines + _sources(results, names)) + "\n"
+
+
 def format_spec(spec: str, results: dict[str, dict]) -> str:
     """The generated table of one marker's ``spec``."""
     kind, _, rest = spec.partition(" ")
@@ -258,6 +279,8 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         return format_query_path(rest, results)
     if kind == "match":
         return format_match(rest, results)
+    if kind == "headline":
+        return format_headline(rest, results)
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -266,7 +289,7 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
 def files_of(spec: str) -> list[str]:
     """The result files a marker's ``spec`` reads."""
     kind, _, rest = spec.partition(" ")
-    if kind in ("query-path", "match"):
+    if kind in ("query-path", "match", "headline"):
         return rest.split()
     if kind in ("paired", "landmarks"):
         rest = rest.partition(" ")[2] if kind == "landmarks" else rest
@@ -302,11 +325,13 @@ def tables_in(text: str) -> list[str]:
 
 
 def regenerate(root: Path = ROOT, check: bool = False) -> list[str]:
-    """Rewrite (or with ``check`` only compare) every marked table under ``root/docs`` from
-    ``root/eval/results``; returns ``page: table`` for each table that differed."""
+    """Rewrite (or with ``check`` only compare) every marked table of ``root/README.md`` and
+    under ``root/docs`` from ``root/eval/results``; returns ``page: table`` for each table that
+    differed."""
     results = load_results(root / "eval" / "results")
     differing = []
-    for page in sorted((root / "docs").rglob("*.md")):
+    readme = [root / "README.md"] if (root / "README.md").is_file() else []
+    for page in readme + sorted((root / "docs").rglob("*.md")):
         text = page.read_text(encoding="utf-8")
         new = render(text, results, str(page.relative_to(root)))
         if new != text:

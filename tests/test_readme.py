@@ -151,7 +151,7 @@ def test_docs_tables_equal_the_result_files():
     for name, result in results.items():
         assert {"command", "machine", "date"} <= set(result), name
         assert ("report" if result.get("kind") == "benchmark" else "results") in result, name
-    pages = [p.read_text(encoding="utf-8") for p in (ROOT / "docs").rglob("*.md")]
+    pages = [p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]]
     shown = {name for text in pages for spec in tables_in(text) for name in files_of(spec)}
     assert set(results) <= shown  # every file shown
     assert regenerate(ROOT, check=True) == []
@@ -193,6 +193,8 @@ def test_paired_landmark_and_query_path_tables():
     assert "| 1,000,000 | exact | top 1000 | 10 | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 | 15.0 | 2.0 |" in table
     with pytest.raises(ValueError, match="not a recorded query_path"):
         format_spec("query-path toy", results)
+    headline = format_spec("headline toy", results)
+    assert headline.startswith("| method | toy M / H |\n") and "| a | 0.00 / 0.00 |" in headline
 
 
 def test_match_benchmark_table():
