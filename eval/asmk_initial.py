@@ -222,12 +222,13 @@ def asmk_index(cfg, retrieval, dataset: RevisitopDataset, base: Path, backbone: 
     sets = how_feature_sets(cfg, dataset, base, backbone, log, timing)
     options = run.options(cfg.backbone)
     train_descriptors = torch.cat([t.descriptors for t in sets.train])
-    codebook_key = {"training": list(sets.train_names), "size": run.asmk.codebook_size,
+    words = run.asmk.words_for(train_descriptors.shape[0])
+    codebook_key = {"training": list(sets.train_names), "size": words,
                     "iterations": run.asmk.kmeans_iterations, "seed": run.asmk.seed}
     codebook_name = f"asmk-codebook-{cache_digest(codebook_key)}.pt"
     codebook, timing["asmk_codebook_s"] = cached(
         base / codebook_name, _load_codebook,
-        lambda: train_codebook(train_descriptors.to(device), run.asmk.codebook_size, run.asmk.kmeans_iterations, run.asmk.seed,
+        lambda: train_codebook(train_descriptors.to(device), words, run.asmk.kmeans_iterations, run.asmk.seed,
                                run.asmk.memory_budget),
         _save_codebook, "ASMK codebook", log)
     retrieval.learned.set("codebook", codebook.to(device))

@@ -261,7 +261,10 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
                     "codebook images, database and queries, which evaluate --initial asmk with this folder as --cache-dir "
                     "reuses" if extract else
                     "'asmk' adds the methods asmk, asmk+dsm (with --rerank dsm: DSM verification of ASMK's top-k) and "
-                    "asmk+dsm+D (with --diffusion); the global methods stay")
+                    "asmk+dsm+D (with --diffusion); the global methods stay. With the bundled ImageNet weights ASMK "
+                    "ranks below the global descriptor on holidays-811 and above it on roxford5k-19q (docs 'HOW + "
+                    "ASMK'): pick it with HOW-trained weights (--weights HOW checkpoint) or on landmark sets, at the "
+                    "cost of a second description pass (7 scales) and a codebook")
     g.add_argument("--initial", choices=INITIAL_RANKINGS, default=RetrievalConfig().initial,
                    help=initial_help + " (default: %(default)s)")
     g.add_argument("--codebook-data", nargs="+", default=["database"], metavar="SOURCE",
@@ -270,7 +273,9 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
                         "folder of images (jpg/ and imlist.txt) (default: database; HOW learns them on SfM-120k)")
     if not extract:
         g.add_argument("--codebook-size", type=int, default=a.codebook_size,
-                       help="visual words (default: %(default)s, HOW's 64k; a few thousand suit a database of hundreds of images)")
+                       help="visual words (default: scaled to the training descriptors, the power of two at or below "
+                            "descriptors / 300 within [1024, 65536]: HOW's 65,536 for SfM-120k, 1,024 for a database of "
+                            "hundreds of images, which beat 4,096 on holidays-811 and roxford5k-19q; docs 'HOW + ASMK')")
         g.add_argument("--kmeans-iterations", type=int, default=a.kmeans_iterations,
                        help="k-means iterations (default: %(default)s, the reference's)")
         g.add_argument("--asmk-alpha", type=float, default=a.alpha,

@@ -196,8 +196,9 @@ class DSMRetrieval(nn.Module):
         training = describe_how(net, images, how_whitening, self.config.how, desc="HOW codebook images")
         cfg = self.config.asmk
         self.learned.set_whitening(how_whitening, "how_")
-        self.learned.set("codebook", train_codebook(training.descriptors, cfg.codebook_size, cfg.kmeans_iterations,
-                                                    cfg.seed, cfg.memory_budget))
+        words = cfg.words_for(training.descriptors.shape[0])
+        self.learned.set("codebook", train_codebook(training.descriptors, words, cfg.kmeans_iterations, cfg.seed,
+                                                    cfg.memory_budget))
         return self
 
     # --- describing --------------------------------------------------------------------------------

@@ -174,3 +174,16 @@ def test_faiss_codebook_backend(require):
     words = train_codebook(x, 20, iterations=10, seed=1234, backend="faiss")
     assert words.shape == (20, 8) and words.dtype == torch.float32
     assert kmeans_objective(x, words) < 8 * 0.1 ** 2 * 1.2
+
+
+def test_codebook_size_scales_with_the_training_descriptors():
+    """Default codebook size: the power of two at or below descriptors / 300 within [1024, 65536]
+    (HOW's 65,536 for ~20M descriptors), never more words than descriptors; a set size wins."""
+    cfg = ASMKConfig()
+    assert cfg.codebook_size is None
+    sizes = {n: cfg.words_for(n) for n in (500, 165_000, 511_000, 1_000_000, 2_690_000, 20_000_000, 10**9)}
+    assert sizes == {500: 500, 165_000: 1024, 511_000: 1024, 1_000_000: 2048, 2_690_000: 8192, 20_000_000: 65536,
+                     10**9: 65536}
+    assert ASMKConfig(codebook_size=4096).words_for(10**6) == 4096
+    with pytest.raises(ValueError, match="codebook_size"):
+        ASMKConfig(codebook_size=0)

@@ -9,11 +9,19 @@ from dataclasses import dataclass
 SEARCH_BACKENDS = ("auto", "native", "torch")
 
 
+DESCRIPTORS_PER_WORD = 300  # HOW: 65,536 words from ~20M SfM-120k descriptors
+MIN_WORDS, MAX_WORDS = 1024, 65536  # measured minimum (docs, "HOW + ASMK"); HOW's size
+
+
 @dataclass
 class ASMKConfig:
     """Codebook, assignment, kernel and memory settings of the aggregated selective match kernel."""
 
-    codebook_size: int = 65536  # "64k" visual words (HOW paper 4.1; _eccv20_how.yml: size 65536)
+    # visual words; None: scaled to the training descriptors (words_for): HOW's 64k words (HOW
+    # paper 4.1; _eccv20_how.yml: size 65536) come from about 20M SfM-120k descriptors, ~300 each;
+    # on databases of hundreds of images 1,024 words beat 4,096 on holidays-811 and roxford5k-19q
+    # (docs, "HOW + ASMK")
+    codebook_size: int | None = None
     kmeans_iterations: int = 10  # faiss Clustering niter in the reference codebook training
     seed: int = 1234  # the reference's faiss k-means seed (our torch k-means: the sampling seed)
     database_assignments: int = 1  # nearest words per database feature (_eccv20_how.yml)
@@ -28,7 +36,9 @@ class ASMKConfig:
     search_backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("codebook_size", "kmeans_iterations", "database_assignments", "query_assignments"):
+        if self.codebook_size is not None and int(self.codebook_size) < 1:
+            raise ValueError(f"ASMKConfig.codebook_size must be >= 1 or None, got {self.codebook_size}")
+        for name in ("kmeans_iterations", "database_assignments", "query_assignments"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ASMKConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -39,3 +49,14 @@ class ASMKConfig:
             raise ValueError(f"ASMKConfig.search_backend must be one of {SEARCH_BACKENDS}, got {self.search_backend!r}")
         if int(self.memory_budget) < 1 << 16:
             raise ValueError(f"ASMKConfig.memory_budget must be at least 64 KiB, got {self.memory_budget}")
+
+    def words_for(self, num_descriptors: int) -> int:
+        """The codebook size for ``num_descriptors`` training descriptors: ``codebook_size`` when
+        set, else the power of two at or below ``num_descriptors / 300`` within [1024, 65536]
+        (HOW's ratio; 65,536 for SfM-120k's ~20M descriptors, 1,024 for a few hundred images),
+        and never more words than descriptors."""
+        if self.codebook_size is not None:
+            return int(self.codebook_size)
+        per_word = num_descriptors / DESCRIPTORS_PER_WORD
+        scaled = 2 ** math.floor(math.log2(per_word)) if per_word >= 1 else 1
+        return int(max(1, min(max(MIN_WORDS, min(scaled, MAX_WORDS)), num_descriptors)))
