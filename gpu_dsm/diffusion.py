@@ -58,7 +58,7 @@ class DiffusionConfig:
     # None (default): solve on the whole graph (Iscen et al., the paper). R: truncated diffusion,
     # each query on the sub-graph of its top R initial images (fyang93/diffusion's truncated solve;
     # ours to offer: a 1M-image query then costs R nodes' edges, docs "Scaling out"); R must hold
-    # every seed: at least the re-ranked top-k and query_k
+    # every seed: at least query_k and dsm_candidates
     truncation_size: int | None = None
 
     def __post_init__(self):
@@ -125,15 +125,8 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
         ``rhs``) on its device, in the caller's node order; ``CGInfo.relative_residual`` ``(Q,)``
         in that dtype, on that device.
     """
-    if not (math.isfinite(alpha) and 0 < alpha < 1):
-        raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
     n = affinity.shape[0]
-    rhs = as_tensor(rhs, "rhs", kind="float")
-    if rhs.ndim != 2 or rhs.shape[0] != n:
-        raise ValueError(f"rhs must be ({n}, Q), got {tuple(rhs.shape)}")
-    # max and min propagate NaN: two reductions instead of a (N, Q) bool mask (20x faster on the CPU)
-    if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
-        raise ValueError("diffusion seeds contain NaN or Inf")
+    rhs = _checked_rhs(rhs, n, alpha)
     op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype, backend=backend)
     internal = op.to_internal(rhs.to(op.dtype))
     # the solve overwrites its right-hand side: a copy this function owns, never the caller's
@@ -177,25 +170,21 @@ def truncated_conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: t
         dtype (built here: the dtype of ``rhs``) on its device; ``CGInfo.relative_residual``
         ``(Q,)`` likewise.
     """
-    if not (math.isfinite(alpha) and 0 < alpha < 1):
-        raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
     n = affinity.shape[0]
-    rhs = as_tensor(rhs, "rhs", kind="float")
+    rhs = _checked_rhs(rhs, n, alpha)
     candidates = as_tensor(candidates, "candidates", ndim=2, kind="int", device=rhs.device).long()
-    if rhs.ndim != 2 or rhs.shape[0] != n or candidates.shape[0] != rhs.shape[1]:
+    if candidates.shape[0] != rhs.shape[1]:
         raise ValueError(f"rhs must be ({n}, Q) and candidates (Q, R), got {tuple(rhs.shape)} and {tuple(candidates.shape)}")
     if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= n):
         raise ValueError(f"candidates must be database indices in 0..{n - 1}")
-    if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
-        raise ValueError("diffusion seeds contain NaN or Inf")
     op = affinity if isinstance(affinity, SparseOperator) else SparseOperator(affinity, rhs.dtype, backend=backend)
     num_q, r = candidates.shape
     y = rhs.T.gather(1, candidates).to(op.dtype)  # (Q, R): column q's seeds on its candidates
     outside = (rhs != 0).sum(0) != (y != 0).sum(1)
     if bool(outside.any()):
         q = int(outside.nonzero()[0, 0])
-        raise ValueError(f"diffusion: query {q} has seeds outside its {r} candidates (truncation_size): raise "
-                         "truncation_size to at least the re-ranked top-k and the seeds' query_k")
+        raise ValueError(f"diffusion: query {q} has seeds outside its {r} candidates (truncation_size): the "
+                         "candidates must hold every seed")
     blocks = op.induced_blocks(op.internal_index(candidates.to(op.device)))
 
     def product(p: torch.Tensor, out: torch.Tensor) -> None:  # p, out (R, Q): column q is block q
@@ -206,6 +195,20 @@ def truncated_conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: t
     f = torch.zeros(n, num_q, dtype=op.dtype, device=f_sub.device)
     f.scatter_(0, candidates.to(f.device).T, f_sub)
     return f, info
+
+
+def _checked_rhs(rhs, n: int, alpha: float) -> torch.Tensor:
+    """``rhs`` as a finite floating point ``(n, Q)`` tensor, with ``0 < alpha < 1`` checked: the
+    inputs of both solvers."""
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1) (I - alpha S is then positive definite), got {alpha}")
+    rhs = as_tensor(rhs, "rhs", kind="float")
+    if rhs.ndim != 2 or rhs.shape[0] != n:
+        raise ValueError(f"rhs must be ({n}, Q), got {tuple(rhs.shape)}")
+    # max and min propagate NaN: two reductions instead of a (N, Q) bool mask (20x faster on the CPU)
+    if rhs.numel() and not torch.isfinite(torch.stack([rhs.amax(), rhs.amin()])).all():
+        raise ValueError("diffusion seeds contain NaN or Inf")
+    return rhs
 
 
 def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol: float, max_iter: int) -> tuple[torch.Tensor, CGInfo]:
