@@ -165,11 +165,11 @@ def format_landmarks(spec: str, results: dict[str, dict]) -> str:
         names = results[fa].get("queries")
         if not names:
             raise ValueError(f"landmarks table: {fa}.json has no query names")
-        if groups is not None and group_names(names) != groups:
+        these = group_names(names)
+        if groups is not None and these != groups:
             raise ValueError("landmarks table: the comparisons are of different queries")
-        per_query = compare_reports(results[fa], results[fb], ma, mb)["setups"][setup]["per_query"]
-        groups = group_names(names)
-        columns.append(per_query)
+        groups = these
+        columns.append(compare_reports(results[fa], results[fb], ma, mb)["setups"][setup]["per_query"])
         files += [fa, fb]
     order = sorted(set(groups))
     lines = ["| group | queries | " + " | ".join(_label(*c) for c in comparisons) + " |",

@@ -160,9 +160,8 @@ class SparseOperator:
 
     def _structure(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR ``(row pointers, column indices)`` on the CPU, internal order."""
-        if self._scipy is not None:
-            return self._scipy.indptr, self._scipy.indices
-        return self._torch.crow_indices().cpu().numpy(), self._torch.col_indices().cpu().numpy()
+        crow, col, _ = self._arrays()
+        return crow.cpu().numpy(), col.cpu().numpy()
 
     @property
     def num_nodes(self) -> int:

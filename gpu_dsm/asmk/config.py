@@ -10,7 +10,7 @@ SEARCH_BACKENDS = ("auto", "native", "torch")
 
 
 DESCRIPTORS_PER_WORD = 300  # HOW: 65,536 words from ~20M SfM-120k descriptors
-MIN_WORDS, MAX_WORDS = 1024, 65536  # measured minimum (docs, "HOW + ASMK"); HOW's size
+MIN_WORDS, MAX_WORDS = 1024, 65536  # best of those measured on small databases (docs, "HOW + ASMK"); HOW's size
 
 
 @dataclass
