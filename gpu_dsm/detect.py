@@ -45,6 +45,7 @@ from torchvision.ops import batched_nms
 
 from gpu_dsm.activations import per_image_maps
 from gpu_dsm.features import LocalFeatures
+from gpu_dsm.kernels.precision import correctly_rounded_sqrt
 from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale, top_per_group
 from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
 
@@ -183,10 +184,12 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
 
 
 def _cholesky_lower(cov: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular ``A`` with ``A A^T = cov`` for positive definite ``(n, 2, 2)``."""
-    a = cov[:, 0, 0].clamp(min=0).sqrt()
+    """Lower-triangular ``A`` with ``A A^T = cov`` for positive definite ``(n, 2, 2)``; the square
+    roots correctly rounded (:func:`gpu_dsm.kernels.precision.correctly_rounded_sqrt`), so a frame
+    does not depend on MKL's code path, the CPU or how many regions share the call."""
+    a = correctly_rounded_sqrt(cov[:, 0, 0].clamp(min=0))
     b = cov[:, 1, 0] / a
-    c = (cov[:, 1, 1] - b * b).clamp(min=0).sqrt()
+    c = correctly_rounded_sqrt((cov[:, 1, 1] - b * b).clamp(min=0))
     frame = torch.zeros_like(cov)
     frame[:, 0, 0], frame[:, 1, 0], frame[:, 1, 1] = a, b, c
     return frame

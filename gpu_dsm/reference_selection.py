@@ -37,6 +37,7 @@ import math
 import torch
 from torchvision.ops import nms
 
+from gpu_dsm.kernels.precision import correctly_rounded_sqrt, fused_multiply_add
 from gpu_dsm.stable_regions import MAX_LEVEL, MSERRegions
 
 NUM_VERTICES = 40  # reference code: np = 40 vertices (first and last coincide)
@@ -137,10 +138,11 @@ def singular(moments: torch.Tensor) -> torch.Tensor:
 
 def cholesky_fails(moments: torch.Tensor) -> torch.Tensor:
     """Where ``chol([Sxx Sxy; Sxy Syy], 'lower')`` fails (LAPACK ``potf2``, as OpenBLAS runs it for
-    a 2 x 2 matrix): ``Sxx <= 0``, or ``Syy - l21^2 <= 0`` with ``l21 = Sxy * (1 / sqrt(Sxx))``.
+    a 2 x 2 matrix): ``Sxx <= 0``, or ``Syy - l21^2 <= 0`` with ``l21 = Sxy * (1 / sqrt(Sxx))``, the
+    square root correctly rounded as LAPACK's (the C library's) is.
     ``moments``: ``(n, 3)`` ``(Sxx, Sxy, Syy)``; returns ``(n,)`` bool on their device."""
     m = moments.double()
-    l11 = m[:, 0].clamp(min=0).sqrt()
+    l11 = correctly_rounded_sqrt(m[:, 0].clamp(min=0))
     l21 = m[:, 1] * (1.0 / l11)
     return ~(m[:, 0] > 0) | ~(m[:, 2] - l21 * l21 > 0)
 
@@ -162,36 +164,20 @@ _COS = [math.cos(t) for t in _THETA]  # the C library's cos / sin, as Octave's
 _SIN = [math.sin(t) for t in _THETA]
 
 
-def _split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    t = 134217729.0 * a  # 2**27 + 1: Veltkamp's split of a double into two 26-bit halves
-    hi = t - (t - a)
-    return hi, a - hi
-
-
-def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``a * b + c`` rounded once (float64), from error-free products and sums (Dekker, Knuth):
-    the BLAS matrix product of the reference accumulates with fused multiply-adds. Float64 tensors
-    of one broadcastable shape, on one device; the result has the broadcast shape."""
-    p = a * b
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    s = p + c
-    v = s - p
-    return s + (((p - (s - v)) + (c - v)) + e)
-
-
 def ellipse_polygons(mean32: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertices ``(n, 40)`` x and y (unrounded, 1-based) of the 1-sigma ellipses the reference
     draws: ``vl_frame2oell`` maps the moments to ``A = [a 0; b c]`` (``a = sqrt(Sxx)``,
     ``b = Sxy / max(a, 1e-18)``, ``c = sqrt(max(Syy - b^2, 0))``), then ``A [cos t; sin t]`` (BLAS:
     ``y = fma(c, sin t, b cos t)``) plus the centre ``mean + 1``; ``t``: ``linspace(0, 2 pi, 40)``.
     ``mean32`` ``(n, 2)`` and ``moments`` ``(n, 3)`` as :func:`vlfeat_moments` returns them; the
-    vertices are float64 map pixels, on their device."""
+    vertices are float64 map pixels, on their device. The square roots are correctly rounded, as
+    Octave's (the C library's ``sqrt``), whatever MKL and the CPU do with ``torch.sqrt``
+    (:func:`gpu_dsm.kernels.precision.correctly_rounded_sqrt`); the fused multiply-add is emulated
+    exactly (:func:`gpu_dsm.kernels.precision.fused_multiply_add`)."""
     m = moments.double()
-    a = m[:, 0].sqrt()
+    a = correctly_rounded_sqrt(m[:, 0])
     b = m[:, 1] / a.clamp(min=1e-18)
-    c = (m[:, 2] - b * b).clamp(min=0).sqrt()
+    c = correctly_rounded_sqrt((m[:, 2] - b * b).clamp(min=0))
     cos = torch.tensor(_COS, dtype=torch.float64, device=m.device)
     sin = torch.tensor(_SIN, dtype=torch.float64, device=m.device)
     centre = mean32.double() + 1.0

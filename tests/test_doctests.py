@@ -31,6 +31,7 @@ MODULES = [
     "gpu_dsm.kernels.bits",
     "gpu_dsm.kernels.dots",
     "gpu_dsm.kernels.labelling",
+    "gpu_dsm.kernels.precision",
     "gpu_dsm.kernels.scoring",
     "gpu_dsm.kernels.sparse",
     "gpu_dsm.laf",
