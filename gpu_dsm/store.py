@@ -20,6 +20,8 @@ the rest. A local feature costs 27 bytes.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import mmap
@@ -81,6 +83,41 @@ def _count_non_finite_rows(array: np.ndarray) -> int:
     return bad
 
 
+def _preallocate(path: Path) -> None:
+    """Reserve every block of a file that is then written through a memory map. Storing into a
+    page of a sparse file when the disk is full raises SIGBUS (mmap(2)), which kills the process
+    without a word; with its blocks reserved, a full disk is an ``OSError`` here instead."""
+    if not hasattr(os, "posix_fallocate"):  # (not on macOS or Windows)
+        return
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+                    raise
+
+
+def _naming_the_store(method):
+    """Raise an ``OSError`` from ``method`` with the store being written named in its message (a
+    full disk's "No space left on device" names no file), keeping its errno and type."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if str(self.path) in str(exc):  # named already (a nested call)
+                raise
+            message = (f"{exc.strerror or exc} while writing store {self.path} (staged in {self._dir}: the same "
+                       "write resumes from the images committed there)")
+            named = OSError(exc.errno, message) if exc.filename is None else OSError(exc.errno, message, exc.filename)
+            raise named from exc
+
+    return wrapper
+
+
 def _channel_dtype(num_channels: int):
     return np.int16 if num_channels <= np.iinfo(np.int16).max else np.int32
 
@@ -101,7 +138,9 @@ class StoreWriter:
     :attr:`resumed` counts those kept. A staged write of anything else is discarded. The published
     store does not depend on the order in which images were added or on interruptions (local
     features are laid out in image order), so a resumed write gives the same files as an
-    uninterrupted one. A second writer of the same store at the same time is refused.
+    uninterrupted one. A second writer of the same store at the same time is refused. An
+    ``OSError`` while writing (a full disk) names the store; the files written through memory maps
+    have their blocks reserved when created, so a full disk is that error, never a SIGBUS.
 
     Tensors given to :meth:`add_global` and :meth:`add_local` may be on any device and of any
     real dtype: they are copied to the CPU and stored in the dtypes of the module docstring.
@@ -192,6 +231,7 @@ class StoreWriter:
         self._global = open_memmap(self._dir / "global.npy", mode="w+", dtype=np.float32,
                                    shape=(len(self.names), self.global_dim))
         self._global.flush()
+        _preallocate(self._dir / "global.npy")
         for name in (LOCAL_FIELDS if self.local is not None else ()):
             (self._dir / f"local_{name}.bin").touch()
         (self._dir / "done.rec").touch()
@@ -254,6 +294,7 @@ class StoreWriter:
             if since >= self.chunk_seconds or (len(self._pending) >= self.chunk_images and since >= self.min_chunk_seconds):
                 self.commit()
 
+    @_naming_the_store
     def commit(self) -> None:
         """Make the finished images durable now (the writer also does it by itself)."""
         if not self._pending or self._journal is None:
@@ -280,6 +321,7 @@ class StoreWriter:
         done = self._written if self.local is None else self._written & self._local_done
         return np.flatnonzero(~done).tolist()
 
+    @_naming_the_store
     def __enter__(self) -> "StoreWriter":
         def busy(lock_path: Path) -> None:
             raise RuntimeError(f"store {self.path} is being written by another process (lock {lock_path})")
@@ -304,6 +346,7 @@ class StoreWriter:
 
     # --- adding images ---------------------------------------------------------------------------
 
+    @_naming_the_store
     def add_global(self, index: int, descriptor: torch.Tensor) -> None:
         """Row ``index``: a ``(D,)`` finite real descriptor (any device; stored as float32)."""
         row = descriptor.detach().float().cpu().numpy()
@@ -315,6 +358,7 @@ class StoreWriter:
         self._written[index] = True
         self._finished(index)
 
+    @_naming_the_store
     def add_local(self, index: int, features: dict[str, torch.Tensor], map_sizes: torch.Tensor) -> None:
         """Image ``index``'s features and map sizes.
 
@@ -348,6 +392,7 @@ class StoreWriter:
 
     # --- publishing ------------------------------------------------------------------------------
 
+    @_naming_the_store
     def _finish(self) -> None:
         if not self._written.all():
             raise RuntimeError(f"store {self.path}: {int((~self._written).sum())} images were never written")
@@ -374,6 +419,7 @@ class StoreWriter:
                 dtype = self._channel_dtype if name == "channel" else dtype
                 raw_path = self._dir / f"local_{name}.bin"
                 out = open_memmap(self._dir / f"local_{name}.npy", mode="w+", dtype=dtype, shape=(total, *shape))
+                _preallocate(self._dir / f"local_{name}.npy")
                 if total:
                     raw = np.memmap(raw_path, dtype=dtype, mode="r", shape=(self._rows, *shape))
                     for a in range(0, len(self.names), _CHECK_ROWS):
@@ -418,18 +464,26 @@ class StoreWriter:
             self.commit()
         except Exception:  # the original error matters more; the journal stays consistent regardless
             pass
-        self._close_files()
+        self._close_files(errors=False)
 
-    def _close_files(self) -> None:
+    def _close_files(self, errors: bool = True) -> None:
+        """Close the staged files, each one even if another fails (on a full disk, the flush of
+        buffered bytes does). The first error is raised when ``errors``; after a failure it is
+        not: the bytes of uncommitted images are not needed (a resumed write truncates them)."""
         self._global = None
-        for f in self._local_files.values():
-            f.close()
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        files = [*self._local_files.values(), *([self._journal] if self._journal is not None else [])]
+        self._journal = None
+        first = None
+        for f in files:
+            try:
+                f.close()
+            except OSError as exc:
+                first = first or exc
+        if first is not None and errors:
+            raise first
 
     def _close(self) -> None:
-        self._close_files()
+        self._close_files(errors=False)
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None

@@ -3,6 +3,7 @@
 Most tests run the real command line on a tiny revisitop set made of roxford5k-mini photos
 (2 queries, 8 database images, 128 px, one scale), so that a whole run takes a second.
 """
+import errno
 import json
 import os
 import pickle
@@ -462,6 +463,105 @@ def test_a_killed_runs_unfinished_store_is_removed_when_the_store_is_next_built(
     printed = capsys.readouterr().out
     assert f"removing {leftover.name}, an unfinished store of a run that was killed" in printed
     assert not leftover.exists() and (database / "meta.json").is_file()
+
+
+class _FullDisk:
+    """The local feature files of the stores whose path holds ``where`` share ``room`` bytes; a
+    write past them fails as on a full disk: ``OSError(ENOSPC)``, which names no file. (The
+    journal's few bytes still fit.)"""
+
+    def __init__(self, room: int, where: str = ""):
+        self.room, self.where = room, where
+
+    def open(self, file, mode="r", *args, **kwargs):
+        f = open(file, mode, *args, **kwargs)
+        limited = "a" in mode and str(file).endswith(".bin") and self.where in str(file)
+        return _Limited(f, self) if limited else f
+
+
+class _Limited:
+    def __init__(self, file, disk):
+        self._file, self._disk = file, disk
+
+    def write(self, data):
+        if len(data) > self._disk.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._disk.room -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _store_files(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_a_full_disk_names_the_store_and_the_rerun_resumes_to_the_same_store(tiny_root, tmp_path, capsys, monkeypatch):
+    import gpu_dsm.store as store_module
+
+    def extract(out):
+        return main(["extract", "--data-root", str(tiny_root), "--dataset", TINY, "--out", str(out), "--image-size", "128",
+                     "--scales", "1", "--no-progress", "--device", "cpu"])
+
+    assert extract(tmp_path / "whole") == 0
+    whole = {name: _store_files(tmp_path / "whole" / name) for name in _stores(tmp_path / "whole")}
+    (database,) = [name for name in whole if "-database-" in name]
+    counts = FeatureStore(tmp_path / "whole" / database).feature_counts()
+    per_feature = sum(np.load(tmp_path / "whole" / database / f"local_{name}.npy", mmap_mode="r")[:1].nbytes
+                      for name in ("xy", "frame", "strength", "channel", "scale"))
+    assert counts.min() > 0
+    capsys.readouterr()
+
+    # the disk fills during the last image of the database, whichever it is
+    room = (int(counts.sum()) - int(counts.min()) // 2) * per_feature
+    monkeypatch.setattr(store_module, "open", _FullDisk(room, "-database-").open, raising=False)
+    assert extract(tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    target = tmp_path / "o" / database
+    assert err.startswith("gpu-dsm extract: error: No space left on device while writing store ")
+    assert f"store {target} (staged in {tmp_path / 'o' / f'.{database}.partial'}" in err and len(err.splitlines()) == 1
+    assert not target.exists() and (tmp_path / "o" / f".{database}.partial" / "done.rec").stat().st_size > 0
+
+    # room again: the rerun takes the committed images over and publishes the same stores
+    monkeypatch.undo()
+    assert extract(tmp_path / "o") == 0
+    assert "resuming an interrupted write" in capsys.readouterr().out
+    assert _stores(tmp_path / "o") == sorted(whole)
+    for name, files in whole.items():
+        assert _store_files(tmp_path / "o" / name) == files, name
+
+    # straight from the writer: the errno stays, the store is named, the staged write is kept
+    names = ["a", "b", "c"]
+    monkeypatch.setattr(store_module, "open", _FullDisk(20).open, raising=False)
+    with pytest.raises(OSError) as full:
+        with StoreWriter(tmp_path / "s", names, 4, {}, local={"scales": [1.0], "num_channels": 8}, chunk_images=1,
+                         min_chunk_seconds=0) as writer:
+            for i in writer.missing():
+                writer.add_global(i, torch.ones(4))
+                writer.add_local(i, {"xy": torch.ones(2, 2), "frame": torch.eye(2).repeat(2, 1, 1),
+                                     "strength": torch.ones(2), "channel": torch.zeros(2, dtype=torch.long),
+                                     "scale": torch.zeros(2, dtype=torch.long)}, torch.tensor([[4, 4]]))
+    assert full.value.errno == errno.ENOSPC and f"while writing store {tmp_path / 's'} " in str(full.value)
+    assert (tmp_path / ".s.partial").is_dir() and not (tmp_path / "s").exists()
+
+
+def test_memory_mapped_store_files_have_their_blocks_reserved(tmp_path):
+    """A store written through memory maps on a full disk would die of SIGBUS: the blocks are
+    reserved when the file is created, where a full disk is an OSError naming the store."""
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system")
+    with StoreWriter(tmp_path / "s", ["a", "b"], 4096, {}, local={"scales": [1.0], "num_channels": 8}) as writer:
+        staged = tmp_path / ".s.partial" / "global.npy"
+        assert staged.stat().st_blocks * 512 >= staged.stat().st_size  # not sparse
+        for i in writer.missing():
+            writer.add_global(i, torch.ones(4096))
+            writer.add_local(i, {"xy": torch.ones(3000, 2), "frame": torch.eye(2).repeat(3000, 1, 1),
+                                 "strength": torch.ones(3000), "channel": torch.zeros(3000, dtype=torch.long),
+                                 "scale": torch.zeros(3000, dtype=torch.long)}, torch.tensor([[4, 4]]))
+    for name in ("global.npy", "local_xy.npy", "local_frame.npy"):
+        st = (tmp_path / "s" / name).stat()
+        assert st.st_blocks * 512 >= st.st_size, name
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet101", "vgg16"])
