@@ -4,7 +4,8 @@
   of one. What they publish takes the user's umask (like ``open``), not the ``0600`` / ``0700``
   of the temporary files they are staged in.
 - Nothing we load can run code: ``torch.load`` with ``weights_only=True`` (plus the few numpy
-  types retrieval checkpoints hold) and a restricted unpickler for revisitop ground truth.
+  types retrieval checkpoints hold and the ``defaultdict(list)`` of HOW training checkpoints) and
+  a restricted unpickler for revisitop ground truth.
   A weights file that needs more is refused unless the caller trusts it explicitly.
 - JSON is strict: NaN and Infinity are written as ``null``.
 """
@@ -263,13 +264,35 @@ def _numpy_globals() -> list:
     return out
 
 
+def _defaultdict_of_lists(default_factory=None) -> dict:
+    """What a weights file's ``collections.defaultdict`` is read as: a plain ``dict`` of the same
+    items, for a ``defaultdict(list)`` only, which is how gtolias/how's ``train.py`` keeps its
+    validation scores (``Validation.scores = defaultdict(list)``, one nested ``defaultdict(list)``
+    per validation), saved in every checkpoint it writes. Any other default factory is refused: it
+    would be called whenever a missing key is read. (``torch.load(weights_only=True)`` fills only
+    ``dict``, ``OrderedDict`` and ``Counter`` with items, and gpu_dsm reads no scores.)"""
+    if default_factory is not list:
+        name = getattr(default_factory, "__qualname__", repr(default_factory))
+        module = getattr(default_factory, "__module__", None)
+        raise pickle.UnpicklingError(f"refusing collections.defaultdict({f'{module}.' if module else ''}{name}): only "
+                                     "defaultdict(list) is read")
+    return {}
+
+
+def _checkpoint_globals() -> list:
+    """What HOW training checkpoints pickle besides tensors, plain data and numpy scalars: their
+    scores' ``defaultdict(list)``, built by :func:`_defaultdict_of_lists` (never by the callable
+    the pickle names), and ``list``, its default factory."""
+    return [(_defaultdict_of_lists, "collections.defaultdict"), list]
+
+
 def torch_load_weights(path: str | Path, what: str = "weights file", trust: bool = False) -> Any:
     """``torch.load`` on the CPU without executing code from the file.
 
-    Only tensors, plain containers and the numpy arrays retrieval checkpoints carry are
-    accepted (``weights_only=True``). A file that needs anything else is refused with an error
-    naming what it asks for, unless ``trust`` (then it is unpickled in full, with a warning:
-    a crafted file can run arbitrary code).
+    Only tensors, plain containers, the numpy arrays retrieval checkpoints carry and the
+    ``defaultdict(list)`` of HOW training checkpoints are accepted (``weights_only=True``). A file
+    that needs anything else is refused with an error naming what it asks for, unless ``trust``
+    (then it is unpickled in full, with a warning: a crafted file can run arbitrary code).
     """
     path = Path(path)
     if not path.is_file():
@@ -282,16 +305,16 @@ def torch_load_weights(path: str | Path, what: str = "weights file", trust: bool
         except Exception as exc:
             raise ValueError(f"cannot read {what} {path}: {exc}") from exc
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(_numpy_globals() + _checkpoint_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"refusing (collections\.defaultdict\([\w.<>]+\))", str(exc))
         if unsafe is None:
             raise ValueError(f"cannot read {what} {path}: not a torch file, or corrupt ({_torch_reason(exc)})") from None
         raise ValueError(
             f"{what} {path} was not loaded: it holds a {unsafe.group(1)} object, and unpickling it could run code "
-            "(only tensors, plain data and numpy arrays are read). If you trust the file, pass --trust-weights-file "
-            "(trust_weights_file=True)"
+            "(only tensors, plain data, numpy arrays and defaultdict(list) are read). If you trust the file, pass "
+            "--trust-weights-file (trust_weights_file=True)"
         ) from None
     except Exception as exc:  # torch raises many types for corrupt files
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc

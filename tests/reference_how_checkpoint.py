@@ -1,12 +1,16 @@
 """A HOW checkpoint in the authors' layout and their test-time local features, written plainly
 from their code (github.com/gtolias/how, MIT): the checkpoint dict of ``how/stages/train.py``
-(``net_params`` + ``_version``) or the first format that ``how/stages/evaluate.py``
+(``net_params`` + ``_version``; its ``scores``, ``Validation.scores``, a ``defaultdict(list)``
+holding one ``defaultdict(list)`` per validation; the optimizer's and scheduler's state dicts)
+or the first format that ``how/stages/evaluate.py``
 ``_convert_checkpoint`` reads (``meta`` + a ``whiten`` layer); the network of
 ``how/networks/how_net.py`` ``init_network`` (torchvision ResNet children without avgpool/fc,
 the last ``skip_layer`` dropped); ``HOWNet.features_attentions`` / ``forward_local`` and
 ``how/layers/functional.py`` ``how_select_local``; images as cirtorch's ``ImagesFromList``
 with ``how_net.build_transforms`` reads them. Nothing here comes from gpu_dsm.
 """
+from collections import defaultdict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,25 @@ def _trunk(architecture, skip_layer):
     return nn.Sequential(*(children[:-skip_layer] if skip_layer else children))
 
 
-def write_checkpoint(path, architecture="resnet18", skip_layer=0, dim=128, seed=0, first_format=False):
+def _validation_scores(epochs):
+    """``Validation.scores`` of train.py after ``epochs`` epochs of its default validation
+    (``_train_how.yml``: local descriptors on val_eccv20 every 5 epochs, no global validation):
+    per epoch the ``train_stats`` (Python floats) and, every 5 epochs, the mAP (a numpy float)."""
+    scores = defaultdict(list)
+    scores.update({x: defaultdict(list) for x in ("global_descriptor", "local_descriptor")})
+    for epoch in range(1, epochs + 1):
+        for stat, value in {"train_loss": 0.5 / epoch, "avg_neg_dist": 1.2, "epoch_durations": 3600.0}.items():
+            scores[stat].append((epoch, value))
+        if epoch % 5 == 0:
+            scores["local_descriptor"]["val_eccv20"].append((epoch, np.float64(0.5 + 0.01 * epoch)))
+    return scores
+
+
+def write_checkpoint(path, architecture="resnet18", skip_layer=0, dim=128, seed=0, first_format=False, epochs=0):
     """A random-weight HOW checkpoint with the authors' key names and meta; BatchNorm statistics
-    and affine parameters are randomised too, so every weight matters."""
+    and affine parameters are randomised too, so every weight matters. ``epochs``: 0 writes what
+    train.py saves before training (``model_epoch0.pth``), more the checkpoint of that epoch (an
+    Adam step taken, validation scores and the best score filled in)."""
     torch.manual_seed(seed)
     features = _trunk(architecture, skip_layer)
     for module in features.modules():
@@ -38,21 +58,39 @@ def write_checkpoint(path, architecture="resnet18", skip_layer=0, dim=128, seed=
             module.bias.data.uniform_(-0.1, 0.1)
     backbone_dim = _OUTPUT_DIM[architecture] // (2 ** skip_layer)
     reduction = nn.Conv2d(backbone_dim, dim, (1, 1), padding=0, bias=True)
-    state = {f"features.{k}": v for k, v in features.state_dict().items()}
     mean, std = IMAGENET_MEAN_STD
     if first_format:
+        state = {f"features.{k}": v for k, v in features.state_dict().items()}
         state["whiten.weight"], state["whiten.bias"] = reduction.weight.data, reduction.bias.data
         meta = {"architecture": architecture, "skip_layer": skip_layer, "dim": dim, "feat_pool_k": 3, "mean": mean, "std": std}
         torch.save({"epoch": 20, "meta": meta, "state_dict": state}, path)
         return path
+    optimizer = torch.optim.Adam(reduction.parameters(), lr=1e-6, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)
+    if epochs:  # one step (zero gradients, weight decay): the optimizer holds its state
+        for p in reduction.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        scheduler.step()
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
     state["dim_reduction.weight"], state["dim_reduction.bias"] = reduction.weight.data, reduction.bias.data
     net_params = {"architecture": architecture, "pretrained": True, "skip_layer": skip_layer,
                   "dim_reduction": {"dim": dim}, "smoothing": {"kernel_size": 3},
                   "runtime": {"mean_std": IMAGENET_MEAN_STD, "image_size": 1024, "features_num": 1000,
                               "scales": HOW_SCALES, "training_scales": [1]}}
     meta = {"architecture": architecture, "backbone_dim": backbone_dim, "outputdim": dim, "corercf_size": 32 // (2 ** skip_layer)}
-    torch.save({"epoch": 0, "meta": meta, "state_dict": state, "optimizer": {}, "scheduler": {}, "best_score": 0.0,
-                "scores": {}, "net_params": net_params, "_version": "how/2020"}, path)
+    scores = _validation_scores(epochs)
+    decisive = scores["local_descriptor"].get("val_eccv20")
+    best = (max(decisive, key=lambda x: float(x[1])) if decisive else min(scores["train_loss"], key=lambda x: float(x[1])))[1] \
+        if epochs else None
+    if epochs == 0:
+        ckpt = {"epoch": 0, "meta": meta, "state_dict": state, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "best_score": best, "scores": scores, "net_params": net_params,
+                "_version": "how/2020"}
+    else:
+        ckpt = {"epoch": epochs, "meta": meta, "state_dict": state, "optimizer": optimizer.state_dict(),
+                "best_score": best, "scores": scores, "net_params": net_params, "_version": "how/2020"}
+    torch.save(ckpt, path)
     return path
 
 
@@ -60,7 +98,7 @@ class Network:
     """The authors' HOWNet at test time, built from a checkpoint file."""
 
     def __init__(self, path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # the authors' torch.load: a full unpickle
         if "_version" not in state:  # _convert_checkpoint
             meta = state["meta"]
             state["net_params"] = {"architecture": meta["architecture"], "skip_layer": meta["skip_layer"],

@@ -1,7 +1,12 @@
 """HOW checkpoints in the authors' layout (github.com/gtolias/how): random-weight checkpoints
 written with their key names and meta (tests/reference_how_checkpoint.py, both formats, R18 and
 -R50) load through build_backbone, and gpu_dsm's HOW features of roxford5k-mini images equal the
-features of the authors' test-time code rewritten plainly in that reference."""
+features of the authors' test-time code rewritten plainly in that reference. Their training
+checkpoints load without trusting pickles; a crafted one is still refused."""
+import collections
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +15,7 @@ from gpu_dsm.asmk import ASMKConfig
 from gpu_dsm.backbones import build_backbone
 from gpu_dsm.backbones.layers import cut_backbone
 from gpu_dsm.how import HOWConfig, describe_how, fit_how_whitening, how_checkpoint
+from gpu_dsm.io import torch_load_weights
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
 
 import reference_how_checkpoint as reference
@@ -52,7 +58,7 @@ def test_features_equal_the_authors_test_time_code(tmp_path, mini, architecture,
 
 
 def test_the_layout_is_read_into_the_backbone_and_its_reduction(tmp_path, r18_checkpoint):
-    raw = torch.load(r18_checkpoint, weights_only=True)
+    raw = torch_load_weights(r18_checkpoint)
     backbone = build_backbone("resnet18", weights=r18_checkpoint)
     how = how_checkpoint(backbone)
     assert (how.layer, how.smoothing, how.format, backbone.out_channels, backbone.stride) == ("layer4", 3, "how/2020", 512, 32)
@@ -82,7 +88,7 @@ def test_the_learned_reduction_replaces_the_fitted_whitening(r18_checkpoint, min
 def test_bad_checkpoints_and_settings_are_named(tmp_path, r18_checkpoint):
     with pytest.raises(ValueError, match="resnet18 network"):
         build_backbone("resnet50", weights=r18_checkpoint)
-    state = torch.load(r18_checkpoint, weights_only=True)
+    state = torch_load_weights(r18_checkpoint)
     bad = {**state, "net_params": {**state["net_params"], "skip_layer": 2}}
     torch.save(bad, tmp_path / "skip2.pth")
     with pytest.raises(ValueError, match="skip_layer=2"):
@@ -108,3 +114,51 @@ def test_bad_checkpoints_and_settings_are_named(tmp_path, r18_checkpoint):
         random = build_backbone("resnet18", weights="none")
     with pytest.raises(ValueError, match="not a HOW checkpoint"):
         describe_how(random, [image], None, _config())
+
+
+@pytest.mark.parametrize("epochs", [0, 5])
+def test_the_authors_training_checkpoints_load_without_trusting_pickles(tmp_path, epochs):
+    """train.py saves its validation scores, a defaultdict(list) of defaultdict(list) holding
+    Python and numpy floats, and the optimizer's (and scheduler's) state in every checkpoint: read
+    by the default safe load, the scores as plain dicts of the same items."""
+    path = reference.write_checkpoint(tmp_path / f"model_epoch{epochs}.pth", "resnet18", 0, DIM, epochs=epochs)
+    written = torch.load(path, weights_only=False)
+    assert type(written["scores"]) is collections.defaultdict and written["scores"].default_factory is list
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "trusted" warning: nothing was unpickled in full
+        backbone = build_backbone("resnet18", weights=path)
+    assert torch.equal(how_checkpoint(backbone).reduction.projection, written["state_dict"]["dim_reduction.weight"][:, :, 0, 0])
+    loaded = torch_load_weights(path)
+    assert loaded["scores"] == written["scores"] and type(loaded["scores"]["local_descriptor"]) is dict
+    assert loaded["epoch"] == epochs and set(loaded) == set(written)
+    if epochs:
+        assert loaded["scores"]["local_descriptor"]["val_eccv20"] == [(5, np.float64(0.55))] == [(5, loaded["best_score"])]
+        assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg_sq"], written["optimizer"]["state"][0]["exp_avg_sq"])
+
+
+class _System:
+    """Unpickling this runs a shell command (``os.system``) that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoints_are_still_refused(tmp_path):
+    path = reference.write_checkpoint(tmp_path / "how.pth", "resnet18", 0, DIM, epochs=1)
+    state = torch.load(path, weights_only=False)
+    marker = tmp_path / "ran"
+    crafted = {
+        "system": ({**state, "scores": _System(marker)}, r"holds a (posix|nt)\.system object"),
+        "factory": ({**state, "scores": collections.defaultdict(collections.OrderedDict)},
+                    r"holds a collections\.defaultdict\(collections\.OrderedDict\) object"),
+        "no factory": ({**state, "scores": collections.defaultdict(None, {"a": 1})}, r"collections\.defaultdict\(None\)"),
+        "code factory": ({**state, "scores": collections.defaultdict(os.getcwd)}, r"holds a (posix|nt)\.getcwd object"),
+    }
+    for name, (obj, message) in crafted.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        with pytest.raises(ValueError, match=message + r".*--trust-weights-file"):
+            build_backbone("resnet18", weights=tmp_path / f"{name}.pth")
+    assert not marker.exists()
