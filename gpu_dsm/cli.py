@@ -189,7 +189,24 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
                         "(default: none, the whole graph as the paper)")
     g.add_argument("--query-k", type=int, default=d.query_k, help="plain seeds: the query's kq most similar images (default: %(default)s)")
     g.add_argument("--dsm-keep", type=int, default=d.dsm_keep,
-                   help="DSM seeds kept of the top 10 verified images (default: %(default)s, paper 4.1; the reference code keeps 4)")
+                   help="with --seeds paper: DSM seeds kept of the top 10 verified images (default: %(default)s, paper "
+                        "4.1; the reference code keeps 4)")
+    g.add_argument("--seeds", choices=("verified", "paper"), default=d.seeds,
+                   help="seeds of 'global+dsm+D': 'verified' = the plain seeds plus the confidently verified images, "
+                        "which also rank first; 'paper' = the top 10 verified weighted inliers / max x similarity, best "
+                        "--dsm-keep (paper 4.1) (default: %(default)s; measured, docs 'Diffusion')")
+    g.add_argument("--confident-mads", type=float, default=d.confident_mads,
+                   help="a verified image is confident when its inliers reach the median of its query's top-k plus this "
+                        "many median absolute deviations (default: %(default)s; measured, docs 'Diffusion')")
+    g.add_argument("--confident-ratio", type=float, default=d.confident_ratio,
+                   help="... and this many times the median (default: %(default)s; measured, docs 'Diffusion')")
+    g.add_argument("--similarity-weight", type=float, default=d.similarity_weight,
+                   help="final diffusion score: (1 - w) diffusion / max + w (similarity / best)^gamma, the similarity "
+                        "of the image's place in the ranking diffusion refines, w in [0, 1); 0 = the diffusion score "
+                        "alone (Iscen et al., the paper) (default: %(default)s; measured, docs 'Diffusion')")
+    g.add_argument("--paper-diffusion", action="store_true",
+                   help="the paper's diffusion: --seeds paper, --similarity-weight 0, --alpha 0.99 (with --graph-k 50 "
+                        "the paper's graph); not combined with those options (default: off)")
 
 
 def _diffusion_config(args: argparse.Namespace):
@@ -197,10 +214,26 @@ def _diffusion_config(args: argparse.Namespace):
     from gpu_dsm.graph import GraphConfig
 
     if not getattr(args, "diffusion", False):
+        if getattr(args, "paper_diffusion", False):
+            raise ValueError("--paper-diffusion needs --diffusion")
         return None, GraphConfig()
-    return (DiffusionConfig(alpha=args.alpha, gamma=args.gamma, max_iter=args.cg_iterations, tol=args.cg_tol,
-                            query_k=args.query_k, dsm_keep=args.dsm_keep, truncation_size=args.truncation_size),
-            GraphConfig(k=args.graph_k, gamma=args.gamma, backend=args.graph_backend))
+    d = DiffusionConfig()
+    chosen = {"alpha": args.alpha, "seeds": args.seeds, "similarity_weight": args.similarity_weight}
+    if args.paper_diffusion:
+        clashing = [f"--{name.replace('_', '-')}" for name, value in chosen.items() if value != getattr(d, name)]
+        if clashing:
+            raise ValueError(f"--paper-diffusion sets the paper's seeds, fusion and alpha; it cannot be combined with "
+                             f"{', '.join(clashing)}")
+        paper = DiffusionConfig.paper()
+        chosen = {name: getattr(paper, name) for name in chosen}
+    try:
+        return (DiffusionConfig(gamma=args.gamma, max_iter=args.cg_iterations, tol=args.cg_tol, query_k=args.query_k,
+                                dsm_keep=args.dsm_keep, truncation_size=args.truncation_size,
+                                confident_mads=args.confident_mads,
+                                confident_ratio=args.confident_ratio, **chosen),
+                GraphConfig(k=args.graph_k, gamma=args.gamma, backend=args.graph_backend))
+    except ValueError as exc:
+        raise ValueError(f"diffusion options: {exc}") from None
 
 
 def _rerank_config(args: argparse.Namespace) -> RerankConfig | None:

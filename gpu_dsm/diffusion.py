@@ -4,14 +4,22 @@ For each query, solve ``(I - alpha S) f = y`` by conjugate gradient, all queries
 queries are the columns of one dense ``(N, Q)`` matrix, so every iteration is one sparse-dense
 product. ``y`` holds the seeds:
 
-- :func:`plain_seeds`: the query's ``kq`` most similar database images, similarity^gamma;
-- :func:`dsm_seeds`: the top ``candidates`` after spatial re-ranking, weight
-  ``inliers / max inliers * similarity``, keeping the best ``keep`` (paper: 5; the reference
-  code's off-by-one keeps 4). If no candidate has an inlier, the similarity^gamma of the top
-  ``keep`` are the seeds (the plain query).
+- :func:`plain_seeds`: the query's ``kq`` most similar database images, similarity^gamma
+  (Iscen et al.);
+- :func:`verified_seeds` (the default, ``DiffusionConfig.seeds = "verified"``): the plain seeds,
+  and every *confidently* verified image of the re-ranked top-k (:func:`confident_matches`: its
+  inliers stand out from those of the query's other candidates) at the weight of the query's best
+  match. With no confident image they are the plain seeds;
+- :func:`dsm_seeds` (``seeds = "paper"``): the top ``candidates`` after spatial re-ranking,
+  weight ``inliers / max inliers * similarity``, keeping the best ``keep`` (paper 4.1; the
+  reference code's off-by-one keeps 4). If no candidate has an inlier, the similarity^gamma of
+  the top ``keep`` are the seeds (the plain query).
 
-The final ranking sorts the whole database by ``f``; images diffusion does not reach keep the
-order of the initial ranking after those it does.
+The final score of an image is :func:`fused_scores`: ``(1 - w)`` times its diffusion score over
+the query's largest plus ``w`` times the similarity^gamma of its place in the ranking diffusion
+refines, over the best (``DiffusionConfig.similarity_weight``; ``w = 0`` is the paper's diffusion
+score alone), ties in that ranking's order. With verified seeds the confident images come first,
+in their verified order (:func:`confident_first`). Why: ``docs/diffusion.md`` measures each part.
 
 The solve runs on the connected components of the graph that hold a seed (the rest of ``f`` is
 exactly zero), with the products and column reductions of ``gpu_dsm.kernels``. With
@@ -32,6 +40,7 @@ from gpu_dsm.kernels.dots import column_dots as _column_dots
 from gpu_dsm.kernels.sparse import BACKENDS as SPARSE_BACKENDS, SparseOperator
 
 
+SEEDS = ("verified", "paper")
 _RESTRICT_BELOW = 0.8  # solve on the seeded components when they hold less than this fraction of the nodes
 
 
@@ -51,6 +60,18 @@ class DiffusionConfig:
     query_k: int = 10  # plain seeds: kq most similar images (Iscen et al.; 3 / 5 no better on all sets, README)
     dsm_candidates: int = 10  # DSM seeds come from the top 10 re-ranked images (paper 4.1)
     dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, README)
+    # "verified" (ours): plain seeds plus the confidently verified images, which also stay first;
+    # "paper": the paper's DSM seeds (dsm_candidates, dsm_keep) (paper 4.1), measured in docs/diffusion.md
+    seeds: str = "verified"
+    # a verified image is confident when its inliers reach the median of its query's top-k plus this
+    # many median absolute deviations, and this many times the median (ours: measured on five dev
+    # sets, docs/diffusion.md)
+    confident_mads: float = 8.0
+    confident_ratio: float = 2.5
+    # final score: (1 - w) diffusion / max + w (similarity / best)^gamma, the similarity of the
+    # image's place in the ranking diffusion refines (ours; w = 0: the diffusion score alone, Iscen
+    # et al. and the paper). The smallest w that holds on five dev sets, docs/diffusion.md
+    similarity_weight: float = 0.85
     dtype: torch.dtype = torch.float32  # fp32 suffices: condition number <= 1 / (1 - alpha)
     # sparse products (ours): "auto" (scipy on the CPU, torch elsewhere), "scipy", or "torch" (the
     # GPU path's CSR products and torch.linalg.vecdot reductions, on any device)
@@ -76,6 +97,13 @@ class DiffusionConfig:
         if self.truncation_size is not None and int(self.truncation_size) < max(self.query_k, self.dsm_candidates):
             raise ValueError(f"diffusion truncation_size must hold the seeds: at least query_k ({self.query_k}) and "
                              f"dsm_candidates ({self.dsm_candidates}), got {self.truncation_size}")
+        if self.seeds not in SEEDS:
+            raise ValueError(f"diffusion seeds must be one of {SEEDS}, got {self.seeds!r}")
+        for name in ("confident_mads", "confident_ratio"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"diffusion {name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.similarity_weight) and 0 <= self.similarity_weight < 1):
+            raise ValueError(f"diffusion similarity_weight must lie in [0, 1) (1 would ignore diffusion), got {self.similarity_weight}")
         for name in ("max_iter", "query_k", "dsm_candidates", "dsm_keep"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"diffusion {name} must be >= 1, got {getattr(self, name)}")
@@ -83,6 +111,12 @@ class DiffusionConfig:
             raise ValueError(f"diffusion dtype must be torch.float32 or torch.float64, got {self.dtype}")
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise ValueError(f"diffusion sparse_backend must be one of {SPARSE_BACKENDS}, got {self.sparse_backend!r}")
+
+    @classmethod
+    def paper(cls) -> "DiffusionConfig":
+        """The paper's diffusion: alpha 0.99, its DSM seeds (top 10 verified, best 5), the
+        diffusion score alone (paper 4.1, Iscen et al.); the paper's graph is ``GraphConfig(k=50)``."""
+        return cls(alpha=cls.large_alpha, seeds="paper", similarity_weight=0.0)
 
     def alpha_for(self, num_nodes: int) -> float:
         """The alpha used on a database of ``num_nodes`` images."""
@@ -327,6 +361,166 @@ def dsm_seeds(similarities: torch.Tensor, indices: torch.Tensor, inliers: torch.
     cols = torch.arange(indices.shape[0], device=indices.device)[None, :].expand(keep, -1)
     y[indices.gather(1, best).T, cols] = weight.gather(1, best).T
     return y
+
+
+def confident_matches(inliers: torch.Tensor, mads: float = 8.0, ratio: float = 2.5) -> torch.Tensor:
+    """Which verified candidates are confident matches: ``(Q, K)`` bool.
+
+    A query's top-k is mostly images that do not match it (``K = 100`` candidates, a handful of
+    true matches), so the median of its inlier counts and their median absolute deviation (MAD,
+    at least 1) say how many inliers a non-match gets. A candidate is confident when its count is
+    at least ``median + mads * MAD`` and at least ``ratio * median``: far out of the non-matches'
+    spread, and a multiple of their typical count (the spread alone lets non-matches through when
+    the counts are large and tightly spread). The rule is per query: counts scale with the image
+    sizes and the number of features, a fixed count does not.
+
+    Args:
+        inliers: ``(Q, K)`` inlier counts of each query's verified candidates, any order, any
+            real or integer dtype, any device.
+        mads: how many MADs above the median. ratio: how many times the median.
+    Returns:
+        ``(Q, K)`` bool on the device of ``inliers``, in its order.
+
+    Examples:
+        Nine candidates with 4-6 inliers and one with 20 (median 5, MAD 1: 13 and 12.5 inliers):
+
+        >>> import torch
+        >>> confident_matches(torch.tensor([[5, 4, 20, 6, 5, 4, 6, 5, 5, 4]]))
+        tensor([[False, False,  True, False, False, False, False, False, False, False]])
+    """
+    inliers = as_tensor(inliers, "inliers", ndim=2, kind="number")
+    for name, value in (("mads", mads), ("ratio", ratio)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if inliers.shape[1] == 0:
+        return torch.zeros(inliers.shape, dtype=torch.bool, device=inliers.device)
+    counts = inliers.double()
+    median = counts.median(1, keepdim=True).values  # the lower median: exact, no interpolation
+    mad = (counts - median).abs().median(1, keepdim=True).values.clamp(min=1.0)
+    return (counts >= median + mads * mad) & (counts >= ratio * median)
+
+
+def verified_seeds(similarities: torch.Tensor, ranks: torch.Tensor, confident: torch.Tensor, num_nodes: int,
+                   query_k: int = 10, gamma: float = 3.0) -> torch.Tensor:
+    """``(N, Q)`` seeds: the query's plain seeds (:func:`plain_seeds`), and every confidently
+    verified image at the weight of the query's best match, ``max(similarity_1, 0)^gamma``.
+
+    A confident match is as likely relevant as the query's nearest neighbour, whatever its own
+    similarity: that is what verification adds. Without confident images these are exactly the
+    plain seeds.
+
+    Args:
+        similarities: ``(Q, >= K)`` finite real initial scores, best first (initial order).
+        ranks: ``(Q, >= K)`` integer database indices in ``0..num_nodes - 1``, in the same order.
+        confident: ``(Q, K)`` bool, the confident candidates among the first ``K`` of ``ranks``
+            (:func:`confident_matches`), on the device of ``ranks``.
+        num_nodes: ``N``, the database images.
+    Returns:
+        ``(N, Q)`` float32 on the device of ``ranks``.
+
+    Examples:
+        Image 3, fourth of the initial ranking, is a confident match; the plain seeds are the top 2:
+
+        >>> import torch
+        >>> sims, ranks = torch.tensor([[0.9, 0.8, 0.5, 0.4]]), torch.tensor([[2, 0, 1, 3]])
+        >>> verified_seeds(sims, ranks, torch.tensor([[False, False, False, True]]), 5, query_k=2, gamma=1.0).T
+        tensor([[0.8000, 0.0000, 0.9000, 0.9000, 0.0000]])
+    """
+    y = plain_seeds(similarities, ranks, num_nodes, query_k, gamma)
+    similarities, ranks = _seed_inputs(similarities, ranks, num_nodes, "ranks")
+    confident = as_tensor(confident, "confident", ndim=2, device=ranks.device)
+    if confident.dtype != torch.bool:
+        raise TypeError(f"confident must be a bool tensor, got {confident.dtype}")
+    k = confident.shape[1]
+    if confident.shape[0] != ranks.shape[0] or k > ranks.shape[1]:
+        raise ValueError(f"confident {tuple(confident.shape)} must be (Q, K) with K at most the columns of ranks "
+                         f"{tuple(ranks.shape)}")
+    if k == 0 or ranks.shape[0] == 0:
+        return y
+    best = similarities[:, :1].float().clamp(min=0).pow(gamma)  # (Q, 1): the query's best match
+    current = y.T.gather(1, ranks[:, :k])
+    y.T.scatter_(1, ranks[:, :k], torch.where(confident, torch.maximum(current, best), current))
+    return y
+
+
+def fused_scores(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch.Tensor, weight: float,
+                 gamma: float = 3.0) -> torch.Tensor:
+    """Final scores ``(N, Q)``: ``(1 - weight) * f / max f + weight * (s / s_best)^gamma``.
+
+    ``f`` is each image's diffusion score and ``s`` the similarity of its place in ``ranks``
+    (negative counts as 0), both divided by the query's largest, so the two terms share the scale
+    ``[0, 1]``. For the initial ranking ``s`` is the image's own similarity; for a re-ranked one
+    (:func:`gpu_dsm.ranking.diffuse_verified`) the ``j``-th best similarity goes to the image at
+    place ``j``, so the term keeps the re-ranked order.
+    Diffusion then re-orders the initial ranking instead of replacing it: an image diffusion does
+    not reach keeps its initial similarity's share, ahead of a reached image the query does not
+    resemble (SuperGlobal, Shao et al. 2023, averages an initial and an expanded score likewise).
+    ``weight = 0`` is the diffusion score alone. Images missing from ``ranks`` (a top-M of a
+    larger database) get the diffusion term only.
+
+    Args:
+        scores: ``(N, Q)`` real diffusion scores (:func:`diffuse`), any device.
+        similarities: ``(Q, M)`` finite real scores of the places of ``ranks``.
+        ranks: ``(Q, M)`` integer database indices, distinct within a row, in ``0..N - 1``.
+        weight: in ``[0, 1)``. gamma: the exponent of the similarities (the seeds' gamma).
+    Returns:
+        ``(N, Q)`` in the dtype of ``scores`` on its device.
+
+    Examples:
+        Image 1, reached by diffusion but unlike the query, falls behind image 0, the query's
+        nearest neighbour, which diffusion scores lower:
+
+        >>> import torch
+        >>> f = torch.tensor([[0.4], [0.8], [0.0]])
+        >>> fused_scores(f, torch.tensor([[1.0, 0.5, 0.2]]), torch.tensor([[0, 2, 1]]), weight=0.5, gamma=1.0).T
+        tensor([[0.7500, 0.6000, 0.2500]])
+    """
+    if not (math.isfinite(weight) and 0 <= weight < 1):
+        raise ValueError(f"weight must lie in [0, 1), got {weight}")
+    scores = as_tensor(scores, "scores", ndim=2, kind="float")
+    similarities, ranks = _seed_inputs(similarities, ranks.to(scores.device), scores.shape[0], "ranks")
+    check_shape(similarities, tuple(ranks.shape), "similarities (like ranks)")
+    if ranks.shape[0] != scores.shape[1]:
+        raise ValueError(f"scores {tuple(scores.shape)} must be (N, Q) for ranks {tuple(ranks.shape)}")
+    fused = (1 - weight) * (scores / scores.amax(0, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny))
+    if weight == 0 or ranks.shape[1] == 0:
+        return fused
+    s = similarities.to(scores.dtype).clamp(min=0).pow(gamma)
+    s = s / s.amax(1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
+    fused.T.scatter_add_(1, ranks, weight * s)
+    return fused
+
+
+def confident_first(ranking: torch.Tensor, indices: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
+    """``ranking`` with each row's confident images first, in the order of ``indices``.
+
+    Args:
+        ranking: ``(Q, M)`` int64 database indices, best first, distinct within a row.
+        indices: ``(Q, K)`` int64 database indices of the verified candidates in their verified
+            order (each one in its row of ``ranking``).
+        confident: ``(Q, K)`` bool, which of them are confident (:func:`confident_matches`).
+    All on one device. Returns:
+        ``(Q, M)`` int64: the confident images in their verified order, then the rest of
+        ``ranking`` in its order.
+
+    Examples:
+        >>> import torch
+        >>> confident_first(torch.tensor([[4, 1, 3, 0, 2]]), torch.tensor([[3, 0, 1]]), torch.tensor([[True, True, False]]))
+        tensor([[3, 0, 4, 1, 2]])
+    """
+    check_shape(indices, tuple(confident.shape), "indices (like confident)")
+    if confident.shape[1] == 0 or ranking.shape[1] == 0:
+        return ranking
+    k = confident.shape[1]
+    # the sort key of each image of ``ranking``: its verified position if confident, else k; found
+    # by a batched binary search among the row's sorted candidates (no table of the whole database)
+    keys = torch.where(confident, torch.arange(k, device=ranking.device).expand_as(indices), k)
+    sorted_indices, by_index = indices.sort(dim=1)
+    at = torch.searchsorted(sorted_indices, ranking).clamp(max=k - 1)
+    found = sorted_indices.gather(1, at) == ranking
+    key = torch.where(found, keys.gather(1, by_index.gather(1, at)), k)
+    order = torch.argsort(key, dim=1, stable=True)
+    return ranking.gather(1, order)
 
 
 def _seed_inputs(similarities, indices, num_nodes: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,10 +24,12 @@ from typing import Any, Protocol, Sequence, Union
 import torch
 
 from gpu_dsm.asmk import ASMKIndex
-from gpu_dsm.diffusion import CGInfo, DiffusionConfig, diffuse, diffusion_ranking, dsm_seeds, plain_seeds
+from gpu_dsm.diffusion import (CGInfo, DiffusionConfig, confident_first, confident_matches, diffuse, diffusion_ranking,
+                               dsm_seeds, fused_scores, plain_seeds, verified_seeds)
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.graph import KnnGraph
 from gpu_dsm.how import HOWFeatures
+from gpu_dsm.kernels.sparse import SparseOperator
 from gpu_dsm.progress import progress
 from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
 from gpu_dsm.search import GlobalIndex
@@ -217,36 +219,76 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
     return new_ranks, merged
 
 
-def diffuse_initial(graph: KnnGraph, similarities: torch.Tensor, ranks: torch.Tensor, config: DiffusionConfig
-                    ) -> tuple[torch.Tensor, CGInfo]:
+def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, ranks: torch.Tensor,
+                    config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
-    2017): ``(ranking (Q, N), CGInfo)``, unreached images in the initial order.
+    2017), ranked by :func:`fused_scores`: ``(ranking (Q, M), CGInfo)``.
 
-    ``similarities`` ``(Q, N)`` real scores and ``ranks`` ``(Q, N)`` int64 database indices of
-    the initial ranking, best first, any device (moved to the graph's). The ranking is int64 on
-    the graph's device; ``CGInfo.relative_residual`` ``(Q,)`` in ``config.dtype`` there."""
+    ``similarities`` ``(Q, M)`` real scores and ``ranks`` ``(Q, M)`` int64 database indices of
+    the initial ranking, best first, any device (moved to the graph's); ``M`` is the whole
+    database, or a top-M of it (then the ranking holds those M). Ties keep the initial order.
+    The ranking is int64 on the graph's device; ``CGInfo.relative_residual`` ``(Q,)`` in
+    ``config.dtype`` there."""
     device = graph.device
-    seeds = plain_seeds(similarities.to(device), ranks.to(device), graph.num_nodes, config.query_k, config.gamma)
-    ranks = ranks.to(device)
+    similarities, ranks = similarities.to(device), ranks.to(device)
+    seeds = plain_seeds(similarities, ranks, graph.num_nodes, config.query_k, config.gamma)
     f, info = diffuse(graph, seeds, config, ranks)
-    return diffusion_ranking(f, ranks), info
+    return diffusion_ranking(fused_scores(f, similarities, ranks, config.similarity_weight, config.gamma), ranks), info
 
 
-def diffuse_verified(graph: KnnGraph, similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
-                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
-    """Diffusion seeded by the spatially verified top of each query (paper 3.6, :func:`dsm_seeds`):
-    ``(ranking (Q, N), CGInfo)``. ``similarities (Q, >= K)`` in the initial order, ``reranked``
-    the re-ranking of the top ``K``, ``reranked_ranks (Q, N)`` the re-ranked full ranking (the
-    order of unreached images). Inputs: real similarities, int64 indices, any device (moved to
-    the graph's). The ranking is int64 on the graph's device; ``CGInfo.relative_residual``
-    ``(Q,)`` in ``config.dtype`` there."""
+def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, reranked: RerankResult,
+                     reranked_ranks: torch.Tensor, config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
+    """Diffusion seeded by the spatially verified top of each query: ``(ranking (Q, M), CGInfo)``.
+
+    ``config.seeds``: ``"verified"`` seeds each query with its plain seeds and its confident
+    matches (:func:`verified_seeds`, :func:`confident_matches`) and puts the confident matches
+    first (:func:`confident_first`); ``"paper"``: :func:`dsm_seeds` (paper 3.6, 4.1). Both rank
+    by :func:`fused_scores` with the similarity of each image's place in ``reranked_ranks`` (the
+    ``j``-th best initial similarity at place ``j``): diffusion refines the re-ranked ranking. A
+    query whose verification found nothing (no inliers, so the re-ranked order is the initial
+    one) gets exactly :func:`diffuse_initial`'s ranking.
+
+    Args:
+        graph: the database's graph (or its operator).
+        similarities: ``(Q, M)`` real initial scores in the initial order, best first.
+        reranked: the re-ranking of each query's top ``K`` (:func:`rerank_top_k`).
+        reranked_ranks: ``(Q, M)`` int64 database indices: the initial ranking with its top ``K``
+            re-ordered (the order of ties). ``M``: the whole database or a top-M of it.
+    Inputs on any device (moved to the graph's). With truncated diffusion (``truncation_size`` R
+    below K) the seeds outside each query's first R of ``reranked_ranks`` are left out.
+
+    Returns:
+        The ranking ``(Q, M)`` int64 on the graph's device; ``CGInfo.relative_residual`` ``(Q,)``
+        in ``config.dtype`` there.
+    """
     device = graph.device
     k = reranked.order.shape[1]
-    seeds = dsm_seeds(similarities[:, :k].to(device).gather(1, reranked.order.to(device)), reranked.indices.to(device),
-                      reranked.inliers.to(device), graph.num_nodes, config.dsm_candidates, config.dsm_keep, config.gamma)
-    reranked_ranks = reranked_ranks.to(device)
+    order, indices, inliers = reranked.order.to(device), reranked.indices.to(device), reranked.inliers.to(device)
+    similarities, reranked_ranks = similarities.to(device), reranked_ranks.to(device)
+    n = graph.num_nodes
+    confident = None
+    if config.seeds == "paper":  # the verified top k's own similarities, in re-ranked order
+        seeds = dsm_seeds(similarities[:, :k].gather(1, order), indices, inliers, n, config.dsm_candidates,
+                          config.dsm_keep, config.gamma)
+    else:
+        confident = confident_matches(inliers, config.confident_mads, config.confident_ratio)  # (Q, K), re-ranked order
+        # the plain seeds come from the initial ranking: its top k back in the initial order
+        ranks = reranked_ranks.clone()
+        ranks[:, :k] = torch.empty_like(indices).scatter_(1, order, indices)
+        initial_confident = torch.zeros_like(confident).scatter_(1, order, confident)
+        seeds = verified_seeds(similarities, ranks, initial_confident, n, config.query_k, config.gamma)
+    if config.truncation_size is not None and config.truncation_size < reranked_ranks.shape[1]:
+        kept = torch.zeros_like(seeds, dtype=torch.bool)
+        kept.T.scatter_(1, reranked_ranks[:, :config.truncation_size], True)
+        seeds = torch.where(kept, seeds, torch.zeros_like(seeds))
     f, info = diffuse(graph, seeds, config, reranked_ranks)
-    return diffusion_ranking(f, reranked_ranks), info
+    # the similarity term follows the ranking diffusion refines: the image at place j of the
+    # re-ranked ranking gets the j-th best initial similarity, so the term keeps the verified order
+    scores = fused_scores(f, similarities, reranked_ranks, config.similarity_weight, config.gamma)
+    ranking = diffusion_ranking(scores, reranked_ranks)
+    if confident is not None:
+        ranking = confident_first(ranking, indices, confident)
+    return ranking, info
 
 
 @dataclass

@@ -288,4 +288,6 @@ def test_truncated_diffusion_in_the_module(lite0, mini):
         assert torch.equal(ranks, every.methods[name]), name
     top10 = truncated(10)
     assert torch.equal(top10.methods["global+D"][:, 10:], full.methods["global"][:, 10:])
+    # past each query's top 10 diffusion scores nothing: those images keep the order of the
+    # ranking diffusion refines (the fused score's similarity term follows it)
     assert torch.equal(top10.methods["global+dsm+D"][:, 10:], full.methods["global+dsm"][:, 10:])
