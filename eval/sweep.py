@@ -8,8 +8,10 @@ default extraction and detector). Then every setting costs one verification or o
 - matching (``--thresholds`` x ``--errors``): one verification of each query's top ``max(--top-k)``;
 - score, fuse weight, top-k: re-ordered from those inliers (verification is independent per pair,
   so the inliers of the top 100 hold those of the top 20);
-- diffusion: graph k x alpha for ``global+D`` and ``global+dsm+D`` (default re-ranking), then the
-  seeds (``--query-k`` for ``global+D``, ``--dsm-keep`` for ``global+dsm+D``) one at a time.
+- diffusion: graph k x alpha for ``global+D`` and ``global+dsm+D`` (default re-ranking), then one
+  at a time the seeds (``--query-k``; ``--dsm-keep`` and ``--seeds`` for ``global+dsm+D``), the
+  similarity weight of the final score (``--similarity-weight``) and the confident-match rule
+  (``--confident-mads``, ``--confident-ratio``).
 
 Re-ranking settings vary one parameter at a time around the defaults (``RerankConfig()``);
 diffusion settings around ``DiffusionConfig()`` / ``GraphConfig()``. Every row has the protocol's
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from gpu_dsm.detect import DetectorConfig
-from gpu_dsm.diffusion import DiffusionConfig
+from gpu_dsm.diffusion import SEEDS, DiffusionConfig
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.io import check_output_file, write_json
 from gpu_dsm.match import ERRORS
@@ -57,6 +59,10 @@ class SweepGrid:
     alpha: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
     query_k: Sequence[int] = (3, 5, 10)
     dsm_keep: Sequence[int] = (3, 4, 5)
+    seeds: Sequence[str] = SEEDS
+    similarity_weight: Sequence[float] = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+    confident_mads: Sequence[float] = (4.0, 6.0, 8.0, 10.0)
+    confident_ratio: Sequence[float] = (0.0, 2.0, 2.5, 3.0)
 
 
 def _entry(ranks: torch.Tensor, gnd) -> dict[str, Any]:
@@ -132,14 +138,20 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
         return plain, verified
 
     base_plain, base_verified = diffused(default_k, default_diffusion)
-    diffusion_settings = {(k, a, default_diffusion.query_k, default_diffusion.dsm_keep) for k in graphs
-                          for a in {*grid.alpha, default_alpha}}
-    diffusion_settings |= {(default_k, default_alpha, q, default_diffusion.dsm_keep) for q in grid.query_k}
-    diffusion_settings |= {(default_k, default_alpha, default_diffusion.query_k, keep) for keep in grid.dsm_keep}
-    for k, alpha, query_k, keep in sorted(diffusion_settings):
-        config = dataclasses.replace(default_diffusion, alpha=alpha, query_k=query_k, dsm_keep=keep)
+    dd = default_diffusion
+    around = dict(graph_k=default_k, alpha=default_alpha, query_k=dd.query_k, dsm_keep=dd.dsm_keep, seeds=dd.seeds,
+                  similarity_weight=dd.similarity_weight, confident_mads=dd.confident_mads,
+                  confident_ratio=dd.confident_ratio)
+    # (names varied together, their values): graph k x alpha, then each seed and fusion setting alone
+    varied = [(("graph_k", "alpha"), [(k, a) for k in graphs for a in {*grid.alpha, default_alpha}])]
+    varied += [((name,), [(v,) for v in getattr(grid, name)])
+               for name in ("query_k", "dsm_keep", "seeds", "similarity_weight", "confident_mads", "confident_ratio")]
+    diffusion_settings = {tuple({**around, **dict(zip(names, value))}.items()) for names, values in varied for value in values}
+    for items in sorted(diffusion_settings, key=str):
+        setting = dict(items)
+        k = setting["graph_k"]
+        config = dataclasses.replace(dd, **{name: value for name, value in setting.items() if name != "graph_k"})
         plain, verified = diffused(k, config)
-        setting = {"graph_k": k, "alpha": alpha, "query_k": query_k, "dsm_keep": keep}
         plain_vs_global = _paired(global_entry, plain, groups)  # global+D builds on global: one comparison for both keys
         rows.append({"method": "global+D", "setting": setting, **plain, "vs_default": _paired(base_plain, plain, groups),
                      "vs_base": plain_vs_global, "vs_global": plain_vs_global})
@@ -187,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dsm-keep", type=int, nargs="+", default=list(grid.dsm_keep))
     p.add_argument("--graph-k", type=int, nargs="+", default=list(grid.graph_k))
     p.add_argument("--alpha", type=float, nargs="+", default=list(grid.alpha))
+    p.add_argument("--seeds", nargs="+", choices=SEEDS, default=list(grid.seeds))
+    p.add_argument("--similarity-weight", type=float, nargs="+", default=list(grid.similarity_weight))
+    p.add_argument("--confident-mads", type=float, nargs="+", default=list(grid.confident_mads))
+    p.add_argument("--confident-ratio", type=float, nargs="+", default=list(grid.confident_ratio))
     p.add_argument("--out", required=True, help="JSON with every row")
     args = p.parse_args(argv)
     check_output_file(args.out, "--out")
@@ -198,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     preflight(cfg, RevisitopDataset.load(cfg.data_root, cfg.dataset), files={"--out": args.out})
     grid = dataclasses.replace(grid, thresholds=tuple(args.thresholds), errors=tuple(args.errors), top_k=tuple(args.top_k),
                                query_k=tuple(args.query_k), dsm_keep=tuple(args.dsm_keep),
-                               graph_k=tuple(args.graph_k), alpha=tuple(args.alpha))
+                               graph_k=tuple(args.graph_k), alpha=tuple(args.alpha), seeds=tuple(args.seeds),
+                               similarity_weight=tuple(args.similarity_weight), confident_mads=tuple(args.confident_mads),
+                               confident_ratio=tuple(args.confident_ratio))
     if args.cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             report = sweep(cfg, grid, Path(tmp))

@@ -11,6 +11,8 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from gpu_dsm import cli
+from gpu_dsm.diffusion import DiffusionConfig
+from gpu_dsm.ranking import diffuse_verified
 from gpu_dsm.rerank import DSMReranker, RerankConfig
 from gpu_dsm.search import GlobalIndex
 from gpu_dsm.store import FeatureStore, StoreWriter
@@ -81,8 +83,11 @@ def test_query_path_verifies_what_the_source_tables_give(tmp_path, sources):
     direct = DSMReranker(RerankConfig(top_k=30))(q_tables, tables, sims, top)
     assert torch.equal(direct.indices, run["indices"]) and torch.equal(direct.inliers, run["inliers"])
     assert run["inliers"].max() > 0
-    # the final ranking: scores sorted, the best verified candidate (the heaviest seed) near the top
-    assert (run["scores"][:, :-1] >= run["scores"][:, 1:]).all()
+    # the final ranking: the library's global+dsm+D of the searched top 50, the best verified candidate near the top
+    sims50, top50 = index.search(q_global, 50)
+    ranks = torch.cat([direct.indices, top50[:, 30:]], dim=1)
+    expected, _ = diffuse_verified(sim.graph, sims50, direct, ranks, DiffusionConfig())
+    assert torch.equal(run["ranking"], expected)
     for q in range(3):
         if run["inliers"][q, 0] > 0:
             assert run["indices"][q, 0] in run["ranking"][q, :10]
