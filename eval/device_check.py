@@ -60,9 +60,12 @@ from gpu_dsm.how import HOWConfig, describe_how, fit_how_whitening
 from gpu_dsm.io import write_json
 from gpu_dsm.kernels.labelling import label_planes
 from gpu_dsm.match import MatchConfig, spatial_verify
+from gpu_dsm.ranking import diffuse_verified
+from gpu_dsm.reference.diffusion import verified_diffusion_ranking
 from gpu_dsm.reference.graph import dense_mutual_knn
 from gpu_dsm.reference import asmk as reference_asmk
 from gpu_dsm.reference.mser import mser_reference, region_stats
+from gpu_dsm.rerank import RerankConfig, rerank_by_inliers
 from gpu_dsm.stable_regions import mser
 from gpu_dsm.store import StoreWriter
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
@@ -259,10 +262,39 @@ def check_diffusion(descriptors: torch.Tensor, device: torch.device) -> dict[str
     relative = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
     top = min(10, n)
     same_top = all(set(np.argsort(-got[:, j])[:top]) == set(np.argsort(-want[:, j])[:top]) for j in range(want.shape[1]))
-    return {"ok": relative < 1e-4 and graph_difference < 1e-6 and same_top,
-            "against": "scipy.sparse.linalg.cg (float64) on a plain-loop dense mutual kNN affinity",
+    verified_same = _verified_rule_matches_reference(descriptors, graph, affinity, alpha)
+    return {"ok": relative < 1e-4 and graph_difference < 1e-6 and same_top and verified_same,
+            "against": "scipy.sparse.linalg.cg (float64) on a plain-loop dense mutual kNN affinity; the verified "
+                       "diffusion rule against gpu_dsm.reference.diffusion",
             "difference": "relative difference of the solutions", "worst_difference": relative,
-            "graph_difference": graph_difference, "same_top10": same_top, "nodes": n}
+            "graph_difference": graph_difference, "same_top10": same_top, "verified_rule_same_ranking": verified_same,
+            "nodes": n}
+
+
+def _verified_rule_matches_reference(descriptors: torch.Tensor, graph, affinity: np.ndarray, alpha: float) -> bool:
+    """``global+dsm+D`` (:func:`gpu_dsm.ranking.diffuse_verified`: confident matches, seeds, fused
+    score, confident first) on the graph's device equals the per-query reference, for made-up
+    inlier counts with a confident match in every other query."""
+    n = descriptors.shape[0]
+    k = min(50, n)
+    queries = descriptors[: min(8, n)]
+    sims, ranks = (queries @ descriptors.T).sort(dim=1, descending=True)
+    generator = torch.Generator().manual_seed(0)
+    inliers = torch.randint(2, 9, (queries.shape[0], k), generator=generator)
+    inliers[::2, k // 2] = 60
+    result = rerank_by_inliers(inliers, sims[:, :k], ranks[:, :k], RerankConfig(top_k=k))
+    reranked_ranks = ranks.clone()
+    reranked_ranks[:, :k] = result.indices
+    cfg = DiffusionConfig(alpha=alpha, max_iter=500, tol=1e-13, dtype=torch.float64, sparse_backend="torch")
+    ranking, _ = diffuse_verified(graph, sims, result, reranked_ranks, cfg)
+    for q in range(queries.shape[0]):
+        expected = verified_diffusion_ranking(
+            affinity, list(zip(ranks[q].tolist(), sims[q].double().tolist())),
+            list(zip(result.indices[q].tolist(), result.inliers[q].tolist())), alpha, cfg.query_k, cfg.gamma,
+            cfg.confident_mads, cfg.confident_ratio, cfg.similarity_weight)
+        if ranking[q].cpu().tolist() != expected:
+            return False
+    return True
 
 
 def check_asmk(backbone, dataset: RevisitopDataset, device: torch.device, how: HOWConfig, images: int,
