@@ -163,7 +163,7 @@ def _add_rerank_args(p: argparse.ArgumentParser, ranking: bool = True) -> None:
 
 
 def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
-    from gpu_dsm.diffusion import DiffusionConfig
+    from gpu_dsm.diffusion import SEEDS, DiffusionConfig
     from gpu_dsm.graph import GraphConfig
 
     d, gr = DiffusionConfig(), GraphConfig()
@@ -191,7 +191,7 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dsm-keep", type=int, default=d.dsm_keep,
                    help="with --seeds paper: DSM seeds kept of the top 10 verified images (default: %(default)s, paper "
                         "4.1; the reference code keeps 4)")
-    g.add_argument("--seeds", choices=("verified", "paper"), default=d.seeds,
+    g.add_argument("--seeds", choices=SEEDS, default=d.seeds,
                    help="seeds of 'global+dsm+D': 'verified' = the plain seeds plus the confidently verified images, "
                         "which also rank first; 'paper' = the top 10 verified weighted inliers / max x similarity, best "
                         "--dsm-keep (paper 4.1) (default: %(default)s; measured, docs 'Diffusion')")
@@ -199,7 +199,8 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
                    help="a verified image is confident when its inliers reach the median of its query's top-k plus this "
                         "many median absolute deviations (default: %(default)s; measured, docs 'Diffusion')")
     g.add_argument("--confident-ratio", type=float, default=d.confident_ratio,
-                   help="... and this many times the median (default: %(default)s; measured, docs 'Diffusion')")
+                   help="a verified image is confident only when its inliers also reach this many times the median of "
+                        "its query's top-k (default: %(default)s; measured, docs 'Diffusion')")
     g.add_argument("--similarity-weight", type=float, default=d.similarity_weight,
                    help="final diffusion score: (1 - w) diffusion / max + w (similarity / best)^gamma, the similarity "
                         "of the image's place in the ranking diffusion refines, w in [0, 1); 0 = the diffusion score "
