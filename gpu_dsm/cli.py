@@ -79,7 +79,7 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int | None = None) -
     g.add_argument("--no-upscale", dest="upscale", action="store_false",
                    help="the standard image protocol exactly (revisitop / cnnimageretrieval-pytorch: PIL thumbnail, never "
                         "enlarging, a query crop keeps its image's scale) (default: enlarge small images and bring query "
-                        "crops to --image-size: +0.9 mAP M on roxford5k-19q, +3.3 on holidays-811, README)")
+                        "crops to --image-size: +0.9 mAP M on roxford5k-19q, +3.3 on holidays-811, docs 'Design decisions')")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images of one size per forward pass (default: 1 on the CPU, measured fastest there; 16 on a GPU)")
     g.add_argument("--workers", type=int, default=e.num_workers, help="image-reading processes (default: %(default)s)")
@@ -141,21 +141,21 @@ def _add_rerank_args(p: argparse.ArgumentParser, ranking: bool = True) -> None:
         g.add_argument("--top-k", type=int, default=r.top_k, help="candidates verified per query (default: %(default)s, paper 4.1)")
         g.add_argument("--score", choices=SCORES, default=None,
                        help="re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled "
-                            f"similarity (beyond the paper; measured better, README) (default: {r.score})")
+                            f"similarity (beyond the paper; measured better, docs 'Design decisions') (default: {r.score})")
         g.add_argument("--fuse-weight", type=float, default=None,
-                       help=f"weight of inliers in 'fused' (default: {r.fuse_weight:g}, measured on four sets, README)")
+                       help=f"weight of inliers in 'fused' (default: {r.fuse_weight:g}, measured on four sets, docs 'Design decisions')")
     else:
         g = p.add_argument_group("spatial matching (paper 3.5)")
         p.set_defaults(rerank="dsm", top_k=r.top_k, score=None, fuse_weight=None)
     g.add_argument("--threshold", type=float, default=None,
                    help=f"inlier threshold on the transfer error, feature-map pixels (default: {m.threshold:g}, measured on "
-                        "four sets, README; paper 4.1: 2)")
+                        "four sets, docs 'Design decisions'; paper 4.1: 2)")
     g.add_argument("--max-scale-change", type=float, default=None,
                    help=f"largest scale change of an inlier relative to the hypothesis (default: {m.max_scale_change:g}, "
                         "paper 4.1)")
     g.add_argument("--error", choices=ERRORS, default=None,
                    help=f"symmetric (both directions, reference code) or one_way transfer error (default: {m.error}, "
-                        "measured on four sets, README)")
+                        "measured on four sets, docs 'Design decisions')")
     g.add_argument("--paper-rerank", action="store_true",
                    help="the paper's matching settings instead of the measured defaults: threshold 2, symmetric error "
                         "(and, when re-ranking, score inliers); not combined with --threshold, --error, --score or "
@@ -174,12 +174,12 @@ def _add_diffusion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-k", type=int, default=gr.k,
                    help=f"neighbours per node of the mutual kNN graph (default: scaled to the database, "
                         f"{gr.k_fraction:g} x images within [{gr.k_min}, {gr.k_max}]: the paper's {gr.k_max} from "
-                        f"{round(gr.k_max / gr.k_fraction)} images on, {gr.k_min} for a 133-image set; measured, README)")
+                        f"{round(gr.k_max / gr.k_fraction)} images on, {gr.k_min} for a 133-image set; measured, docs 'Design decisions')")
     g.add_argument("--graph-backend", choices=("exact", "faiss"), default=gr.backend,
                    help="exact chunked products, or approximate FAISS (optional package) (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=d.alpha,
                    help=f"diffusion alpha (default: scaled to the database: {d.large_alpha} as Iscen et al. and the paper "
-                        f"from {d.large_database} images on, {d.small_alpha} below; measured, README)")
+                        f"from {d.large_database} images on, {d.small_alpha} below; measured, docs 'Design decisions')")
     g.add_argument("--gamma", type=float, default=d.gamma, help="similarity exponent of graph weights and seeds (default: %(default)s)")
     g.add_argument("--cg-iterations", type=int, default=d.max_iter, help="conjugate-gradient iterations at most (default: %(default)s)")
     g.add_argument("--cg-tol", type=float, default=d.tol, help="conjugate-gradient relative residual (default: %(default)s)")

@@ -2,8 +2,8 @@
 
 Every channel of every scale is an 8-bit map; its bright-on-dark MSERs become ellipses with a
 strength, the channel acting as the visual word. Per image and scale, in order (after the paper
-and the reference code; where the rules differ from the authors' feature code, listed in the
-README, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.reference_selection``):
+and the reference code; where the rules differ from the authors' feature code, listed in
+docs/detector.md, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.reference_selection``):
 
 1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
    the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
@@ -86,7 +86,7 @@ class DetectorConfig:
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
     # "reference" (the DSM authors' code, gpu_dsm.reference_selection; use DetectorConfig.reference()).
-    # Default "gpu_dsm": ours, the faster of the two (README, "Which rules are the default")
+    # Default "gpu_dsm": ours, the faster of the two (docs/design-decisions.md, "Detector rules")
     rules: str = "gpu_dsm"
     max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
 

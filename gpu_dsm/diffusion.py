@@ -49,17 +49,17 @@ class DiffusionConfig:
     """Diffusion parameters; defaults from Iscen et al. 2017 and the DSM reference code."""
 
     # None: scaled to the database, alpha_for(N) = 0.99 (Iscen et al., the paper) from
-    # large_database images on, small_alpha below (README, "Diffusion on small databases"); a float: that alpha
+    # large_database images on, small_alpha below (docs/design-decisions.md, "Diffusion on small databases"); a float: that alpha
     alpha: float | None = None
-    small_alpha: float = 0.5  # measured on roxford5k-mini, roxford5k-19q, roxford5k-19q + distractors (README)
+    small_alpha: float = 0.5  # measured on roxford5k-mini, roxford5k-19q, roxford5k-19q + distractors (docs/design-decisions.md)
     large_alpha: float = 0.99  # Iscen et al.; DSM paper 4.1 (5k to 1M images)
     large_database: int = 5000  # where GraphConfig's size rule reaches the paper's k = 50
     tol: float = 1e-6  # relative residual at which CG stops (reference code)
     max_iter: int = 20  # reference code
     gamma: float = 3.0  # similarity exponent of the plain seeds (Iscen et al.)
-    query_k: int = 10  # plain seeds: kq most similar images (Iscen et al.; 3 / 5 no better on all sets, README)
+    query_k: int = 10  # plain seeds: kq most similar images (Iscen et al.; 3 / 5 no better on all sets, docs/design-decisions.md)
     dsm_candidates: int = 10  # DSM seeds come from the top 10 re-ranked images (paper 4.1)
-    dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, README)
+    dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, docs/design-decisions.md)
     # "verified" (ours): plain seeds plus the confidently verified images, which also stay first;
     # "paper": the paper's DSM seeds (dsm_candidates, dsm_keep) (paper 4.1), measured in docs/diffusion.md
     seeds: str = "verified"

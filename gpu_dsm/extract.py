@@ -34,7 +34,7 @@ class ExtractConfig:
     image_size: int = 1024  # longer side in pixels (paper 4.1: "maximum size of 1024x1024")
     scales: tuple[float, ...] = DEFAULT_SCALES  # paper 4.1: 1, 1/sqrt(2), 1/2
     # enlarge images smaller than image_size and bring query crops to it; False is the standard
-    # protocol exactly (gpu_dsm.images). Measured (README, "Query scale"): +0.9 mAP M on
+    # protocol exactly (gpu_dsm.images). Measured (docs/design-decisions.md, "Query scale"): +0.9 mAP M on
     # roxford5k-19q, +3.3 on holidays-811 with the paired comparison
     upscale: bool = True
     # images per forward pass; None: 1 on the CPU (measured fastest there: 2.0 img/s at 1 vs 1.0

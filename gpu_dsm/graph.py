@@ -31,10 +31,10 @@ class GraphConfig:
     """kNN graph parameters; defaults from the DSM paper's diffusion setting (Iscen et al. 2017)."""
 
     # neighbours per node; None: scaled to the database, neighbours(N) = round(k_fraction * N)
-    # clamped to [k_min, k_max] (README, "Diffusion on small databases"); an int: that k
+    # clamped to [k_min, k_max] (docs/design-decisions.md, "Diffusion on small databases"); an int: that k
     k: int | None = None
-    k_fraction: float = 0.01  # 50 at the 5k images of R-Oxford/R-Paris, the paper's setting (measured, README)
-    k_min: int = 3  # the floor that keeps a 133-image database intact (measured on roxford5k-mini, README)
+    k_fraction: float = 0.01  # 50 at the 5k images of R-Oxford/R-Paris, the paper's setting (measured, docs/design-decisions.md)
+    k_min: int = 3  # the floor that keeps a 133-image database intact (measured on roxford5k-mini, docs/design-decisions.md)
     k_max: int = 50  # Iscen et al. and the DSM reference code use k = 50 for 5k to 1M images
     gamma: float = 3.0  # similarity exponent of the weights (Iscen et al.)
     mutual: bool = True  # keep mutual neighbours only (Iscen et al.)

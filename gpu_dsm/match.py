@@ -52,12 +52,13 @@ class MatchConfig:
     """Spatial matching parameters; defaults from the paper (4.1) and the reference code."""
 
     # inlier threshold, pixels of the activation map. Paper 4.1: 2 (with the symmetric error);
-    # 4 with one_way: the only setting positive on roxford5k-mini, -19q, -19q + distractors and
-    # holidays-811 with EfficientNet-Lite0 (README, "Defaults chosen on the larger sets")
+    # 4 with one_way: positive on roxford5k-mini, -19q, -19q + distractors and holidays-811 with
+    # EfficientNet-Lite0, and of the settings positive on all four the largest gain on -mini and
+    # -19q (docs/design-decisions.md, "Defaults chosen on the larger sets")
     threshold: float = 4.0
     max_scale_change: float = 3.0  # paper 4.1: maximal scale change 3
     # "symmetric" (reference code: both transfer directions summed) or "one_way" (forward only,
-    # measured, README "Defaults chosen on the larger sets")
+    # measured, docs/design-decisions.md "Defaults chosen on the larger sets")
     error: str = "one_way"
     lo_hypotheses: int = 5  # reference code: local optimisation of the best 5 hypotheses
     lo_factor: float = 4.0  # reference code: gather inliers at 4x the threshold

@@ -7,7 +7,7 @@ re-ranked top-k. Scores:
 - ``"inliers"``: the paper's score, the number of inliers (ties keep the initial order);
 - ``"fused"``: beyond the paper, ``weight * inliers / max inliers (over the query's top-k) +
   min-max scaled initial similarity``, so verification corrects the global ranking instead of
-  replacing it. Why it is the default is measured in the README ("Re-ranking").
+  replacing it. Why it is the default is measured in docs/design-decisions.md ("Re-ranking").
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ SCORES = ("inliers", "fused")
 class RerankConfig:
     """Re-ranking parameters."""
 
-    top_k: int = 100  # paper 4.1; 20 / 50 measured within 0.2 on the four sets (README)
-    score: str = "fused"  # "inliers" is the paper's: it loses 3.7-14.8 mAP M on all four sets (README, "Defaults chosen ...")
-    fuse_weight: float = 0.5  # inliers vs scaled similarity; 0.25 / 1 / 2 measured worse on the four sets (README)
+    top_k: int = 100  # paper 4.1; 20 / 50 measured within 0.2 on the four sets (docs/design-decisions.md)
+    score: str = "fused"  # "inliers" is the paper's: it loses 3.7-14.8 mAP M on all four sets (docs/design-decisions.md)
+    fuse_weight: float = 0.5  # inliers vs scaled similarity; 0.25 / 1 / 2 measured worse on the four sets (docs/design-decisions.md)
     match: MatchConfig = field(default_factory=MatchConfig)
 
     @classmethod

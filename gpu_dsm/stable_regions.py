@@ -400,7 +400,7 @@ def mser(
             (VLFeat's MATLAB default).
         level_step: threshold spacing; 1 is exact. ``s > 1`` thresholds at multiples of ``s``
             (``delta`` becomes ``round(delta / s)`` steps): faster and approximate; measured
-            recall of the exact regions in README ("MSER").
+            recall of the exact regions in docs/detector.md.
         values: optional ``(..., H, W)`` real tensor on the device of ``levels`` (e.g. the
             activations the levels were made from); ``max_value`` / ``sum_value`` are then its
             maximum (in its dtype) / sum (float64) over each region (default: of ``levels``).

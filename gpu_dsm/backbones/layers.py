@@ -7,7 +7,7 @@ resnet18             ``layer3``, ``layer4``       ``layer4`` (512-D, stride 32; 
 resnet50, resnet101  ``layer3``, ``layer4``       ``layer3`` (1024-D, stride 16; HOW "R50-")
 vgg16                ``conv5``                    ``conv5`` (512-D, stride 16)
 efficientnet_lite*   ``stage5`` .. ``stage7``,    ``stage5`` (112-D, stride 16): measured against
-                     ``head``                     ``head`` on holidays-811, README "HOW local descriptors"
+                     ``head``                     ``head`` on holidays-811 (docs/how-asmk.md)
 ==================== ============================ ===========================================
 
 The cut network shares its modules (and weights) with the backbone it is cut from.
