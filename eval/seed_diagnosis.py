@@ -13,7 +13,8 @@ and the confident matches) are positives; the positives' mean rank before (``glo
 every method. ``summary`` counts, over the queries where the paper's ``global+dsm+D`` loses more
 than 0.1 AP against ``global``, how many of their seeds are positives.
 
-``plot`` draws a result file: the inlier counts of the paper's seeds, positives against
+The file is a recorded result file (``gpu_dsm.eval.tables``: command, machine, date, the report).
+``plot`` draws it: the inlier counts of the paper's seeds, positives against
 negatives (top), and the AP of each diffusion minus ``global``, per query (bottom).
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def diagnose(cfg: RunConfig, base: Path, log=print) -> dict[str, Any]:
             "positives_mean_rank": {method: _mean_rank(methods[method][q], positives)
                                     for method in ("global+dsm", "global+dsm+D (paper)", "global+dsm+D")},
         })
-    return {"dataset": cfg.dataset, "database": {"images": n, "distractors": n - len(dataset.imlist)},
+    return {"benchmark": "seed_diagnosis", "dataset": cfg.dataset, "database": {"images": n, "distractors": n - len(dataset.imlist)},
             "graph_k": graph.k, "alpha": cfg.diffusion.alpha_for(n),
             "diffusion": {"confident_mads": cfg.diffusion.confident_mads, "confident_ratio": cfg.diffusion.confident_ratio,
                           "query_k": cfg.diffusion.query_k},
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.out, "--out")
         from gpu_dsm.eval.compare import load_report
 
-        print(f"written to {plot(load_report(args.report), args.out)}")
+        recorded = load_report(args.report)
+        print(f"written to {plot(recorded.get('report', recorded), args.out)}")
         return 0
     root = default_data_root()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -183,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{subset}: {c['queries']} queries; paper seeds {p_['positive']}/{p_['seeds']} positive; "
               f"verified seeds {v['positive']}/{v['seeds']} positive; confident {c['confident']['positive']}/"
               f"{c['confident']['seeds']}")
-    write_json(args.out, report)
+    from gpu_dsm.eval.tables import record_benchmark
+
+    command = "python -m gpu_dsm.eval.seed_diagnosis " + " ".join(argv)
+    write_json(args.out, record_benchmark(report, command))  # a result file the docs' tables read
     print(f"written to {args.out}")
     return 0
 

@@ -25,7 +25,9 @@ A docs page (or the README) holds a generated table between two marker lines::
 - ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each;
 - ``headline NAME NAME ...``: the README's table, a column of mAP Medium / Hard per evaluation file;
 - ``match NAME``: an ``eval/bench_match.py`` result file (real tables): each method's time, OpenCV's
-  over the C kernel's, the pairs that agree, the tensor path's launches and host syncs.
+  over the C kernel's, the pairs that agree, the tensor path's launches and host syncs;
+- ``seeds NAME NAME ...``: ``eval/seed_diagnosis.py`` result files: the positives among the paper's
+  diffusion seeds and the confident matches, the positives' mean rank.
 
 ``python -m gpu_dsm.eval.tables`` rewrites every such table from its files; ``--check`` rewrites
 nothing and exits 1 naming each table that differs.
@@ -207,6 +209,24 @@ def format_query_path(spec: str, results: dict[str, dict]) -> str:
     return "\n".join(lines + _sources(results, names)) + "\n"
 
 
+def format_seeds(spec: str, results: dict[str, dict]) -> str:
+    """A row per ``eval/seed_diagnosis.py`` result file and query subset: the positives among the
+    paper's diffusion seeds and among the confident matches, and the positives' mean rank."""
+    names = spec.split()
+    lines = ["| set | queries | paper's seeds: positive / all | confident matches: positive / all "
+             "| positives' mean rank: global+dsm / paper's rule / default rule |", "| --- " * 5 + "|"]
+    for name in names:
+        r = _benchmark(results, name, "seed_diagnosis", "seeds")
+        for subset, label in (("losing", "losing > 0.1 AP with the paper's rule"), ("all", "all")):
+            c = r["summary"][subset]
+            ranks = " / ".join("-" if v is None else f"{v:.1f}" for v in c["positives_mean_rank"].values())
+            lines.append(f"| {r['dataset']} (+{r['database']['distractors']:,}) | {c['queries']} ({label}) | "
+                         f"{c['paper_seeds']['positive']} / {c['paper_seeds']['seeds']} | "
+                         f"{c['confident']['positive']} / {c['confident']['seeds']} | {ranks} |")
+    lines += ["", "From:", ""]
+    return "\n".join(lines + _sources(results, names)) + "\n"
+
+
 def _benchmark(results: dict[str, dict], name: str, benchmark: str, table: str) -> dict:
     result = results.get(name)
     if result is None or result.get("kind") != "benchmark" or result["report"].get("benchmark") != benchmark:
@@ -281,6 +301,8 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         return format_match(rest, results)
     if kind == "headline":
         return format_headline(rest, results)
+    if kind == "seeds":
+        return format_seeds(rest, results)
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -289,7 +311,7 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
 def files_of(spec: str) -> list[str]:
     """The result files a marker's ``spec`` reads."""
     kind, _, rest = spec.partition(" ")
-    if kind in ("query-path", "match", "headline"):
+    if kind in ("query-path", "match", "headline", "seeds"):
         return rest.split()
     if kind in ("paired", "landmarks"):
         rest = rest.partition(" ")[2] if kind == "landmarks" else rest
