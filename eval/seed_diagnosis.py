@@ -6,7 +6,7 @@
 
 The stores are those of ``gpu-dsm evaluate`` (reused from ``--cache-dir``). With the default
 re-ranking and graph, for every query it records, for the paper's seeds (:func:`dsm_seeds`: the
-top 10 verified, ``inliers / max * similarity``, best 5), each seed's database index, inlier
+top 10 verified, ``inliers / max * similarity``, best 5; :func:`verified_diffusion_seeds`), each seed's database index, inlier
 count, weight, whether it is a positive (Medium) and its neighbours in the kNN graph; the
 confident matches (:func:`confident_matches`) and how many of the verified seeds (the plain seeds
 and the confident matches) are positives; the positives' mean rank before (``global+dsm``) and after each diffusion; and the AP (Medium) of
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from gpu_dsm.detect import DetectorConfig
-from gpu_dsm.diffusion import DiffusionConfig, confident_matches, dsm_seeds, verified_seeds
+from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import atomic_write, check_output_file, write_json
-from gpu_dsm.ranking import diffuse_verified
+from gpu_dsm.ranking import diffuse_verified, verified_diffusion_seeds
 from gpu_dsm.rerank import RerankConfig
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.protocol import evaluate_revisited, setup_ground_truth
@@ -69,13 +69,9 @@ def diagnose(cfg: RunConfig, base: Path, log=print) -> dict[str, Any]:
     methods["global+dsm+D (paper)"] = diffuse_verified(graph, stage.scores, stage.reranked, stage.reranked_ranks,
                                                        paper_cfg)[0].cpu()
     aps = {name: evaluate_revisited(ranks.numpy(), dataset.gnd)["AP"]["M"] for name, ranks in methods.items()}
-    reranked, similarities = stage.reranked, stage.scores
-    k = reranked.order.shape[1]
-    paper = dsm_seeds(similarities[:, :k].gather(1, reranked.order), reranked.indices, reranked.inliers, n,
-                      paper_cfg.dsm_candidates, paper_cfg.dsm_keep, paper_cfg.gamma)
-    confident = confident_matches(reranked.inliers, cfg.diffusion.confident_mads, cfg.diffusion.confident_ratio)
-    initial_confident = torch.zeros_like(confident).scatter_(1, reranked.order, confident)
-    ours = verified_seeds(similarities, stage.ranks, initial_confident, n, cfg.diffusion.query_k, cfg.diffusion.gamma)
+    reranked = stage.reranked
+    paper, _ = verified_diffusion_seeds(stage.scores, reranked, stage.reranked_ranks, n, paper_cfg)
+    ours, confident = verified_diffusion_seeds(stage.scores, reranked, stage.reranked_ranks, n, cfg.diffusion)
     degree = torch.bincount(graph.affinity.to_sparse_coo().coalesce().indices()[0], minlength=n)
     positives_m, _ = setup_ground_truth(dataset.gnd, "M")
     rows = []

@@ -263,20 +263,8 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     """
     device = graph.device
     k = reranked.order.shape[1]
-    order, indices, inliers = reranked.order.to(device), reranked.indices.to(device), reranked.inliers.to(device)
     similarities, reranked_ranks = similarities.to(device), reranked_ranks.to(device)
-    n = graph.num_nodes
-    confident = None
-    if config.seeds == "paper":  # the verified top k's own similarities, in re-ranked order
-        seeds = dsm_seeds(similarities[:, :k].gather(1, order), indices, inliers, n, config.dsm_candidates,
-                          config.dsm_keep, config.gamma)
-    else:
-        confident = confident_matches(inliers, config.confident_mads, config.confident_ratio)  # (Q, K), re-ranked order
-        # the plain seeds come from the initial ranking: its top k back in the initial order
-        ranks = reranked_ranks.clone()
-        ranks[:, :k] = torch.empty_like(indices).scatter_(1, order, indices)
-        initial_confident = torch.zeros_like(confident).scatter_(1, order, confident)
-        seeds = verified_seeds(similarities, ranks, initial_confident, n, config.query_k, config.gamma)
+    seeds, confident = verified_diffusion_seeds(similarities, reranked, reranked_ranks, graph.num_nodes, config)
     if config.truncation_size is not None and config.truncation_size < reranked_ranks.shape[1]:
         kept = torch.zeros_like(seeds, dtype=torch.bool)
         kept.T.scatter_(1, reranked_ranks[:, :config.truncation_size], True)
@@ -287,8 +275,32 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     scores = fused_scores(f, similarities, reranked_ranks, config.similarity_weight, config.gamma)
     ranking = diffusion_ranking(scores, reranked_ranks)
     if confident is not None:
-        ranking = confident_first(ranking, indices, confident)
+        ranking = confident_first(ranking, reranked.indices.to(device), confident)
     return ranking, info
+
+
+def verified_diffusion_seeds(similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
+                             num_nodes: int, config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seeds of :func:`diffuse_verified` for ``config.seeds``: ``(seeds (N, Q), confident)``.
+
+    ``"verified"``: :func:`verified_seeds` of the initial ranking with the confident matches
+    (:func:`confident_matches`), which are returned ``(Q, K)`` bool in the re-ranked order;
+    ``"paper"``: :func:`dsm_seeds` of the re-ranked top ``K``, and ``confident`` is ``None``.
+    Inputs as :func:`diffuse_verified`'s, on the device of ``similarities``; the seeds are float32 there.
+    """
+    device = similarities.device
+    k = reranked.order.shape[1]
+    order, indices, inliers = reranked.order.to(device), reranked.indices.to(device), reranked.inliers.to(device)
+    if config.seeds == "paper":  # the verified top k's own similarities, in re-ranked order
+        seeds = dsm_seeds(similarities[:, :k].gather(1, order), indices, inliers, num_nodes, config.dsm_candidates,
+                          config.dsm_keep, config.gamma)
+        return seeds, None
+    confident = confident_matches(inliers, config.confident_mads, config.confident_ratio)  # (Q, K), re-ranked order
+    # the plain seeds come from the initial ranking: its top k back in the initial order
+    ranks = reranked_ranks.to(device).clone()
+    ranks[:, :k] = torch.empty_like(indices).scatter_(1, order, indices)
+    initial_confident = torch.zeros_like(confident).scatter_(1, order, confident)
+    return verified_seeds(similarities, ranks, initial_confident, num_nodes, config.query_k, config.gamma), confident
 
 
 @dataclass
