@@ -23,7 +23,7 @@ from gpu_dsm.detect import DetectorConfig, activations_to_levels, auto_delta, de
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.io import write_json
 from gpu_dsm.eval.timing import benchmark_parser, sync
-from gpu_dsm.stable_regions import mser
+from gpu_dsm.mser import mser
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 
 DSM = dict(max_variation=0.5, min_diversity=0.7, min_area=0.001, max_area=0.75)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gpu_dsm.backbones import BACKBONES, build_backbone
-from gpu_dsm.describe import describe_global
+from gpu_dsm.global_descriptors import describe_global
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import write_json
 from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync

@@ -51,7 +51,7 @@ from gpu_dsm.graph import KnnGraph, normalised_affinity
 from gpu_dsm.io import atomic_directory, atomic_write, write_json
 from gpu_dsm.ranking import diffuse_verified
 from gpu_dsm.rerank import DSMReranker, RerankConfig
-from gpu_dsm.search import GlobalIndex, SearchConfig, SEARCH_BACKENDS
+from gpu_dsm.knn import GlobalIndex, SearchConfig, SEARCH_BACKENDS
 from gpu_dsm.store import LOCAL_FIELDS, STORE_FORMAT, STORE_VERSION, FeatureStore
 from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from gpu_dsm.io import write_json
-from gpu_dsm.search import GlobalIndex, SearchConfig, similarity_topk
+from gpu_dsm.knn import GlobalIndex, SearchConfig, similarity_topk
 from gpu_dsm.eval.bench_diffusion import clustered
 from gpu_dsm.eval.timing import benchmark_parser, sync
 

@@ -66,7 +66,7 @@ from gpu_dsm.reference.graph import dense_mutual_knn
 from gpu_dsm.reference import asmk as reference_asmk
 from gpu_dsm.reference.mser import mser_reference, region_stats
 from gpu_dsm.rerank import RerankConfig, rerank_by_inliers
-from gpu_dsm.stable_regions import mser
+from gpu_dsm.mser import mser
 from gpu_dsm.store import StoreWriter
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.timing import benchmark_parser, sync

@@ -24,7 +24,7 @@ import torch
 from gpu_dsm.artifacts import artifact_lock, cache_digest, cached
 from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
-from gpu_dsm.describe import GlobalConfig
+from gpu_dsm.global_descriptors import GlobalConfig
 from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, source_size, target_size

@@ -42,7 +42,8 @@ from gpu_dsm.rerank import RerankConfig, rerank_by_inliers
 from gpu_dsm.eval.compare import paired_bootstrap, query_groups, setup_aps
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.protocol import SETUPS, evaluate_revisited
-from gpu_dsm.ranking import diffuse_initial, diffuse_verified, rerank_top_k
+from gpu_dsm.ranking import diffuse_initial, diffuse_verified
+from gpu_dsm.rerank import rerank_top_k
 from gpu_dsm.rerank import DSMReranker
 from gpu_dsm.eval.run import RunConfig, dataset_stores, make_retrieval, preflight
 

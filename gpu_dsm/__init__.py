@@ -4,9 +4,9 @@ Where things are:
 
 - ``gpu_dsm.backbones``: networks by name with real weights (``build_backbone``).
 - ``gpu_dsm.extract``: batched multi-scale activations.
-- ``gpu_dsm.pooling`` / ``gpu_dsm.whitening`` / ``gpu_dsm.describe``: global descriptors.
-- ``gpu_dsm.search``: nearest neighbours by cosine similarity (exact, or FAISS behind ``GlobalIndex``).
-- ``gpu_dsm.mser`` (function; module ``gpu_dsm.stable_regions``) / ``gpu_dsm.detect`` / ``gpu_dsm.features``: the DSM detector and its tables.
+- ``gpu_dsm.pooling`` / ``gpu_dsm.whitening`` / ``gpu_dsm.global_descriptors``: global descriptors.
+- ``gpu_dsm.knn``: nearest neighbours by cosine similarity (exact, or FAISS behind ``GlobalIndex``).
+- ``gpu_dsm.mser`` (``mser``, ``MSERRegions``) / ``gpu_dsm.detect`` / ``gpu_dsm.features``: the DSM detector and its tables.
 - ``gpu_dsm.match`` / ``gpu_dsm.rerank``: spatial verification and the re-ranker (``DSMReranker``).
 - ``gpu_dsm.graph`` / ``gpu_dsm.diffusion``: the kNN graph and diffusion.
 - ``gpu_dsm.ranking``: the ranking stages (initial ranking, DSM re-ranking, diffusion) and the methods built of them.
@@ -20,12 +20,12 @@ Where things are:
 from gpu_dsm.backbones import BACKBONES, Backbone, build_backbone, save_retrieval_checkpoint
 from gpu_dsm.detect import DSMDetector, DetectorConfig, detect
 from gpu_dsm.features import LocalFeatures
-from gpu_dsm.stable_regions import MSERRegions, mser
-from gpu_dsm.describe import GlobalConfig, describe_global, describe_images, global_descriptor
+from gpu_dsm.mser import MSERRegions
+from gpu_dsm.global_descriptors import GlobalConfig, describe_global, describe_images, global_descriptor
 from gpu_dsm.extract import ExtractConfig, extract_activations, iterate_activations
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.pooling import MAC, SPoC, GeM, gem, mac, spoc
-from gpu_dsm.search import GlobalIndex, SearchConfig, similarity_topk
+from gpu_dsm.knn import GlobalIndex, SearchConfig, similarity_topk
 from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.whitening import Whitening, fit_pca_whitening, fit_supervised_whitening
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gpu_dsm.backbones import BACKBONES
-from gpu_dsm.describe import GlobalConfig
+from gpu_dsm.global_descriptors import GlobalConfig
 from gpu_dsm.detect import LEVEL_MODES, RULES, STRENGTHS, DetectorConfig
 from gpu_dsm.match import ERRORS, MatchConfig
 from gpu_dsm.rerank import SCORES, RerankConfig

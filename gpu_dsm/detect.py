@@ -3,11 +3,11 @@
 Every channel of every scale is an 8-bit map; its bright-on-dark MSERs become ellipses with a
 strength, the channel acting as the visual word. Per image and scale, in order (after the paper
 and the reference code; where the rules differ from the authors' feature code, listed in
-docs/detector.md, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.reference_selection``):
+docs/detector.md, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.authors_selection``):
 
 1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
    the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
-2. MSER on all channels at once (:func:`gpu_dsm.stable_regions.mser`); :func:`detect` runs one
+2. MSER on all channels at once (:func:`gpu_dsm.mser.mser`); :func:`detect` runs one
    call for all the maps of a batch that share a size (all images, all channels);
 3. drop channels with more than 36 regions (cluttered), then regions with a singular covariance
    (the reference code removes singular ones first: ``DetectorConfig.reference()`` follows it);
@@ -46,8 +46,8 @@ from torchvision.ops import batched_nms
 from gpu_dsm.activations import per_image_maps
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.kernels.precision import correctly_rounded_sqrt
-from gpu_dsm.reference_selection import reference_delta, reference_levels, select_scale, top_per_group
-from gpu_dsm.stable_regions import POLARITIES, MSERRegions, mser
+from gpu_dsm.authors_selection import reference_delta, reference_levels, select_scale, top_per_group
+from gpu_dsm.mser import POLARITIES, MSERRegions, mser
 
 LEVEL_MODES = ("auto", "round", "range", "channel_max")
 RULES = ("gpu_dsm", "reference")
@@ -85,7 +85,7 @@ class DetectorConfig:
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
-    # "reference" (the DSM authors' code, gpu_dsm.reference_selection; use DetectorConfig.reference()).
+    # "reference" (the DSM authors' code, gpu_dsm.authors_selection; use DetectorConfig.reference()).
     # Default "gpu_dsm": ours, the faster of the two (docs/design-decisions.md, "Detector rules")
     rules: str = "gpu_dsm"
     max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
@@ -96,7 +96,7 @@ class DetectorConfig:
         the float histogram, VLFeat's single-precision moments, singular regions removed before the
         clutter count, strength inside the 1-sigma ellipse as ``poly2mask`` fills it, NMS on ellipse
         boxes before the per-channel cap, the reference's tie order
-        (:mod:`gpu_dsm.reference_selection`). Other fields keep their defaults (the same values)."""
+        (:mod:`gpu_dsm.authors_selection`). Other fields keep their defaults (the same values)."""
         return cls(**{"rules": "reference", "polarity": "both", "strength": "max", **overrides})
 
     def __post_init__(self):
@@ -288,7 +288,7 @@ def _scale_features(regions: MSERRegions, cfg: DetectorConfig, is_query: bool) -
 
 def _scale_features_reference(regions: MSERRegions, acts: torch.Tensor, cfg: DetectorConfig, is_query: bool,
                                bound: float | None) -> dict:
-    """Features of one image at one scale by the authors' rules (gpu_dsm.reference_selection)."""
+    """Features of one image at one scale by the authors' rules (gpu_dsm.authors_selection)."""
     mode = cfg.levels if cfg.levels != "auto" else ("range" if bound is not None else "round")
     rows, strength, rank = select_scale(
         regions, _scaled(acts, mode, bound), acts, is_query=is_query, max_regions_per_channel=cfg.max_regions_per_channel,

@@ -29,7 +29,7 @@ from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones.backbone import Backbone
 from gpu_dsm.backbones.checkpoint import RetrievalHead
 from gpu_dsm.backbones.wrap import as_backbone
-from gpu_dsm.describe import GlobalConfig, describe_images
+from gpu_dsm.global_descriptors import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.extract import ExtractConfig
@@ -38,9 +38,10 @@ from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
-from gpu_dsm.ranking import DescribedImages, SearchResult, gather_local, rank_methods
+from gpu_dsm.ranking import DescribedImages, SearchResult, rank_methods
+from gpu_dsm.rerank import gather_local
 from gpu_dsm.rerank import RerankConfig
-from gpu_dsm.search import GlobalIndex, SearchConfig
+from gpu_dsm.knn import GlobalIndex, SearchConfig
 from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
 from gpu_dsm.whitening import Whitening, resolve_whitening
 

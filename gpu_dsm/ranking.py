@@ -5,7 +5,7 @@ Data flows one way:
 1. an initial ranking of the whole database for every query: :class:`GlobalRanking` (global
    descriptors, exact or FAISS) or :class:`ASMKRanking` (HOW + ASMK); both
    ``search(queries, k) -> (scores (Q, k), indices (Q, k))``;
-2. :func:`rerank_top_k`: DSM spatial verification of each query's top-k, with local features
+2. :func:`gpu_dsm.rerank.rerank_top_k`: DSM spatial verification of each query's top-k, with local features
    gathered from memory (:class:`LocalFeatures`) or from a feature store, a batch of queries at a time;
 3. :func:`diffuse_initial` / :func:`diffuse_verified`: diffusion on the database's kNN graph,
    seeded by the initial top of each query or by its spatially verified top.
@@ -19,24 +19,20 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import torch
 
 from gpu_dsm.asmk import ASMKIndex
 from gpu_dsm.diffusion import (CGInfo, DiffusionConfig, confident_first, confident_matches, diffuse, diffusion_ranking,
                                dsm_seeds, fused_scores, plain_seeds, verified_seeds)
-from gpu_dsm.features import LocalFeatures
 from gpu_dsm.graph import KnnGraph
 from gpu_dsm.how import HOWFeatures
 from gpu_dsm.kernels.sparse import SparseOperator
 from gpu_dsm.progress import progress
-from gpu_dsm.rerank import DSMReranker, RerankConfig, RerankResult
-from gpu_dsm.search import GlobalIndex
-from gpu_dsm.store import FeatureStore, StoreStack
+from gpu_dsm.rerank import DSMReranker, LocalSource, RerankConfig, RerankResult, rerank_top_k
+from gpu_dsm.knn import GlobalIndex
 
-#: where local features come from: a table in memory, or a feature store read on demand
-LocalSource = Union[LocalFeatures, FeatureStore, StoreStack]
 
 
 @dataclass
@@ -160,65 +156,6 @@ def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: in
     return torch.stack(full_scores), torch.stack(full_indices)
 
 
-def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, device: torch.device | str) -> LocalFeatures:
-    """The local features of images ``indices`` (in that order, repeats allowed) on ``device``.
-
-    ``indices``: database rows, a sequence of ints or an integer tensor (any device). A
-    :class:`LocalFeatures` table (any device) is indexed on its device and the rows moved; a
-    feature store reads them from its memory map.
-    """
-    if isinstance(source, LocalFeatures):
-        rows = torch.as_tensor(indices, dtype=torch.long, device=source.device)
-        return source[rows].to(device)
-    rows = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return source.local_features(rows, device=device)
-
-
-def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSource, ranks: torch.Tensor,
-                 similarities: torch.Tensor, device: torch.device | str = "cpu", query_batch: int = 8,
-                 show_progress: bool = False, desc: str = "re-ranking") -> tuple[torch.Tensor, RerankResult]:
-    """DSM re-ranking of the top of every query's ranking (paper 3.6).
-
-    Args:
-        reranker: the :class:`DSMReranker` (its ``config.top_k`` candidates are verified).
-        queries, database: where the local features of the queries / database images come from.
-        ranks: ``(Q, N)`` int64 database indices of each query's ranking, best first (on the CPU).
-        similarities: ``(Q, >= K)`` their initial scores, real, any device (moved to ``device``).
-        device: where verification runs (the local features are gathered there).
-        query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
-        show_progress: report progress (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
-    Returns:
-        ``(new ranks (Q, N), re-ranking of the top-k)``: the new ranks int64 on the device of
-        ``ranks``, the top-k re-ordered and the rest unchanged; the :class:`RerankResult` ``(Q, K)``
-        on the CPU (int64 ``indices``, ``inliers`` and ``order``, float64 ``scores``; its ``match``
-        is ``None``: per-batch results are not merged).
-    """
-    if query_batch < 1:
-        raise ValueError(f"query_batch must be >= 1, got {query_batch}")
-    k = min(reranker.config.top_k, ranks.shape[1])
-    new_ranks = ranks.clone()
-    parts = []
-    with progress(ranks.shape[0], desc, show_progress, unit="query") as bar:
-        for start in range(0, ranks.shape[0], query_batch):
-            stop = min(start + query_batch, ranks.shape[0])
-            top = ranks[start:stop, :k]
-            query_features = gather_local(queries, range(start, stop), device)
-            candidates = gather_local(database, top.reshape(-1), device)
-            result = reranker(query_features, candidates, similarities[start:stop, :k].to(device), top.to(device))
-            new_ranks[start:stop, :k] = result.indices.to(new_ranks.device)
-            parts.append(result)
-            bar.update(stop - start)
-    if not parts:
-        empty = torch.zeros(0, k, dtype=torch.long)
-        return new_ranks, RerankResult(indices=empty, scores=empty.double(), inliers=empty, order=empty, match=None)
-    merged = RerankResult(
-        indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
-        inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
-        match=None,
-    )
-    return new_ranks, merged
-
-
 def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, ranks: torch.Tensor,
                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
@@ -262,7 +199,6 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
         in ``config.dtype`` there.
     """
     device = graph.device
-    k = reranked.order.shape[1]
     similarities, reranked_ranks = similarities.to(device), reranked_ranks.to(device)
     seeds, confident = verified_diffusion_seeds(similarities, reranked, reranked_ranks, graph.num_nodes, config)
     if config.truncation_size is not None and config.truncation_size < reranked_ranks.shape[1]:

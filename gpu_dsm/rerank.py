@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -20,6 +21,11 @@ from torch import nn
 from gpu_dsm.checks import as_tensor, check_shape
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
+from gpu_dsm.progress import progress
+from gpu_dsm.store import FeatureStore, StoreStack
+
+#: where local features come from: a table in memory, or a feature store read on demand
+LocalSource = Union[LocalFeatures, FeatureStore, StoreStack]
 
 SCORES = ("inliers", "fused")
 
@@ -203,3 +209,62 @@ def rerank_by_inliers(inliers: torch.Tensor, similarities: torch.Tensor, indices
         order=order,
         match=None,
     )
+
+
+def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, device: torch.device | str) -> LocalFeatures:
+    """The local features of images ``indices`` (in that order, repeats allowed) on ``device``.
+
+    ``indices``: database rows, a sequence of ints or an integer tensor (any device). A
+    :class:`LocalFeatures` table (any device) is indexed on its device and the rows moved; a
+    feature store reads them from its memory map.
+    """
+    if isinstance(source, LocalFeatures):
+        rows = torch.as_tensor(indices, dtype=torch.long, device=source.device)
+        return source[rows].to(device)
+    rows = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    return source.local_features(rows, device=device)
+
+
+def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSource, ranks: torch.Tensor,
+                 similarities: torch.Tensor, device: torch.device | str = "cpu", query_batch: int = 8,
+                 show_progress: bool = False, desc: str = "re-ranking") -> tuple[torch.Tensor, RerankResult]:
+    """DSM re-ranking of the top of every query's ranking (paper 3.6).
+
+    Args:
+        reranker: the :class:`DSMReranker` (its ``config.top_k`` candidates are verified).
+        queries, database: where the local features of the queries / database images come from.
+        ranks: ``(Q, N)`` int64 database indices of each query's ranking, best first (on the CPU).
+        similarities: ``(Q, >= K)`` their initial scores, real, any device (moved to ``device``).
+        device: where verification runs (the local features are gathered there).
+        query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
+        show_progress: report progress (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
+    Returns:
+        ``(new ranks (Q, N), re-ranking of the top-k)``: the new ranks int64 on the device of
+        ``ranks``, the top-k re-ordered and the rest unchanged; the :class:`RerankResult` ``(Q, K)``
+        on the CPU (int64 ``indices``, ``inliers`` and ``order``, float64 ``scores``; its ``match``
+        is ``None``: per-batch results are not merged).
+    """
+    if query_batch < 1:
+        raise ValueError(f"query_batch must be >= 1, got {query_batch}")
+    k = min(reranker.config.top_k, ranks.shape[1])
+    new_ranks = ranks.clone()
+    parts = []
+    with progress(ranks.shape[0], desc, show_progress, unit="query") as bar:
+        for start in range(0, ranks.shape[0], query_batch):
+            stop = min(start + query_batch, ranks.shape[0])
+            top = ranks[start:stop, :k]
+            query_features = gather_local(queries, range(start, stop), device)
+            candidates = gather_local(database, top.reshape(-1), device)
+            result = reranker(query_features, candidates, similarities[start:stop, :k].to(device), top.to(device))
+            new_ranks[start:stop, :k] = result.indices.to(new_ranks.device)
+            parts.append(result)
+            bar.update(stop - start)
+    if not parts:
+        empty = torch.zeros(0, k, dtype=torch.long)
+        return new_ranks, RerankResult(indices=empty, scores=empty.double(), inliers=empty, order=empty, match=None)
+    merged = RerankResult(
+        indices=torch.cat([r.indices.cpu() for r in parts]), scores=torch.cat([r.scores.cpu() for r in parts]),
+        inliers=torch.cat([r.inliers.cpu() for r in parts]), order=torch.cat([r.order.cpu() for r in parts]),
+        match=None,
+    )
+    return new_ranks, merged

@@ -14,7 +14,7 @@ from gpu_dsm import cli
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.ranking import diffuse_verified
 from gpu_dsm.rerank import DSMReranker, RerankConfig
-from gpu_dsm.search import GlobalIndex
+from gpu_dsm.knn import GlobalIndex
 from gpu_dsm.store import FeatureStore, StoreWriter
 from gpu_dsm.eval import bench_query_path as bench
 

@@ -8,7 +8,7 @@ import torch
 from skimage import data as skdata
 
 from gpu_dsm.backbones import build_backbone, save_retrieval_checkpoint
-from gpu_dsm.describe import describe_global
+from gpu_dsm.global_descriptors import describe_global
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, load_image
 

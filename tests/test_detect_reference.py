@@ -8,9 +8,9 @@ from scipy import ndimage
 from gpu_dsm.detect import DetectorConfig, detect
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.reference import detect as ref
-from gpu_dsm.reference_selection import (cholesky_fails, ellipse_polygons, fused_multiply_add, reference_delta,
+from gpu_dsm.authors_selection import (cholesky_fails, ellipse_polygons, fused_multiply_add, reference_delta,
                                          reference_levels, round_half_away, vlfeat_moments)
-from gpu_dsm.stable_regions import mser
+from gpu_dsm.mser import mser
 
 
 @pytest.fixture(scope="module")

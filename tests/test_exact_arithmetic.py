@@ -22,7 +22,7 @@ import torch
 
 from gpu_dsm.kernels.precision import _sqrt_step, correctly_rounded_sqrt, fused_multiply_add, two_product
 from gpu_dsm.reference import detect as ref
-from gpu_dsm.reference_selection import cholesky_fails, ellipse_polygons
+from gpu_dsm.authors_selection import cholesky_fails, ellipse_polygons
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gpu_dsm.describe import describe_global
+from gpu_dsm.global_descriptors import describe_global
 from gpu_dsm.extract import ExtractConfig, extract_activations, iterate_activations
 from gpu_dsm.images import ImageSpec, load_image, target_size
 

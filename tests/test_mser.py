@@ -5,7 +5,7 @@ import torch
 from scipy import ndimage
 
 from gpu_dsm.detect import activations_to_levels, auto_delta
-from gpu_dsm.stable_regions import mser
+from gpu_dsm.mser import mser
 from gpu_dsm.reference.mser import mser_reference, region_stats
 
 DSM = dict(max_variation=0.5, min_diversity=0.7, min_area=0.001, max_area=0.75)
@@ -151,7 +151,7 @@ def test_matches_reference_on_real_activations(mini, lite0):
 def test_gpu_labelling_path_and_packing_give_the_same_regions(mini, lite0, monkeypatch):
     """The GPU path's labelling (``propagate``, run here on the CPU) and any page size for the
     packed level-set tiles give exactly the regions of the default CPU path, on real activations."""
-    import gpu_dsm.stable_regions as stable_regions
+    import gpu_dsm.mser as mser_module
     from gpu_dsm.extract import ExtractConfig, extract_activations
 
     acts = extract_activations(lite0, [mini.database_specs()[7]], ExtractConfig(image_size=512, scales=(1.0,), progress=False))
@@ -159,7 +159,7 @@ def test_gpu_labelling_path_and_packing_give_the_same_regions(mini, lite0, monke
     delta = auto_delta(levels)
     expected = mser(levels, delta=delta, values=acts[0][0][:320], **DSM)
     assert len(expected) > 300
-    monkeypatch.setattr(stable_regions, "_PAGE_SIDE", 40)  # many small pages
+    monkeypatch.setattr(mser_module, "_PAGE_SIDE", 40)  # many small pages
     for backend in ("scipy", "propagate"):
         got = mser(levels, delta=delta, values=acts[0][0][:320], backend=backend, **DSM)
         for name in ("map_index", "area", "level", "bbox", "mean", "cov", "max_value"):

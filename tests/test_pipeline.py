@@ -7,7 +7,7 @@ import torch
 from gpu_dsm.extract import ExtractConfig, extract_activations
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
-from gpu_dsm.search import SearchConfig
+from gpu_dsm.knn import SearchConfig
 
 
 def _database():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_dsm.describe import global_descriptor
+from gpu_dsm.global_descriptors import global_descriptor
 from gpu_dsm.pooling import GeM, MAC, SPoC, gem, mac, multiscale_aggregate, spoc
 
 

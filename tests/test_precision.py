@@ -12,7 +12,7 @@ import torch
 from gpu_dsm.asmk import ASMKConfig, ASMKIndex, nearest_words, train_codebook
 from gpu_dsm.kernels.precision import ieee_float32_matmul
 from gpu_dsm.reference import asmk as reference_asmk
-from gpu_dsm.stable_regions import mser
+from gpu_dsm.mser import mser
 
 _B = torch.backends
 _SETTINGS = {"global": _B, "cuda.matmul": _B.cuda.matmul, "mkldnn.matmul": _B.mkldnn.matmul}

@@ -75,7 +75,7 @@ def test_overwritten_weights_file_is_not_served_from_the_cache(tiny_root, tmp_pa
 
 
 def test_non_finite_values_are_refused_in_stores_and_search(tmp_path):
-    from gpu_dsm.search import similarity_topk
+    from gpu_dsm.knn import similarity_topk
 
     with pytest.raises(ValueError, match=r"image 1 \(b\) has 1 NaN/Inf"):
         with StoreWriter(tmp_path / "s", ["a", "b"], 4, {}) as w:

@@ -3,7 +3,7 @@ store is identical, file for file, to an uninterrupted write's."""
 import pytest
 import torch
 
-from gpu_dsm.describe import GlobalConfig, describe_images
+from gpu_dsm.global_descriptors import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.store import FeatureStore, StoreWriter

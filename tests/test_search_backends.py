@@ -1,10 +1,10 @@
-"""Global search backends (gpu_dsm.search.GlobalIndex): exact torch search is similarity_topk;
+"""Global search backends (gpu_dsm.knn.GlobalIndex): exact torch search is similarity_topk;
 FAISS flat returns the same top-k; HNSW and IVF-PQ are approximate, measured by recall@k
 against the exact search; bad settings are named."""
 import pytest
 import torch
 
-from gpu_dsm.search import GlobalIndex, SearchConfig, similarity_topk
+from gpu_dsm.knn import GlobalIndex, SearchConfig, similarity_topk
 from gpu_dsm.eval.bench_diffusion import clustered
 from gpu_dsm.eval.bench_search import recall_at_k
 
@@ -62,7 +62,7 @@ def test_bad_settings_are_named():
 def test_top_k_selection_is_the_stable_sort():
     """similarity_topk's chunk merge selects by top-k: the same positions, in the same order, as
     a stable descending sort, ties (many here) in position order."""
-    from gpu_dsm.search import stable_top
+    from gpu_dsm.knn import stable_top
 
     g = torch.Generator().manual_seed(0)
     for trial in range(200):

@@ -30,7 +30,7 @@ from gpu_dsm.asmk.codes import (WordVectors, aggregate_residuals, binary_codes, 
 from gpu_dsm.asmk.config import ASMKConfig
 from gpu_dsm.kernels import inverted_file, native
 from gpu_dsm.kernels.bits import gather_rows
-from gpu_dsm.search import stable_top
+from gpu_dsm.knn import stable_top
 
 _FORMAT = "gpu_dsm.asmk_index/1"
 _TENSORS = ("codebook", "offsets", "image_ids", "codes", "image_words")

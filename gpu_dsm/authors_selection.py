@@ -38,7 +38,7 @@ import torch
 from torchvision.ops import nms
 
 from gpu_dsm.kernels.precision import correctly_rounded_sqrt, fused_multiply_add
-from gpu_dsm.stable_regions import MAX_LEVEL, MSERRegions
+from gpu_dsm.mser import MAX_LEVEL, MSERRegions
 
 NUM_VERTICES = 40  # reference code: np = 40 vertices (first and last coincide)
 
