@@ -9,18 +9,15 @@ Every artifact is a file (or, for a feature store, a folder) in the cache folder
 of everything it depends on (:func:`cache_digest`), so a changed option, weights file or image
 gives a new name and a stale artifact is never served:
 
-========================  ==============================================================  ===============================
-artifact                  keyed on                                                        file format
-========================  ==============================================================  ===============================
-feature store             ``network`` (less the search-time entries), the images           :class:`gpu_dsm.store.FeatureStore`
-                          (paths, sizes, modification times, boxes); detector options
-kNN graph                 the database's whitened global descriptors (content), graph      :meth:`gpu_dsm.graph.KnnGraph.save`
-                          options
-HOW whitening             network, HOW options, the training images                       :meth:`gpu_dsm.whitening.Whitening.save`
-HOW features              the HOW whitening's name (or content), the images                :meth:`gpu_dsm.how.HOWFeatures.save`
-ASMK codebook             the training features' names, words, k-means iterations, seed    :func:`save_codebook`
-ASMK index                the codebook's name, the database features' names, ASMK options  :meth:`gpu_dsm.asmk.ASMKIndex.save`
-========================  ==============================================================  ===============================
+- feature store: ``network`` (less :data:`SEARCH_TIME_OPTIONS`), the images (paths, sizes,
+  modification times, boxes), then the detector options; a :class:`gpu_dsm.store.FeatureStore`;
+- kNN graph: the database's whitened global descriptors (their bytes), the graph options;
+  :meth:`gpu_dsm.graph.KnnGraph.save`;
+- HOW whitening: the network, the HOW options, the training images; :meth:`gpu_dsm.whitening.Whitening.save`;
+- HOW features: the HOW whitening's name (or its bytes), the images; :meth:`gpu_dsm.how.HOWFeatures.save`;
+- ASMK codebook: the training features' names, words, k-means iterations, seed; :func:`save_codebook`;
+- ASMK index: the codebook's name, the database features' names, the ASMK options;
+  :meth:`gpu_dsm.asmk.ASMKIndex.save`.
 
 :meth:`ArtifactCache.get` returns the artifact when it is there and readable; otherwise it builds
 it, saves it atomically (:func:`gpu_dsm.io.atomic_write`) and returns it. A corrupt artifact (its

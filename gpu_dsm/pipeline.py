@@ -13,7 +13,8 @@ activations (:func:`gpu_dsm.backbones.wrap.as_backbone` measures its stride). In
 scale, or per-image lists), or feature stores (:meth:`DSMRetrieval.from_store`: a database larger
 than memory, its local features read on demand). Learned state (the whitening of global
 descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
-``.to()`` moves it.
+``.to()`` moves it. With a cache folder (``DSMRetrieval(..., cache="folder")``, :mod:`gpu_dsm.cache`)
+what it learns and builds from image files is kept there and found again by the next run.
 """
 from __future__ import annotations
 
@@ -328,8 +329,7 @@ class DSMRetrieval(nn.Module):
             return None
         whitening = self.how_whitening
         if whitening is None:
-            raise ValueError("initial='asmk' needs HOW's whitening and a codebook: call fit_asmk(images) first "
-                             "(or pass how_whitening= and codebook=)")
+            raise ValueError("initial='asmk' needs HOW's whitening: call fit_asmk(images) first (or pass how_whitening=)")
         net = self._network("HOW features")
         desc = desc or f"HOW {label}"
 
