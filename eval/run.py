@@ -67,7 +67,7 @@ class RunConfig:
     # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
     initial: str = "global"
     asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
-    cache_dir: str | None = None  # where stores and the other cached artifacts are kept between runs; None: no cache
+    cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
     trust_weights_file: bool = False  # unpickle the weights file in full (it could run code); default: tensors only
