@@ -183,3 +183,17 @@ def test_the_module_learns_describes_and_indexes_once_with_a_cache(tmp_path, lit
     assert all(": reusing" in line for line in lines)
     plain = DSMRetrieval(lite0, cfg).fit_asmk(training)
     assert torch.equal(plain.codebook, first.codebook), "the cache changes nothing learned"
+
+
+def test_the_evaluation_leaves_caching_to_the_library():
+    """No keys, locks, lookups or artifact files in the harness: it asks gpu_dsm.cache / DSMRetrieval."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    forbidden = re.compile(r"\b(FileLock|cache_digest|content_digest|stat_digest|unfinished_directories|atomic_directory|"
+                           r"torch_save|torch_load_checked|load_codebook|save_codebook|train_codebook|fit_how_whitening\(|"
+                           r"describe_how\(|KnnGraph\.load|HOWFeatures\.load|ASMKIndex\.load|Whitening\.load|\.glob\()")
+    for path in ("eval/run.py", "eval/asmk_initial.py"):
+        text = (repo / path).read_text()
+        found = [line.strip() for line in text.splitlines() if forbidden.search(line) and "retrieval." not in line]
+        assert not found, f"{path}: {found}"
