@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import importlib.util
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,21 +20,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from gpu_dsm.artifacts import artifact_lock, cache_digest, cached
+from gpu_dsm.cache import ArtifactCache, StoreRequest
 from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
 from gpu_dsm.global_descriptors import GlobalConfig
 from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, source_size, target_size
-from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, stat_digest, \
-    unfinished_directories, write_json
+from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, write_json
 from gpu_dsm.diffusion import DiffusionConfig
-from gpu_dsm.graph import GraphConfig, KnnGraph
+from gpu_dsm.graph import GraphConfig
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
 from gpu_dsm.ranking import SearchResult
 from gpu_dsm.rerank import RerankConfig, rerank_scores
-from gpu_dsm.shards import Ranks, pixel_costs, write_sharded
+from gpu_dsm.shards import Ranks
 from gpu_dsm.store import FeatureStore, StoreStack
 from gpu_dsm.whitening import Whitening, resolve_whitening
 from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_index, check_run
@@ -156,41 +154,6 @@ def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) ->
     return {**options, "graph": dataclasses.asdict(graph)}
 
 
-def database_graph(retrieval: DSMRetrieval, db_store, database, cfg: RunConfig, base: Path, log=print) -> KnnGraph:
-    """The database's kNN graph, cached beside its store (keyed by store, whitening and graph options)."""
-    label = cfg.resolved_whitening()[0]
-    # a whitening file is keyed on its content; a checkpoint's whitening is covered by the store's key
-    from_file = label is not None and label == str(cfg.whitening)
-    keyed = {"store": db_store.key, "whitening": label, "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
-             "graph": dataclasses.asdict(cfg.graph)}
-    path = Path(base) / f"{db_store.path.name}-graph-{cache_digest(keyed)}.pt"
-    graph, _ = cached(path, lambda p: KnnGraph.load(p, retrieval.device), lambda: retrieval.build_graph(database),
-                      lambda g, p: g.save(p), "graph", log)
-    return graph
-
-
-def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: tuple[str, str | Path] | None = None
-                ) -> tuple[str, str]:
-    """``(global part, full name)`` of a split's store in the cache.
-
-    The global part keys everything the global descriptors depend on: extraction options, the
-    weights file's content, and the images (names, sizes and modification times of the files,
-    query boxes), so a changed file gives a new store. The full name adds the detector options
-    (``-global`` for global descriptors only). ``owner`` = ``(name, folder)`` of the images
-    (default: the dataset); distractors are their own owner, so their store serves every dataset.
-    """
-    options = cfg.options()
-    keyed = {k: v for k, v in options.items()
-             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk")}
-    name, folder = owner if owner is not None else (cfg.dataset, cfg.data_root)
-    paths = [str(Path(spec.source).resolve()) for spec in specs]
-    keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
-                 images=stat_digest(paths), boxes=[spec.box for spec in specs])
-    global_part = f"{name}-{split}-{cfg.backbone}-{cache_digest(keyed)}"
-    detector = options["detector"]
-    return global_part, f"{global_part}-{cache_digest(detector) if detector is not None else 'global'}"
-
-
 def make_backbone(cfg: RunConfig) -> Backbone:
     backbone = build_backbone(cfg.backbone, cfg.weights, upsample=cfg.upsample, trust_weights_file=cfg.trust_weights_file)
     return backbone.to(device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype))
@@ -208,104 +171,45 @@ def write_store(
     return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc, log=log)
 
 
-def _open_cached(path: Path, log) -> FeatureStore | None:
-    """The store at ``path`` if it is a readable store; a corrupt one is reported and ``None``
-    returned (the caller rebuilds it)."""
-    if not (path / "meta.json").is_file():
-        return None
-    try:
-        return FeatureStore(path)
-    except ValueError as exc:
-        log(f"cache: {exc}; rebuilding it")
-        return None
+def run_cache(cfg: RunConfig, folder: str | Path, log=print, ranks: Ranks | None = None) -> ArtifactCache:
+    """The run's cache folder (:class:`gpu_dsm.cache.ArtifactCache`), keyed on the run's options."""
+    return ArtifactCache(folder, cfg.options(), log, ranks)
 
 
-def _cached_store(base: Path, global_part: str, name: str, local: bool, log) -> FeatureStore | None:
-    """A usable cached store: the exact one, or for a global-only run any store with the same
-    global part (a local-feature store holds the same global descriptors)."""
-    store = _open_cached(base / name, log)
-    if store is not None or local:
-        return store
-    for candidate in sorted(base.glob(f"{global_part}-*")):
-        store = _open_cached(candidate, log) if candidate.is_dir() else None
-        if store is not None:
-            return store
-    return None
-
-
-def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=print, timing: dict | None = None,
-                   ranks: Ranks | None = None, backbone: Callable[[], Backbone] | None = None):
-    """Stores of the database and of the (cropped) queries under ``base``, reused when present.
+def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, cache: ArtifactCache | str | Path, log=print,
+                   timing: dict | None = None, ranks: Ranks | None = None, backbone: Callable[[], Backbone] | None = None):
+    """Stores of the database and of the (cropped) queries in ``cache`` (a folder, or the run's
+    :class:`gpu_dsm.cache.ArtifactCache`), extracted once (:meth:`ArtifactCache.stores`).
 
     With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
     followed by the distractors (their store is keyed on their images alone, so one extraction
-    serves every dataset). A lock file per store makes a second run on the same cache wait for
-    the first and reuse what it wrote instead of extracting the same store again; a split's lock
-    is released only once the next split's is taken (every run takes them in the same order, so
-    no deadlock), so a run that waited on one store never overtakes the first on the next. ``timing``
-    receives the seconds each extraction took (``None`` for a store reused from the cache).
-
-    With ``ranks`` of a torchrun job (:mod:`gpu_dsm.shards`) each rank extracts a balanced slice
-    of a missing store and rank 0 merges them; the job is one run, so its ranks take no cache lock.
-    ``backbone()`` gives the network when a store must be extracted (default: built once here);
-    pass the run's own builder so that a later step reuses the same network.
+    serves every dataset). ``timing`` receives the seconds each extraction took (``None`` for a
+    store reused from the cache). With ``ranks`` of a torchrun job each rank extracts a slice of a
+    missing store. ``backbone()`` gives the network when a store must be extracted (default:
+    built once here); pass the run's own builder so that a later step reuses the same network.
     """
-    ranks = ranks or Ranks()
+    if not isinstance(cache, ArtifactCache):
+        cache = run_cache(cfg, cache, log, ranks)
     backbone = backbone or functools.cache(lambda: make_backbone(cfg))
-    splits = [("database", dataset.database_specs(), dataset.imlist, None),
-              ("queries", dataset.query_specs(), dataset.qimlist, None)]
+    requests = [StoreRequest("database", dataset.database_specs(), dataset.imlist, cfg.dataset, cfg.data_root),
+                StoreRequest("queries", dataset.query_specs(), dataset.qimlist, cfg.dataset, cfg.data_root, is_query=True)]
     distractors = cfg.distractor_set()
     if distractors is not None:
-        splits.append(("distractors", distractors.specs(), distractors.names, (distractors.root.name, distractors.root)))
-    stores = {}
-    base = Path(base)
-    held = None  # the previous split's lock, released once the next one is taken
-    try:
-        for split, specs, names, owner in splits:
-            global_part, name = _store_name(cfg, split, specs, owner)
-            path = base / name
-            lock = artifact_lock(base / global_part, split, log, ranks)
-            lock.__enter__()
-            if held is not None:
-                held.__exit__(None, None, None)
-            held = lock
-            seconds = None
-            store = _cached_store(base, global_part, name, cfg.detector is not None, log)
-            if store is not None:
-                log(f"{split}: reusing {store.path}")
-            else:
-                if ranks.rank == 0:  # (shards' unfinished directories too: nobody writes them yet)
-                    for leftover in unfinished_directories(path):
-                        log(f"cache: removing {leftover.name}, an unfinished store of a run that was killed")
-                        shutil.rmtree(leftover, ignore_errors=True)
-                ranks.barrier()
-                net = backbone()
-                start = time.perf_counter()
-                label = f"{dataset.name} {split}" if owner is None else f"{owner[0]} {split}"
+        requests.append(StoreRequest("distractors", distractors.specs(), distractors.names, distractors.root.name,
+                                     distractors.root))
 
-                def write(part_specs, part_names, part_path):
-                    return write_store(net, part_specs, part_names, part_path, cfg, desc=label, is_query=split == "queries",
-                                       log=log)
+    def write(request: StoreRequest, specs, names, path: Path) -> FeatureStore:
+        return write_store(backbone(), specs, names, path, cfg, desc=f"{request.owner} {request.split}",
+                           is_query=request.is_query, log=log)
 
-                if ranks.distributed:
-                    costs = pixel_costs(specs, cfg.extract.image_size, cfg.extract.upscale)
-                    store = write_sharded(ranks, specs, names, path, costs, write, log)
-                else:
-                    store = write(specs, names, path)
-                seconds = time.perf_counter() - start
-            stores[split] = store
-            if timing is not None:
-                timing[f"extract_{split}_s"] = None if seconds is None else round(seconds, 3)
-            if seconds is not None:
-                log(f"{split}: {len(specs)} images in {seconds:.1f} s ({len(specs) / seconds:.2f} img/s) -> {path}")
-    finally:
-        if held is not None:
-            held.__exit__(None, None, None)
-    database = stores["database"]
-    if "distractors" in stores:
-        database = StoreStack([database, stores["distractors"]])
-        log(f"database: {dataset.name}'s {len(dataset.imlist)} images + {stores['distractors'].num_images} distractors")
-    return database, stores["queries"]
+    stores = cache.stores(requests, write)
+    if timing is not None:
+        timing.update({f"extract_{r.split}_s": cache.timing[f"extract_{r.split}_s"] for r in requests})
+    database, queries = stores[0], stores[1]
+    if distractors is not None:
+        database = StoreStack([database, stores[2]])
+        log(f"database: {dataset.name}'s {len(dataset.imlist)} images + {stores[2].num_images} distractors")
+    return database, queries
 
 
 def check_device(device: str) -> torch.device:
@@ -474,11 +378,12 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
     draw_inlier_histogram(pos, neg).save(path)
 
 
-def make_retrieval(cfg: RunConfig) -> DSMRetrieval:
-    """The run's :class:`DSMRetrieval` without a network (the stores hold what it describes), on
-    the run's device, with the run's learned whitening."""
+def make_retrieval(cfg: RunConfig, cache: ArtifactCache | None = None, backbone: Backbone | None = None) -> DSMRetrieval:
+    """The run's :class:`DSMRetrieval` on the run's device, with the run's learned whitening and
+    ``cache``; without ``backbone`` it has no network (the stores hold what it describes)."""
     whitening = cfg.resolved_whitening()[1]
-    return DSMRetrieval(None, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none").to(cfg.device)
+    return DSMRetrieval(backbone, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none",
+                        cache=cache).to(cfg.device)
 
 
 def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: RevisitopDataset, log, plot_inliers) -> dict[str, Any]:
@@ -507,8 +412,10 @@ def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: Revisitop
 def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, plot_inliers=None) -> dict[str, Any]:
     timing: dict[str, Any] = {}
     backbone = functools.cache(lambda: make_backbone(cfg))  # built once, only if something must be extracted
-    db_store, q_store = dataset_stores(cfg, dataset, base, log=log, timing=timing, backbone=backbone)
-    retrieval = make_retrieval(cfg)
+    cache = run_cache(cfg, base, log)
+    db_store, q_store = dataset_stores(cfg, dataset, cache, log=log, timing=timing, backbone=backbone)
+    # with the ASMK initial ranking the module describes images (HOW features not cached yet): it needs the network
+    retrieval = make_retrieval(cfg, cache, backbone() if cfg.initial == "asmk" else None)
     label, whitening = cfg.resolved_whitening()
     if whitening is not None:
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
@@ -516,13 +423,14 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     diagnostics: dict[str, Any] = {}
     if cfg.initial == "asmk":
         start = time.perf_counter()
-        artifacts = asmk_index(cfg, retrieval, dataset, base, backbone, log, timing)
+        artifacts = asmk_index(cfg, retrieval, dataset)
+        timing.update({k: v for k, v in cache.timing.items() if not k.startswith("extract_")})
         timing["asmk_s"] = round(time.perf_counter() - start, 4)  # HOW features, codebook and index (cached or built)
         database.asmk, queries.how = artifacts.index, artifacts.queries
         diagnostics["asmk"] = artifacts.diagnostics
     if cfg.diffusion is not None:
         start = time.perf_counter()
-        database.graph = database_graph(retrieval, db_store, database, cfg, base, log)
+        database.graph = retrieval.build_graph(database)
         timing["graph_s"] = round(time.perf_counter() - start, 4)
     result = retrieval.search(queries, database)
     timing.update(result.diagnostics["timing"])

@@ -11,7 +11,7 @@ Where things are:
 - ``gpu_dsm.graph`` / ``gpu_dsm.diffusion``: the kNN graph and diffusion.
 - ``gpu_dsm.ranking``: the ranking stages (initial ranking, DSM re-ranking, diffusion) and the methods built of them.
 - ``gpu_dsm.pipeline``: ``DSMRetrieval``, the whole method as one module (images, activations or stores in, rankings out).
-- ``gpu_dsm.artifacts``: how cached artifacts (stores, graphs, codebooks, indices) are keyed, locked and written.
+- ``gpu_dsm.cache``: the cache folder: keys, lookup, locks and file formats of cached artifacts (stores, graphs, HOW files, codebooks, indices).
 - ``gpu_dsm.laf``: features as kornia local affine frames.
 - ``gpu_dsm.store``: the on-disk feature store.
 - ``gpu_dsm.kernels``: low-level tensor kernels (repository folder ``kernels/``).

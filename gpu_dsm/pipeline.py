@@ -13,13 +13,14 @@ activations (:func:`gpu_dsm.backbones.wrap.as_backbone` measures its stride). In
 scale, or per-image lists), or feature stores (:meth:`DSMRetrieval.from_store`: a database larger
 than memory, its local features read on demand). Learned state (the whitening of global
 descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
-``.to()`` moves it.
+``.to()`` moves it. With a cache folder (``DSMRetrieval(..., cache="folder")``, :mod:`gpu_dsm.cache`)
+what it learns and builds from image files is kept there and found again by the next run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,19 +30,21 @@ from gpu_dsm.asmk import ASMKConfig, ASMKIndex, train_codebook
 from gpu_dsm.backbones.backbone import Backbone
 from gpu_dsm.backbones.checkpoint import RetrievalHead
 from gpu_dsm.backbones.wrap import as_backbone
+from gpu_dsm.cache import ArtifactCache, images_key, network_identity
 from gpu_dsm.global_descriptors import GlobalConfig, describe_images
 from gpu_dsm.detect import DetectorConfig, detect_images
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.features import LocalFeatures
 from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
-from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how, fit_how_whitening
+from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
 from gpu_dsm.ranking import DescribedImages, SearchResult, rank_methods
 from gpu_dsm.rerank import gather_local
 from gpu_dsm.rerank import RerankConfig
 from gpu_dsm.knn import GlobalIndex, SearchConfig
+from gpu_dsm.shards import Ranks, sharded_how_features, sharded_how_whitening
 from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
 from gpu_dsm.whitening import Whitening, resolve_whitening
 
@@ -139,14 +142,20 @@ class DSMRetrieval(nn.Module):
             (:meth:`fit_asmk` learns both).
         stride, mean, std, activation_bound: facts of a plain ``backbone``
             (:func:`gpu_dsm.backbones.wrap.as_backbone`: stride measured, ImageNet normalisation).
+        cache: a folder (or an :class:`gpu_dsm.cache.ArtifactCache`) where what the module
+            learns and builds from image files is kept between runs and found again: HOW's
+            whitening, HOW features and the codebook (:meth:`fit_asmk`, :meth:`describe_how`), the
+            ASMK index, the kNN graph; ``None`` (default): nothing is kept.
     """
 
     def __init__(self, backbone: nn.Module | None = None, config: RetrievalConfig | None = None,
                  whitening: Whitening | str | Path | None = None, how_whitening: Whitening | None = None,
                  codebook: torch.Tensor | None = None, *, stride: int | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, activation_bound: float | None = None):
+                 std: Sequence[float] | None = None, activation_bound: float | None = None,
+                 cache: ArtifactCache | str | Path | None = None):
         super().__init__()
         self.config = config or RetrievalConfig()
+        self.cache = ArtifactCache(cache) if isinstance(cache, (str, Path)) else cache
         self.backbone = (as_backbone(backbone, stride=stride, mean=mean, std=std, activation_bound=activation_bound)
                          if backbone is not None else None)
         self.learned = LearnedState()
@@ -190,16 +199,56 @@ class DSMRetrieval(nn.Module):
     def _head(self) -> RetrievalHead:
         return self.backbone.head if self.backbone is not None else RetrievalHead()
 
-    def fit_asmk(self, images: Sequence[ImageLike | ImageSpec]) -> "DSMRetrieval":
-        """Learn HOW's whitening and the ASMK codebook on ``images`` (never the queries)."""
+    def _cache_for(self, images: Sequence[Any]) -> ArtifactCache | None:
+        """The cache, when there is one and ``images`` are files it can key on."""
+        return self.cache if self.cache is not None and images_key(images) is not None else None
+
+    def fit_how_whitening(self, images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[ImageLike | ImageSpec]]
+                          ) -> "DSMRetrieval":
+        """Learn HOW's whitening on ``images`` (never the queries): a list, or named image sets
+        ``{label: images}`` learned on together. A backbone built from a HOW checkpoint brings its
+        learned reduction instead. With a cache, found there or learned and kept; under torchrun
+        (the cache's ranks) each rank sums the moments of its slice of the images."""
         net = self._network("fit_asmk")
-        how_whitening = fit_how_whitening(net, images, self.config.how)
-        training = describe_how(net, images, how_whitening, self.config.how, desc="HOW codebook images")
+        sets = _image_sets(images)
+        everything = [image for part in sets.values() for image in part]
+        cache = self._cache_for(everything)
+        ranks = cache.ranks if cache is not None else Ranks()
+
+        def fit():
+            return sharded_how_whitening(net, everything, self.config.how, ranks)
+
+        whitening = fit() if cache is None else cache.how_whitening(
+            self.config.how, list(sets.values()), fit, cache.network or network_identity(net))
+        self.learned.set_whitening(whitening, "how_")
+        if cache is not None:
+            cache.remember(self.learned.how_whitening_projection, cache.name_of(whitening))
+        return self
+
+    def fit_asmk(self, images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[ImageLike | ImageSpec]]
+                 ) -> "DSMRetrieval":
+        """Learn HOW's whitening (:meth:`fit_how_whitening`) and the ASMK codebook on ``images``
+        (never the queries): a list, or named image sets ``{label: images}`` (their HOW features
+        are cached one file per set, under its label). With a cache, each step is found there or
+        learned and kept."""
+        sets = _image_sets(images)
+        if self.cache is not None and self.cache.ranks.distributed:
+            raise ValueError("fit_asmk runs in one process: under torchrun, fit_how_whitening and describe_how "
+                             "(each shared by the ranks), then fit_asmk in one process with the same cache")
+        self.fit_how_whitening(sets)
+        training = [self.describe_how(part, label=label) for label, part in sets.items()]
         cfg = self.config.asmk
-        self.learned.set_whitening(how_whitening, "how_")
-        words = cfg.words_for(training.descriptors.shape[0])
-        self.learned.set("codebook", train_codebook(training.descriptors, words, cfg.kmeans_iterations, cfg.seed,
-                                                    cfg.memory_budget))
+        descriptors = torch.cat([t.descriptors for t in training]).to(self.device)
+        words = cfg.words_for(descriptors.shape[0])
+
+        def train() -> torch.Tensor:
+            return train_codebook(descriptors, words, cfg.kmeans_iterations, cfg.seed, cfg.memory_budget)
+
+        cache = self._cache_for([image for part in sets.values() for image in part])
+        codebook = train() if cache is None else cache.codebook(training, words, cfg, train)
+        self.learned.set("codebook", codebook.to(self.device))
+        if cache is not None:
+            cache.remember(self.learned.codebook, cache.name_of(codebook))
         return self
 
     # --- describing --------------------------------------------------------------------------------
@@ -269,14 +318,31 @@ class DSMRetrieval(nn.Module):
             per_image_maps(maps_per_image)  # raises, naming the accepted forms
         return self.describe(maps_per_image, is_query)
 
-    def describe_how(self, images: Sequence[ImageLike | ImageSpec], desc: str = "HOW") -> HOWFeatures | None:
-        """HOW features of ``images`` with the ASMK initial ranking (else ``None``)."""
+    def describe_how(self, images: Sequence[ImageLike | ImageSpec], desc: str | None = None,
+                     label: str = "images") -> HOWFeatures | None:
+        """HOW features of ``images`` with the ASMK initial ranking (else ``None``).
+
+        With a cache and image files, found there or described and kept (``label`` names the
+        file); under torchrun (the cache's ranks) the ranks describe slices of the images and rank
+        0 merges them: rank 0 gets the features, the other ranks ``None``."""
         if self.config.initial != "asmk":
             return None
-        if self.how_whitening is None or self.codebook is None:
-            raise ValueError("initial='asmk' needs HOW's whitening and a codebook: call fit_asmk(images) first "
-                             "(or pass how_whitening= and codebook=)")
-        return describe_how(self._network("HOW features"), images, self.how_whitening, self.config.how, desc=desc)
+        whitening = self.how_whitening
+        if whitening is None:
+            raise ValueError("initial='asmk' needs HOW's whitening: call fit_asmk(images) first (or pass how_whitening=)")
+        net = self._network("HOW features")
+        desc = desc or f"HOW {label}"
+
+        def describe(part: Sequence[ImageLike | ImageSpec]) -> HOWFeatures:
+            return describe_how(net, part, whitening, self.config.how, desc=desc)
+
+        cache = self._cache_for(images)
+        if cache is None:
+            return describe(images)
+        if cache.ranks.distributed:
+            return cache.how_features(label, whitening, images, lambda path: sharded_how_features(
+                list(images), path, describe, self.config.how, cache.ranks, cache.log))
+        return cache.how_features(label, whitening, images, lambda path: describe(images))
 
     def write_store(self, images: Sequence[ImageLike | ImageSpec], path: str | Path, names: Sequence[str],
                     options: dict[str, Any], is_query: bool = False, desc: str = "describe",
@@ -310,26 +376,43 @@ class DSMRetrieval(nn.Module):
         """Images described in a feature store: global descriptors read and whitened, local
         features gathered from the store when verification needs them (never all in memory)."""
         descriptors = self._whiten(store.global_descriptors().to(self.device))
-        return DescribedImages(descriptors, store if store.has_local else None, how=how)
+        described = DescribedImages(descriptors, store if store.has_local else None, how=how)
+        if self.cache is not None:
+            self.cache.remember(described, Path(store.path).name)
+        return described
 
     # --- indexing ----------------------------------------------------------------------------------
 
     def build_graph(self, database: DescribedImages) -> KnnGraph:
-        """The kNN graph of the database's global descriptors (``config.graph``)."""
-        return build_knn_graph(database.global_descriptors, self.config.graph)
+        """The kNN graph of the database's global descriptors (``config.graph``); with a cache,
+        found there or built and kept."""
+        def build() -> KnnGraph:
+            return build_knn_graph(database.global_descriptors, self.config.graph)
+
+        if self.cache is None:
+            return build()
+        return self.cache.graph(database.global_descriptors, self.config.graph, build, self.device,
+                                source=self.cache.name_of(database))
 
     def build_asmk_index(self, parts: Sequence[HOWFeatures]) -> ASMKIndex:
-        """The ASMK inverted file of HOW features (several sets are numbered one after another)."""
+        """The ASMK inverted file of HOW features (several sets are numbered one after another);
+        with a cache, found there or built and kept."""
         if self.codebook is None:
             raise ValueError("the ASMK index needs a codebook: call fit_asmk(images) first (or pass codebook=)")
-        offsets, descriptors, ids = 0, [], []
-        for part in parts:
-            descriptors.append(part.descriptors)
-            ids.append(part.image_ids + offsets)
-            offsets += part.num_images
         device = self.device
-        return ASMKIndex.build(self.codebook.to(device), torch.cat(descriptors).to(device), torch.cat(ids).to(device),
-                               self.config.asmk, num_images=offsets)
+
+        def build() -> ASMKIndex:
+            offsets, descriptors, ids = 0, [], []
+            for part in parts:
+                descriptors.append(part.descriptors)
+                ids.append(part.image_ids + offsets)
+                offsets += part.num_images
+            return ASMKIndex.build(self.codebook.to(device), torch.cat(descriptors).to(device), torch.cat(ids).to(device),
+                                   self.config.asmk, num_images=offsets)
+
+        if self.cache is None:
+            return build()
+        return self.cache.asmk_index(self.codebook, parts, self.config.asmk, build, device)
 
     def build_indices(self, database: DescribedImages) -> DescribedImages:
         """Add what searching ``database`` needs and it lacks: its global search index, its ASMK
@@ -387,3 +470,11 @@ class DSMRetrieval(nn.Module):
         """``module(queries, database)``: :meth:`search` of ``queries`` in ``database``, which is
         indexed first (:meth:`index`) unless it is already :class:`DescribedImages`."""
         return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))
+
+
+def _image_sets(images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[ImageLike | ImageSpec]]
+                ) -> dict[str, list]:
+    """Named image sets: ``{label: images}`` as given, or one list as the set ``"codebook-images"``."""
+    if isinstance(images, Mapping):
+        return {str(label): list(part) for label, part in images.items()}
+    return {"codebook-images": list(images)}

@@ -21,8 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from gpu_dsm.how import HOWConfig, HOWFeatures, fit_how_whitening, how_checkpoint, how_moments, merge_how_features
 from gpu_dsm.images import ImageSpec, target_size
 from gpu_dsm.store import FeatureStore, StoreWriter
+from gpu_dsm.whitening import Whitening, pca_whitening_from_moments
 
 
 @dataclass(frozen=True)
@@ -166,3 +168,37 @@ def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str]
                 lambda own, rows: _valid_shard(own, [names[i] for i in rows]),
                 lambda shards, slices, out: merge_shards(shards, slices, list(names), out), log)
     return FeatureStore(path)
+
+
+def sharded_how_whitening(backbone, images: Sequence[ImageSpec], how: HOWConfig, ranks: Ranks) -> Whitening:
+    """HOW's whitening of ``images`` (:func:`gpu_dsm.how.fit_how_whitening`) with the moments
+    summed over the ranks' slices of the images; every rank gets the same whitening."""
+    if not ranks.distributed or how_checkpoint(backbone) is not None:  # a HOW checkpoint's reduction is not fitted
+        return fit_how_whitening(backbone, images, how)
+    if not images:
+        raise ValueError("fit_how_whitening: no images")
+    mine = balanced_slices(pixel_costs(images, how.image_size, how.upscale), ranks.world)[ranks.rank]
+    count, total, outer = how_moments(backbone, [images[i] for i in mine], how)
+    net_dim = outer.shape[0]
+    summed = ranks.all_reduce_sum(torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=total.device),
+                                             total, outer.reshape(-1)]))
+    return pca_whitening_from_moments(int(summed[0]), summed[1:1 + net_dim], summed[1 + net_dim:].reshape(net_dim, net_dim),
+                                      how.dim)
+
+
+def sharded_how_features(images: Sequence[ImageSpec], path: Path, describe: Callable[[list[ImageSpec]], HOWFeatures],
+                         how: HOWConfig, ranks: Ranks, log=print) -> HOWFeatures | None:
+    """HOW features of ``images`` described slice by slice over ``ranks`` (``describe(images)``)
+    and merged by rank 0 at ``path`` (rank 0 returns them, the others ``None``)."""
+    def finished(shard: Path, rows: list[int]) -> bool:
+        try:
+            return HOWFeatures.load(shard).num_images == len(rows)
+        except (OSError, ValueError):
+            return False
+
+    def merge(shards: list[Path], slices: list[list[int]], out: Path) -> None:
+        merge_how_features([HOWFeatures.load(s) for s in shards], slices, len(images)).save(out)
+
+    run_sharded(ranks, pixel_costs(images, how.image_size, how.upscale), path,
+                lambda rows, own: describe([images[i] for i in rows]).save(own), finished, merge, log)
+    return HOWFeatures.load(path) if ranks.rank == 0 else None

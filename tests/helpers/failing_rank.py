@@ -5,14 +5,14 @@ is killed mid-run would (tests/test_shards.py)."""
 import os
 import sys
 
-import gpu_dsm.eval.asmk_initial as asmk_initial
 import gpu_dsm.eval.run as run
+import gpu_dsm.pipeline as pipeline
 from gpu_dsm.cli import main
 
 fail_rank = int(sys.argv.pop(1))
 fail_at = os.environ.get("GPU_DSM_FAIL_AT", "store")
 write_store = run.write_store
-describe_how = asmk_initial.describe_how
+describe_how = pipeline.describe_how
 
 
 def _failing_here() -> bool:
@@ -32,5 +32,5 @@ def failing_how(backbone, specs, whitening, config=None, desc="HOW"):
 
 
 run.write_store = failing_store
-asmk_initial.describe_how = failing_how
+pipeline.describe_how = failing_how
 sys.exit(main(sys.argv[1:]))
