@@ -437,14 +437,16 @@ class DSMRetrieval(nn.Module):
 
     # --- saving ------------------------------------------------------------------------------------
 
-    def save(self, folder: str | Path, index: DescribedImages | None = None) -> Path:
+    def save(self, folder: str | Path, index: DescribedImages | None = None,
+             network: dict[str, Any] | None = None) -> Path:
         """Write the module (config, learned state, the backbone's fingerprint; not the network's
         weights) and, if given, ``index`` to ``folder``, atomically (:mod:`gpu_dsm.saved`). Local
-        features go into a feature store, copied from a store chunk by chunk (never all in memory);
-        returns the folder."""
+        features go into a feature store, copied from a store chunk by chunk (never all in memory).
+        ``network``: ``{"name", "weights", "upsample"}``, how :func:`gpu_dsm.build_backbone`
+        rebuilds the backbone (recorded for ``gpu-dsm search``). Returns the folder."""
         from gpu_dsm.saved import save_retrieval
 
-        return save_retrieval(self, folder, index)
+        return save_retrieval(self, folder, index, network)
 
     @classmethod
     def load(cls, folder: str | Path, backbone: nn.Module | None = None, config: RetrievalConfig | None = None,

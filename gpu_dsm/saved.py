@@ -2,8 +2,9 @@
 
 A saved retrieval is a folder, published atomically (:func:`gpu_dsm.io.atomic_directory`)::
 
-    retrieval.json    format/version, the config (JSON), the backbone's fingerprint, and of the
-                      index: its image names and which parts it holds
+    retrieval.json    format/version, the config (JSON), the backbone's fingerprint (and, if
+                      given, how to rebuild it by name), and of the index: its image names and
+                      which parts it holds
     learned.pt        the learned state (whitening, HOW whitening, ASMK codebook): tensors only
     index/global.npy  (N, D) float32 global descriptors as search uses them (whitened)
     index/local/      the local features: a feature store (docs "Feature store"), memory-mapped
@@ -250,15 +251,19 @@ def _faiss():
     return load()
 
 
-def save_retrieval(retrieval, folder: str | Path, index: DescribedImages | None = None) -> Path:
+def save_retrieval(retrieval, folder: str | Path, index: DescribedImages | None = None,
+                   network: dict[str, Any] | None = None) -> Path:
     """Write ``retrieval`` (config, learned state, backbone fingerprint) and, if given, ``index``
-    to ``folder``, atomically (module docstring); returns the folder."""
+    to ``folder``, atomically (module docstring); returns the folder. ``network``: how the
+    backbone is rebuilt by name, :func:`gpu_dsm.backbones.build_backbone`'s arguments
+    (``{"name", "weights", "upsample"}``), recorded for tools that load without a script
+    (``gpu-dsm search``)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save: {folder} exists and is not a folder")
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": config_to_json(retrieval.config),
                             "backbone": backbone_fingerprint(retrieval.backbone),
-                            "whitening_label": retrieval.whitening_label, "index": None}
+                            "network": network, "whitening_label": retrieval.whitening_label, "index": None}
     learned = {name: getattr(retrieval.learned, name) for name in retrieval.learned.NAMES}
     with atomic_directory(folder) as tmp:
         torch.save({"format": LEARNED_FORMAT, **{k: v.detach().cpu() for k, v in learned.items() if v is not None}},
