@@ -12,6 +12,7 @@ method saved with the index and returns each result's path, similarity and inlie
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,12 +95,27 @@ def index_folder(folder: str | Path, out: str | Path, backbone: str = "efficient
     options = {"backbone": backbone_fingerprint(retrieval.backbone),
                "config": config_to_json(dataclasses.replace(config, extract=dataclasses.replace(config.extract, progress=False)))}
     log(f"index: {len(images)} images in {folder}")
-    store = retrieval.write_store(names, staging, names, options, desc="index", log=log)
+    store = _finished(staging, names, options)
+    if store is None:
+        store = retrieval.write_store(names, staging, names, options, desc="index", log=log)
+    else:
+        log(f"index: reusing the finished descriptions in {staging}")
     network = {"name": backbone, "weights": str(weights), "upsample": bool(upsample)}
     retrieval.save(out, retrieval.index(FeatureStore(store.path)), network=network)
     shutil.rmtree(staging, ignore_errors=True)
     log(f"index: {len(images)} images -> {out}")
     return out
+
+
+def _finished(path: Path, names: list[str], options: dict[str, Any]) -> FeatureStore | None:
+    """The store at ``path`` when a previous run finished it for these images and settings (and
+    stopped before the index was saved), else ``None``."""
+    try:
+        store = FeatureStore(path)
+    except (OSError, ValueError):
+        return None
+    same = store.names == names and store.options == json.loads(json.dumps(options))
+    return store if same else None
 
 
 def load_folder_index(index: str | Path, device: str | torch.device = "cpu", progress: bool = False):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -72,3 +73,33 @@ def test_bad_paths_and_non_images_are_one_line_errors(photo_index, tmp_path, cap
     empty.mkdir()
     _fails(["index", str(empty), "--out", str(tmp_path / "i"), *SMALL], capsys, "no images in")
     assert not (tmp_path / "i").exists()
+
+
+def test_an_interrupted_index_resumes_and_gives_the_same_index(mini, tmp_path):
+    """A photo that fails half-way (its header reads, its pixels are cut) stops the run; the
+    images finished before it are kept, and the same call after the photo is fixed describes only
+    the rest and saves the index a run in one go saves."""
+    from gpu_dsm.extract import ExtractConfig
+    from gpu_dsm.photos import index_folder
+    from gpu_dsm.pipeline import RetrievalConfig
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in mini.imlist[:6]:
+        shutil.copy(mini.image_path(name), folder / f"{name}.jpg")
+    whole = mini.image_path(mini.imlist[6]).read_bytes()
+    (folder / "zzz.jpg").write_bytes(whole[:len(whole) // 3])
+    config = RetrievalConfig(extract=ExtractConfig(image_size=128, scales=(1.0,), progress=False))
+    lines: list[str] = []
+    with pytest.raises(ValueError, match="zzz.jpg"):
+        index_folder(folder, tmp_path / "index", config=config, log=lines.append)
+    assert not (tmp_path / "index").exists()
+    (folder / "zzz.jpg").write_bytes(whole)
+    index_folder(folder, tmp_path / "index", config=config, log=lines.append)
+    resumed = [line for line in lines if "resuming an interrupted write" in line]
+    done = re.search(r"(\d+) of 7 images already done", resumed[0]) if len(resumed) == 1 else None
+    assert done and 1 <= int(done.group(1)) <= 6, lines
+    index_folder(folder, tmp_path / "in-one-go", config=config, log=lambda line: None)
+    for part in ("global.npy", "local/local_xy.npy", "local/local_count.npy"):
+        assert (tmp_path / "index" / "index" / part).read_bytes() == (tmp_path / "in-one-go" / "index" / part).read_bytes()
+    assert not list(tmp_path.glob(".index.store*"))
