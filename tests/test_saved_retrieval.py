@@ -219,3 +219,23 @@ def test_a_given_ranking_is_checked(saved):
         _one_line_error(match, lambda: retrieval.rerank(queries, index, scores[:bad.shape[0]], bad))
     _one_line_error("finite", lambda: retrieval.rerank(queries, index, torch.full((2, 3), float("nan")), good))
     _one_line_error("one shape", lambda: retrieval.rerank(queries, index, torch.ones(2, 4), good))
+
+
+@pytest.mark.parametrize("backend", ["faiss-flat", "faiss-hnsw"])
+def test_a_faiss_search_index_is_saved_and_loaded(backend, photos, tmp_path, require):
+    require("faiss", "the FAISS search backends")
+    from gpu_dsm.knn import SearchConfig
+
+    retrieval = DSMRetrieval(trunk(), small_config(initial="global", search=SearchConfig(backend=backend, ef_search=16)))
+    index = retrieval.index(photos["database"])
+    queries = retrieval.describe(photos["queries"], is_query=True)
+    before = retrieval.search(queries, index)
+    retrieval.save(tmp_path / "saved", index)
+    assert (tmp_path / "saved" / "index" / "search.npy").is_file()
+    loaded = retrieval.load_index(tmp_path / "saved")
+    assert loaded.search_index.faiss_index is not None and loaded.search_index.database is None
+    after = retrieval.search(queries, loaded)
+    for name, ranks in before.methods.items():
+        assert torch.equal(after.methods[name], ranks), name
+    exact = dataclasses.replace(retrieval.config, search=SearchConfig())
+    _one_line_error("config mismatch: search.backend", lambda: DSMRetrieval(trunk(), exact).load_index(tmp_path / "saved"))
