@@ -516,10 +516,11 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
 def cmd_search(args: argparse.Namespace) -> int:
     import json
 
+    from gpu_dsm.io import json_safe
     from gpu_dsm.photos import format_results, search_folder_index
 
     found = search_folder_index(args.index, args.query, args.box, args.top, args.device)
-    print(json.dumps(found, indent=1) if args.json else format_results(found))
+    print(json.dumps(json_safe(found), indent=1, allow_nan=False) if args.json else format_results(found))
     return 0
 
 
