@@ -12,6 +12,8 @@ Where things are:
 - ``gpu_dsm.ranking``: the ranking stages (initial ranking, DSM re-ranking, diffusion) and the methods built of them.
 - ``gpu_dsm.pipeline``: ``DSMRetrieval``, the whole method as one module (images, activations or stores in, rankings out).
 - ``gpu_dsm.cache``: the cache folder: keys, lookup, locks and file formats of cached artifacts (stores, graphs, HOW files, codebooks, indices).
+- ``gpu_dsm.saved`` / ``gpu_dsm.configs``: a module and its index saved to a folder and loaded, checked; configs as JSON.
+- ``gpu_dsm.photos``: a folder of one's own photos indexed and searched (``gpu-dsm index`` / ``search``).
 - ``gpu_dsm.laf``: features as kornia local affine frames.
 - ``gpu_dsm.store``: the on-disk feature store.
 - ``gpu_dsm.kernels``: low-level tensor kernels (repository folder ``kernels/``).

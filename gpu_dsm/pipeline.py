@@ -15,6 +15,19 @@ than memory, its local features read on demand). Learned state (the whitening of
 descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
 ``.to()`` moves it. With a cache folder (``DSMRetrieval(..., cache="folder")``, :mod:`gpu_dsm.cache`)
 what it learns and builds from image files is kept there and found again by the next run.
+
+The index is a separate object (:class:`DescribedImages`), as the module is one method and an
+index one database; both are saved to one folder and read back (:mod:`gpu_dsm.saved`)::
+
+    retrieval.save("my_index", index)                       # config, learned state, index
+    retrieval = DSMRetrieval.load("my_index", backbone)      # checked: format, backbone
+    index = retrieval.load_index("my_index")                 # checked: config, learned state
+    result = retrieval.search(query_images, index)           # ranks as before saving
+
+A ranking from any other model goes through the same stages (:meth:`DSMRetrieval.rerank`)::
+
+    result = retrieval.rerank(query_images, database_images, scores, indices)  # (Q, K) each
+    result.ranks                                  # (Q, K): given -> DSM re-ranking -> diffusion
 """
 from __future__ import annotations
 
@@ -40,9 +53,8 @@ from gpu_dsm.graph import GraphConfig, KnnGraph, build_knn_graph
 from gpu_dsm.how import HOWConfig, HOWFeatures, describe_how
 from gpu_dsm.images import ImageLike, ImageSpec
 from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
-from gpu_dsm.ranking import DescribedImages, SearchResult, rank_methods
-from gpu_dsm.rerank import gather_local
-from gpu_dsm.rerank import RerankConfig
+from gpu_dsm.ranking import DescribedImages, SearchResult, rank_given, rank_methods
+from gpu_dsm.rerank import LocalSubset, RerankConfig, gather_local
 from gpu_dsm.knn import GlobalIndex, SearchConfig
 from gpu_dsm.shards import Ranks, sharded_how_features, sharded_how_whitening
 from gpu_dsm.store import FeatureStore, StoreStack, StoreWriter
@@ -274,10 +286,14 @@ class DSMRetrieval(nn.Module):
 
     def describe(self, inputs: Sequence[ImageLike | ImageSpec] | Activations, is_query: bool = False) -> DescribedImages:
         """Global descriptors (whitened) and local features of images or of their activations, in
-        one pass of the network; with the ASMK initial ranking also HOW features (images only)."""
+        one pass of the network; with the ASMK initial ranking also HOW features (images only).
+        Images given by path keep their paths as ``names``."""
+        return self._describe(inputs, is_query, with_how=True)
+
+    def _describe(self, inputs, is_query: bool, with_how: bool) -> DescribedImages:
         if is_activations(inputs):
             maps_per_image = per_image_maps(inputs)
-            if self.config.initial == "asmk":
+            if self.config.initial == "asmk" and with_how:
                 raise ValueError("initial='asmk': HOW features are read off another layer at other scales; "
                                  "describe images, not activations")
             recipe = self.config.global_.resolve(self._head())
@@ -310,7 +326,8 @@ class DSMRetrieval(nn.Module):
         if self.local_features:
             local = LocalFeatures.from_images(per_image, sizes, self.config.extract.scales, net.out_channels,
                                               capacity=self.config.detector.max_features, device=descriptors.device)
-        return DescribedImages(self._whiten(descriptors), local, how=self.describe_how(inputs))
+        how = self.describe_how(inputs) if with_how else None
+        return DescribedImages(self._whiten(descriptors), local, how=how, names=_names(inputs))
 
     def describe_activations(self, maps_per_image: Activations, is_query: bool = False) -> DescribedImages:
         """:meth:`describe` of activations computed elsewhere."""
@@ -376,7 +393,7 @@ class DSMRetrieval(nn.Module):
         """Images described in a feature store: global descriptors read and whitened, local
         features gathered from the store when verification needs them (never all in memory)."""
         descriptors = self._whiten(store.global_descriptors().to(self.device))
-        described = DescribedImages(descriptors, store if store.has_local else None, how=how)
+        described = DescribedImages(descriptors, store if store.has_local else None, how=how, names=store.names)
         if self.cache is not None:
             self.cache.remember(described, Path(store.path).name)
         return described
@@ -456,6 +473,97 @@ class DSMRetrieval(nn.Module):
         return rank_methods(described, self.build_indices(index), cfg.initial, cfg.rerank, cfg.diffusion,
                             self.device, cfg.query_batch, show_progress=cfg.extract.progress)
 
+    def rerank(self, queries: Sequence[ImageLike | ImageSpec] | Activations | DescribedImages | FeatureStore,
+               database: Sequence[ImageLike | ImageSpec] | DescribedImages | FeatureStore | StoreStack,
+               scores: torch.Tensor, indices: torch.Tensor) -> SearchResult:
+        """DSM re-ranking and diffusion of a ranking from any model (:func:`gpu_dsm.ranking.rank_given`).
+
+        Args:
+            queries: the ``Q`` queries (images, activations, described, or a store).
+            database: an index (:meth:`index`, :meth:`load_index`), a feature store, or the
+                database images (image ``i`` is ``database[i]``). Of images only those in
+                ``indices`` are described, for their local features; with diffusion on
+                (``config.diffusion``) every image is, as diffusion needs the whole database's
+                kNN graph. An index without a graph gets one (``config.graph``).
+            scores: ``(Q, K)`` the model's finite similarities, best first, any device.
+            indices: ``(Q, K)`` its database indices, in the same order, any device.
+        Returns:
+            A :class:`SearchResult` of ``(Q, K)`` rankings on the CPU: ``result.ranks`` is the
+            configured method's (``"given+dsm"``, ``"given+dsm+D"``, ...), ``result.reranked``
+            the re-ranking with its inliers; the configured initial ranking is not computed.
+        """
+        cfg = self.config
+        described = queries if isinstance(queries, DescribedImages) else (
+            self.from_store(queries) if isinstance(queries, (FeatureStore, StoreStack))
+            else self._describe(queries, is_query=True, with_how=False))
+        if isinstance(database, (FeatureStore, StoreStack)):
+            database = self.from_store(database)
+        if isinstance(database, DescribedImages):
+            if cfg.diffusion is not None and database.graph is None:
+                database.graph = self.build_graph(database)
+            num_images, local, graph = database.num_images, database.local, database.graph
+        elif cfg.diffusion is not None:
+            whole = self._describe(database, is_query=False, with_how=False)
+            num_images, local, graph = whole.num_images, whole.local, self.build_graph(whole)
+        else:
+            num_images, local, graph = len(database), None, None
+            if cfg.rerank is not None:
+                wanted = torch.as_tensor(indices).detach().cpu().long()
+                if wanted.numel() and (int(wanted.min()) < 0 or int(wanted.max()) >= num_images):
+                    raise ValueError(f"the given indices must lie in 0..{num_images - 1} (the database's images)")
+                rows = torch.unique(wanted)
+                if rows.numel():
+                    table = self._describe([database[i] for i in rows.tolist()], is_query=False, with_how=False).local
+                    local = LocalSubset(table, rows)
+        return rank_given(described, _Database(num_images, local, graph), scores, indices, cfg.rerank, cfg.diffusion,
+                          self.device, cfg.query_batch, show_progress=cfg.extract.progress)
+
+    # --- saving ------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path, index: DescribedImages | None = None,
+             network: dict[str, Any] | None = None) -> Path:
+        """Write the module (config, learned state, the backbone's fingerprint; not the network's
+        weights) and, if given, ``index`` to ``folder``, atomically (:mod:`gpu_dsm.saved`). Local
+        features go into a feature store, copied from a store chunk by chunk (never all in memory).
+        ``network``: ``{"name", "weights", "upsample"}``, how :func:`gpu_dsm.build_backbone`
+        rebuilds the backbone (recorded for ``gpu-dsm search``). Returns the folder."""
+        from gpu_dsm.saved import save_retrieval
+
+        return save_retrieval(self, folder, index, network)
+
+    @classmethod
+    def load(cls, folder: str | Path, backbone: nn.Module | None = None, config: RetrievalConfig | None = None,
+             **backbone_facts) -> "DSMRetrieval":
+        """The module saved in ``folder`` with ``backbone``, which must be the network it was
+        saved with (same weights: a mismatch raises ``ValueError``; ``None``: a module that only
+        ranks what was described). ``config``: the saved one (default), or one that differs only
+        in search-time settings (re-ranking, diffusion, batch sizes), else ``ValueError``.
+        ``backbone_facts``: ``stride``, ``mean``, ``std``, ``activation_bound`` of a plain module
+        (as the constructor's). Learned tensors go to the module's device."""
+        from gpu_dsm.saved import check_backbone, check_config, read_learned, read_meta, saved_config
+
+        folder = Path(folder)
+        meta = read_meta(folder)
+        saved = saved_config(meta, RetrievalConfig, folder)
+        if config is not None:
+            check_config(meta, config, folder)
+        module = cls(backbone, config or saved, whitening="none", **backbone_facts)
+        check_backbone(meta, module.backbone, folder)
+        learned = read_learned(folder)
+        for name in LearnedState.NAMES:
+            value = learned.get(name)
+            module.learned.set(name, None if value is None else value.to(module.device))
+        module.whitening_label = meta.get("whitening_label", module.whitening_label)
+        return module
+
+    def load_index(self, folder: str | Path) -> DescribedImages:
+        """The index saved in ``folder`` (:meth:`save`), checked against this module (backbone,
+        config, learned state: a mismatch raises a ``ValueError`` naming it): global descriptors on
+        the module's device, local features memory-mapped from the saved feature store."""
+        from gpu_dsm.saved import load_index
+
+        return load_index(self, folder)
+
     def verify(self, queries: DescribedImages, index: DescribedImages, query: int, candidate: int,
                match: MatchConfig | None = None) -> MatchResult:
         """Spatial verification of one query against one database image (for pictures: the
@@ -478,3 +586,24 @@ def _image_sets(images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[
     if isinstance(images, Mapping):
         return {str(label): list(part) for label, part in images.items()}
     return {"codebook-images": list(images)}
+
+
+@dataclass
+class _Database:
+    """What :func:`rank_given` reads of a database: its size, local features and kNN graph."""
+
+    num_images: int
+    local: Any = None
+    graph: KnnGraph | None = None
+
+
+def _names(inputs) -> list[str] | None:
+    """The paths of images given by path (or :class:`ImageSpec` of a path); ``None`` when any is
+    in memory."""
+    names = []
+    for item in inputs:
+        source = item.source if isinstance(item, ImageSpec) else item
+        if not isinstance(source, (str, Path)):
+            return None
+        names.append(str(source))
+    return names

@@ -13,6 +13,8 @@ Data flows one way:
 :func:`rank_methods` runs them and names each result as the evaluation does: ``global``,
 ``global+dsm``, ``global+D``, ``global+dsm+D``, and with the ASMK initial ranking ``asmk``,
 ``asmk+dsm``, ``asmk+dsm+D`` (``asmk+D`` when diffusion runs without re-ranking).
+:func:`rank_given` runs stages 2 and 3 on a top-k that any other model ranked: ``given``,
+``given+dsm``, ``given+D``, ``given+dsm+D``.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ class DescribedImages:
         search_index: a database's global search index (:class:`GlobalIndex`).
         asmk: a database's ASMK inverted file.
         graph: a database's kNN graph (with diffusion).
+        names: the images' names (their paths when described from paths; a store's names), or
+            ``None``; a saved index keeps them.
     """
 
     global_descriptors: torch.Tensor
@@ -57,6 +61,7 @@ class DescribedImages:
     search_index: GlobalIndex | None = None
     asmk: ASMKIndex | None = None
     graph: KnnGraph | None = None
+    names: list[str] | None = None
 
     @property
     def num_images(self) -> int:
@@ -262,11 +267,12 @@ class SearchResult:
 
     Fields:
         ranks: ``(Q, N)`` the final ranking of the configured method (``method``): diffusion's
-            order when diffusion is on, else the re-ranked one, else the initial one.
-        method: its name (``"global+dsm+D"``, ``"asmk+dsm"``, ...).
+            order when diffusion is on, else the re-ranked one, else the initial one. Of a given
+            top-k (:func:`rank_given`): ``(Q, K)``, a re-ordering of it.
+        method: its name (``"global+dsm+D"``, ``"asmk+dsm"``, ``"given+dsm"``, ...).
         methods: ``{name: (Q, N) ranking}`` of every method computed, in the evaluation's order.
-        stages: ``{"global": ..., "asmk": ...}`` each initial ranking with its re-ranking
-            (:class:`InitialStages`).
+        stages: ``{"global": ..., "asmk": ...}`` (or ``{"given": ...}``) each initial ranking with
+            its re-ranking (:class:`InitialStages`).
         diagnostics: seconds per stage (``timing``) and conjugate-gradient figures (``diffusion``).
     Properties ``initial``, ``similarities`` and ``reranked`` are those of the configured initial ranking.
     """
@@ -279,7 +285,7 @@ class SearchResult:
 
     @property
     def initial_method(self) -> str:
-        """The configured initial ranking, ``"global"`` or ``"asmk"``: ``method`` up to its first ``+``."""
+        """The configured initial ranking, ``"global"``, ``"asmk"`` or ``"given"``: ``method`` up to its first ``+``."""
         return self.method.split("+", 1)[0]
 
     @property
@@ -332,20 +338,82 @@ def rank_methods(queries: DescribedImages, database: DescribedImages, initial: s
     if initial == "asmk" and database.asmk is None:
         raise ValueError("initial='asmk' needs the database's ASMK index (DescribedImages.asmk)")
     timing: dict[str, float] = {}
-    methods: dict[str, torch.Tensor] = {}
-    cg: dict[str, Any] = {}
     reranker = DSMReranker(rerank) if rerank is not None else None
     search_index = database.search_index or GlobalIndex.build(database.global_descriptors)
     with _timed(timing, "search", device):
         similarities, ranks = GlobalRanking(search_index).search(queries, None)
     stages = {"global": InitialStages(similarities.cpu(), ranks.cpu())}
-    methods["global"] = stages["global"].ranks
     if initial == "asmk":
         with _timed(timing, "asmk_search", device):
             scores, asmk_ranks = ASMKRanking(database.asmk).search(queries, None)
         stages["asmk"] = InitialStages(scores.cpu().float(), asmk_ranks.cpu())
-        methods["asmk"] = stages["asmk"].ranks
     names = list(stages)[::-1]  # the ASMK initial ranking first, then the global one
+    plain = ["global"] if reranker is not None else names[::-1]
+    return _refine(queries, database, stages, names, plain, initial, reranker, diffusion, device, query_batch,
+                   show_progress, timing)
+
+
+def rank_given(queries: DescribedImages, database: DescribedImages, scores: torch.Tensor, indices: torch.Tensor,
+               rerank: RerankConfig | None = None, diffusion: DiffusionConfig | None = None,
+               device: torch.device | str = "cpu", query_batch: int = 8, show_progress: bool = False) -> SearchResult:
+    """The stages after the initial ranking, for a ranking given by any model: DSM re-ranking of
+    its top (``rerank``) and diffusion on ``database.graph`` (``diffusion``), plain and seeded by
+    the verified images, exactly as :func:`rank_methods` runs them after its own rankings.
+
+    Args:
+        queries: the described queries (their local features with ``rerank``).
+        database: the database: local features with ``rerank`` (only the rows of ``indices`` are
+            read), its kNN graph with ``diffusion``.
+        scores: ``(Q, K)`` finite real scores, best first, higher is more similar (re-ranking
+            scales them per query; diffusion's seeds weight them as ``max(s, 0)^gamma``, so
+            cosine-like similarities in ``[-1, 1]`` suit it best); any device.
+        indices: ``(Q, K)`` integer database indices in ``0..N - 1``, distinct within a row, in
+            the same order; any device. ``K`` may be ``N``: a full ranking.
+    Returns:
+        A :class:`SearchResult` of ``(Q, K)`` rankings on the CPU, methods ``given``,
+        ``given+dsm`` (with ``rerank``), ``given+D`` and ``given+dsm+D`` (with ``diffusion``):
+        each a re-ordering of ``indices``.
+    """
+    device = torch.device(device)
+    scores = torch.as_tensor(scores)
+    indices = torch.as_tensor(indices)
+    if scores.ndim != 2 or tuple(scores.shape) != tuple(indices.shape):
+        raise ValueError(f"the given ranking needs scores and indices of one shape (Q, K), got {tuple(scores.shape)} "
+                         f"and {tuple(indices.shape)}")
+    if scores.shape[0] != queries.num_images:
+        raise ValueError(f"the given ranking has {scores.shape[0]} rows for {queries.num_images} queries")
+    if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
+        raise ValueError("the given scores must be finite floating point numbers")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"the given indices must be integers, got {indices.dtype}")
+    indices = indices.cpu().long()
+    n = database.num_images
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"the given indices must lie in 0..{n - 1} (the database's images)")
+    if indices.shape[1] > 1 and bool((indices.sort(1).values.diff(dim=1) == 0).any()):
+        raise ValueError("the given indices repeat an image within a query's ranking")
+    if rerank is not None and (queries.local is None or database.local is None):
+        raise ValueError("re-ranking needs the local features of the queries and of the database")
+    if diffusion is not None and database.graph is None:
+        raise ValueError("diffusion needs the database's kNN graph (DescribedImages.graph)")
+    stages = {"given": InitialStages(scores.detach().cpu().float(), indices)}
+    reranker = DSMReranker(rerank) if rerank is not None else None
+    return _refine(queries, database, stages, ["given"], ["given"], "given", reranker, diffusion, device, query_batch,
+                   show_progress, {})
+
+
+def _verified_timing(name: str) -> str:
+    return {"global": "diffusion_dsm", "asmk": "diffusion_asmk"}.get(name, f"diffusion_{name}_dsm")
+
+
+def _refine(queries: DescribedImages, database: DescribedImages, stages: dict[str, InitialStages], names: list[str],
+            plain: list[str], initial: str, reranker: DSMReranker | None, diffusion: DiffusionConfig | None,
+            device: torch.device, query_batch: int, show_progress: bool, timing: dict[str, float]) -> SearchResult:
+    """Re-rank the initial rankings ``names`` (in that order), diffuse ``plain`` ones from their
+    initial top and, with re-ranking, every one of ``names`` from its verified top; the result's
+    method is ``initial`` with the stages that ran."""
+    methods: dict[str, torch.Tensor] = {name: stage.ranks for name, stage in stages.items()}
+    cg: dict[str, Any] = {}
     if reranker is not None:
         for name in names:
             stage = stages[name]
@@ -356,7 +424,6 @@ def rank_methods(queries: DescribedImages, database: DescribedImages, initial: s
             methods[f"{name}+dsm"] = stage.reranked_ranks
     if diffusion is not None:
         graph = database.graph
-        plain = ["global"] if reranker is not None else names[::-1]
         verified = names[::-1] if reranker is not None else []
         with progress(len(plain) + len(verified), "diffusion", show_progress, unit="solve") as bar:
             for name in plain:
@@ -366,7 +433,7 @@ def rank_methods(queries: DescribedImages, database: DescribedImages, initial: s
                 bar.update(1)
             for name in verified:
                 stage = stages[name]
-                with _timed(timing, "diffusion_dsm" if name == "global" else f"diffusion_{name}", device):
+                with _timed(timing, _verified_timing(name), device):
                     diffused, info = diffuse_verified(graph, stage.scores, stage.reranked, stage.reranked_ranks, diffusion)
                 methods[f"{name}+dsm+D"], cg[f"{name}+dsm+D"] = diffused.cpu(), _cg(info)
                 bar.update(1)

@@ -24,8 +24,37 @@ from gpu_dsm.match import MatchConfig, MatchResult, spatial_verify
 from gpu_dsm.progress import progress
 from gpu_dsm.store import FeatureStore, StoreStack
 
-#: where local features come from: a table in memory, or a feature store read on demand
-LocalSource = Union[LocalFeatures, FeatureStore, StoreStack]
+
+
+class LocalSubset:
+    """The local features of some database images, read by their database indices: what a
+    re-ranking of a given top-k needs when only its images were described.
+
+    Args:
+        table: :class:`LocalFeatures` of ``n`` images.
+        rows: ``(n,)`` their distinct database indices, ascending (any integer sequence).
+    """
+
+    def __init__(self, table: LocalFeatures, rows: Sequence[int] | torch.Tensor):
+        self.table = table
+        self.rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        if self.rows.numel() != table.num_images or bool((self.rows.diff() <= 0).any()):
+            raise ValueError("LocalSubset: rows must be one distinct ascending database index per image of the table")
+
+    def local_features(self, indices: Sequence[int], device: torch.device | str = "cpu",
+                       capacity: int | None = None) -> LocalFeatures:
+        """The features of database images ``indices`` (each one of ``rows``; repeats allowed)
+        on ``device``, padded as the table."""
+        wanted = torch.as_tensor(list(indices), dtype=torch.long)
+        at = torch.searchsorted(self.rows, wanted).clamp(max=max(self.rows.numel() - 1, 0))
+        if wanted.numel() and (self.rows.numel() == 0 or not bool((self.rows[at] == wanted).all())):
+            raise IndexError("LocalSubset: a database image whose features were not described was asked for")
+        return self.table[at.to(self.table.device)].to(device)
+
+
+#: where local features come from: a table in memory, a feature store read on demand, or the
+#: described images of a given top-k
+LocalSource = Union[LocalFeatures, FeatureStore, StoreStack, LocalSubset]
 
 SCORES = ("inliers", "fused")
 

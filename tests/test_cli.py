@@ -14,7 +14,7 @@ def _help(command):
     return sub, sub.format_help()
 
 
-@pytest.mark.parametrize("command", ["demo", "extract", "evaluate"])
+@pytest.mark.parametrize("command", ["demo", "extract", "evaluate", "index", "search"])
 def test_help_states_every_option_and_default(command):
     parser, text = _help(command)
     for action in parser._actions:

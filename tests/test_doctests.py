@@ -19,6 +19,7 @@ MODULES = [
     "gpu_dsm.backbones.efficientnet_lite",
     "gpu_dsm.backbones.wrap",
     "gpu_dsm.checks",
+    "gpu_dsm.configs",
     "gpu_dsm.global_descriptors",
     "gpu_dsm.detect",
     "gpu_dsm.diffusion",

@@ -4,7 +4,8 @@ The examples use the names a user has in hand: ``query_images`` and ``database_i
 image paths), and for the re-ranking example ``my_similarities`` / ``my_indices`` (a model's
 ``(Q, K)`` top-k). A hidden setup defines them here: 1 query photo and 6 database photos of
 roxford5k-mini (real 1024 x 683 images; the examples extract at 512 px: 7 images per block), and
-a top-k of 4 candidates in a fixed random order with decreasing similarities. A block preceded by the line ``<!-- readme-test: skip (REASON) -->`` is not run;
+a top-k of 4 candidates in a fixed random order with decreasing similarities (for a block that
+re-ranks it, the database images outside the top-k are paths that do not exist: it must not read them). A block preceded by the line ``<!-- readme-test: skip (REASON) -->`` is not run;
 only blocks that need a GPU or a user's file may carry it.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_dsm.rerank import RerankResult
 from gpu_dsm.ranking import SearchResult
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -52,7 +52,7 @@ def test_readme_has_the_examples_and_stays_short():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 200
     assert len(BLOCKS) >= 2
-    assert any("DSMReranker" in code for _, code, _ in BLOCKS)
+    assert any(".rerank(" in code for _, code, _ in BLOCKS)
     assert any("DSMRetrieval" in code and ".search(" in code for _, code, _ in BLOCKS)
     for line, _, reason in BLOCKS:
         if reason is not None:
@@ -83,15 +83,20 @@ def test_readme_block_runs(line, code, reason, hidden_setup, capsys):
     if reason is not None:
         pytest.skip(reason)
     namespace = {**hidden_setup, "__name__": "readme"}
+    if ".rerank(" in code:  # it reads only the images of the top-k: the others need not exist
+        wanted = set(hidden_setup["my_indices"].flatten().tolist())
+        namespace["database_images"] = [path if i in wanted else f"/nonexistent/{i}.jpg"
+                                        for i, path in enumerate(hidden_setup["database_images"])]
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
     printed = capsys.readouterr().out
     result = namespace.get("result")
-    if isinstance(result, RerankResult):
+    if isinstance(result, SearchResult) and result.initial_method == "given":
         indices = hidden_setup["my_indices"]
-        assert result.indices.shape == indices.shape
-        assert sorted(result.indices[0].tolist()) == sorted(indices[0].tolist())  # a re-ordering of the top-k
-        assert (result.inliers >= 0).all() and result.inliers.max() > 0
-        assert str(result.indices) in printed
+        assert result.method == "given+dsm" and result.ranks.shape == indices.shape
+        assert sorted(result.ranks[0].tolist()) == sorted(indices[0].tolist())  # a re-ordering of the top-k
+        inliers = result.reranked.inliers
+        assert inliers.shape == indices.shape and (inliers >= 0).all() and inliers.max() > 0
+        assert str(result.ranks) in printed
     elif isinstance(result, SearchResult):
         assert result.method == "global+dsm+D"
         assert result.ranks.shape == (1, NUM_DATABASE)

@@ -60,6 +60,20 @@ def test_the_harness_ranks_exactly_as_the_module_for_every_method(tiny_root, tmp
     # the methods differ somewhere, or the comparison above could not tell them apart
     assert len({tuple(map(tuple, r.tolist())) for r in result.methods.values()}) > 2
 
+    # saved and loaded, the module and its index rank as the harness does
+    retrieval.save(tmp_path / "saved", index)
+    loaded = DSMRetrieval.load(tmp_path / "saved", lite0)
+    after = loaded.search(dataset.query_specs(), loaded.load_index(tmp_path / "saved"))
+    for name in expected:
+        assert after.methods[name].tolist() == report["results"][name]["ranks"], name
+    # each initial ranking given from outside goes through the same later stages
+    queries = retrieval.describe(dataset.query_specs(), is_query=True)
+    for initial in ("global", "asmk"):
+        stage = result.stages[initial]
+        given = retrieval.rerank(queries, index, stage.scores, stage.ranks)
+        for later in ("dsm", "dsm+D"):
+            assert given.methods[f"given+{later}"].tolist() == report["results"][f"{initial}+{later}"]["ranks"], initial
+
 
 def test_a_saved_module_with_whitening_and_codebook_ranks_identically(lite0, mini, tmp_path):
     small = _small()
