@@ -32,6 +32,7 @@ from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_d
     unfinished_directories, write_json
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.graph import GraphConfig, KnnGraph
+from gpu_dsm.knn import SearchConfig
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
 from gpu_dsm.ranking import SearchResult
 from gpu_dsm.rerank import RerankConfig, rerank_scores
@@ -69,6 +70,7 @@ class RunConfig:
     # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
     initial: str = "global"
     asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
+    search: SearchConfig = field(default_factory=SearchConfig)  # global search backend: exact (default)
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
@@ -110,7 +112,7 @@ class RunConfig:
         """The :class:`DSMRetrieval` configuration of this run."""
         return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
                                rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
-                               how=self.asmk.how, asmk=self.asmk.asmk)
+                               how=self.asmk.how, asmk=self.asmk.asmk, search=self.search)
 
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
@@ -143,6 +145,7 @@ class RunConfig:
             "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
             "initial": self.initial,
             "asmk": self.asmk.options(self.backbone) if self.initial == "asmk" else None,
+            "search": dataclasses.asdict(self.search),
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -181,7 +184,7 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: t
     """
     options = cfg.options()
     keyed = {k: v for k, v in options.items()
-             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk")}
+             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk", "search")}
     name, folder = owner if owner is not None else (cfg.dataset, cfg.data_root)
     paths = [str(Path(spec.source).resolve()) for spec in specs]
     keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
