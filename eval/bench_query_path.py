@@ -53,6 +53,7 @@ from gpu_dsm.ranking import diffuse_verified
 from gpu_dsm.rerank import DSMReranker, RerankConfig
 from gpu_dsm.knn import GlobalIndex, SearchConfig, SEARCH_BACKENDS
 from gpu_dsm.store import LOCAL_FIELDS, STORE_FORMAT, STORE_VERSION, FeatureStore
+from gpu_dsm.eval.bench_search import recall_at_k
 from gpu_dsm.eval.timing import benchmark_parser, peak_gpu_memory_mb, reset_peak_memory, sync
 
 #: images written at once when the simulated store is filled (bounds the writer's memory)
@@ -219,7 +220,8 @@ def query_path(store: FeatureStore, index: GlobalIndex, graph: KnnGraph, queries
 
     ``queries_global (Q, D)`` and ``query_tables`` (:class:`LocalFeatures` of ``Q`` queries) on
     ``device``; ``graph`` on ``device``. Returns ``{"seconds": {stage: total}, "indices": (Q, top_k)
-    re-ranked candidates, "inliers": (Q, top_k), "ranking": (Q, output_k) (the library's
+    re-ranked candidates, "inliers": (Q, top_k), "searched": (Q, S) the global search's top
+    ``S = max(top_k, output_k, R)``, "ranking": (Q, output_k) (the library's
     ``global+dsm+D`` of the searched top ``max(top_k, output_k, R)``, :func:`diffuse_verified`),
     "cg_iterations": [...], "peak_rss_mb": {stage: MiB}}``.
     """
@@ -228,7 +230,8 @@ def query_path(store: FeatureStore, index: GlobalIndex, graph: KnnGraph, queries
     dcfg = diffusion or DiffusionConfig()
     seconds = dict.fromkeys(("search", "gather", "verify", "diffuse", "rank"), 0.0)
     peak: dict[str, float] = {}
-    out: dict[str, list] = {"indices": [], "inliers": [], "ranking": [], "cg_iterations": [], "cg_residual": []}
+    out: dict[str, list] = {"indices": [], "inliers": [], "ranking": [], "searched": [], "cg_iterations": [],
+                            "cg_residual": []}
     op = graph.operator(dcfg.dtype)
 
     def timed(stage, run):
@@ -257,6 +260,7 @@ def query_path(store: FeatureStore, index: GlobalIndex, graph: KnnGraph, queries
 
         ranking, info = timed("diffuse", diffuse_batch)
         ranking = timed("rank", lambda: ranking[:, :output_k].cpu())
+        out["searched"].append(top.cpu())
         out["indices"].append(result.indices.cpu())
         out["inliers"].append(result.inliers.cpu())
         out["ranking"].append(ranking)
@@ -283,7 +287,13 @@ def main(argv=None) -> dict:
                    help="mean graph degree (default: %(default)s: about 0.55 k at the paper's k = 50, measured on holidays-811)")
     p.add_argument("--cross-fraction", type=float, default=0.1,
                    help="fraction of a node's neighbours outside its cluster (default: %(default)s: one connected graph)")
-    p.add_argument("--search", choices=SEARCH_BACKENDS, default="exact", help="global search backend (default: %(default)s)")
+    p.add_argument("--search", choices=SEARCH_BACKENDS, default="exact",
+                   help="global search backend; an approximate one is also measured by its recall against the exact "
+                        "search on the same queries (default: %(default)s)")
+    p.add_argument("--compact-dim", type=int, default=SearchConfig.compact_dim,
+                   help="--search compact: dimensions of the compact descriptors (default: %(default)s, SearchConfig)")
+    p.add_argument("--shortlist", type=int, default=SearchConfig.shortlist,
+                   help="--search compact: candidates re-scored per query (default: %(default)s, SearchConfig)")
     p.add_argument("--truncation-size", type=int, default=None, metavar="R",
                    help="truncated diffusion on each query's top R (DiffusionConfig.truncation_size) (default: none, the "
                         "whole graph)")
@@ -310,7 +320,8 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings():  # read-only memory map: pages are read on demand, never written
         warnings.simplefilter("ignore", UserWarning)
         database = torch.from_numpy(np.load(store.path / "global.npy", mmap_mode="r"))
-    index = GlobalIndex.build(database.to(device), SearchConfig(backend=args.search))
+    search_cfg = SearchConfig(backend=args.search, compact_dim=args.compact_dim, shortlist=args.shortlist)
+    index = GlobalIndex.build(database.to(device), search_cfg)
     graph = graph.to(device)
     graph.operator(DiffusionConfig().dtype)
     load_s = time.perf_counter() - start
@@ -324,6 +335,12 @@ def main(argv=None) -> dict:
     run = query_path(store, index, graph, queries_global, query_tables, args.top_k, args.output_k, args.batch,
                      diffusion=dcfg, device=device)
     per_query = {stage: round(1000 * s / args.queries, 2) for stage, s in run["seconds"].items()}
+    recall = None
+    if args.search != "exact":  # what the approximate search loses, on the same queries (not timed)
+        searched = run["searched"].shape[1]
+        exact = GlobalIndex.build(database.to(device)).search(queries_global, searched)[1].cpu()
+        recall = {f"at_{k}": round(recall_at_k(run["searched"][:, :k], exact[:, :k]), 4)
+                  for k in sorted({args.top_k, searched})}
     paper_rule = None
     if args.paper_rule_too:
         paper_cfg = dataclasses.replace(dcfg, seeds="paper", similarity_weight=0.0)
@@ -339,7 +356,8 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "query_path", "device": str(device), "threads": torch.get_num_threads(),
         "images": args.images, "queries": args.queries, "batch": args.batch, "top_k": args.top_k, "output_k": args.output_k,
-        "search": args.search, "truncation_size": args.truncation_size, "global_dim": int(store.meta["global_dim"]),
+        "search": args.search, "search_config": dataclasses.asdict(search_cfg), "recall_vs_exact": recall,
+        "truncation_size": args.truncation_size, "global_dim": int(store.meta["global_dim"]),
         "local_features_per_image": round(float(counts.mean()), 1), "graph_nodes": graph.num_nodes, "graph_edges": graph.num_edges,
         "ms_per_query": {**per_query, "total": round(sum(per_query.values()), 2)},
         "load_s": round(load_s, 2), "prepare": simulated.timings,

@@ -30,6 +30,7 @@ from gpu_dsm.images import ImageSpec, source_size, target_size
 from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, write_json
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.graph import GraphConfig
+from gpu_dsm.knn import SearchConfig
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
 from gpu_dsm.ranking import SearchResult
 from gpu_dsm.rerank import RerankConfig, rerank_scores
@@ -67,6 +68,7 @@ class RunConfig:
     # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
     initial: str = "global"
     asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
+    search: SearchConfig = field(default_factory=SearchConfig)  # global search backend: exact (default)
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = "cpu"
     dtype: str = "float32"
@@ -108,7 +110,7 @@ class RunConfig:
         """The :class:`DSMRetrieval` configuration of this run."""
         return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
                                rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
-                               how=self.asmk.how, asmk=self.asmk.asmk)
+                               how=self.asmk.how, asmk=self.asmk.asmk, search=self.search)
 
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
@@ -141,6 +143,7 @@ class RunConfig:
             "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
             "initial": self.initial,
             "asmk": self.asmk.options(self.backbone) if self.initial == "asmk" else None,
+            "search": dataclasses.asdict(self.search),
             "device": self.device,
             "dtype": self.dtype,
         }

@@ -23,6 +23,8 @@ A docs page (or the README) holds a generated table between two marker lines::
 - ``landmarks SETUP A:METHOD vs B:METHOD; ...``: the same differences per query group
   (landmark) for one setup;
 - ``query-path NAME NAME ...``: the stages of ``eval/bench_query_path.py`` result files, a row each;
+- ``search NAME NAME ...``: ``eval/bench_search.py`` result files: a row per backend, its build
+  time, ms per query, bytes per image and recall@k against exact search;
 - ``headline NAME NAME ...``: the README's table, a column of mAP Medium / Hard per evaluation file;
 - ``match NAME``: an ``eval/bench_match.py`` result file (real tables): each method's time, OpenCV's
   over the C kernel's, the pairs that agree, the tensor path's launches and host syncs;
@@ -191,7 +193,8 @@ QUERY_PATH_STAGES = ("search", "gather", "verify", "diffuse", "rank", "total")
 
 
 def format_query_path(spec: str, results: dict[str, dict]) -> str:
-    """A row per ``eval/bench_query_path.py`` result file: ms per query per stage and peak RSS."""
+    """A row per ``eval/bench_query_path.py`` result file: ms per query per stage and peak RSS (an
+    approximate search backend with its recall@k against exact search)."""
     names = spec.split()
     for name in names:
         _benchmark(results, name, "query_path", "query-path")
@@ -203,8 +206,30 @@ def format_query_path(spec: str, results: dict[str, dict]) -> str:
         diffusion = "whole graph" if truncation is None else f"top {truncation}"
         ms = [f"{r['ms_per_query'][stage]:.1f}" for stage in QUERY_PATH_STAGES]
         rss = max(r["peak_rss_mb"].values()) / 1024 if r.get("peak_rss_mb") else float("nan")
-        lines.append(f"| {r['images']:,} | {r['search']} | {diffusion} | {r['batch']} | " + " | ".join(ms)
+        search = r["search"]
+        if r.get("recall_vs_exact"):  # an approximate search: its recall against exact search, same queries
+            search += " (" + ", ".join(f"recall@{key[3:]} {value:g}" for key, value in r["recall_vs_exact"].items()) + ")"
+        lines.append(f"| {r['images']:,} | {search} | {diffusion} | {r['batch']} | " + " | ".join(ms)
                      + f" | {rss:.1f} |")
+    lines += ["", "From:", ""]
+    return "\n".join(lines + _sources(results, names)) + "\n"
+
+
+def format_search(spec: str, results: dict[str, dict]) -> str:
+    """A row per backend of each ``eval/bench_search.py`` result file."""
+    names = spec.split()
+    lines = ["| descriptors | backend | build (s) | ms per query | bytes per image | recall@k vs exact: mean |",
+             "| --- " * 6 + "|"]
+    for name in names:
+        r = _benchmark(results, name, "search", "search")
+        source = r.get("descriptors", "synthetic")
+        what = "synthetic" if source == "synthetic" else " + ".join(store.split("-efficientnet")[0] for store in source["stores"])
+        k = r["k"]
+        for backend, row in r["backends"].items():
+            worst = row.get(f"worst_query_recall_at_{k}")
+            worst = "" if worst is None else f" (worst query {worst:g})"
+            lines.append(f"| {what}: {r['images']:,} x {r['dim']}, {r['queries']} queries | {backend} | {row['build_s']:g} | "
+                         f"{row['ms_per_query']:g} | {row['bytes_per_image']:g} | @{k}: {row['recall_at_' + str(k)]:g}{worst} |")
     lines += ["", "From:", ""]
     return "\n".join(lines + _sources(results, names)) + "\n"
 
@@ -303,6 +328,8 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         return format_headline(rest, results)
     if kind == "seeds":
         return format_seeds(rest, results)
+    if kind == "search":
+        return format_search(rest, results)
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -311,7 +338,7 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
 def files_of(spec: str) -> list[str]:
     """The result files a marker's ``spec`` reads."""
     kind, _, rest = spec.partition(" ")
-    if kind in ("query-path", "match", "headline", "seeds"):
+    if kind in ("query-path", "match", "headline", "seeds", "search"):
         return rest.split()
     if kind in ("paired", "landmarks"):
         rest = rest.partition(" ")[2] if kind == "landmarks" else rest

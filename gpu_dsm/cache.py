@@ -55,7 +55,7 @@ T = TypeVar("T")
 
 CODEBOOK_FORMAT = "gpu_dsm.asmk_codebook/1"
 # entries of ``network`` that are search-time steps or run settings: they never change a store's content
-SEARCH_TIME_OPTIONS = ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk")
+SEARCH_TIME_OPTIONS = ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk", "search")
 # what a HOW whitening depends on besides the HOW options and its images
 _HOW_NETWORK = ("backbone", "weights_sha256", "upsample", "dtype")
 

@@ -23,6 +23,7 @@ from gpu_dsm.backbones import BACKBONES
 from gpu_dsm.global_descriptors import GlobalConfig
 from gpu_dsm.detect import LEVEL_MODES, RULES, STRENGTHS, DetectorConfig
 from gpu_dsm.match import ERRORS, MatchConfig
+from gpu_dsm.knn import SEARCH_BACKENDS, SearchConfig
 from gpu_dsm.rerank import SCORES, RerankConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.pooling import POOLINGS
@@ -361,6 +362,7 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
         rerank=_rerank_config(args),
         diffusion=_diffusion_config(args)[0], graph=_diffusion_config(args)[1],
         whitening=getattr(args, "whitening", None), distractors=getattr(args, "distractors", None), cache_dir=cache_dir,
+        search=SearchConfig(backend=getattr(args, "search", SearchConfig.backend)),
         device=args.device, dtype=args.dtype,
         trust_weights_file=args.trust_weights_file,
         **({"initial": "asmk", "asmk": _asmk_run(args)} if getattr(args, "initial", "global") == "asmk" else {}),
@@ -587,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one, else none; the paper uses supervised whitening learned on SfM-120k)")
     p.add_argument("--cache-dir", default=".gpu_dsm_cache",
                    help="keep feature stores here so a second run does not re-run the network (default: %(default)s)")
+    p.add_argument("--search", choices=SEARCH_BACKENDS, default=SearchConfig.backend,
+                   help="global search backend, SearchConfig's settings (default: %(default)s; docs 'Scaling out')")
     p.add_argument("--out", default=None,
                    help="results JSON file; with several datasets a template: '{dataset}' is replaced by each name, else "
                         "the name is appended to the file's stem (default: none)")

@@ -108,10 +108,13 @@ def test_the_benchmark_reports_every_stage(tmp_path, sources):
     assert all(saved["ms_per_query"][s] > 0 for s in stages)
     assert saved["disk_bytes"]["store"] == sum(f.stat().st_size for f in (tmp_path / "work" / "store").iterdir())
     assert saved["graph_nodes"] == 2000 and saved["cg_iterations"] and saved["prepare"]["write_store_s"] >= 0
-    # a second run reuses the simulated database
+    assert saved["search"] == "exact" and saved["recall_vs_exact"] is None
+    # a second run reuses the simulated database; an approximate search reports its recall on the same queries
     again = bench.main(["--device", "cpu", "--source-db", str(db.path), "--source-queries", str(queries.path),
-                        "--images", "2000", "--queries", "1", "--cluster-size", "100", "--work", str(tmp_path / "work")])
-    assert again["prepare"] == {}
+                        "--images", "2000", "--queries", "1", "--cluster-size", "100", "--work", str(tmp_path / "work"),
+                        "--search", "compact", "--shortlist", "1000"])
+    assert again["prepare"] == {} and again["search_config"]["shortlist"] == 1000
+    assert set(again["recall_vs_exact"]) == {"at_100", "at_1000"} and again["recall_vs_exact"]["at_100"] == 1.0
 
 
 def test_bad_sources_are_named(tmp_path):

@@ -132,7 +132,7 @@ def test_progress_reaches_a_log_as_lines(tiny_root, tmp_path):
 
 
 def test_model_options_reach_the_configs():
-    """The ASMK kernel and diffusion truncation options land in the configs a run uses."""
+    """The ASMK kernel, diffusion truncation and search backend options land in the configs a run uses."""
     from gpu_dsm.cli import _asmk_run, _diffusion_config
 
     args = build_parser().parse_args(["evaluate", "--initial", "asmk", "--asmk-alpha", "1.5", "--query-assignments", "1",
@@ -142,3 +142,8 @@ def test_model_options_reach_the_configs():
     assert _diffusion_config(args)[0].truncation_size == 300
     defaults = build_parser().parse_args(["evaluate", "--initial", "asmk", "--diffusion"])
     assert _asmk_run(defaults).asmk.alpha == 3.0 and _diffusion_config(defaults)[0].truncation_size is None
+    from gpu_dsm.cli import _run_config
+
+    searched = build_parser().parse_args(["evaluate", "--search", "compact"])
+    assert _run_config(searched, "root", "set", None).retrieval_config().search.backend == "compact"
+    assert _run_config(defaults, "root", "set", None).search.backend == "exact"

@@ -196,8 +196,18 @@ def test_paired_landmark_and_query_path_tables():
     results["qp"] = record_benchmark(report, "python -m gpu_dsm.eval.bench_query_path", date="2026-12-03")
     table = format_spec("query-path qp", results)
     assert "| 1,000,000 | exact | top 1000 | 10 | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 | 15.0 | 2.0 |" in table
+    results["qpc"] = record_benchmark({**report, "search": "compact", "recall_vs_exact": {"at_100": 1.0, "at_1000": 0.5}},
+                                      "python -m gpu_dsm.eval.bench_query_path --search compact", date="2026-12-03")
+    assert "| 1,000,000 | compact (recall@100 1, recall@1000 0.5) | top 1000 |" in format_spec("query-path qpc", results)
     with pytest.raises(ValueError, match="not a recorded query_path"):
         format_spec("query-path toy", results)
+    search = {"benchmark": "search", "images": 7691, "dim": 1280, "queries": 70, "k": 100,
+              "descriptors": {"stores": ["roxford5k-19q-database-efficientnet_lite0-ab", "distractors-2698-distractors-efficientnet_lite0-x"],
+                              "query_store": "q"},
+              "backends": {"compact": {"build_s": 0.5, "ms_per_query": 0.25, "bytes_per_image": 256.0, "recall_at_100": 0.999}}}
+    results["search"] = record_benchmark(search, "python -m gpu_dsm.eval.bench_search --stores A B", date="2026-12-05")
+    assert ("| roxford5k-19q-database + distractors-2698-distractors: 7,691 x 1280, 70 queries | compact | 0.5 | 0.25 | "
+            "256 | @100: 0.999 |") in format_spec("search search", results)
     headline = format_spec("headline toy", results)
     assert headline.startswith("| method | toy M / H |\n") and "| a | 0.00 / 0.00 |" in headline
 
