@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import torch
 
 from gpu_dsm.asmk import ASMKIndex
-from gpu_dsm.diffusion import (CGInfo, DiffusionConfig, confident_first, confident_matches, diffuse, diffusion_ranking,
-                               dsm_seeds, fused_scores, plain_seeds, verified_seeds)
+from gpu_dsm.diffusion import (CGInfo, DiffusionConfig, confident_first, confident_matches, diffuse, dsm_seeds,
+                               fused_ranking, plain_seeds, verified_seeds)
 from gpu_dsm.graph import KnnGraph
 from gpu_dsm.how import HOWFeatures
 from gpu_dsm.kernels.sparse import SparseOperator
@@ -164,7 +164,7 @@ def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: in
 def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, ranks: torch.Tensor,
                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
-    2017), ranked by :func:`fused_scores`: ``(ranking (Q, M), CGInfo)``.
+    2017), ranked by :func:`fused_scores` (:func:`fused_ranking`): ``(ranking (Q, M), CGInfo)``.
 
     ``similarities`` ``(Q, M)`` real scores and ``ranks`` ``(Q, M)`` int64 database indices of
     the initial ranking, best first, any device (moved to the graph's); ``M`` is the whole
@@ -175,7 +175,7 @@ def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor
     similarities, ranks = similarities.to(device), ranks.to(device)
     seeds = plain_seeds(similarities, ranks, graph.num_nodes, config.query_k, config.gamma)
     f, info = diffuse(graph, seeds, config, ranks)
-    return diffusion_ranking(fused_scores(f, similarities, ranks, config.similarity_weight, config.gamma), ranks), info
+    return fused_ranking(f, similarities, ranks, config.similarity_weight, config.gamma), info
 
 
 def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, reranked: RerankResult,
@@ -207,14 +207,14 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     similarities, reranked_ranks = similarities.to(device), reranked_ranks.to(device)
     seeds, confident = verified_diffusion_seeds(similarities, reranked, reranked_ranks, graph.num_nodes, config)
     if config.truncation_size is not None and config.truncation_size < reranked_ranks.shape[1]:
-        kept = torch.zeros_like(seeds, dtype=torch.bool)
-        kept.T.scatter_(1, reranked_ranks[:, :config.truncation_size], True)
-        seeds = torch.where(kept, seeds, torch.zeros_like(seeds))
+        top = reranked_ranks[:, :config.truncation_size]
+        kept = seeds.T.gather(1, top)
+        seeds = torch.zeros_like(seeds)
+        seeds.T.scatter_(1, top, kept)
     f, info = diffuse(graph, seeds, config, reranked_ranks)
     # the similarity term follows the ranking diffusion refines: the image at place j of the
     # re-ranked ranking gets the j-th best initial similarity, so the term keeps the verified order
-    scores = fused_scores(f, similarities, reranked_ranks, config.similarity_weight, config.gamma)
-    ranking = diffusion_ranking(scores, reranked_ranks)
+    ranking = fused_ranking(f, similarities, reranked_ranks, config.similarity_weight, config.gamma)
     if confident is not None:
         ranking = confident_first(ranking, reranked.indices.to(device), confident)
     return ranking, info

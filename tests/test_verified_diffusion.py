@@ -2,12 +2,12 @@
 functions on hand-made cases, against the plain per-query reference, and through the module."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_dsm.diffusion import (DiffusionConfig, confident_first, confident_matches, diffuse, fused_scores, plain_seeds,
+from gpu_dsm.diffusion import (DiffusionConfig, confident_first, confident_matches, diffuse, diffusion_ranking, fused_ranking,
+                               fused_scores, plain_seeds,
                                verified_seeds)
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.ranking import diffuse_initial, diffuse_verified
@@ -65,6 +65,24 @@ def test_verified_seeds_add_confident_matches_at_the_best_weight():
         verified_seeds(sims, ranks, confident.int(), 6)
     with pytest.raises(ValueError, match="confident"):
         verified_seeds(sims, ranks, torch.ones(1, 6, dtype=torch.bool), 6)
+
+
+def test_fused_ranking_is_the_ranking_of_the_fused_scores():
+    """Computed on the places of the ranking only, it equals ranking the (N, Q) fused scores: a
+    top-M of a larger database and the whole one, truncated scores (zeros, ties), each weight."""
+    generator = torch.Generator().manual_seed(0)
+    n, q = 300, 5
+    for m in (40, n):
+        ranks = torch.stack([torch.randperm(n, generator=generator)[:m] for _ in range(q)])
+        sims = torch.sort(torch.rand(q, m, generator=generator) * 2 - 0.5, dim=1, descending=True).values
+        f = torch.rand(n, q, generator=generator)
+        f[torch.rand(n, q, generator=generator) < 0.5] = 0.0  # unreached images tie at 0
+        f[:, 0] = 0.0  # a query diffusion reaches nowhere
+        for weight in (0.0, 0.5, 0.85):
+            expected = diffusion_ranking(fused_scores(f, sims, ranks, weight, 3.0), ranks)
+            assert torch.equal(fused_ranking(f, sims, ranks, weight, 3.0), expected)
+    with pytest.raises(ValueError, match="weight"):
+        fused_ranking(f, sims, ranks, weight=1.0)
 
 
 def test_fusion_and_confident_first():
