@@ -85,10 +85,10 @@ class RunConfig:
     cache_dir: str | None = None  # where stores are kept between runs; None: no cache
     device: str = field(default="cpu", metadata={
         "flag": "--device", "help": "torch device", "default_text": "cuda when available, else cpu",
-        "source": "the command line's; RunConfig's is cpu"})
+        "source": "torch.cuda.is_available(); RunConfig's own: cpu"})
     dtype: str = field(default="float32", metadata={
         "flag": "--dtype", "choices": ("float32", "float16", "bfloat16"), "help": "network dtype",
-        "source": "bfloat16 measured in eval/results"})
+        "source": "full precision, as the reference code"})
     _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
     _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
     _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)

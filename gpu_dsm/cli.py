@@ -48,7 +48,7 @@ def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=str(root) if root else None, required=root is None,
                    help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (default: $GPU_DSM_DATA, else "
-                        "../shared/data beside the repository: %(default)s)")
+                        "../shared/data beside the repository)")
     g.add_argument("--dataset", nargs="+" if several else None, default=["roxford5k-mini"] if several else "roxford5k-mini",
                    help="revisitop dataset name: roxford5k, rparis6k, roxford5k-mini, ...; " +
                         ("with several, one results file each and a summary table across them " if several else "") +
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ranking_options(p)
     # the demo database has 59 images: the paper's k=50, alpha=0.99 (for 5k+ images) would link
     # nearly every pair, so the demo uses a sparser graph and shorter diffusion
-    _demo_defaults(p, image_size=384, diffusion=True, graph_k=5, alpha=0.8)
+    _demo_defaults(p, image_size=384, rerank="dsm", diffusion=True, graph_k=5, alpha=0.8)
     p.add_argument("--out", default=None, help="also write the results JSON here (default: none)")
     p.set_defaults(func=cmd_demo)
 

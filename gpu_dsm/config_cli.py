@@ -144,3 +144,20 @@ def _text(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(_text(v) for v in value)
     return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def options_markdown(parser: argparse.ArgumentParser) -> str:
+    """Every option of ``parser``, one table per argument group: option, meaning, default and source."""
+    lines = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        lines += ["", f"**{group.title}**", "", "| option | meaning | default; source |", "|---|---|---|"]
+        for action in actions:
+            text = (action.help or "") % {"default": action.default, "prog": parser.prog}
+            meaning, _, default = text.rpartition(" (default")
+            meaning, default = (meaning, default[1:].lstrip(": ").removesuffix(")")) if meaning else (text, "")
+            row = f"| `{'`, `'.join(action.option_strings)}` | {meaning} | {default} |"
+            lines.append(row.replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;"))
+    return "\n".join(lines[1:])
