@@ -72,6 +72,7 @@ def add_initial_options(p: argparse.ArgumentParser, codebook: bool = True):
 
 
 def refuse(flags: list[str], why: str) -> None:
+    """Raise the one-line ``ValueError`` "``<first of flags>`` has no effect ``why``" when any option is in ``flags``."""
     if flags:
         raise ValueError(f"{flags[0]} has no effect {why}")
 
