@@ -193,7 +193,8 @@ def test_diffusion_settings_are_validated_and_non_convergence_is_said(tiny_root,
     assert main(_args(tiny_root, tmp_path / "cache", "--diffusion", "--alpha", "1.5")) == 2
     assert "alpha must lie in (0, 1), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
-    assert main(_args(tiny_root, tmp_path / "cache", "--diffusion", "--graph-k", "3", "--cg-iterations", "1")) == 0
+    assert main(_args(tiny_root, tmp_path / "cache", "--rerank", "none", "--diffusion", "--graph-k", "3",
+                      "--cg-iterations", "1")) == 0
     err = capsys.readouterr().err
     assert "gpu-dsm evaluate: warning: diffusion: conjugate gradient stopped after 1 iterations" in err
     assert len(err.strip().splitlines()) == 1
