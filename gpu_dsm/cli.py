@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gpu_dsm.config_cli import add_options, config_from_args, given_flags
+from gpu_dsm.eval.run_config import RunConfig
 from gpu_dsm.retrieval_options import (add_extraction_options, add_initial_options, add_ranking_options, refuse,
                                        retrieval_from_args)
 
@@ -32,8 +33,6 @@ def _default_device() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Network, extraction, global descriptor and detector options."""
-    from gpu_dsm.eval.run import RunConfig
-
     g = p.add_argument_group("network and extraction")
     add_options(g, RunConfig, names=NETWORK)
     p.set_defaults(device=_default_device())
@@ -42,8 +41,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     from gpu_dsm.eval.datasets import default_data_root
-    from gpu_dsm.eval.run import RunConfig
-
     root = default_data_root()
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=str(root) if root else None, required=root is None,
@@ -59,8 +56,6 @@ def _add_data_args(p: argparse.ArgumentParser, several: bool = False) -> None:
 
 def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
     """The HOW + ASMK options; ``extract``: those HOW descriptors depend on (evaluate trains the codebook)."""
-    from gpu_dsm.eval.run import RunConfig
-
     add_options(add_initial_options(p, codebook=not extract), RunConfig, names=["codebook_data"])
 
 
@@ -68,8 +63,6 @@ def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_di
                 why_off: str = ""):
     """The validated :class:`RunConfig` of the options for ``dataset``; ``local``: local features
     (re-ranking) on, else ``why_off`` ends the error of an option that needs them."""
-    from gpu_dsm.eval.run import RunConfig
-
     retrieval = retrieval_from_args(args, local, why_off)
     if retrieval.initial != "asmk":
         refuse(given_flags(RunConfig, args, "asmk"), "without --initial asmk")
@@ -179,8 +172,6 @@ def _demo_defaults(p: argparse.ArgumentParser, **values) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gpu_dsm.eval.run import RunConfig
-
     parser = argparse.ArgumentParser(
         prog="gpu-dsm",
         description="Deep spatial matching (DSM) for image retrieval: extraction, re-ranking and revisited evaluation.",

@@ -9,7 +9,7 @@ from gpu_dsm.asmk import ASMKConfig
 from gpu_dsm.config_cli import add_options, config_from_args, given_flags, option_fields, option_help, parse_scales
 from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.diffusion import DiffusionConfig
-from gpu_dsm.eval.run import RunConfig
+from gpu_dsm.eval.run_config import RunConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.global_descriptors import GlobalConfig
 from gpu_dsm.graph import GraphConfig
