@@ -158,6 +158,6 @@ def options_markdown(parser: argparse.ArgumentParser) -> str:
             text = (action.help or "") % {"default": action.default, "prog": parser.prog}
             meaning, _, default = text.rpartition(" (default")
             meaning, default = (meaning, default[1:].lstrip(": ").removesuffix(")")) if meaning else (text, "")
-            row = f"| `{'`, `'.join(action.option_strings)}` | {meaning} | {default} |"
-            lines.append(row.replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;"))
+            cells = [re.sub(r"([\[\]*|])", r"\\\1", c).replace("<", "&lt;").replace(">", "&gt;") for c in (meaning, default)]
+            lines.append(f"| `{'`, `'.join(action.option_strings)}` | {cells[0]} | {cells[1]} |".replace("\n", " "))
     return "\n".join(lines[1:])
