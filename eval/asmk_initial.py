@@ -120,7 +120,7 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
     from gpu_dsm.eval.run import run_cache
 
     cache = run_cache(cfg, base, log, ranks)
-    retrieval = DSMRetrieval(backbone(), cfg.retrieval_config(), whitening="none", cache=cache)
+    retrieval = DSMRetrieval(backbone(), cfg.retrieval, whitening="none", cache=cache)
     sources = codebook_sources(cfg.asmk, cfg.data_root, dataset)
     retrieval.fit_how_whitening(dict(sources))
     sets = _feature_sets(retrieval, cfg, dataset, sources)

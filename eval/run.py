@@ -4,7 +4,8 @@ A run extracts (or reuses) the feature stores of a dataset, hands them to the ru
 ``DSMRetrieval``, which ranks the database by every method its configuration turns on, scores
 each ranking by the protocol and writes JSON. ``results`` holds one entry per method:
 ``"global"`` (the initial ranking by the global descriptor), ``"global+dsm"`` (re-ranked),
-``"global+D"`` and ``"global+dsm+D"`` (with diffusion), and the ``"asmk"`` variants.
+``"global+D"`` and ``"global+dsm+D"`` (with diffusion), and the ``"asmk"`` variants. What a run
+depends on is its :class:`gpu_dsm.eval.run_config.RunConfig`.
 """
 from __future__ import annotations
 
@@ -14,147 +15,25 @@ import importlib.util
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from gpu_dsm.cache import ArtifactCache, StoreRequest
-from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone, bundled_weights_path
-from gpu_dsm.backbones.checkpoint import RetrievalHead, is_retrieval_checkpoint, read_weights_file, split_retrieval_checkpoint
-from gpu_dsm.global_descriptors import GlobalConfig
-from gpu_dsm.detect import DetectorConfig
-from gpu_dsm.extract import ExtractConfig
+from gpu_dsm.backbones import Backbone, backbone_stride, build_backbone
 from gpu_dsm.images import ImageSpec, source_size, target_size
-from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, file_digest, write_json
-from gpu_dsm.diffusion import DiffusionConfig
-from gpu_dsm.graph import GraphConfig
-from gpu_dsm.knn import SearchConfig
-from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
+from gpu_dsm.io import atomic_write, check_output_dir, check_output_file, write_json
+from gpu_dsm.pipeline import DSMRetrieval
 from gpu_dsm.ranking import SearchResult
-from gpu_dsm.rerank import RerankConfig, rerank_scores
+from gpu_dsm.rerank import rerank_scores
 from gpu_dsm.shards import Ranks
 from gpu_dsm.store import FeatureStore, StoreStack
-from gpu_dsm.whitening import Whitening, resolve_whitening
-from gpu_dsm.eval.asmk_initial import ASMKRun, asmk_index, check_run
-from gpu_dsm.eval.datasets import DistractorSet, RevisitopDataset
+from gpu_dsm.eval.asmk_initial import asmk_index, check_run
+from gpu_dsm.eval.datasets import RevisitopDataset
 from gpu_dsm.eval.diagnostics import format_separation, top_k_separation
 from gpu_dsm.eval.protocol import evaluate_revisited, format_table, setup_ground_truth
-
-
-@dataclass
-class RunConfig:
-    """Everything an evaluation run depends on (recorded in the results file)."""
-
-    data_root: str
-    dataset: str
-    backbone: str = "efficientnet_lite0"
-    weights: str = "default"
-    upsample: bool = False
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    global_: GlobalConfig = field(default_factory=GlobalConfig)
-    detector: DetectorConfig | None = None  # local features (DSM detector); None: global descriptors only
-    rerank: RerankConfig | None = None  # spatial re-ranking of the top-k ("global+dsm"); None: off
-    diffusion: DiffusionConfig | None = None  # diffusion ("global+D", "global+dsm+D"); None: off
-    graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
-    # learned whitening applied to the global descriptors at search time: None = the checkpoint's
-    # meta['Lw'] if it has one (['ms'] for several scales, ['ss'] for one, as cnnimageretrieval-pytorch),
-    # else none; "checkpoint[:NAME]" = the checkpoint's (required); "none"; or the path of a saved Whitening
-    whitening: str | None = None
-    # a folder of negatives appended to the database (gpu_dsm.eval.datasets.DistractorSet); None: none
-    distractors: str | None = None
-    # the initial ranking besides "global": "asmk" (HOW + ASMK, gpu_dsm.eval.asmk_initial) adds
-    # methods "asmk", "asmk+dsm" (with rerank), "asmk+dsm+D" (with rerank and diffusion)
-    initial: str = "global"
-    asmk: ASMKRun = field(default_factory=ASMKRun)  # used when initial == "asmk"
-    search: SearchConfig = field(default_factory=SearchConfig)  # global search backend: exact (default)
-    cache_dir: str | None = None  # where stores are kept between runs; None: no cache
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_weights_file: bool = False  # unpickle the weights file in full (it could run code); default: tensors only
-    _weights_sha256: str | None = field(default=None, init=False, repr=False, compare=False)
-    _head: RetrievalHead | None = field(default=None, init=False, repr=False, compare=False)
-    _whitening: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _distractor_set: DistractorSet | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        if self.initial not in ("global", "asmk"):
-            raise ValueError(f"initial must be 'global' or 'asmk', got {self.initial!r}")
-
-    def distractor_set(self) -> DistractorSet | None:
-        """The ``distractors`` folder's images, listed and checked once (``None`` without distractors)."""
-        if self.distractors is not None and self._distractor_set is None:
-            self._distractor_set = DistractorSet.load(self.distractors)
-        return self._distractor_set
-
-    def checkpoint_head(self) -> RetrievalHead:
-        """What the weights file carries besides convolutions (pooling, p, whitenings), read once
-        without building the network; empty for bundled/random weights and plain state dicts."""
-        if self._head is None:
-            head = RetrievalHead()
-            if str(self.weights) not in ("default", "none"):
-                obj = read_weights_file(self.weights, trust=self.trust_weights_file)
-                if is_retrieval_checkpoint(obj):
-                    _, head = split_retrieval_checkpoint(obj, architecture=self.backbone)
-            self._head = head
-        return self._head
-
-    def resolved_whitening(self) -> tuple[str | None, Whitening | None]:
-        """``(label, whitening)`` applied at search time (see the ``whitening`` field)."""
-        if self._whitening is None:
-            self._whitening = resolve_whitening(self.whitening, self.checkpoint_head(), len(self.extract.scales))
-        return self._whitening
-
-    def retrieval_config(self) -> RetrievalConfig:
-        """The :class:`DSMRetrieval` configuration of this run."""
-        return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
-                               rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
-                               how=self.asmk.how, asmk=self.asmk.asmk, search=self.search)
-
-    def weights_sha256(self) -> str:
-        """SHA-256 of the weights file's content (``"none"`` for random weights), computed once:
-        caches are keyed on it, so a weights file overwritten in place is never mistaken for the old one."""
-        if self._weights_sha256 is None:
-            if str(self.weights) == "none":
-                self._weights_sha256 = "none"
-            else:
-                path = bundled_weights_path(self.backbone) if str(self.weights) == "default" else Path(self.weights)
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"weights file not found: {path}")
-                self._weights_sha256 = file_digest(path)
-        return self._weights_sha256
-
-    def options(self) -> dict[str, Any]:
-        extract = dataclasses.asdict(self.extract)
-        for how_it_runs in ("progress", "num_workers", "small_scales"):  # never change a DSM store's content
-            extract.pop(how_it_runs)
-        return {
-            "backbone": self.backbone,
-            "weights": self.weights,
-            "weights_sha256": self.weights_sha256(),
-            "upsample": self.upsample,
-            "extract": extract,
-            "global": {**dataclasses.asdict(self.global_), "resolved": self.global_.resolve(self.checkpoint_head()).options()},
-            "detector": dataclasses.asdict(self.detector) if self.detector is not None else None,
-            "rerank": dataclasses.asdict(self.rerank) if self.rerank is not None else None,
-            "diffusion": _diffusion_options(self.diffusion, self.graph),
-            "whitening": self.resolved_whitening()[0],
-            "distractors": str(Path(self.distractors).resolve()) if self.distractors is not None else None,
-            "initial": self.initial,
-            "asmk": self.asmk.options(self.backbone) if self.initial == "asmk" else None,
-            "search": dataclasses.asdict(self.search),
-            "device": self.device,
-            "dtype": self.dtype,
-        }
-
-
-def _diffusion_options(diffusion: DiffusionConfig | None, graph: GraphConfig) -> dict[str, Any] | None:
-    if diffusion is None:
-        return None
-    options = dataclasses.asdict(diffusion)
-    options["dtype"] = str(diffusion.dtype).replace("torch.", "")
-    return {**options, "graph": dataclasses.asdict(graph)}
+from gpu_dsm.eval.run_config import RunConfig
 
 
 def make_backbone(cfg: RunConfig) -> Backbone:
@@ -166,10 +45,9 @@ def write_store(
     backbone: Backbone, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, cfg: RunConfig, desc: str,
     is_query: bool = False, log=print,
 ) -> FeatureStore:
-    """Describe ``specs`` (global descriptors, and local features when ``cfg.detector`` is set)
+    """Describe ``specs`` (global descriptors, and local features when ``cfg.retrieval.rerank`` is set)
     and write them to a new store at ``path`` (atomically)."""
-    extraction = dataclasses.replace(cfg.retrieval_config(), rerank=RerankConfig() if cfg.detector is not None else None,
-                                     diffusion=None, initial="global")
+    extraction = dataclasses.replace(cfg.retrieval, diffusion=None, initial="global")
     retrieval = DSMRetrieval(backbone, extraction, whitening="none")
     return retrieval.write_store(specs, path, names, cfg.options(), is_query=is_query, desc=desc, log=log)
 
@@ -241,7 +119,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
         if not listed:
             raise ValueError(f"{dataset.name}: the ground truth lists no {what} is empty): nothing to rank")
     stride = backbone_stride(cfg.backbone, cfg.upsample)
-    smallest = min(cfg.extract.scales)
+    smallest = min(cfg.retrieval.extract.scales)
     groups = [("query", dataset.query_specs(), dataset.qimlist), ("database image", dataset.database_specs(), dataset.imlist)]
     distractors = cfg.distractor_set()
     if distractors is not None:
@@ -250,7 +128,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
         for i, spec in enumerate(specs):
             who = f"{what} {i} ({names[i]})"
             try:
-                width, height = target_size(spec, cfg.extract.image_size, cfg.extract.upscale)
+                width, height = target_size(spec, cfg.retrieval.extract.image_size, cfg.retrieval.extract.upscale)
             except ValueError as exc:
                 raise ValueError(f"{who}: {exc}") from None
             side = math.floor(min(width, height) * smallest)
@@ -258,7 +136,7 @@ def check_images(cfg: RunConfig, dataset: RevisitopDataset) -> None:
                 continue
             original = source_size(spec)
             crop = "its crop" if spec.box is not None else "it"
-            if not cfg.extract.upscale and max(width, height) < cfg.extract.image_size:
+            if not cfg.retrieval.extract.upscale and max(width, height) < cfg.retrieval.extract.image_size:
                 fix = "drop --no-upscale (the standard protocol never enlarges an image) or drop small --scales"
             else:
                 fix = "use a larger --image-size or drop small --scales"
@@ -280,14 +158,14 @@ def preflight(cfg: RunConfig, dataset: RevisitopDataset, files: dict[str, str | 
         if path is not None:
             check_output_dir(path, what)
     check_device(cfg.device)
-    if cfg.diffusion is not None and cfg.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+    if cfg.retrieval.diffusion is not None and cfg.retrieval.graph.backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ImportError("--graph-backend faiss needs the faiss-cpu package: pip install -e \".[faiss]\"")
     cfg.weights_sha256()
     cfg.checkpoint_head()
     cfg.resolved_whitening()
     check_images(cfg, dataset)
     cfg.distractor_set()
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         check_run(cfg.asmk, cfg.backbone, cfg.data_root, dataset)
 
 
@@ -385,7 +263,7 @@ def make_retrieval(cfg: RunConfig, cache: ArtifactCache | None = None, backbone:
     """The run's :class:`DSMRetrieval` on the run's device, with the run's learned whitening and
     ``cache``; without ``backbone`` it has no network (the stores hold what it describes)."""
     whitening = cfg.resolved_whitening()[1]
-    return DSMRetrieval(backbone, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none",
+    return DSMRetrieval(backbone, cfg.retrieval, whitening=whitening if whitening is not None else "none",
                         cache=cache).to(cfg.device)
 
 
@@ -400,7 +278,7 @@ def _rerank_diagnostics(result: SearchResult, cfg: RunConfig, dataset: Revisitop
     auc = top_k_separation(
         stage.ranks[:, :k].numpy(),
         {"global": top_sims.numpy(), "inliers": inliers_initial.numpy(),
-         "dsm score": rerank_scores(inliers_initial, top_sims, cfg.rerank.score, cfg.rerank.fuse_weight).numpy()},
+         "dsm score": rerank_scores(inliers_initial, top_sims, cfg.retrieval.rerank.score, cfg.retrieval.rerank.fuse_weight).numpy()},
         dataset.gnd,
     )
     log(format_separation(auc))
@@ -418,36 +296,36 @@ def _evaluate(cfg: RunConfig, dataset: RevisitopDataset, base: Path, out, log, p
     cache = run_cache(cfg, base, log)
     db_store, q_store = dataset_stores(cfg, dataset, cache, log=log, timing=timing, backbone=backbone)
     # with the ASMK initial ranking the module describes images (HOW features not cached yet): it needs the network
-    retrieval = make_retrieval(cfg, cache, backbone() if cfg.initial == "asmk" else None)
+    retrieval = make_retrieval(cfg, cache, backbone() if cfg.retrieval.initial == "asmk" else None)
     label, whitening = cfg.resolved_whitening()
     if whitening is not None:
         log(f"whitening: {label}, {whitening.input_dim} -> {whitening.output_dim} dimensions")
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     diagnostics: dict[str, Any] = {}
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         start = time.perf_counter()
         artifacts = asmk_index(cfg, retrieval, dataset)
         timing.update({k: v for k, v in cache.timing.items() if not k.startswith("extract_")})
         timing["asmk_s"] = round(time.perf_counter() - start, 4)  # HOW features, codebook and index (cached or built)
         database.asmk, queries.how = artifacts.index, artifacts.queries
         diagnostics["asmk"] = artifacts.diagnostics
-    if cfg.diffusion is not None:
+    if cfg.retrieval.diffusion is not None:
         start = time.perf_counter()
         database.graph = retrieval.build_graph(database)
         timing["graph_s"] = round(time.perf_counter() - start, 4)
     result = retrieval.search(queries, database)
     timing.update(result.diagnostics["timing"])
     results = {name: _method_entry(ranks, dataset.gnd) for name, ranks in result.methods.items()}
-    if cfg.initial == "asmk":
+    if cfg.retrieval.initial == "asmk":
         asmk = diagnostics["asmk"]
         q = max(len(dataset.qimlist), 1)
         asmk["search_ms_per_query"] = round(1000 * timing["asmk_search_s"] / q, 2)
         log(f"ASMK: {asmk['words_per_database_image']} words and {asmk['index_bytes_per_image']:.0f} bytes per "
             f"database image, {asmk['search_ms_per_query']:.2f} ms per query ({q} queries at once, "
             f"{asmk['search_backend']} scoring) on {cfg.device}")
-    if cfg.rerank is not None:
+    if cfg.retrieval.rerank is not None:
         diagnostics.update(_rerank_diagnostics(result, cfg, dataset, log, plot_inliers))
-    if cfg.diffusion is not None:
+    if cfg.retrieval.diffusion is not None:
         diagnostics["diffusion"] = result.diagnostics["diffusion"]
     report: dict[str, Any] = {"dataset": cfg.dataset, "backbone": cfg.backbone, "options": cfg.options(),
                               "database": {"images": len(dataset.imlist), "distractors": database.num_images - len(dataset.imlist)},
@@ -475,14 +353,15 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
     from gpu_dsm.visualize import draw_matches, feature_to_image
     from PIL import Image
 
-    if cfg.detector is None:
-        raise ValueError("show_match needs a detector configuration")
+    if cfg.retrieval.rerank is None:
+        raise ValueError("show_match needs local features (retrieval.rerank)")
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     if not 0 <= query < len(dataset.qimlist):
         raise ValueError(f"query must be in 0..{len(dataset.qimlist) - 1}, got {query}")
     preflight(cfg, dataset, files={"--out": out}, dirs={"--cache-dir": cfg.cache_dir})
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    retrieval = make_retrieval(dataclasses.replace(cfg, diffusion=None, initial="global", rerank=None))
+    ranking = dataclasses.replace(cfg.retrieval, diffusion=None, initial="global", rerank=None)
+    retrieval = make_retrieval(dataclasses.replace(cfg, retrieval=ranking))
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     order = retrieval.search(queries, database).stages["global"].ranks[query]
     if not 1 <= rank <= len(order):
@@ -490,13 +369,13 @@ def _show_match(cfg: RunConfig, query: int, rank: int, out: str | Path, log, bas
     candidate = int(order[rank - 1])
     qf = q_store.local_features([query])
     cf = db_store.local_features([candidate])
-    result = retrieval.verify(queries, database, query, candidate, (cfg.rerank or RerankConfig()).match)
+    result = retrieval.verify(queries, database, query, candidate, cfg.retrieval.rerank.match)
     pairs = result.matches[0]
     pairs = pairs[pairs[:, 0] >= 0]
     images = []
     points = []
     for spec, feats, rows in ((dataset.query_specs()[query], qf, pairs[:, 0]), (dataset.database_specs()[candidate], cf, pairs[:, 1])):
-        img = load_image(spec, cfg.extract.image_size, cfg.extract.upscale)
+        img = load_image(spec, cfg.retrieval.extract.image_size, cfg.retrieval.extract.upscale)
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
         scale = feats.scale[0, rows]
         sizes = feats.map_sizes[0]

@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.diffusion import DiffusionConfig
 from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import atomic_write, check_output_file, write_json
+from gpu_dsm.pipeline import RetrievalConfig
 from gpu_dsm.ranking import diffuse_verified, verified_diffusion_seeds
-from gpu_dsm.rerank import RerankConfig
 from gpu_dsm.eval.datasets import RevisitopDataset, default_data_root
 from gpu_dsm.eval.protocol import evaluate_revisited, setup_ground_truth
 from gpu_dsm.eval.run import RunConfig, dataset_stores, make_retrieval, preflight
@@ -64,14 +63,14 @@ def diagnose(cfg: RunConfig, base: Path, log=print) -> dict[str, Any]:
     stage = result.stages["global"]
     graph = database.graph
     n = graph.num_nodes
-    paper_cfg = dataclasses.replace(cfg.diffusion, seeds="paper", similarity_weight=0.0)
+    paper_cfg = dataclasses.replace(cfg.retrieval.diffusion, seeds="paper", similarity_weight=0.0)
     methods = dict(result.methods)
     methods["global+dsm+D (paper)"] = diffuse_verified(graph, stage.scores, stage.reranked, stage.reranked_ranks,
                                                        paper_cfg)[0].cpu()
     aps = {name: evaluate_revisited(ranks.numpy(), dataset.gnd)["AP"]["M"] for name, ranks in methods.items()}
     reranked = stage.reranked
     paper, _ = verified_diffusion_seeds(stage.scores, reranked, stage.reranked_ranks, n, paper_cfg)
-    ours, confident = verified_diffusion_seeds(stage.scores, reranked, stage.reranked_ranks, n, cfg.diffusion)
+    ours, confident = verified_diffusion_seeds(stage.scores, reranked, stage.reranked_ranks, n, cfg.retrieval.diffusion)
     degree = torch.bincount(graph.affinity.to_sparse_coo().coalesce().indices()[0], minlength=n)
     positives_m, _ = setup_ground_truth(dataset.gnd, "M")
     rows = []
@@ -90,9 +89,9 @@ def diagnose(cfg: RunConfig, base: Path, log=print) -> dict[str, Any]:
                                     for method in ("global+dsm", "global+dsm+D (paper)", "global+dsm+D")},
         })
     return {"benchmark": "seed_diagnosis", "dataset": cfg.dataset, "database": {"images": n, "distractors": n - len(dataset.imlist)},
-            "graph_k": graph.k, "alpha": cfg.diffusion.alpha_for(n),
-            "diffusion": {"confident_mads": cfg.diffusion.confident_mads, "confident_ratio": cfg.diffusion.confident_ratio,
-                          "query_k": cfg.diffusion.query_k},
+            "graph_k": graph.k, "alpha": cfg.retrieval.diffusion.alpha_for(n),
+            "diffusion": {"confident_mads": cfg.retrieval.diffusion.confident_mads, "confident_ratio": cfg.retrieval.diffusion.confident_ratio,
+                          "query_k": cfg.retrieval.diffusion.query_k},
             "queries": rows, "summary": summarize(rows)}
 
 
@@ -171,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the standard image protocol (default: enlarge, as gpu-dsm evaluate)")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args(argv)
-    cfg = RunConfig(data_root=args.data_root, dataset=args.dataset, detector=DetectorConfig(),
-                    extract=ExtractConfig(upscale=args.upscale, progress=False), rerank=RerankConfig(),
-                    diffusion=DiffusionConfig(), distractors=args.distractors, cache_dir=args.cache_dir)
+    retrieval = RetrievalConfig(extract=ExtractConfig(upscale=args.upscale, progress=False), diffusion=DiffusionConfig())
+    cfg = RunConfig(data_root=args.data_root, dataset=args.dataset, retrieval=retrieval, distractors=args.distractors,
+                    cache_dir=args.cache_dir)
     preflight(cfg, RevisitopDataset.load(cfg.data_root, cfg.dataset), files={"--out": args.out})
     report = diagnose(cfg, Path(args.cache_dir))
     for subset, c in report["summary"].items():

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 
 import torch
 
-from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.diffusion import SEEDS, DiffusionConfig
 from gpu_dsm.graph import GraphConfig, build_knn_graph
 from gpu_dsm.io import check_output_file, write_json
@@ -87,7 +86,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid, base: Path, log=print) -> dict[str, A
     if d.match.threshold not in grid.thresholds or d.match.error not in grid.errors:
         raise ValueError(f"the grid must include the default threshold {d.match.threshold} and error {d.match.error}")
     db_store, q_store = dataset_stores(cfg, dataset, base, log=log)
-    retrieval = make_retrieval(dataclasses.replace(cfg, rerank=None, diffusion=None, initial="global"))
+    retrieval = make_retrieval(dataclasses.replace(
+        cfg, retrieval=dataclasses.replace(cfg.retrieval, rerank=None, diffusion=None, initial="global")))
     database, queries = retrieval.from_store(db_store), retrieval.from_store(q_store)
     initial = retrieval.search(queries, database).stages["global"]
     db, similarities, ranks = database.global_descriptors, initial.scores, initial.ranks
@@ -208,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_output_file(args.out, "--out")
     from gpu_dsm.extract import ExtractConfig
+    from gpu_dsm.pipeline import RetrievalConfig
 
-    cfg = RunConfig(data_root=args.data_root, dataset=args.dataset, detector=DetectorConfig(),
-                    extract=ExtractConfig(upscale=args.upscale, progress=False), distractors=args.distractors,
+    cfg = RunConfig(data_root=args.data_root, dataset=args.dataset,
+                    retrieval=RetrievalConfig(extract=ExtractConfig(upscale=args.upscale, progress=False)),
+                    distractors=args.distractors,
                     cache_dir=args.cache_dir, device=args.device)
     preflight(cfg, RevisitopDataset.load(cfg.data_root, cfg.dataset), files={"--out": args.out})
     grid = dataclasses.replace(grid, thresholds=tuple(args.thresholds), errors=tuple(args.errors), top_k=tuple(args.top_k),

@@ -30,6 +30,7 @@ A docs page (or the README) holds a generated table between two marker lines::
   over the C kernel's, the pairs that agree, the tensor path's launches and host syncs;
 - ``seeds NAME NAME ...``: ``eval/seed_diagnosis.py`` result files: the positives among the paper's
   diffusion seeds and the confident matches, the positives' mean rank.
+- ``options SUBCOMMAND``: every option of ``gpu-dsm SUBCOMMAND``, from its parser (no result file).
 
 ``python -m gpu_dsm.eval.tables`` rewrites every such table from its files; ``--check`` rewrites
 nothing and exits 1 naming each table that differs.
@@ -330,6 +331,11 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         return format_seeds(rest, results)
     if kind == "search":
         return format_search(rest, results)
+    if kind == "options":
+        from gpu_dsm.cli import build_parser
+        from gpu_dsm.config_cli import options_markdown
+
+        return options_markdown(build_parser()._subparsers._group_actions[0].choices[rest]) + "\n"
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -340,6 +346,8 @@ def files_of(spec: str) -> list[str]:
     kind, _, rest = spec.partition(" ")
     if kind in ("query-path", "match", "headline", "seeds", "search"):
         return rest.split()
+    if kind == "options":
+        return []
     if kind in ("paired", "landmarks"):
         rest = rest.partition(" ")[2] if kind == "landmarks" else rest
         return [m["file"] for item in rest.split(";") for side in item.split(" vs ")

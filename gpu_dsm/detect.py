@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -61,12 +61,18 @@ class DetectorConfig:
     # activations -> 8-bit levels: "round" = round and saturate at 255 (reference code, VGG/ResNet);
     # "range" = x * 255 / activation bound (ReLU6 networks: x <= 6); "channel_max" = per channel
     # max -> 255; "auto" = "range" for bounded activations, else "round".
-    levels: str = "auto"
+    levels: str = field(default="auto", metadata={
+        "flag": "--levels", "choices": LEVEL_MODES,
+        "help": "activations -> 8-bit levels: round (reference code), range (x*255/bound, ReLU6 nets), channel_max, "
+                "auto = range for bounded activations else round", "source": "ours, docs 'Detector'"})
     # largest possible activation (6 for ReLU6 networks such as EfficientNet-Lite), used by
     # levels="range"/"auto"; None: the one passed to detect() (DSMDetector.from_backbone and the
     # pipeline pass Backbone.activation_bound), else unbounded
     activation_bound: float | None = None
-    delta: int | None = None  # fixed MSER delta; None = per image and scale from the histogram (paper 4.1)
+    delta: int | None = field(default=None, metadata={
+        "flag": "--delta", "type": int, "help": "fixed MSER delta",
+        "default_text": "per image and scale, 60% of the cumulative histogram of non-zero levels capped at 12",
+        "source": "paper 4.1 / reference code"})
     delta_quantile: float = 0.6  # paper 4.1: "60% of the cumulative histogram"
     delta_max: int = 12  # reference code caps delta at 12
     max_variation: float = 0.5  # paper 4.1
@@ -74,20 +80,34 @@ class DetectorConfig:
     min_area: float = 0.001  # reference code (fraction of the map)
     max_area: float = 0.75  # reference code (fraction of the map)
     polarity: str = "bright"  # paper 3.3: only regions of high activation
-    level_step: int = 1  # 1 = every grey level (exact)
+    level_step: int = field(default=1, metadata={
+        "flag": "--level-step", "help": "MSER threshold spacing; 1 is exact, larger is faster and approximate",
+        "source": "every grey level, as MSER"})
     max_regions_per_channel: int = 36  # reference code: a channel with more regions is cluttered
-    strength: str = "max"  # paper 3.4: max (mean / gem also allowed)
+    strength: str = field(default="max", metadata={
+        "flag": "--strength", "choices": STRENGTHS, "help": "pooling of a region's activations into its strength",
+        "source": "paper 3.4"})
     strength_p: float = 3.0  # exponent of "gem" strength
-    per_channel_query: int = 20  # paper 4.1 / reference: strongest features per (scale, channel), query
-    per_channel_database: int = 10  # paper 4.1 / reference: same, database image
-    nms_iou: float = 0.2  # paper 4.1: NMS over all channels of a database image
-    max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet)
+    per_channel_query: int = field(default=20, metadata={
+        "flag": "--per-channel-query", "help": "strongest features kept per channel and scale of a query",
+        "source": "paper 4.1 / reference code"})
+    per_channel_database: int = field(default=10, metadata={
+        "flag": "--per-channel-database", "help": "same for a database image", "source": "paper 4.1 / reference code"})
+    nms_iou: float = field(default=0.2, metadata={
+        "flag": "--nms-iou", "help": "IoU of the NMS over all channels of a database image", "source": "paper 4.1"})
+    max_features: int = field(default=512, metadata={
+        "flag": "--max-features", "help": "features kept per image over all scales",
+        "source": "paper 4.1: 512 VGG, 2048 ResNet"})
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
     labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
     # "reference" (the DSM authors' code, gpu_dsm.authors_selection; use DetectorConfig.reference()).
-    # Default "gpu_dsm": ours, the faster of the two (docs/design-decisions.md, "Detector rules")
-    rules: str = "gpu_dsm"
+    rules: str = field(default="gpu_dsm", metadata={
+        "flag": "--detector", "choices": RULES,
+        "help": "feature selection around MSER: 'reference' = the DSM authors' feature code, reproduced (both "
+                "polarities, strength in the 1-sigma ellipse, NMS before the per-channel cap, MATLAB rounding and tie "
+                "order; DetectorConfig.reference(); slower), 'gpu_dsm' = ours (docs, 'Detector')",
+        "source": "ours, the faster of the two, docs 'Design decisions'"})
     max_voxels: int = 2**24  # memory budget of one MSER call (level-set voxels, ~40 B each at the peak)
 
     @classmethod

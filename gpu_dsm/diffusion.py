@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,28 +50,44 @@ class DiffusionConfig:
 
     # None: scaled to the database, alpha_for(N) = 0.99 (Iscen et al., the paper) from
     # large_database images on, small_alpha below (docs/design-decisions.md, "Diffusion on small databases"); a float: that alpha
-    alpha: float | None = None
+    alpha: float | None = field(default=None, metadata={
+        "flag": "--alpha", "type": float, "help": "diffusion alpha",
+        "default_text": "scaled to the database: 0.99 as Iscen et al. and the paper from 5000 images on, 0.5 below",
+        "source": "measured, docs 'Design decisions'"})
     small_alpha: float = 0.5  # measured on roxford5k-mini, roxford5k-19q, roxford5k-19q + distractors (docs/design-decisions.md)
     large_alpha: float = 0.99  # Iscen et al.; DSM paper 4.1 (5k to 1M images)
     large_database: int = 5000  # where GraphConfig's size rule reaches the paper's k = 50
-    tol: float = 1e-6  # relative residual at which CG stops (reference code)
-    max_iter: int = 20  # reference code
-    gamma: float = 3.0  # similarity exponent of the plain seeds (Iscen et al.)
-    query_k: int = 10  # plain seeds: kq most similar images (Iscen et al.; 3 / 5 no better on all sets, docs/design-decisions.md)
+    tol: float = field(default=1e-6, metadata={
+        "flag": "--cg-tol", "help": "conjugate-gradient relative residual", "source": "reference code"})
+    max_iter: int = field(default=20, metadata={
+        "flag": "--cg-iterations", "help": "conjugate-gradient iterations at most", "source": "reference code"})
+    gamma: float = field(default=3.0, metadata={
+        "flag": "--gamma", "help": "similarity exponent of graph weights and seeds", "source": "Iscen et al."})
+    query_k: int = field(default=10, metadata={
+        "flag": "--query-k", "help": "plain seeds: the query's kq most similar images",
+        "source": "Iscen et al.; 3 / 5 no better on all sets, docs 'Design decisions'"})
     dsm_candidates: int = 10  # DSM seeds come from the top 10 re-ranked images (paper 4.1)
-    dsm_keep: int = 5  # and the best 5 of them are kept (paper 4.1; reference code: 4; 3 / 4 measured, docs/design-decisions.md)
-    # "verified" (ours): plain seeds plus the confidently verified images, which also stay first;
-    # "paper": the paper's DSM seeds (dsm_candidates, dsm_keep) (paper 4.1), measured in docs/diffusion.md
-    seeds: str = "verified"
-    # a verified image is confident when its inliers reach the median of its query's top-k plus this
-    # many median absolute deviations, and this many times the median (ours: measured on five dev
-    # sets, docs/diffusion.md)
-    confident_mads: float = 8.0
-    confident_ratio: float = 2.5
-    # final score: (1 - w) diffusion / max + w (similarity / best)^gamma, the similarity of the
-    # image's place in the ranking diffusion refines (ours; w = 0: the diffusion score alone, Iscen
-    # et al. and the paper). The smallest w that holds on five dev sets, docs/diffusion.md
-    similarity_weight: float = 0.85
+    dsm_keep: int = field(default=5, metadata={
+        "flag": "--dsm-keep", "stage": "rerank", "help": "with --seeds paper: DSM seeds kept of the top 10 verified images",
+        "needs": {"seeds": ("paper",)}, "source": "paper 4.1; the reference code keeps 4; 3 / 4 measured, docs 'Design decisions'"})
+    seeds: str = field(default="verified", metadata={
+        "flag": "--seeds", "stage": "rerank", "choices": SEEDS,
+        "help": "seeds of 'global+dsm+D': 'verified' = the plain seeds plus the confidently verified images, which "
+                "also rank first; 'paper' = the top 10 verified weighted inliers / max x similarity, best --dsm-keep "
+                "(paper 4.1)", "source": "ours, measured, docs 'Diffusion'"})
+    confident_mads: float = field(default=8.0, metadata={
+        "flag": "--confident-mads", "stage": "rerank", "needs": {"seeds": ("verified",)},
+        "help": "a verified image is confident when its inliers reach the median of its query's top-k plus this many "
+                "median absolute deviations", "source": "measured on five sets, docs 'Diffusion'"})
+    confident_ratio: float = field(default=2.5, metadata={
+        "flag": "--confident-ratio", "stage": "rerank", "needs": {"seeds": ("verified",)},
+        "help": "a verified image is confident only when its inliers also reach this many times the median of its "
+                "query's top-k", "source": "measured on five sets, docs 'Diffusion'"})
+    similarity_weight: float = field(default=0.85, metadata={
+        "flag": "--similarity-weight",
+        "help": "final diffusion score: (1 - w) diffusion / max + w (similarity / best)^gamma, the similarity of the "
+                "image's place in the ranking diffusion refines, w in [0, 1); 0 = the diffusion score alone (Iscen et "
+                "al., the paper)", "source": "the smallest w that holds on five sets, docs 'Diffusion'"})
     dtype: torch.dtype = torch.float32  # fp32 suffices: condition number <= 1 / (1 - alpha)
     # sparse products (ours): "auto" (scipy on the CPU, torch elsewhere), "scipy", or "torch" (the
     # GPU path's CSR products and torch.linalg.vecdot reductions, on any device)
@@ -80,7 +96,11 @@ class DiffusionConfig:
     # each query on the sub-graph of its top R initial images (fyang93/diffusion's truncated solve;
     # ours to offer: a 1M-image query then costs R nodes' edges, docs "Scaling out"); R must hold
     # every seed: at least query_k and dsm_candidates
-    truncation_size: int | None = None
+    truncation_size: int | None = field(default=None, metadata={
+        "flag": "--truncation-size", "type": int, "metavar": "R",
+        "help": "truncated diffusion: solve each query on the sub-graph of its top R images, R >= 10 (the seeds' "
+                "candidates) (fyang93/diffusion's truncated solve; for large databases, docs 'Diffusion')",
+        "default_text": "none, the whole graph as the paper", "source": "Iscen et al."})
 
     def __post_init__(self):
         # I - alpha S is positive definite (CG converges) only for 0 < alpha < 1: |eig(S)| <= 1

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpu_dsm.backbones import Backbone
+from gpu_dsm.config_cli import parse_scales
 from gpu_dsm.images import ImageLike, ImageSpec, as_specs, load_image, target_size
 from gpu_dsm.progress import progress
 
@@ -31,22 +32,31 @@ DEFAULT_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 class ExtractConfig:
     """How images become activations."""
 
-    image_size: int = 1024  # longer side in pixels (paper 4.1: "maximum size of 1024x1024")
-    scales: tuple[float, ...] = DEFAULT_SCALES  # paper 4.1: 1, 1/sqrt(2), 1/2
+    image_size: int = field(default=1024, metadata={
+        "flag": "--image-size", "help": "longer image side in pixels", "source": "paper 4.1: \"maximum size of 1024x1024\""})
+    scales: tuple[float, ...] = field(default=DEFAULT_SCALES, metadata={
+        "flag": "--scales", "type": parse_scales, "default_text": "1, 1/sqrt(2), 1/2", "source": "paper 4.1",
+        "help": "comma-separated scale factors, e.g. '1,1/sqrt(2),0.5'"})
     # enlarge images smaller than image_size and bring query crops to it; False is the standard
-    # protocol exactly (gpu_dsm.images). Measured (docs/design-decisions.md, "Query scale"): +0.9 mAP M on
-    # roxford5k-19q, +3.3 on holidays-811 with the paired comparison
-    upscale: bool = True
-    # images per forward pass; None: 1 on the CPU (measured fastest there: 2.0 img/s at 1 vs 1.0
-    # at 4 for EfficientNet-Lite0 at 1024 px), 16 on a GPU
-    batch_size: int | None = None
-    num_workers: int = 0  # DataLoader processes reading images
+    # protocol exactly (gpu_dsm.images)
+    upscale: bool = field(default=True, metadata={
+        "flag": "--no-upscale", "default_text": "enlarge small images and bring query crops to --image-size",
+        "help": "the standard image protocol exactly (revisitop / cnnimageretrieval-pytorch: PIL thumbnail, never "
+                "enlarging, a query crop keeps its image's scale)",
+        "source": "measured: +0.9 mAP M on roxford5k-19q, +3.3 on holidays-811, docs 'Design decisions'"})
+    batch_size: int | None = field(default=None, metadata={
+        "flag": "--batch-size", "type": int, "help": "images of one size per forward pass",
+        "default_text": "1 on the CPU, 16 on a GPU", "source": "measured: 2.0 img/s at 1 vs 1.0 at 4 for "
+                        "EfficientNet-Lite0 at 1024 px on the CPU"})
+    num_workers: int = field(default=0, metadata={"flag": "--workers", "help": "image-reading processes",
+                                                  "source": "the main process reads"})
     # a scale at which the images are smaller than the network needs: "error" (DSM: every scale
     # matters for the descriptors), or "skip" (that scale's maps are None; HOW pools features over
     # 7 scales and an elongated or small image simply has none at its smallest ones)
     small_scales: str = "error"
-    # report progress (gpu_dsm.progress): a bar on a terminal, a line per tenth or 30 s in a log
-    progress: bool = True
+    progress: bool = field(default=True, metadata={
+        "flag": "--no-progress", "help": "hide progress bars", "default_text": "shown",
+        "source": "a bar on a terminal, a line per tenth or 30 s in a log (gpu_dsm.progress)"})
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)

@@ -3,7 +3,7 @@ local features), read off the same multi-scale activations in one pass."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -21,10 +21,13 @@ from gpu_dsm.whitening import Whitening, resolve_whitening
 class GlobalConfig:
     """How a global descriptor is pooled from the activations."""
 
-    # None: the checkpoint's pooling (meta['pooling']), else gem (paper 4.1: GeM for off-the-shelf
-    # networks, "better than MAC on such networks")
-    pooling: str | None = None
-    p: float | None = None  # GeM exponent; None: the checkpoint's learned p, else 3 (Radenović et al. 2018)
+    pooling: str | None = field(default=None, metadata={
+        "flag": "--pooling", "type": str, "choices": POOLINGS, "help": "global descriptor pooling",
+        "default_text": "the checkpoint's meta['pooling'], else gem",
+        "source": "paper 4.1: GeM for off-the-shelf networks, \"better than MAC on such networks\""})
+    p: float | None = field(default=None, metadata={
+        "flag": "--gem-p", "type": float, "help": "GeM exponent", "default_text": "the checkpoint's learned p, else 3",
+        "source": "Radenović et al. 2018"})
     # exponent of the power mean over scales; None: cnnimageretrieval-pytorch's rule (multiscale_p):
     # GeM's p for gem networks without a whitening layer, else 1
     multiscale_power: float | None = None

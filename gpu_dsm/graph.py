@@ -31,14 +31,20 @@ class GraphConfig:
     """kNN graph parameters; defaults from the DSM paper's diffusion setting (Iscen et al. 2017)."""
 
     # neighbours per node; None: scaled to the database, neighbours(N) = round(k_fraction * N)
-    # clamped to [k_min, k_max] (docs/design-decisions.md, "Diffusion on small databases"); an int: that k
-    k: int | None = None
+    # clamped to [k_min, k_max]; an int: that k
+    k: int | None = field(default=None, metadata={
+        "flag": "--graph-k", "type": int, "help": "neighbours per node of the mutual kNN graph",
+        "default_text": "scaled to the database, 0.01 x images within [3, 50]: the paper's 50 from 5000 images on, "
+                        "3 for a 133-image set",
+        "source": "measured, docs 'Design decisions'"})
     k_fraction: float = 0.01  # 50 at the 5k images of R-Oxford/R-Paris, the paper's setting (measured, docs/design-decisions.md)
     k_min: int = 3  # the floor that keeps a 133-image database intact (measured on roxford5k-mini, docs/design-decisions.md)
     k_max: int = 50  # Iscen et al. and the DSM reference code use k = 50 for 5k to 1M images
     gamma: float = 3.0  # similarity exponent of the weights (Iscen et al.)
     mutual: bool = True  # keep mutual neighbours only (Iscen et al.)
-    backend: str = "exact"  # "exact" chunked products, or "faiss" (approximate, optional package)
+    backend: str = field(default="exact", metadata={
+        "flag": "--graph-backend", "choices": BACKENDS,
+        "help": "exact chunked products, or approximate FAISS (optional package)", "source": "exact, as the paper"})
     chunk_size: int = 4096  # database rows per similarity block (exact backend): memory = chunk_size x N
 
     def __post_init__(self):

@@ -28,7 +28,7 @@ largest attention: they divide by it, which changes no selection).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -55,12 +55,19 @@ _FORMAT = "gpu_dsm.how_features/1"
 class HOWConfig:
     """How HOW descriptors are read off a backbone."""
 
-    layer: str | None = None  # None: gpu_dsm.backbones.layers.HOW_LAYERS (R18 layer4, R50 layer3, VGG conv5, Lite head)
+    layer: str | None = field(default=None, metadata={
+        "flag": "--how-layer", "type": str, "help": "backbone layer HOW reads",
+        "default_text": "per backbone, gpu_dsm.backbones.layers.HOW_LAYERS: R18 layer4, R50 layer3, VGG conv5, Lite head",
+        "source": "HOW's"})
     scales: tuple[float, ...] = HOW_SCALES  # HOW paper 4.1: 7 scales, 2.0 ... 0.25
-    num_features: int = 1000  # top n by attention over all scales (HOW paper Table 2, n = 1000)
+    num_features: int = field(default=1000, metadata={
+        "flag": "--how-features", "help": "local descriptors per image, top by attention over all scales",
+        "source": "HOW paper Table 2, n = 1000"})
     dim: int = 128  # PCA-whitening reduction (HOW paper 3.1: 128-D); at most the layer's channels
     smoothing: int = 3  # 3x3 average smoothing (HOW paper 3.1; reference: count_include_pad=False)
-    image_size: int = 1024  # longer side (HOW eval config: imsize 1024)
+    image_size: int = field(default=1024, metadata={
+        "flag": "--how-image-size", "help": "longer side for HOW, never enlarged; scales 2.0 ... 0.25 of it",
+        "source": "HOW eval config: imsize 1024"})
     upscale: bool = False  # the reference never enlarges an image
     batch_size: int | None = None  # images per forward; None: ExtractConfig's rule (1 on the CPU, 16 on a GPU)
     progress: bool = True

@@ -1,7 +1,7 @@
 """Nearest-neighbour search by cosine similarity of L2-normalised global descriptors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -112,21 +112,40 @@ class SearchConfig:
     """Which index serves the global search, and its parameters (FAISS's usual settings; the compact
     search's measured in docs "Scaling out")."""
 
-    backend: str = "exact"  # exact torch search: the reference every other backend is measured against
-    ivf_lists: int | None = None  # IVF-PQ: coarse cells; None: 4 sqrt(N) (FAISS guidelines), at most N / 39
-    pq_bytes: int = 32  # IVF-PQ: bytes per vector (sub-quantisers of 8 bits); must divide D
-    nprobe: int = 32  # IVF-PQ: cells visited per query
-    hnsw_neighbours: int = 32  # HNSW: M, links per node
-    ef_search: int = 256  # HNSW: candidate list while searching (>= k)
+    backend: str = field(default="exact", metadata={
+        "flag": "--search-backend", "choices": SEARCH_BACKENDS,
+        "help": "global search: exact torch products; compact, a scan of projected descriptors whose shortlist is "
+                "re-scored exactly; or a FAISS index (optional package): faiss-flat exact, faiss-ivfpq and faiss-hnsw "
+                "approximate (recall: python -m gpu_dsm.eval.bench_search)",
+        "source": "exact: the reference every other backend is measured against"})
+    ivf_lists: int | None = field(default=None, metadata={
+        "flag": "--ivf-lists", "type": int, "help": "IVF-PQ coarse cells", "needs": {"backend": ("faiss-ivfpq",)},
+        "default_text": "4 sqrt(N), at most N / 39", "source": "FAISS guidelines"})
+    pq_bytes: int = field(default=32, metadata={
+        "flag": "--pq-bytes", "help": "IVF-PQ bytes per vector (sub-quantisers of 8 bits); must divide the dimension",
+        "needs": {"backend": ("faiss-ivfpq",)}, "source": "FAISS's usual setting"})
+    nprobe: int = field(default=32, metadata={
+        "flag": "--nprobe", "help": "IVF-PQ cells visited per query", "needs": {"backend": ("faiss-ivfpq",)},
+        "source": "FAISS's usual setting"})
+    hnsw_neighbours: int = field(default=32, metadata={
+        "flag": "--hnsw-neighbours", "help": "HNSW links per node (M)", "needs": {"backend": ("faiss-hnsw",)},
+        "source": "FAISS's usual setting"})
+    ef_search: int = field(default=256, metadata={
+        "flag": "--ef-search", "help": "HNSW candidate list while searching (>= k)",
+        "needs": {"backend": ("faiss-hnsw",)}, "source": "FAISS's usual setting"})
     seed: int = 1234  # IVF-PQ training sample and k-means; compact: the projection's sample
     # compact: dimensions kept, the leading eigenvectors of the database's second moment; measured
     # (docs "Scaling out"): 64 scans 1/20 of the exact search's bytes of 1280-D descriptors and keeps
     # recall@100 1.0 at 1M simulated images, where 32 keeps 0.85-0.97
-    compact_dim: int = 64
+    compact_dim: int = field(default=64, metadata={
+        "flag": "--compact-dim", "help": "compact search: dimensions of the projected descriptors scanned",
+        "needs": {"backend": ("compact",)}, "source": "measured, docs 'Scaling out'"})
     # compact: candidates per query re-scored with the full descriptors; measured: recall@100 0.9997
     # (holidays-811 + 2,698 distractors) and 1.0 (roxford5k-19q + 2,698; 1M simulated); truncated
     # diffusion's R = 1000 images then all carry exact similarities
-    shortlist: int = 1000
+    shortlist: int = field(default=1000, metadata={
+        "flag": "--shortlist", "help": "compact search: candidates per query re-scored with the full descriptors",
+        "needs": {"backend": ("compact",)}, "source": "measured, docs 'Scaling out'"})
     compact_sample: int = 100_000  # compact: database rows the projection is learned from (seeded draw)
     # exact and compact: floats a search holds at once, its memory budget (64 MiB of float32): Q x
     # rows of scores per database chunk, the re-scored rows of a group of queries

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,15 +51,18 @@ BACKENDS = ("auto", "native", "torch")
 class MatchConfig:
     """Spatial matching parameters; defaults from the paper (4.1) and the reference code."""
 
-    # inlier threshold, pixels of the activation map. Paper 4.1: 2 (with the symmetric error);
     # 4 with one_way: positive on roxford5k-mini, -19q, -19q + distractors and holidays-811 with
-    # EfficientNet-Lite0, and of the settings positive on all four the largest gain on -mini and
-    # -19q (docs/design-decisions.md, "Defaults chosen on the larger sets")
-    threshold: float = 4.0
-    max_scale_change: float = 3.0  # paper 4.1: maximal scale change 3
-    # "symmetric" (reference code: both transfer directions summed) or "one_way" (forward only,
-    # measured, docs/design-decisions.md "Defaults chosen on the larger sets")
-    error: str = "one_way"
+    # EfficientNet-Lite0, and of the settings positive on all four the largest gain on -mini and -19q
+    threshold: float = field(default=4.0, metadata={
+        "flag": "--threshold", "help": "inlier threshold on the transfer error, feature-map pixels",
+        "source": "measured on four sets, docs 'Design decisions'; paper 4.1: 2 with the symmetric error"})
+    max_scale_change: float = field(default=3.0, metadata={
+        "flag": "--max-scale-change", "help": "largest scale change of an inlier relative to the hypothesis",
+        "source": "paper 4.1"})
+    error: str = field(default="one_way", metadata={
+        "flag": "--error", "choices": ERRORS,
+        "help": "symmetric (both transfer directions summed, reference code) or one_way (forward only) transfer error",
+        "source": "measured on four sets, docs 'Design decisions'"})
     lo_hypotheses: int = 5  # reference code: local optimisation of the best 5 hypotheses
     lo_factor: float = 4.0  # reference code: gather inliers at 4x the threshold
     lo_rounds: int = 2  # reference code: at most 2 rounds

@@ -76,7 +76,13 @@ class RetrievalConfig:
     # images when re-ranking is on; None (default): off, as it needs the whole database's graph
     diffusion: DiffusionConfig | None = None
     graph: GraphConfig = field(default_factory=GraphConfig)  # the kNN graph diffusion runs on
-    initial: str = "global"  # the initial ranking: "global" (paper 3.6) or "asmk" (HOW + ASMK, Tolias et al. 2020)
+    initial: str = field(default="global", metadata={
+        "flag": "--initial", "choices": INITIAL_RANKINGS, "source": "paper 3.6",
+        "help": "the initial ranking besides the global descriptor's: 'asmk' (HOW + ASMK, Tolias et al. 2020) adds the "
+                "methods asmk, asmk+dsm (with re-ranking) and asmk+dsm+D (with --diffusion), at the cost of a second "
+                "description pass (7 scales) and a codebook; with the bundled ImageNet weights it ranks below the "
+                "global descriptor on holidays-811 and above it on roxford5k-19q (docs 'HOW + ASMK'): pick it with "
+                "HOW-trained weights or on landmark sets"})
     how: HOWConfig = field(default_factory=HOWConfig)  # HOW descriptors, with initial="asmk"
     asmk: ASMKConfig = field(default_factory=ASMKConfig)  # codebook and kernel, with initial="asmk"
     search: SearchConfig = field(default_factory=SearchConfig)  # global search: exact (default) or a FAISS index

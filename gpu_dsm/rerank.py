@@ -63,9 +63,17 @@ SCORES = ("inliers", "fused")
 class RerankConfig:
     """Re-ranking parameters."""
 
-    top_k: int = 100  # paper 4.1; 20 / 50 measured within 0.2 on the four sets (docs/design-decisions.md)
-    score: str = "fused"  # "inliers" is the paper's: it loses 3.7-14.8 mAP M on all four sets (docs/design-decisions.md)
-    fuse_weight: float = 0.5  # inliers vs scaled similarity; 0.25 / 1 / 2 measured worse on the four sets (docs/design-decisions.md)
+    top_k: int = field(default=100, metadata={
+        "flag": "--top-k", "help": "candidates verified per query",
+        "source": "paper 4.1; 20 / 50 measured within 0.2 on the four sets, docs 'Design decisions'"})
+    score: str = field(default="fused", metadata={
+        "flag": "--score", "choices": SCORES,
+        "help": "re-ranking score: 'inliers' (paper) or 'fused' = weight * inliers / max inliers + scaled similarity "
+                "(beyond the paper)",
+        "source": "measured: 'inliers' loses 3.7-14.8 mAP M on all four sets, docs 'Design decisions'"})
+    fuse_weight: float = field(default=0.5, metadata={
+        "flag": "--fuse-weight", "help": "weight of inliers in 'fused'", "needs": {"score": ("fused",)},
+        "source": "0.25 / 1 / 2 measured worse on the four sets, docs 'Design decisions'"})
     match: MatchConfig = field(default_factory=MatchConfig)
 
     @classmethod

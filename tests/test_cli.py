@@ -34,7 +34,7 @@ def test_console_script_help_runs():
 def test_evaluate_roxford_mini_writes_results_and_reuses_the_cache(tmp_path, data_root, capsys):
     out = tmp_path / "r.json"
     args = ["evaluate", "--data-root", str(data_root), "--dataset", "roxford5k-mini", "--image-size", "320",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--device", "cpu"]
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--device", "cpu", "--rerank", "none"]
     assert main(args) == 0
     first = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -131,19 +131,57 @@ def test_progress_reaches_a_log_as_lines(tiny_root, tmp_path):
     assert quiet.returncode == 0 and log.read_text() == ""
 
 
-def test_model_options_reach_the_configs():
-    """The ASMK kernel, diffusion truncation and search backend options land in the configs a run uses."""
-    from gpu_dsm.cli import _asmk_run, _diffusion_config
-
-    args = build_parser().parse_args(["evaluate", "--initial", "asmk", "--asmk-alpha", "1.5", "--query-assignments", "1",
-                                      "--diffusion", "--truncation-size", "300"])
-    asmk = _asmk_run(args).asmk
-    assert (asmk.alpha, asmk.query_assignments) == (1.5, 1)
-    assert _diffusion_config(args)[0].truncation_size == 300
-    defaults = build_parser().parse_args(["evaluate", "--initial", "asmk", "--diffusion"])
-    assert _asmk_run(defaults).asmk.alpha == 3.0 and _diffusion_config(defaults)[0].truncation_size is None
+def _evaluate_config(*options: str):
     from gpu_dsm.cli import _run_config
 
-    searched = build_parser().parse_args(["evaluate", "--search", "compact"])
-    assert _run_config(searched, "root", "set", None).retrieval_config().search.backend == "compact"
-    assert _run_config(defaults, "root", "set", None).search.backend == "exact"
+    args = build_parser().parse_args(["evaluate", *options])
+    return _run_config(args, args.data_root, "roxford5k-mini", None, args.rerank != "none", "with --rerank none")
+
+
+def test_options_reach_the_configs_and_the_defaults_are_the_librarys():
+    """No option: the library's RetrievalConfig exactly (re-ranking on); each option lands in its field."""
+    from gpu_dsm.pipeline import RetrievalConfig
+
+    assert _evaluate_config().retrieval == RetrievalConfig()
+    assert _evaluate_config("--rerank", "none").retrieval.rerank is None
+    cfg = _evaluate_config("--initial", "asmk", "--asmk-alpha", "1.5", "--query-assignments", "1", "--diffusion",
+                           "--truncation-size", "300", "--gamma", "2", "--search-backend", "faiss-ivfpq", "--nprobe", "4",
+                           "--codebook-data", "database", "x", "--paper-rerank", "--top-k", "7", "--no-upscale")
+    r = cfg.retrieval
+    assert (r.asmk.alpha, r.asmk.query_assignments, r.diffusion.truncation_size) == (1.5, 1, 300)
+    assert (r.diffusion.gamma, r.graph.gamma, r.search.backend, r.search.nprobe) == (2.0, 2.0, "faiss-ivfpq", 4)
+    assert (r.rerank.top_k, r.rerank.score, r.rerank.match.threshold, r.extract.upscale) == (7, "inliers", 2.0, False)
+    assert cfg.codebook_data == ("database", "x")
+    compact = _evaluate_config("--search-backend", "compact", "--shortlist", "300").retrieval.search
+    assert (compact.backend, compact.shortlist) == ("compact", 300)
+    paper = _evaluate_config("--paper-diffusion").retrieval.diffusion
+    assert (paper.seeds, paper.similarity_weight, paper.alpha) == ("paper", 0.0, 0.99)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--paper-rerank", "--top-k", "0"], "--top-k 0: top_k must be >= 1"),
+    (["--rerank", "none", "--top-k", "5"], "--top-k has no effect with --rerank none"),
+    (["--rerank", "none", "--paper-rerank"], "--paper-rerank has no effect with --rerank none"),
+    (["--rerank", "none", "--levels", "round"], "--levels has no effect with --rerank none"),
+    (["--rerank", "none", "--plot-inliers", "x.png"], "--plot-inliers has no effect with --rerank none"),
+    (["--rerank", "none", "--diffusion", "--seeds", "paper"], "--seeds has no effect with --rerank none"),
+    (["--score", "inliers", "--fuse-weight", "1"], "--fuse-weight has no effect with --score inliers (only with fused)"),
+    (["--paper-rerank", "--threshold", "3"], "cannot be combined with --threshold"),
+    (["--alpha", "0.5"], "--alpha has no effect without --diffusion"),
+    (["--paper-diffusion", "--seeds", "verified"], "cannot be combined with --seeds"),
+    (["--diffusion", "--seeds", "paper", "--confident-mads", "3"], "--confident-mads has no effect with --seeds paper"),
+    (["--nprobe", "3"], "--nprobe has no effect with --search-backend exact (only with faiss-ivfpq)"),
+    (["--shortlist", "300"], "--shortlist has no effect with --search-backend exact (only with compact)"),
+    (["--codebook-size", "64"], "--codebook-size has no effect without --initial asmk"),
+    (["--codebook-data", "database"], "--codebook-data has no effect without --initial asmk"),
+    (["--detector", "reference", "--strength", "mean"], "rules='reference' takes"),
+])
+def test_an_option_without_effect_or_a_bad_value_is_one_line_and_exit_2(options, message, tmp_path, capsys):
+    assert main(["evaluate", "--data-root", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_extract_refuses_detector_options_without_local_features(tmp_path, capsys):
+    assert main(["extract", "--data-root", str(tmp_path), "--no-local", "--max-features", "64", "--out", str(tmp_path)]) == 2
+    assert "--max-features has no effect with --no-local" in capsys.readouterr().err

@@ -198,16 +198,16 @@ def test_compare_draws_the_per_query_differences(tmp_path, capsys):
 
 
 def test_sweep_reorders_like_the_reranker_and_its_defaults_pair_to_zero(tmp_path, tiny_root):
-    from gpu_dsm.detect import DetectorConfig
     from gpu_dsm.eval import sweep as sweep_module
     from gpu_dsm.eval.run import RunConfig, evaluate_dataset
     from gpu_dsm.extract import ExtractConfig
+    from gpu_dsm.pipeline import RetrievalConfig
     from gpu_dsm.rerank import RerankConfig
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, detector=DetectorConfig(),
-                    extract=ExtractConfig(image_size=128, scales=(1.0,), progress=False), cache_dir=str(cache))
+    extract = ExtractConfig(image_size=128, scales=(1.0,), progress=False)
+    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, retrieval=RetrievalConfig(extract=extract), cache_dir=str(cache))
     grid = sweep_module.SweepGrid(thresholds=(2.0, 4.0), scores=(("inliers", 0.0), ("fused", 0.5)), top_k=(3, 100),
                                   graph_k=(3, 50), alpha=(0.8, 0.99), query_k=(10,), dsm_keep=(5,))
     report = sweep_module.sweep(cfg, grid, cache, log=lambda *a: None)
@@ -216,10 +216,9 @@ def test_sweep_reorders_like_the_reranker_and_its_defaults_pair_to_zero(tmp_path
         row = next(r for r in rows if r["method"] == "global+dsm" and r["setting"]["score"] == score
                    and r["setting"]["fuse_weight"] == weight and r["setting"]["top_k"] == top_k
                    and r["setting"]["threshold"] == 4.0 and r["setting"]["error"] == "one_way")
-        real = evaluate_dataset(RunConfig(data_root=str(tiny_root), dataset=TINY, detector=DetectorConfig(),
-                                          extract=cfg.extract, cache_dir=str(cache),
-                                          rerank=RerankConfig(top_k=top_k, score=score, fuse_weight=weight)),
-                                log=lambda *a: None)
+        rerank = RerankConfig(top_k=top_k, score=score, fuse_weight=weight)
+        real = evaluate_dataset(RunConfig(data_root=str(tiny_root), dataset=TINY, cache_dir=str(cache),
+                                          retrieval=RetrievalConfig(extract=extract, rerank=rerank)), log=lambda *a: None)
         assert row["AP"] == real["results"]["global+dsm"]["AP"], (score, weight, top_k)
     defaults = report["defaults"]
     default = next(r for r in rows if r["method"] == "global+dsm+D"

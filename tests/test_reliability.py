@@ -20,7 +20,9 @@ import torch
 from gpu_dsm.backbones import build_backbone, bundled_weights_path
 from gpu_dsm.cli import main
 from gpu_dsm.eval.datasets import RevisitopDataset
+from gpu_dsm.extract import ExtractConfig
 from gpu_dsm.io import FileLock, torch_save, write_json
+from gpu_dsm.pipeline import RetrievalConfig
 from gpu_dsm.store import FeatureStore, StoreWriter
 
 from conftest import TINY
@@ -191,7 +193,8 @@ def test_diffusion_settings_are_validated_and_non_convergence_is_said(tiny_root,
     assert main(_args(tiny_root, tmp_path / "cache", "--diffusion", "--alpha", "1.5")) == 2
     assert "alpha must lie in (0, 1), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
-    assert main(_args(tiny_root, tmp_path / "cache", "--diffusion", "--graph-k", "3", "--cg-iterations", "1")) == 0
+    assert main(_args(tiny_root, tmp_path / "cache", "--rerank", "none", "--diffusion", "--graph-k", "3",
+                      "--cg-iterations", "1")) == 0
     err = capsys.readouterr().err
     assert "gpu-dsm evaluate: warning: diffusion: conjugate gradient stopped after 1 iterations" in err
     assert len(err.strip().splitlines()) == 1
@@ -401,8 +404,9 @@ def test_two_runs_on_one_cache_extract_each_store_once(tiny_root, tmp_path, monk
     reports = [None, None]
 
     def evaluate(i):
+        extract = ExtractConfig(image_size=128, scales=(1.0,), progress=False)
         cli_cfg = run.RunConfig(data_root=str(tiny_root), dataset=TINY, cache_dir=str(cache),
-                                extract=run.ExtractConfig(image_size=128, scales=(1.0,), progress=False))
+                                retrieval=RetrievalConfig(extract=extract, rerank=None))
         reports[i] = run.evaluate_dataset(cli_cfg, log=logs[i].append)
 
     threads = [threading.Thread(target=evaluate, args=(i,)) for i in range(2)]

@@ -17,14 +17,11 @@ from gpu_dsm.asmk import ASMKConfig
 from gpu_dsm.cli import main
 from gpu_dsm.detect import DetectorConfig
 from gpu_dsm.diffusion import DiffusionConfig
-from gpu_dsm.eval.asmk_initial import ASMKRun
 from gpu_dsm.eval.datasets import RevisitopDataset
 from gpu_dsm.eval.run import RunConfig, evaluate_dataset
 from gpu_dsm.extract import ExtractConfig
-from gpu_dsm.graph import GraphConfig
 from gpu_dsm.how import HOWConfig
 from gpu_dsm.pipeline import DSMRetrieval, RetrievalConfig
-from gpu_dsm.rerank import RerankConfig
 from gpu_dsm.whitening import fit_pca_whitening
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +38,8 @@ def test_the_harness_ranks_exactly_as_the_module_for_every_method(tiny_root, tmp
     """``gpu-dsm evaluate`` (stores, caches) and DSMRetrieval from images in memory give the same
     ranking of every method, on real photos."""
     small = _small()
-    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, extract=small["extract"], detector=DetectorConfig(),
-                    rerank=RerankConfig(), diffusion=DiffusionConfig(), graph=GraphConfig(), initial="asmk",
-                    asmk=ASMKRun(how=small["how"], asmk=small["asmk"]), cache_dir=str(tmp_path / "cache"))
+    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, retrieval=RetrievalConfig(diffusion=DiffusionConfig(), **small),
+                    cache_dir=str(tmp_path / "cache"))
     report = evaluate_dataset(cfg, log=lambda *a: None)
     expected = {"global", "global+dsm", "global+D", "global+dsm+D", "asmk", "asmk+dsm", "asmk+dsm+D"}
     assert set(report["results"]) == expected
@@ -251,13 +247,13 @@ def test_show_match_ranks_as_evaluate_does_with_a_learned_whitening(tiny_root, t
 
     cache = tmp_path / "cache"
     extract = ExtractConfig(image_size=128, scales=(1.0,), progress=False)
-    plain = evaluate_dataset(RunConfig(data_root=str(tiny_root), dataset=TINY, extract=extract, detector=DetectorConfig(),
-                                       rerank=RerankConfig(), cache_dir=str(cache)), log=lambda *a: None)
+    plain = evaluate_dataset(RunConfig(data_root=str(tiny_root), dataset=TINY, retrieval=RetrievalConfig(extract=extract),
+                                       cache_dir=str(cache)), log=lambda *a: None)
     database = next(p for p in cache.iterdir() if p.is_dir() and "-database-" in p.name)
     whitening = fit_pca_whitening(FeatureStore(database).global_descriptors(), dim=3)
     whitening.save(tmp_path / "w.pt")
-    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, extract=extract, detector=DetectorConfig(),
-                    rerank=RerankConfig(), whitening=str(tmp_path / "w.pt"), cache_dir=str(cache))
+    cfg = RunConfig(data_root=str(tiny_root), dataset=TINY, retrieval=RetrievalConfig(extract=extract),
+                    whitening=str(tmp_path / "w.pt"), cache_dir=str(cache))
     whitened = evaluate_dataset(cfg, log=lambda *a: None)["results"]["global"]["ranks"]
     assert whitened != plain["results"]["global"]["ranks"], "the whitening re-orders the ranking"
     for query in range(2):

@@ -4,7 +4,7 @@ below is the one of its HOW configuration (``examples/params/_eccv20_how.yml``) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SEARCH_BACKENDS = ("auto", "native", "torch")
 
@@ -21,19 +21,32 @@ class ASMKConfig:
     # paper 4.1; _eccv20_how.yml: size 65536) come from about 20M SfM-120k descriptors, ~300 each;
     # on databases of hundreds of images 1,024 words beat 4,096 on holidays-811 and roxford5k-19q
     # (docs, "HOW + ASMK")
-    codebook_size: int | None = None
-    kmeans_iterations: int = 10  # faiss Clustering niter in the reference codebook training
+    codebook_size: int | None = field(default=None, metadata={
+        "flag": "--codebook-size", "type": int, "help": "visual words",
+        "default_text": "scaled to the training descriptors, the power of two at or below descriptors / 300 within "
+                        "[1024, 65536]: HOW's 65,536 for SfM-120k, 1,024 for a database of hundreds of images",
+        "source": "1,024 beat 4,096 on holidays-811 and roxford5k-19q, docs 'HOW + ASMK'"})
+    kmeans_iterations: int = field(default=10, metadata={
+        "flag": "--kmeans-iterations", "help": "k-means iterations",
+        "source": "faiss Clustering niter of the reference codebook training"})
     seed: int = 1234  # the reference's faiss k-means seed (our torch k-means: the sampling seed)
     database_assignments: int = 1  # nearest words per database feature (_eccv20_how.yml)
-    query_assignments: int = 5  # nearest words per query feature, multiple assignment (_eccv20_how.yml)
+    query_assignments: int = field(default=5, metadata={
+        "flag": "--query-assignments", "help": "nearest words per query descriptor, multiple assignment (1: none)",
+        "source": "HOW's _eccv20_how.yml"})
     binary: bool = True  # binarised aggregated residuals (HOW paper; ASMK*, Tolias et al. 2013)
-    alpha: float = 3.0  # selectivity exponent: sigma(s) = s^alpha (_eccv20_how.yml)
+    alpha: float = field(default=3.0, metadata={
+        "flag": "--asmk-alpha", "help": "selectivity exponent of the match kernel, sigma(s) = s^alpha",
+        "source": "HOW's _eccv20_how.yml"})
     tau: float = 0.0  # selectivity threshold: sigma(s) = 0 below it (_eccv20_how.yml)
     memory_budget: int = 1 << 30  # bytes per chunk of assignment, residual, pair and score tensors (ours)
-    # inverted-file scoring (ours; results equal up to float64 rounding): "native", the C kernel on
-    # the CPU (kernels/asmk_scores.c, built on first use); "torch", tensor passes on any device;
-    # "auto", native on the CPU where a C compiler builds it, else torch
-    search_backend: str = "auto"
+    # kernels/asmk_scores.c is the native kernel
+    search_backend: str = field(default="auto", metadata={
+        "flag": "--asmk-search", "choices": SEARCH_BACKENDS,
+        "help": "inverted-file scoring: 'native', a C kernel on the CPU (built on first use with the system's C "
+                "compiler, $CC); 'torch', tensor passes on any device; 'auto', native on the CPU where it builds, "
+                "else torch. Same results up to float64 rounding", "source": "ours; the reference loops in Python "
+                                                                            "per query and word"})
 
     def __post_init__(self):
         if self.codebook_size is not None and int(self.codebook_size) < 1:
