@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_show_match(args: argparse.Namespace) -> int:
-    from gpu_dsm.eval.run import show_match
+    from gpu_dsm.eval.show_match import show_match
 
     cfg = _run_config(args, args.data_root, args.dataset, args.cache_dir, local=True)
     show_match(cfg, args.query, args.rank, args.out)

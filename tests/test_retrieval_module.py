@@ -242,7 +242,7 @@ def test_the_detector_takes_a_batch_tensor_or_one_per_scale():
 def test_show_match_ranks_as_evaluate_does_with_a_learned_whitening(tiny_root, tmp_path):
     """show-match's rank-r candidate is evaluate's rank-r image, also when a learned whitening
     re-orders the global ranking."""
-    from gpu_dsm.eval.run import show_match
+    from gpu_dsm.eval.show_match import show_match
     from gpu_dsm.store import FeatureStore
 
     cache = tmp_path / "cache"
