@@ -126,7 +126,8 @@ class DetectorConfig:
 
 def _scaled(acts: torch.Tensor, mode: str, bound: float | None) -> torch.Tensor:
     """The float values that are rounded into levels (see :func:`activations_to_levels`)."""
-    if not torch.isfinite(acts).all():
+    # the extremes are finite iff every value is (NaN propagates through both): one pass
+    if acts.numel() and not torch.isfinite(torch.stack(torch.aminmax(acts))).all():
         raise ValueError(f"activations contain {(~torch.isfinite(acts)).sum().item()} NaN/Inf values")
     x = acts.float()
     if mode == "range":
@@ -169,6 +170,8 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
         >>> auto_delta(torch.tensor([[[0, 2, 4, 8, 200]]], dtype=torch.uint8))
         8
     """
+    if levels.dtype == torch.uint8 and levels.numel() < 2**24:
+        return _auto_delta_uint8(levels, quantile, cap, bins)
     nz = levels[levels > 0].float()
     if nz.numel() == 0:
         return int(cap)
@@ -179,6 +182,32 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
         hist = torch.histc(nz, bins=bins, min=float(lo), max=float(hi))
         cumulative = hist.cumsum(0) / hist.sum()
         b = int((cumulative >= quantile).nonzero()[0])
+        centre = lo + (b + 0.5) * (hi - lo) / bins
+    return int(max(1, min(int(cap), int(centre))))
+
+
+def _auto_delta_uint8(levels: torch.Tensor, quantile: float, cap: int, bins: int) -> int:
+    """:func:`auto_delta` of uint8 levels (fewer than 2^24) from their 256-bin count, the same result.
+
+    Every non-zero level is an integer, so the cumulative histogram of the ``bins`` bins changes
+    only at the bins holding a level, and there it equals the cumulative count of the levels up to
+    that one (exact in float32 below 2^24 values, as ``histc``'s). The first bin reaching
+    ``quantile`` is the bin of the first level whose cumulative share reaches it, found by
+    ``histc`` of that one level with the same bounds (the same binning arithmetic)."""
+    counts = torch.bincount(levels.reshape(-1), minlength=256)[1:]
+    present = counts.nonzero()
+    if present.numel() == 0:
+        return int(cap)
+    lo_level, hi_level = int(present[0]) + 1, int(present[-1]) + 1
+    lo, hi = torch.tensor(float(lo_level)), torch.tensor(float(hi_level))
+    if hi_level == lo_level:
+        centre = lo
+    else:
+        cumulative = counts.cumsum(0).float()
+        share = cumulative / cumulative[-1]
+        first = int((share >= quantile).nonzero()[0]) + 1
+        one = torch.histc(torch.tensor([float(first)]), bins=bins, min=float(lo), max=float(hi))
+        b = int(one.nonzero()[0])
         centre = lo + (b + 0.5) * (hi - lo) / bins
     return int(max(1, min(int(cap), int(centre))))
 

@@ -488,25 +488,27 @@ def mser(
     if values is not None and values.shape != levels.shape:
         raise ValueError(f"mser: values {tuple(values.shape)} must have the shape of levels {tuple(levels.shape)}")
     height, width = levels.shape[-2:]
-    maps = levels.reshape(-1, height, width).long().contiguous()
-    num_maps = maps.shape[0]
+    flat = levels.reshape(-1, height, width)
+    num_maps = flat.shape[0]
     value_dtype = values.dtype if values is not None else torch.long
     if num_maps == 0 or height < 3 or width < 3:
         return _empty(levels.device, value_dtype, num_maps)
-    if maps.min() < 0 or maps.max() > MAX_LEVEL:
-        raise ValueError(f"mser: levels must lie in 0..{MAX_LEVEL}, got {int(maps.min())}..{int(maps.max())}")
-    peak_source = values.reshape(-1, height, width) if values is not None else maps
+    if flat.dtype != torch.uint8 and (flat.min() < 0 or flat.max() > MAX_LEVEL):
+        raise ValueError(f"mser: levels must lie in 0..{MAX_LEVEL}, got {int(flat.min())}..{int(flat.max())}")
     step = int(level_step)
     if deltas.numel() not in (1, num_maps):
         raise ValueError(f"mser: {deltas.numel()} deltas for {num_maps} maps")
     step_delta = torch.div(deltas.expand(num_maps) + step // 2, step, rounding_mode="floor").clamp(min=1)
-    use_native = _use_native(backend, maps.device, values)
+    use_native = _use_native(backend, levels.device, values)
     labelling = "auto" if backend == "native" else backend
+    # the C kernel reads uint8 maps; the tensor path int64 ones
+    maps = flat.to(torch.uint8).contiguous() if use_native else flat.long().contiguous()
+    peak_source = values.reshape(-1, height, width) if values is not None else flat.long()
     parts, first_pixels = [], []
     for bright in ([True, False] if polarity == "both" else [polarity == "bright"]):
         u = MAX_LEVEL - maps if bright else maps
         if step > 1:
-            u = torch.div(u + step - 1, step, rounding_mode="floor")
+            u = torch.div(u.long() + step - 1, step, rounding_mode="floor").to(maps.dtype)
         if use_native:
             runs = [_native_regions(u, peak_source, step_delta, max_variation, min_diversity, min_area, max_area)]
         else:

@@ -3,7 +3,7 @@
  *
  * Per map, regions of {u <= v} (dark-on-bright; the caller passes 255 - levels for bright):
  *   1. the support {u < top} (top: the map's largest value) sorted by value, stable in raster
- *      order (a counting sort); every other pixel joins only the root, the whole map at top;
+ *      order (a counting sort of the support alone: after a ReLU it is a few percent of the map); every other pixel joins only the root, the whole map at top;
  *   2. union-find over the support, one grey value at a time, 8-connectivity. After a value v,
  *      each component holding a pixel of value v is an extremal region of value v; the regions
  *      it absorbed (components last grown at a lower value) get it as their parent. The
@@ -37,7 +37,7 @@ typedef struct {
     int32_t *parent, *size, *stamp, *node, *rep, *seed, *order, *leaf, *waiting;
     int32_t *er_value, *er_area, *er_parent, *er_rep, *er_seed, *er_kept_anc, *er_next_kept, *er_slot;
     float *er_var;
-    uint8_t *er_stable;
+    uint8_t *er_stable, *active;
 } Work;
 
 static int32_t find(int32_t *parent, int32_t p) {
@@ -53,7 +53,7 @@ static void free_work(Work *w) {
                     (void **)&w->seed, (void **)&w->order, (void **)&w->leaf, (void **)&w->waiting,
                     (void **)&w->er_value, (void **)&w->er_area, (void **)&w->er_parent, (void **)&w->er_rep,
                     (void **)&w->er_seed, (void **)&w->er_kept_anc, (void **)&w->er_next_kept, (void **)&w->er_slot,
-                    (void **)&w->er_var, (void **)&w->er_stable};
+                    (void **)&w->er_var, (void **)&w->er_stable, (void **)&w->active};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
         free(*all[i]);
         *all[i] = NULL;
@@ -67,10 +67,10 @@ static int alloc_work(Work *w, int64_t nel) {
     w->seed = malloc(b); w->order = malloc(b); w->leaf = malloc(b); w->waiting = malloc(b);
     w->er_value = malloc(b); w->er_area = malloc(b); w->er_parent = malloc(b); w->er_rep = malloc(b);
     w->er_seed = malloc(b); w->er_kept_anc = malloc(b); w->er_next_kept = malloc(b); w->er_slot = malloc(b);
-    w->er_var = malloc(n * sizeof(float)); w->er_stable = malloc(n);
+    w->er_var = malloc(n * sizeof(float)); w->er_stable = malloc(n); w->active = malloc(n);
     if (!w->parent || !w->size || !w->stamp || !w->node || !w->rep || !w->seed || !w->order || !w->leaf ||
         !w->waiting || !w->er_value || !w->er_area || !w->er_parent || !w->er_rep || !w->er_seed ||
-        !w->er_kept_anc || !w->er_next_kept || !w->er_slot || !w->er_var || !w->er_stable) {
+        !w->er_kept_anc || !w->er_next_kept || !w->er_slot || !w->er_var || !w->er_stable || !w->active) {
         free_work(w);
         return -1;
     }
@@ -90,24 +90,27 @@ static int64_t one_map(Work *w, int64_t map, int64_t height, int64_t width, cons
                        double *out_cov, double *out_peak, double *out_total, int64_t *out_bbox) {
     const int32_t nel = (int32_t)(height * width);
     int32_t count[257], start[257];
-    int32_t top = 0;
-    for (int32_t p = 0; p < nel; p++)
-        if (u[p] > top) top = u[p];
+    uint8_t top = 0;
+    for (int32_t p = 0; p < nel; p++) top = u[p] > top ? u[p] : top;
+    /* the support in raster order (in `leaf`, free until step 2 ends), then sorted by value */
     memset(count, 0, sizeof(count));
-    for (int32_t p = 0; p < nel; p++) count[u[p]]++;
+    int32_t support = 0;
+    for (int32_t p = 0; p < nel; p++)
+        if (u[p] < top) {
+            w->leaf[support++] = p;
+            count[u[p]]++;
+        }
     start[0] = 0;
     for (int v = 0; v < 256; v++) start[v + 1] = start[v] + count[v];
-    int32_t support = start[top];
     {
         int32_t fill[256];
         memcpy(fill, start, sizeof(fill));
-        for (int32_t p = 0; p < nel; p++)
-            if (u[p] < top) w->order[fill[u[p]]++] = p;
+        for (int32_t i = 0; i < support; i++) {
+            int32_t p = w->leaf[i];
+            w->order[fill[u[p]]++] = p;
+        }
     }
-    for (int32_t i = 0; i < support; i++) w->parent[w->order[i]] = -1;
-    /* parent of pixels not in the support: never read (they are never activated) */
-    for (int32_t p = 0; p < nel; p++)
-        if (u[p] >= top) w->parent[p] = -2;
+    memset(w->active, 0, (size_t)nel);
 
     int32_t ner = 0;
     for (int32_t v = 0; v < top; v++) {
@@ -116,6 +119,7 @@ static int64_t one_map(Work *w, int64_t map, int64_t height, int64_t width, cons
         for (int32_t i = start[v]; i < start[v + 1]; i++) {
             int32_t p = w->order[i];
             int32_t y = p / (int32_t)width, x = p % (int32_t)width;
+            w->active[p] = 1;
             w->parent[p] = p;
             w->size[p] = 1;
             w->stamp[p] = v;
@@ -129,7 +133,7 @@ static int64_t one_map(Work *w, int64_t map, int64_t height, int64_t width, cons
                     int32_t nx = x + dx;
                     if ((dy == 0 && dx == 0) || nx < 0 || nx >= width) continue;
                     int32_t q = ny * (int32_t)width + nx;
-                    if (w->parent[q] < 0) continue;
+                    if (!w->active[q]) continue;
                     int32_t rp = find(w->parent, p), rq = find(w->parent, q);
                     if (rp == rq) continue;
                     if (w->stamp[rq] != v) {  /* a component last grown below v: its region waits for a parent */
@@ -172,12 +176,9 @@ static int64_t one_map(Work *w, int64_t map, int64_t height, int64_t width, cons
     w->er_rep[root] = 0;
     w->er_parent[root] = root;
     {
-        int32_t best = INT32_MAX;
-        for (int32_t p = 0; p < nel; p++)
-            if (u[p] == top) {
-                int32_t s = (p % (int32_t)width) * (int32_t)height + p / (int32_t)width;
-                if (s < best) best = s;
-            }
+        int32_t best = INT32_MAX;  /* the first pixel of the top value, column-major */
+        for (int32_t s = 0; s < nel && best == INT32_MAX; s++)
+            if (u[(s % (int32_t)height) * (int32_t)width + s / (int32_t)height] == top) best = s;
         w->er_seed[root] = best;
     }
     for (int32_t e = 0; e < root; e++)
