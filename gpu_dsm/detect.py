@@ -261,8 +261,9 @@ def _regions_of_all(jobs: list[torch.Tensor], cfg: DetectorConfig, bound: float 
         by_size.setdefault(tuple(acts.shape), []).append(j)
     for shape, members in by_size.items():
         num_channels = shape[0]
-        levels = torch.cat([prepared[j][0] for j in members])
-        values = torch.cat([prepared[j][2] for j in members])
+        # (one member: no copy)
+        levels = torch.cat([prepared[j][0] for j in members]) if len(members) > 1 else prepared[members[0]][0]
+        values = torch.cat([prepared[j][2] for j in members]) if len(members) > 1 else prepared[members[0]][2]
         deltas = torch.tensor([prepared[j][1] for j in members], device=levels.device).repeat_interleave(num_channels)
         regions = mser(
             levels, delta=deltas, max_variation=cfg.max_variation, min_diversity=cfg.min_diversity,

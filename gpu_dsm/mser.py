@@ -108,6 +108,8 @@ class MSERRegions:
     def cat(parts: list["MSERRegions"], num_maps: int) -> "MSERRegions":
         """The rows of ``parts`` (on one device) one after the other, as regions of ``num_maps`` maps."""
         names = [f.name for f in fields(MSERRegions) if f.name != "num_maps"]
+        if len(parts) == 1:
+            return MSERRegions(**{n: getattr(parts[0], n) for n in names}, num_maps=num_maps)
         return MSERRegions(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, num_maps=num_maps)
 
 
@@ -528,5 +530,6 @@ def mser(
     out = MSERRegions.cat(parts, num_maps)
     # canonical order: map, polarity (bright first), level, first pixel in raster order
     key = out.map_index * (2 * (MAX_LEVEL + 1)) + out.level + (~out.bright) * (MAX_LEVEL + 1)
-    order = torch.argsort(key * (height * width) + torch.cat(first_pixels))
+    first_pixel = torch.cat(first_pixels) if len(first_pixels) > 1 else first_pixels[0]
+    order = torch.argsort(key * (height * width) + first_pixel)
     return out.select(order)

@@ -108,4 +108,6 @@ def mser_maps(u: torch.Tensor, delta: torch.Tensor, values: torch.Tensor, *, max
     else:
         with ThreadPoolExecutor(len(ranges)) as pool:
             parts = list(pool.map(lambda r: _maps(lib, r[0], r[1], u, delta, values, params), ranges))
+    if len(parts) == 1:
+        return parts[0]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
