@@ -83,7 +83,9 @@ class DetectorConfig:
     nms_iou: float = 0.2  # paper 4.1: NMS over all channels of a database image
     max_features: int = 512  # paper 4.1: 512 (VGG) / 2048 (ResNet)
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
-    labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
+    # MSER backend (gpu_dsm.mser.BACKENDS): "auto" = the C kernel on the CPU, the tensor path with
+    # max-pool labelling on the GPU; "native"; "scipy" / "propagate" = the tensor path with that labelling
+    labelling: str = "auto"
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
     # "reference" (the DSM authors' code, gpu_dsm.authors_selection; use DetectorConfig.reference()).
     # Default "gpu_dsm": ours, the faster of the two (docs/design-decisions.md, "Detector rules")

@@ -26,6 +26,11 @@ formulation that handles every map of a batch in one pass:
    ``min_diversity``.
 
 Arithmetic follows VLFeat's single precision, so thresholds and ties fall the same way.
+
+On the CPU the default backend is a C kernel (:mod:`gpu_dsm.kernels.mser`): VLFeat's union-find
+over each map's support, one pass per map, with the kept regions' moments summed in the order of
+the tensor path above; both give the same regions bit for bit. The tensor path is the GPU's, and
+the CPU's where no C compiler works.
 """
 from __future__ import annotations
 

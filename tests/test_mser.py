@@ -201,3 +201,23 @@ def test_c_kernel_equals_the_tensor_path_on_real_maps(mini, lite0, native_kernel
         assert int(fast.counts[0]) > 100
         for name in ("xy", "frame", "strength", "channel", "scale", "valid"):
             assert torch.equal(getattr(fast, name), getattr(plain, name)), (is_query, name)
+
+
+def test_without_the_c_kernel_auto_falls_back_to_the_tensor_path(monkeypatch):
+    """Where the C kernel does not build, "auto" warns and runs the tensor path (the same regions);
+    an explicit "native" raises with the reason."""
+    import gpu_dsm.kernels.mser as kernel
+    from gpu_dsm.kernels.native import NativeUnavailable
+
+    maps = torch.from_numpy(_smooth_maps(6, 20, 24, seed=3))
+    expected = mser(maps, delta=5, polarity="both", backend="scipy", **DSM)
+    monkeypatch.setattr(kernel, "unavailable", lambda: "no C compiler: 'cc' cannot run")
+    with pytest.warns(RuntimeWarning, match="C kernel is unavailable"):
+        got = mser(maps, delta=5, polarity="both", **DSM)
+    for name in ("map_index", "area", "level", "mean", "cov", "bbox", "seed"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert len(expected) > 10
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        mser(maps, delta=5, backend="native", **DSM)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mser(maps, delta=5, backend="cuda", **DSM)
