@@ -29,8 +29,11 @@ A docs page (or the README) holds a generated table between two marker lines::
 - ``match NAME``: an ``eval/bench_match.py`` result file (real tables): each method's time, OpenCV's
   over the C kernel's, the pairs that agree, the tensor path's launches and host syncs;
 - ``seeds NAME NAME ...``: ``eval/seed_diagnosis.py`` result files: the positives among the paper's
-  diffusion seeds and the confident matches, the positives' mean rank.
-- ``options SUBCOMMAND``: every option of ``gpu-dsm SUBCOMMAND``, from its parser (no result file).
+  diffusion seeds and the confident matches, the positives' mean rank;
+- ``options SUBCOMMAND``: every option of ``gpu-dsm SUBCOMMAND``, from its parser (no result file);
+- ``detect NAME``: an ``eval/bench_detect.py`` result file: per workload, the detector's stage
+  times with the C kernel and the tensor path, whether their features agree, and the network's
+  forward on the same images.
 
 ``python -m gpu_dsm.eval.tables`` rewrites every such table from its files; ``--check`` rewrites
 nothing and exits 1 naming each table that differs.
@@ -294,6 +297,41 @@ def format_match(spec: str, results: dict[str, dict]) -> str:
     return "\n".join(lines + _sources(results, [name])) + "\n"
 
 
+def format_detect(spec: str, results: dict[str, dict]) -> str:
+    """A row per workload and path of an ``eval/bench_detect.py`` result file: ms per image (3
+    scales) per stage, the time over the C kernel's, the network's forward and the share of it
+    that detection takes, whether the paths' features are identical."""
+    name = spec.strip()
+    r = _benchmark(results, name, "detect", "detect")
+    labels = {"native": "C kernel (`native`)", "tensor": "tensor path (`labelling=\"scipy\"`)"}
+    if r.get("device", "cpu") != "cpu":
+        labels["tensor"] = "tensor path"
+    lines = ["| workload (maps at scale 1) | path | levels + delta | MSER | selection, NMS, frames | total (ms per image) "
+             "| time over the C kernel's | network forward (ms per image) | detection / forward | features identical |",
+             "| --- " * 10 + "|"]
+    for workload, entry in r["timing"].items():
+        shape = " x ".join(str(v) for v in entry["shape_scale1"])
+        native = entry["paths"].get("native", {}).get("total")
+        forward = entry.get("forward_ms")
+        for path, ms in entry["paths"].items():
+            ratio = f"{ms['total'] / native:.1f}x" if native else "—"
+            share = f"{100 * ms['total'] / forward:.0f}%" if forward else "—"
+            same = "—" if "identical" not in entry else ("yes" if entry["identical"] else "**no**")
+            lines.append(f"| {workload} ({shape}, {entry['images']} images) | {labels.get(path, path)} | "
+                         f"{ms['levels_and_delta']:.1f} | {ms['mser']:.1f} | {ms['rest']:.1f} | {ms['total']:.1f} | {ratio} | "
+                         f"{'—' if forward is None else f'{forward:.0f}'} | {share} | {same} |")
+    notes = [f"{r.get('threads', 1)} thread(s), device {r.get('device', 'cpu')}; 3 scales per image, mean over the images."]
+    if "level_step_recall" in r:
+        recall = " / ".join(f"{v:.3f}" for v in r["level_step_recall"].values())
+        notes.append(f"`level_step` {' / '.join(r['level_step_recall'])}: recall of the exact regions {recall}.")
+    if "agreement" in r:
+        a = r["agreement"]
+        notes.append(f"Agreement with the VLFeat port ({a['images']} images x {a['maps_per_image']} maps): "
+                     f"{a['identical_fraction']:.4f} of {a['regions_compared']} regions identical.")
+    lines += ["", " ".join(notes), "", "From:", ""]
+    return "\n".join(lines + _sources(results, [name])) + "\n"
+
+
 def format_headline(spec: str, results: dict[str, dict]) -> str:
     """A row per method, a column per evaluation file: mAP Medium / Hard (Medium alone for a set
     without a Hard setup), for the README."""
@@ -336,6 +374,8 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
         from gpu_dsm.config_cli import options_markdown
 
         return options_markdown(build_parser()._subparsers._group_actions[0].choices[rest]) + "\n"
+    if kind == "detect":
+        return format_detect(rest, results)
     if spec not in results:
         raise ValueError(f"table {spec!r} has no result file {spec}.json")
     return format_table(results[spec])
@@ -344,7 +384,7 @@ def format_spec(spec: str, results: dict[str, dict]) -> str:
 def files_of(spec: str) -> list[str]:
     """The result files a marker's ``spec`` reads."""
     kind, _, rest = spec.partition(" ")
-    if kind in ("query-path", "match", "headline", "seeds", "search"):
+    if kind in ("query-path", "match", "headline", "seeds", "search", "detect"):
         return rest.split()
     if kind == "options":
         return []

@@ -99,7 +99,9 @@ class DetectorConfig:
         "flag": "--max-features", "help": "features kept per image over all scales",
         "source": "paper 4.1: 512 VGG, 2048 ResNet"})
     singular_det: float = 1e-9  # covariance determinant (pixels^4) at or below which a region is dropped
-    labelling: str = "auto"  # labelling backend (gpu_dsm.kernels.labelling)
+    # MSER backend (gpu_dsm.mser.BACKENDS): "auto" = the C kernel on the CPU, the tensor path with
+    # max-pool labelling on the GPU; "native"; "scipy" / "propagate" = the tensor path with that labelling
+    labelling: str = "auto"
     # feature selection around the MSER: "gpu_dsm" (the rules in this module's docstring) or
     # "reference" (the DSM authors' code, gpu_dsm.authors_selection; use DetectorConfig.reference()).
     rules: str = field(default="gpu_dsm", metadata={
@@ -146,7 +148,8 @@ class DetectorConfig:
 
 def _scaled(acts: torch.Tensor, mode: str, bound: float | None) -> torch.Tensor:
     """The float values that are rounded into levels (see :func:`activations_to_levels`)."""
-    if not torch.isfinite(acts).all():
+    # the extremes are finite iff every value is (NaN propagates through both): one pass
+    if acts.numel() and not torch.isfinite(torch.stack(torch.aminmax(acts))).all():
         raise ValueError(f"activations contain {(~torch.isfinite(acts)).sum().item()} NaN/Inf values")
     x = acts.float()
     if mode == "range":
@@ -189,6 +192,8 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
         >>> auto_delta(torch.tensor([[[0, 2, 4, 8, 200]]], dtype=torch.uint8))
         8
     """
+    if levels.dtype == torch.uint8 and levels.numel() < 2**24:
+        return _auto_delta_uint8(levels, quantile, cap, bins)
     nz = levels[levels > 0].float()
     if nz.numel() == 0:
         return int(cap)
@@ -199,6 +204,32 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
         hist = torch.histc(nz, bins=bins, min=float(lo), max=float(hi))
         cumulative = hist.cumsum(0) / hist.sum()
         b = int((cumulative >= quantile).nonzero()[0])
+        centre = lo + (b + 0.5) * (hi - lo) / bins
+    return int(max(1, min(int(cap), int(centre))))
+
+
+def _auto_delta_uint8(levels: torch.Tensor, quantile: float, cap: int, bins: int) -> int:
+    """:func:`auto_delta` of uint8 levels (fewer than 2^24) from their 256-bin count, the same result.
+
+    Every non-zero level is an integer, so the cumulative histogram of the ``bins`` bins changes
+    only at the bins holding a level, and there it equals the cumulative count of the levels up to
+    that one (exact in float32 below 2^24 values, as ``histc``'s). The first bin reaching
+    ``quantile`` is the bin of the first level whose cumulative share reaches it, found by
+    ``histc`` of that one level with the same bounds (the same binning arithmetic)."""
+    counts = torch.bincount(levels.reshape(-1), minlength=256)[1:]
+    present = counts.nonzero()
+    if present.numel() == 0:
+        return int(cap)
+    lo_level, hi_level = int(present[0]) + 1, int(present[-1]) + 1
+    lo, hi = torch.tensor(float(lo_level)), torch.tensor(float(hi_level))
+    if hi_level == lo_level:
+        centre = lo
+    else:
+        cumulative = counts.cumsum(0).float()
+        share = cumulative / cumulative[-1]
+        first = int((share >= quantile).nonzero()[0]) + 1
+        one = torch.histc(torch.tensor([float(first)]), bins=bins, min=float(lo), max=float(hi))
+        b = int(one.nonzero()[0])
         centre = lo + (b + 0.5) * (hi - lo) / bins
     return int(max(1, min(int(cap), int(centre))))
 
@@ -252,8 +283,9 @@ def _regions_of_all(jobs: list[torch.Tensor], cfg: DetectorConfig, bound: float 
         by_size.setdefault(tuple(acts.shape), []).append(j)
     for shape, members in by_size.items():
         num_channels = shape[0]
-        levels = torch.cat([prepared[j][0] for j in members])
-        values = torch.cat([prepared[j][2] for j in members])
+        # (one member: no copy)
+        levels = torch.cat([prepared[j][0] for j in members]) if len(members) > 1 else prepared[members[0]][0]
+        values = torch.cat([prepared[j][2] for j in members]) if len(members) > 1 else prepared[members[0]][2]
         deltas = torch.tensor([prepared[j][1] for j in members], device=levels.device).repeat_interleave(num_channels)
         regions = mser(
             levels, delta=deltas, max_variation=cfg.max_variation, min_diversity=cfg.min_diversity,

@@ -26,9 +26,15 @@ formulation that handles every map of a batch in one pass:
    ``min_diversity``.
 
 Arithmetic follows VLFeat's single precision, so thresholds and ties fall the same way.
+
+On the CPU the default backend is a C kernel (:mod:`gpu_dsm.kernels.mser`): VLFeat's union-find
+over each map's support, one pass per map, with the kept regions' moments summed in the order of
+the tensor path above; both give the same regions bit for bit. The tensor path is the GPU's, and
+the CPU's where no C compiler works.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -36,9 +42,16 @@ import torch
 
 from gpu_dsm.checks import as_tensor
 
+from gpu_dsm.kernels import mser as mser_kernel
+from gpu_dsm.kernels import native
+from gpu_dsm.kernels.labelling import BACKENDS as LABELLING_BACKENDS
 from gpu_dsm.kernels.labelling import label_planes
 
 POLARITIES = ("bright", "dark", "both")
+#: ``"native"``: the C kernel (``kernels/mser.c``, CPU); the others: the tensor path of this module
+#: with that labelling backend (``gpu_dsm.kernels.labelling``); ``"auto"``: native on the CPU where
+#: it builds, else the tensor path
+BACKENDS = ("native",) + LABELLING_BACKENDS
 MAX_LEVEL = 255
 _PAGE_SIDE = 2048  # side of the pages that level-set tiles are packed into for labelling
 
@@ -100,6 +113,8 @@ class MSERRegions:
     def cat(parts: list["MSERRegions"], num_maps: int) -> "MSERRegions":
         """The rows of ``parts`` (on one device) one after the other, as regions of ``num_maps`` maps."""
         names = [f.name for f in fields(MSERRegions) if f.name != "num_maps"]
+        if len(parts) == 1:
+            return MSERRegions(**{n: getattr(parts[0], n) for n in names}, num_maps=num_maps)
         return MSERRegions(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, num_maps=num_maps)
 
 
@@ -354,6 +369,40 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
                 representative=representative[kept], seed=seed[kept], **geometry)
 
 
+def _native_regions(u, peak_source, delta, max_variation, min_diversity, min_area, max_area):
+    """:func:`_dark_regions` of all maps ``u`` by the C kernel (CPU; ``peak_source`` real)."""
+    source = peak_source if peak_source.dtype in (torch.float32, torch.float64) else peak_source.double()
+    found = mser_kernel.mser_maps(u.to(torch.uint8), delta, source, max_variation=max_variation,
+                                  min_diversity=min_diversity, min_area=min_area, max_area=max_area)
+    m = found.pop("moments")
+    cov = torch.stack([m[:, [0, 1]], m[:, [1, 2]]], 1)
+    return dict(found, cov=cov, peak=found["peak"].to(peak_source.dtype))
+
+
+def _use_native(backend: str, device: torch.device, values: torch.Tensor | None) -> bool:
+    """Whether :func:`mser` runs the C kernel for ``backend`` (see :data:`BACKENDS`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"mser: backend must be one of {BACKENDS}, got {backend!r}")
+    exact_values = values is None or values.dtype.is_floating_point
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"mser: backend='native' runs on the CPU; the levels are on {device} (use 'auto')")
+        if not exact_values:
+            raise ValueError(f"mser: backend='native' takes floating point values, got {values.dtype}")
+        reason = mser_kernel.unavailable()
+        if reason:
+            raise native.NativeUnavailable(f"mser: backend='native': {reason}")
+        return True
+    if backend != "auto" or device.type != "cpu" or not exact_values:
+        return False
+    reason = mser_kernel.unavailable()
+    if reason:
+        warnings.warn(f"mser: the C kernel is unavailable ({reason}); labelling level sets with tensor passes, "
+                      "several times slower on the CPU", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _chunks(u: torch.Tensor, max_voxels: int) -> list[tuple[int, int]]:
     """Split maps so that each chunk's labelled voxels (its level sets below each map's top,
     one per grey value present) stay under ``max_voxels``."""
@@ -404,10 +453,14 @@ def mser(
         values: optional ``(..., H, W)`` real tensor on the device of ``levels`` (e.g. the
             activations the levels were made from); ``max_value`` / ``sum_value`` are then its
             maximum (in its dtype) / sum (float64) over each region (default: of ``levels``).
-        backend: connected-component labelling backend (``gpu_dsm.kernels.labelling``).
-        max_voxels: memory budget: maps are processed in chunks of at most this many level-set
-            voxels (for every map and grey value present below its top, the pixels at or below
-            it); about 40 bytes each at the peak (measured).
+        backend: ``"auto"`` (default: the C kernel on the CPU where it builds, else the tensor
+            path), ``"native"`` (the C kernel, ``gpu_dsm.kernels.mser``: CPU, floating point
+            ``values``), or a labelling backend of the tensor path (``"scipy"``, ``"propagate"``:
+            ``gpu_dsm.kernels.labelling``). All give the same regions, bit for bit.
+        max_voxels: memory budget of the tensor path: maps are processed in chunks of at most
+            this many level-set voxels (for every map and grey value present below its top, the
+            pixels at or below it); about 40 bytes each at the peak (measured). The C kernel
+            needs a few arrays of one map's size per thread.
     Returns:
         :class:`MSERRegions` on ``levels``' device, coordinates in pixels of the maps. Maps
         smaller than 3x3 and empty inputs give no regions; so do constant maps.
@@ -442,28 +495,34 @@ def mser(
     if values is not None and values.shape != levels.shape:
         raise ValueError(f"mser: values {tuple(values.shape)} must have the shape of levels {tuple(levels.shape)}")
     height, width = levels.shape[-2:]
-    maps = levels.reshape(-1, height, width).long().contiguous()
-    num_maps = maps.shape[0]
+    flat = levels.reshape(-1, height, width)
+    num_maps = flat.shape[0]
     value_dtype = values.dtype if values is not None else torch.long
     if num_maps == 0 or height < 3 or width < 3:
         return _empty(levels.device, value_dtype, num_maps)
-    if maps.min() < 0 or maps.max() > MAX_LEVEL:
-        raise ValueError(f"mser: levels must lie in 0..{MAX_LEVEL}, got {int(maps.min())}..{int(maps.max())}")
-    peak_source = values.reshape(-1, height, width) if values is not None else maps
+    if flat.dtype != torch.uint8 and (flat.min() < 0 or flat.max() > MAX_LEVEL):
+        raise ValueError(f"mser: levels must lie in 0..{MAX_LEVEL}, got {int(flat.min())}..{int(flat.max())}")
     step = int(level_step)
     if deltas.numel() not in (1, num_maps):
         raise ValueError(f"mser: {deltas.numel()} deltas for {num_maps} maps")
     step_delta = torch.div(deltas.expand(num_maps) + step // 2, step, rounding_mode="floor").clamp(min=1)
+    use_native = _use_native(backend, levels.device, values)
+    labelling = "auto" if backend == "native" else backend
+    # the C kernel reads uint8 maps; the tensor path int64 ones
+    maps = flat.to(torch.uint8).contiguous() if use_native else flat.long().contiguous()
+    peak_source = values.reshape(-1, height, width) if values is not None else flat.long()
     parts, first_pixels = [], []
     for bright in ([True, False] if polarity == "both" else [polarity == "bright"]):
         u = MAX_LEVEL - maps if bright else maps
         if step > 1:
-            u = torch.div(u + step - 1, step, rounding_mode="floor")
-        for start, stop in _chunks(u, max_voxels):
-            found = _dark_regions(
-                u[start:stop], peak_source[start:stop], step_delta[start:stop],
-                max_variation, min_diversity, min_area, max_area, backend, start,
-            )
+            u = torch.div(u.long() + step - 1, step, rounding_mode="floor").to(maps.dtype)
+        if use_native:
+            runs = [_native_regions(u, peak_source, step_delta, max_variation, min_diversity, min_area, max_area)]
+        else:
+            runs = (_dark_regions(u[start:stop], peak_source[start:stop], step_delta[start:stop], max_variation,
+                                  min_diversity, min_area, max_area, labelling, start)
+                    for start, stop in _chunks(u, max_voxels))
+        for found in runs:
             threshold = (found["value"] * step).clamp(max=MAX_LEVEL)
             parts.append(MSERRegions(
                 map_index=found["map_index"], area=found["area"], level=MAX_LEVEL - threshold if bright else threshold,
@@ -476,5 +535,6 @@ def mser(
     out = MSERRegions.cat(parts, num_maps)
     # canonical order: map, polarity (bright first), level, first pixel in raster order
     key = out.map_index * (2 * (MAX_LEVEL + 1)) + out.level + (~out.bright) * (MAX_LEVEL + 1)
-    order = torch.argsort(key * (height * width) + torch.cat(first_pixels))
+    first_pixel = torch.cat(first_pixels) if len(first_pixels) > 1 else first_pixels[0]
+    order = torch.argsort(key * (height * width) + first_pixel)
     return out.select(order)

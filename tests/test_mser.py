@@ -173,3 +173,51 @@ def test_dense_maps_without_zeros():
     x = ndimage.gaussian_filter(rng.random((12, 18, 22)), (0, 1.5, 1.5))
     maps = np.round((x - x.min()) / np.ptp(x) * 200 + 30).astype(np.int64)
     _assert_same(_batched_regions(maps, 3, "both", **DSM), _reference_regions(maps, 3, "both", **DSM))
+
+
+@pytest.mark.slow
+def test_c_kernel_equals_the_tensor_path_on_real_maps(mini, lite0, native_kernel):
+    """The C kernel (the CPU default) and the tensor path give the same regions, every field bit
+    for bit, on all 1280 channels of a real 1024-px image at 3 scales, both polarities; and the
+    detector's features are the same with either."""
+    from gpu_dsm.detect import DetectorConfig, detect
+    from gpu_dsm.extract import ExtractConfig, extract_activations
+
+    acts = extract_activations(lite0, [mini.database_specs()[7]], ExtractConfig(image_size=1024, progress=False))[0]
+    compared = 0
+    for a in acts:
+        levels = activations_to_levels(a, "range", 6.0)
+        delta = auto_delta(levels)
+        fast = mser(levels, delta=delta, values=a, polarity="both", backend="native", **DSM)
+        plain = mser(levels, delta=delta, values=a, polarity="both", backend="scipy", **DSM)
+        for name in ("map_index", "area", "level", "mean", "cov", "max_value", "sum_value", "bbox", "bright", "seed"):
+            got, expected = getattr(fast, name), getattr(plain, name)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), name
+        compared += len(plain)
+    assert compared > 10000
+    for is_query in (False, True):
+        fast = detect([acts], DetectorConfig(), is_query=is_query, activation_bound=6.0)
+        plain = detect([acts], DetectorConfig(labelling="scipy"), is_query=is_query, activation_bound=6.0)
+        assert int(fast.counts[0]) > 100
+        for name in ("xy", "frame", "strength", "channel", "scale", "valid"):
+            assert torch.equal(getattr(fast, name), getattr(plain, name)), (is_query, name)
+
+
+def test_without_the_c_kernel_auto_falls_back_to_the_tensor_path(monkeypatch):
+    """Where the C kernel does not build, "auto" warns and runs the tensor path (the same regions);
+    an explicit "native" raises with the reason."""
+    import gpu_dsm.kernels.mser as kernel
+    from gpu_dsm.kernels.native import NativeUnavailable
+
+    maps = torch.from_numpy(_smooth_maps(6, 20, 24, seed=3))
+    expected = mser(maps, delta=5, polarity="both", backend="scipy", **DSM)
+    monkeypatch.setattr(kernel, "unavailable", lambda: "no C compiler: 'cc' cannot run")
+    with pytest.warns(RuntimeWarning, match="C kernel is unavailable"):
+        got = mser(maps, delta=5, polarity="both", **DSM)
+    for name in ("map_index", "area", "level", "mean", "cov", "bbox", "seed"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert len(expected) > 10
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        mser(maps, delta=5, backend="native", **DSM)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mser(maps, delta=5, backend="cuda", **DSM)
