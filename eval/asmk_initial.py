@@ -8,7 +8,7 @@ depends on, one lock per file so two runs never build the same file twice):
    HOW descriptors (all scales), on which the k-means codebook is trained;
 2. HOW descriptors of the database (and distractors) and of the queries, with that whitening;
 3. the ASMK codebook and the inverted file of the database, which the run's
-   :class:`gpu_dsm.pipeline.DSMRetrieval` searches.
+   `gpu_dsm.pipeline.DSMRetrieval` searches.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
 
     Under torchrun (``ranks`` of a distributed job) every step is shared: the whitening's moments
     are summed over the ranks' slices of the images, each feature set is described slice by slice
-    into shards that rank 0 merges (:func:`gpu_dsm.shards.run_sharded`, resumable); rank 0 gets the
+    into shards that rank 0 merges (`gpu_dsm.shards.run_sharded`, resumable); rank 0 gets the
     sets, the other ranks ``None``.
     """
     run: ASMKRun = cfg.asmk
@@ -211,8 +211,8 @@ def asmk_index(cfg, retrieval, dataset: RevisitopDataset, base: Path, backbone: 
                timing: dict | None = None) -> ASMKArtifacts:
     """The ASMK inverted file of the database (with ``cfg``'s distractors) and the queries' HOW features.
 
-    ``cfg`` is the run's :class:`gpu_dsm.eval.run.RunConfig` (``cfg.asmk`` an :class:`ASMKRun`),
-    ``retrieval`` its :class:`gpu_dsm.pipeline.DSMRetrieval` (it builds the index), ``backbone()``
+    ``cfg`` is the run's `gpu_dsm.eval.run.RunConfig` (``cfg.asmk`` an `ASMKRun`),
+    ``retrieval`` its `gpu_dsm.pipeline.DSMRetrieval` (it builds the index), ``backbone()``
     builds (once) the network.
     """
     run: ASMKRun = cfg.asmk

@@ -1,4 +1,4 @@
-"""Evaluation runs: the revisited protocol around :class:`gpu_dsm.pipeline.DSMRetrieval`.
+"""Evaluation runs: the revisited protocol around `gpu_dsm.pipeline.DSMRetrieval`.
 
 A run extracts (or reuses) the feature stores of a dataset, hands them to the run's
 ``DSMRetrieval``, which ranks the database by every method its configuration turns on, scores
@@ -107,7 +107,7 @@ class RunConfig:
         return self._whitening
 
     def retrieval_config(self) -> RetrievalConfig:
-        """The :class:`DSMRetrieval` configuration of this run."""
+        """The `DSMRetrieval` configuration of this run."""
         return RetrievalConfig(extract=self.extract, global_=self.global_, detector=self.detector or DetectorConfig(),
                                rerank=self.rerank, diffusion=self.diffusion, graph=self.graph, initial=self.initial,
                                how=self.asmk.how, asmk=self.asmk.asmk)
@@ -237,7 +237,7 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
                    ranks: Ranks | None = None, backbone: Callable[[], Backbone] | None = None):
     """Stores of the database and of the (cropped) queries under ``base``, reused when present.
 
-    With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
+    With ``cfg.distractors`` the database is a `StoreStack` of the dataset's own images
     followed by the distractors (their store is keyed on their images alone, so one extraction
     serves every dataset). A lock file per store makes a second run on the same cache wait for
     the first and reuse what it wrote instead of extracting the same store again; a split's lock
@@ -245,7 +245,7 @@ def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, base: Path, log=pr
     no deadlock), so a run that waited on one store never overtakes the first on the next. ``timing``
     receives the seconds each extraction took (``None`` for a store reused from the cache).
 
-    With ``ranks`` of a torchrun job (:mod:`gpu_dsm.shards`) each rank extracts a balanced slice
+    With ``ranks`` of a torchrun job (`gpu_dsm.shards`) each rank extracts a balanced slice
     of a missing store and rank 0 merges them; the job is one run, so its ranks take no cache lock.
     ``backbone()`` gives the network when a store must be extracted (default: built once here);
     pass the run's own builder so that a later step reuses the same network.
@@ -388,7 +388,7 @@ def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, p
     """Run the evaluation of ``cfg`` and return (and write to ``out``) the results dict.
 
     Everything that can fail without extracting (paths, device, backends, queries) is checked
-    first (:func:`preflight`).
+    first (`preflight`).
     """
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     preflight(cfg, dataset, files={"--out": out, "--plot-inliers": plot_inliers}, dirs={"--cache-dir": cfg.cache_dir})
@@ -425,7 +425,7 @@ def dataset_outputs(datasets: Sequence[str], out: str | Path | None, summary: st
 
 def evaluate_datasets(cfgs: Sequence[RunConfig], outs: Sequence[str | Path | None], summary: str | Path | None = None,
                       log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
-    """:func:`evaluate_dataset` for each config (one per dataset, checked up front, all before any
+    """`evaluate_dataset` for each config (one per dataset, checked up front, all before any
     extraction), then the summary table across them, printed and written to ``summary`` (markdown)
     and ``summary`` with suffix ``.json``."""
     from gpu_dsm.eval.summary import format_markdown, summarize
@@ -475,7 +475,7 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
 
 
 def make_retrieval(cfg: RunConfig) -> DSMRetrieval:
-    """The run's :class:`DSMRetrieval` without a network (the stores hold what it describes), on
+    """The run's `DSMRetrieval` without a network (the stores hold what it describes), on
     the run's device, with the run's learned whitening."""
     whitening = cfg.resolved_whitening()[1]
     return DSMRetrieval(None, cfg.retrieval_config(), whitening=whitening if whitening is not None else "none").to(cfg.device)

@@ -1,7 +1,7 @@
 """How every cached artifact is made: a key, then load or build under a lock, written atomically.
 
 Stores, kNN graphs, HOW whitenings and features, ASMK codebooks and indices are all files (or
-folders) named by a digest of everything they depend on (:func:`cache_digest`). :func:`cached`
+folders) named by a digest of everything they depend on ([`cache_digest`][gpu_dsm.artifacts.cache_digest]). [`cached`][gpu_dsm.artifacts.cached]
 returns the one at ``path`` when it is there and readable, and otherwise builds it, saves it
 atomically and returns it. A lock file per artifact makes a second run on the same cache wait for
 the first and reuse what it wrote; under torchrun (``ranks``) the job is one run, so its ranks take
@@ -42,7 +42,7 @@ def cached(path: str | Path, load: Callable[[Path], T], build: Callable[[], T], 
     seconds building took (``None`` when reused).
 
     ``load`` raises ``ValueError`` for a corrupt artifact: it is reported and rebuilt. ``save``
-    must write atomically (:func:`gpu_dsm.io.atomic_write`). Under torchrun every rank takes the
+    must write atomically ([`gpu_dsm.io.atomic_write`][gpu_dsm.io.atomic_write]). Under torchrun every rank takes the
     same branch (the artifact is only written after a collective step of the build, which needs
     every rank past its check); rank 0 saves, and the others, once it has, load what it saved, so
     all ranks hold the same object. A build that writes ``path`` itself (rank 0's merge of shards;

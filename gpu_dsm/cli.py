@@ -53,7 +53,7 @@ def _scales(text: str) -> tuple[float, ...]:
 
 
 def _add_model_args(p: argparse.ArgumentParser, image_size: int | None = None) -> None:
-    """Network and extraction options; defaults from :class:`RunConfig` and :class:`ExtractConfig`."""
+    """Network and extraction options; defaults from `RunConfig` and `ExtractConfig`."""
     from gpu_dsm.eval.run import RunConfig
 
     run = RunConfig(data_root="", dataset="")
@@ -238,7 +238,7 @@ def _diffusion_config(args: argparse.Namespace):
 
 
 def _rerank_config(args: argparse.Namespace) -> RerankConfig | None:
-    """The re-ranking options as one validated :class:`RerankConfig` (``None``: no re-ranking)."""
+    """The re-ranking options as one validated `RerankConfig` (``None``: no re-ranking)."""
     if getattr(args, "rerank", "none") == "none":
         return None
     given = {"--threshold": args.threshold, "--max-scale-change": args.max_scale_change, "--error": args.error,

@@ -47,7 +47,7 @@ def similarity_topk(
 
 
 def _topk(queries: torch.Tensor, database: torch.Tensor, k: int | None, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`similarity_topk` of checked inputs (a checked database is not scanned again)."""
+    """`similarity_topk` of checked inputs (a checked database is not scanned again)."""
     n = database.shape[0]
     k = n if k is None else min(int(k), n)
     if n == 0 or k == 0:
@@ -123,11 +123,11 @@ class SearchConfig:
 
 
 class GlobalIndex:
-    """Top-k search of global descriptors behind :func:`similarity_topk`'s interface.
+    """Top-k search of global descriptors behind [`similarity_topk`][gpu_dsm.knn.similarity_topk]'s interface.
 
     ``GlobalIndex.build(database (N, D), SearchConfig(backend=...))`` then
     ``index.search(queries (Q, D), k) -> (scores (Q, k), indices (Q, k))``, on the queries' device.
-    ``"exact"`` is :func:`similarity_topk` (it keeps the database tensor, on its device, and moves
+    ``"exact"`` is [`similarity_topk`][gpu_dsm.knn.similarity_topk] (it keeps the database tensor, on its device, and moves
     it to the queries' device per search); the FAISS backends (inner product) copy the database to
     the CPU as float32 and search there: ``"faiss-flat"`` exact, ``"faiss-ivfpq"`` and
     ``"faiss-hnsw"`` approximate (their recall@k against exact search:

@@ -8,9 +8,9 @@
     result.methods["global+dsm"]                  # every method on the way, as (Q, N) rankings
 
 Any network works: a plain ``nn.Module`` mapping ``(B, 3, H, W)`` images to ``(B, K, h, w)``
-activations (:func:`gpu_dsm.backbones.wrap.as_backbone` measures its stride). Inputs may be images
-(paths, arrays, PIL images, :class:`ImageSpec`), activations (a ``(B, K, H, W)`` tensor, one per
-scale, or per-image lists), or feature stores (:meth:`DSMRetrieval.from_store`: a database larger
+activations ([`gpu_dsm.backbones.wrap.as_backbone`][gpu_dsm.backbones.wrap.as_backbone] measures its stride). Inputs may be images
+(paths, arrays, PIL images, [`ImageSpec`][gpu_dsm.images.ImageSpec]), activations (a ``(B, K, H, W)`` tensor, one per
+scale, or per-image lists), or feature stores ([`DSMRetrieval.from_store`][gpu_dsm.pipeline.DSMRetrieval.from_store]: a database larger
 than memory, its local features read on demand). Learned state (the whitening of global
 descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
 ``.to()`` moves it.
@@ -50,7 +50,7 @@ INITIAL_RANKINGS = ("global", "asmk")
 
 @dataclass
 class RetrievalConfig:
-    """Every stage of :class:`DSMRetrieval`; ``None`` turns re-ranking or diffusion off."""
+    """Every stage of [`DSMRetrieval`][gpu_dsm.pipeline.DSMRetrieval]; ``None`` turns re-ranking or diffusion off."""
 
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
@@ -92,20 +92,20 @@ class LearnedState(nn.Module):
 
     def set(self, name: str, tensor: torch.Tensor | None) -> None:
         """Hold a detached float32 copy of ``tensor`` (on its device) as buffer ``name``, one of
-        :attr:`NAMES`, or clear it (``None``); an unknown name raises ``KeyError``."""
+        `NAMES`, or clear it (``None``); an unknown name raises ``KeyError``."""
         if name not in self.NAMES:
             raise KeyError(name)
         self._buffers[name] = None if tensor is None else tensor.detach().float().clone()
 
     def whitening(self, prefix: str = "") -> Whitening | None:
-        """The :class:`Whitening` held under ``prefix`` (``""``: global descriptors', ``"how_"``:
+        """The [`Whitening`][gpu_dsm.whitening.Whitening] held under ``prefix`` (``""``: global descriptors', ``"how_"``:
         HOW's): its float32 buffers, on their device (the module's after ``.to()``), not copied;
         ``None`` when absent."""
         projection, bias = self._buffers[f"{prefix}whitening_projection"], self._buffers[f"{prefix}whitening_bias"]
         return None if projection is None else Whitening(projection=projection, bias=bias)
 
     def set_whitening(self, whitening: Whitening | None, prefix: str = "") -> None:
-        """Hold ``whitening``'s projection and bias under ``prefix`` (as :meth:`set`: float32
+        """Hold ``whitening``'s projection and bias under ``prefix`` (as [`set`][gpu_dsm.pipeline.LearnedState.set]: float32
         copies, on their device), or clear both (``None``)."""
         self.set(f"{prefix}whitening_projection", None if whitening is None else whitening.projection)
         self.set(f"{prefix}whitening_bias", None if whitening is None else whitening.bias)
@@ -129,16 +129,16 @@ class DSMRetrieval(nn.Module):
 
     Args:
         backbone: any ``nn.Module`` mapping ``(B, 3, H, W)`` RGB images to ``(B, K, h, w)``
-            activations (a :class:`Backbone` from :func:`gpu_dsm.build_backbone`, a torchvision
+            activations (a `Backbone` from `gpu_dsm.build_backbone`, a torchvision
             trunk, a timm model with ``forward_features``), or ``None`` for a module that only ranks
             what was described elsewhere (activations, feature stores).
-        config: the stages (:class:`RetrievalConfig`).
-        whitening: learned whitening of global descriptors: a :class:`Whitening`, a saved one's
+        config: the stages ([`RetrievalConfig`][gpu_dsm.pipeline.RetrievalConfig]).
+        whitening: learned whitening of global descriptors: a [`Whitening`][gpu_dsm.whitening.Whitening], a saved one's
             path, ``"none"``, or ``None`` for the one the backbone's checkpoint carries (if any).
         how_whitening, codebook: HOW's reduction and the ASMK codebook ``(K, d)``
-            (:meth:`fit_asmk` learns both).
+            ([`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns both).
         stride, mean, std, activation_bound: facts of a plain ``backbone``
-            (:func:`gpu_dsm.backbones.wrap.as_backbone`: stride measured, ImageNet normalisation).
+            ([`gpu_dsm.backbones.wrap.as_backbone`][gpu_dsm.backbones.wrap.as_backbone]: stride measured, ImageNet normalisation).
     """
 
     def __init__(self, backbone: nn.Module | None = None, config: RetrievalConfig | None = None,
@@ -167,13 +167,13 @@ class DSMRetrieval(nn.Module):
     @property
     def how_whitening(self) -> Whitening | None:
         """HOW's learned reduction ``(d, K)`` (float32, on the module's device), with the ASMK
-        initial ranking; ``None`` until :meth:`fit_asmk` learns it or the constructor is given it."""
+        initial ranking; ``None`` until [`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns it or the constructor is given it."""
         return self.learned.whitening("how_")
 
     @property
     def codebook(self) -> torch.Tensor | None:
         """The ASMK codebook ``(K, d)`` float32 on the module's device; ``None`` until
-        :meth:`fit_asmk` learns it or the constructor is given it."""
+        [`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns it or the constructor is given it."""
         return self.learned.codebook
 
     @property
@@ -264,7 +264,7 @@ class DSMRetrieval(nn.Module):
         return DescribedImages(self._whiten(descriptors), local, how=self.describe_how(inputs))
 
     def describe_activations(self, maps_per_image: Activations, is_query: bool = False) -> DescribedImages:
-        """:meth:`describe` of activations computed elsewhere."""
+        """[`describe`][gpu_dsm.pipeline.DSMRetrieval.describe] of activations computed elsewhere."""
         if not is_activations(maps_per_image):
             per_image_maps(maps_per_image)  # raises, naming the accepted forms
         return self.describe(maps_per_image, is_query)
@@ -286,7 +286,7 @@ class DSMRetrieval(nn.Module):
         and, with re-ranking on, local features. ``options`` go into the store's metadata.
 
         Resumable: an interrupted write (Ctrl-C, a crash) keeps its finished images, and the same
-        call describes only the missing ones (:class:`StoreWriter`); the store is the same."""
+        call describes only the missing ones ([`StoreWriter`][gpu_dsm.store.StoreWriter]); the store is the same."""
         net = self._network("write_store")
         local = {"scales": list(self.config.extract.scales), "num_channels": net.out_channels} if self.local_features else None
         dim = self.config.global_.resolve(net).descriptor_dim(net.out_channels)
@@ -376,7 +376,7 @@ class DSMRetrieval(nn.Module):
     def verify(self, queries: DescribedImages, index: DescribedImages, query: int, candidate: int,
                match: MatchConfig | None = None) -> MatchResult:
         """Spatial verification of one query against one database image (for pictures: the
-        matches and inliers of :class:`MatchResult`), with ``match`` (default: the re-ranker's)."""
+        matches and inliers of [`MatchResult`][gpu_dsm.match.MatchResult]), with ``match`` (default: the re-ranker's)."""
         if queries.local is None or index.local is None:
             raise ValueError("verify: the queries and the database need local features")
         match = match or (self.config.rerank or RerankConfig()).match
@@ -384,6 +384,6 @@ class DSMRetrieval(nn.Module):
                               gather_local(index.local, [candidate], self.device), config=match)
 
     def forward(self, queries, database) -> SearchResult:
-        """``module(queries, database)``: :meth:`search` of ``queries`` in ``database``, which is
-        indexed first (:meth:`index`) unless it is already :class:`DescribedImages`."""
+        """``module(queries, database)``: [`search`][gpu_dsm.pipeline.DSMRetrieval.search] of ``queries`` in ``database``, which is
+        indexed first ([`index`][gpu_dsm.pipeline.DSMRetrieval.index]) unless it is already [`DescribedImages`][gpu_dsm.ranking.DescribedImages]."""
         return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))

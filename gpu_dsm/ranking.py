@@ -2,15 +2,15 @@
 
 Data flows one way:
 
-1. an initial ranking of the whole database for every query: :class:`GlobalRanking` (global
-   descriptors, exact or FAISS) or :class:`ASMKRanking` (HOW + ASMK); both
+1. an initial ranking of the whole database for every query: [`GlobalRanking`][gpu_dsm.ranking.GlobalRanking] (global
+   descriptors, exact or FAISS) or [`ASMKRanking`][gpu_dsm.ranking.ASMKRanking] (HOW + ASMK); both
    ``search(queries, k) -> (scores (Q, k), indices (Q, k))``;
-2. :func:`gpu_dsm.rerank.rerank_top_k`: DSM spatial verification of each query's top-k, with local features
-   gathered from memory (:class:`LocalFeatures`) or from a feature store, a batch of queries at a time;
-3. :func:`diffuse_initial` / :func:`diffuse_verified`: diffusion on the database's kNN graph,
+2. [`gpu_dsm.rerank.rerank_top_k`][gpu_dsm.rerank.rerank_top_k]: DSM spatial verification of each query's top-k, with local features
+   gathered from memory ([`LocalFeatures`][gpu_dsm.features.LocalFeatures]) or from a feature store, a batch of queries at a time;
+3. [`diffuse_initial`][gpu_dsm.ranking.diffuse_initial] / [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified]: diffusion on the database's kNN graph,
    seeded by the initial top of each query or by its spatially verified top.
 
-:func:`rank_methods` runs them and names each result as the evaluation does: ``global``,
+[`rank_methods`][gpu_dsm.ranking.rank_methods] runs them and names each result as the evaluation does: ``global``,
 ``global+dsm``, ``global+D``, ``global+dsm+D``, and with the ASMK initial ranking ``asmk``,
 ``asmk+dsm``, ``asmk+dsm+D`` (``asmk+D`` when diffusion runs without re-ranking).
 """
@@ -42,11 +42,11 @@ class DescribedImages:
     Fields:
         global_descriptors: ``(N, D)`` float32, L2-normalised, whitened when the module has a
             learned whitening; on the module's device.
-        local: DSM local features: a :class:`LocalFeatures` table in memory, or a
-            :class:`FeatureStore` / :class:`StoreStack` they are gathered from; ``None`` without
+        local: DSM local features: a [`LocalFeatures`][gpu_dsm.features.LocalFeatures] table in memory, or a
+            [`FeatureStore`][gpu_dsm.store.FeatureStore] / [`StoreStack`][gpu_dsm.store.StoreStack] they are gathered from; ``None`` without
             re-ranking.
         how: HOW features (with the ASMK initial ranking), else ``None``.
-        search_index: a database's global search index (:class:`GlobalIndex`).
+        search_index: a database's global search index ([`GlobalIndex`][gpu_dsm.knn.GlobalIndex]).
         asmk: a database's ASMK inverted file.
         graph: a database's kNN graph (with diffusion).
     """
@@ -90,13 +90,13 @@ class GlobalRanking:
     index: GlobalIndex
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top ``k`` of every query by its ``global_descriptors`` ``(Q, D)`` (:meth:`GlobalIndex.search`).
+        """Top ``k`` of every query by its ``global_descriptors`` ``(Q, D)`` ([`GlobalIndex.search`][gpu_dsm.knn.GlobalIndex.search]).
 
         Returns:
             ``(scores (Q, k), indices (Q, k))`` on the device of the queries' descriptors, best
             first: cosine similarities (their dtype for the exact index, float32 from FAISS) and
             int64 database indices. ``k=None``: ``(Q, N)``; the images an approximate index did not
-            return come last, with score ``-inf`` (:func:`complete_ranking`).
+            return come last, with score ``-inf`` ([`complete_ranking`][gpu_dsm.ranking.complete_ranking]).
         """
         n = self.index.num_images
         scores, indices = self.index.search(queries.global_descriptors, n if k is None else k)
@@ -113,7 +113,7 @@ class ASMKRanking:
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``k`` of every query by the ASMK similarity of its HOW features (``queries.how``,
-        moved to the index's device; :meth:`ASMKIndex.search`).
+        moved to the index's device; [`ASMKIndex.search`][gpu_dsm.asmk.ASMKIndex.search]).
 
         Returns:
             ``(scores (Q, k) float64, indices (Q, k) int64)`` on the index's device, best first
@@ -159,7 +159,7 @@ def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: in
 def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, ranks: torch.Tensor,
                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
-    2017), ranked by :func:`fused_scores`: ``(ranking (Q, M), CGInfo)``.
+    2017), ranked by [`fused_scores`][gpu_dsm.diffusion.fused_scores]: ``(ranking (Q, M), CGInfo)``.
 
     ``similarities`` ``(Q, M)`` real scores and ``ranks`` ``(Q, M)`` int64 database indices of
     the initial ranking, best first, any device (moved to the graph's); ``M`` is the whole
@@ -178,17 +178,17 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     """Diffusion seeded by the spatially verified top of each query: ``(ranking (Q, M), CGInfo)``.
 
     ``config.seeds``: ``"verified"`` seeds each query with its plain seeds and its confident
-    matches (:func:`verified_seeds`, :func:`confident_matches`) and puts the confident matches
-    first (:func:`confident_first`); ``"paper"``: :func:`dsm_seeds` (paper 3.6, 4.1). Both rank
-    by :func:`fused_scores` with the similarity of each image's place in ``reranked_ranks`` (the
+    matches ([`verified_seeds`][gpu_dsm.diffusion.verified_seeds], [`confident_matches`][gpu_dsm.diffusion.confident_matches]) and puts the confident matches
+    first ([`confident_first`][gpu_dsm.diffusion.confident_first]); ``"paper"``: [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds] (paper 3.6, 4.1). Both rank
+    by [`fused_scores`][gpu_dsm.diffusion.fused_scores] with the similarity of each image's place in ``reranked_ranks`` (the
     ``j``-th best initial similarity at place ``j``): diffusion refines the re-ranked ranking. A
     query whose verification found nothing (no inliers, so the re-ranked order is the initial
-    one) gets exactly :func:`diffuse_initial`'s ranking.
+    one) gets exactly [`diffuse_initial`][gpu_dsm.ranking.diffuse_initial]'s ranking.
 
     Args:
         graph: the database's graph (or its operator).
         similarities: ``(Q, M)`` real initial scores in the initial order, best first.
-        reranked: the re-ranking of each query's top ``K`` (:func:`rerank_top_k`).
+        reranked: the re-ranking of each query's top ``K`` ([`rerank_top_k`][gpu_dsm.rerank.rerank_top_k]).
         reranked_ranks: ``(Q, M)`` int64 database indices: the initial ranking with its top ``K``
             re-ordered (the order of ties). ``M``: the whole database or a top-M of it.
     Inputs on any device (moved to the graph's). With truncated diffusion (``truncation_size`` R
@@ -217,12 +217,12 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
 
 def verified_diffusion_seeds(similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
                              num_nodes: int, config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The seeds of :func:`diffuse_verified` for ``config.seeds``: ``(seeds (N, Q), confident)``.
+    """The seeds of [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified] for ``config.seeds``: ``(seeds (N, Q), confident)``.
 
-    ``"verified"``: :func:`verified_seeds` of the initial ranking with the confident matches
-    (:func:`confident_matches`), which are returned ``(Q, K)`` bool in the re-ranked order;
-    ``"paper"``: :func:`dsm_seeds` of the re-ranked top ``K``, and ``confident`` is ``None``.
-    Inputs as :func:`diffuse_verified`'s, on the device of ``similarities``; the seeds are float32 there.
+    ``"verified"``: [`verified_seeds`][gpu_dsm.diffusion.verified_seeds] of the initial ranking with the confident matches
+    ([`confident_matches`][gpu_dsm.diffusion.confident_matches]), which are returned ``(Q, K)`` bool in the re-ranked order;
+    ``"paper"``: [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds] of the re-ranked top ``K``, and ``confident`` is ``None``.
+    Inputs as [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified]'s, on the device of ``similarities``; the seeds are float32 there.
     """
     device = similarities.device
     k = reranked.order.shape[1]
@@ -266,7 +266,7 @@ class SearchResult:
         method: its name (``"global+dsm+D"``, ``"asmk+dsm"``, ...).
         methods: ``{name: (Q, N) ranking}`` of every method computed, in the evaluation's order.
         stages: ``{"global": ..., "asmk": ...}`` each initial ranking with its re-ranking
-            (:class:`InitialStages`).
+            ([`InitialStages`][gpu_dsm.ranking.InitialStages]).
         diagnostics: seconds per stage (``timing``) and conjugate-gradient figures (``diffusion``).
     Properties ``initial``, ``similarities`` and ``reranked`` are those of the configured initial ranking.
     """
