@@ -14,8 +14,8 @@ more commands (split at ``&&``, ``;`` and ``|``; a trailing ``\\`` joins lines):
 - anything else (``pip``, ``torchrun`` without ``-m gpu_dsm``, ``mkdocs``, ...) is another tool's and
   is not checked.
 
-Relative links to ``page.md#anchor`` (and ``#anchor`` within a page) must name a heading of that
-page under mkdocs' slugs (lowercase, punctuation dropped, spaces to ``-``).
+Relative links to ``page.md`` must name a page, and to ``page.md#anchor`` (and ``#anchor`` within
+a page) a heading of that page under mkdocs' slugs (lowercase, punctuation dropped, spaces to ``-``).
 
 Docstrings (rendered by mkdocstrings as Markdown on docs/api.md) hold no Sphinx role, and every
 autorefs link in them names an importable object of a module the API page renders. Comments and
@@ -203,14 +203,18 @@ def anchors(page: Path) -> frozenset[str]:
     return frozenset(found)
 
 
-def test_every_anchor_link_names_a_heading():
+def test_every_page_link_names_a_page_and_every_anchor_a_heading():
     wrong = []
     for page in PAGES:
         prose = FENCE.sub("", page.read_text(encoding="utf-8"))
         for target in LINK.findall(prose):
-            if re.match(r"[a-z]+:", target) or "#" not in target:
+            if re.match(r"[a-z]+:", target):
                 continue
-            file, anchor = target.split("#", 1)
+            file, _, anchor = target.partition("#")
+            if not anchor:
+                if file.endswith(".md") and not (page.parent / file).is_file():
+                    wrong.append(f"{_rel(page)}: {target}: no such page")
+                continue
             if file and not file.endswith(".md"):
                 continue
             linked = (page.parent / file).resolve() if file else page
