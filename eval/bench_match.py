@@ -6,7 +6,7 @@ Real tables: every query of roxford5k-mini (default) against the top 100 of its 
 extracted at the default 1024 px (EfficientNet-Lite0). On exactly the same tentative
 correspondences (every scale pair of every (query, candidate) pair, feature-map pixels) it times
 
-- the project: :func:`gpu_dsm.match.spatial_verify` with the C kernel (``native``) and with tensor
+- the project: `gpu_dsm.match.spatial_verify` with the C kernel (``native``) and with tensor
   passes (``torch``), from the feature tables (correspondences included);
 - OpenCV: ``cv2.estimateAffine2D`` (6 dof) and ``cv2.estimateAffinePartial2D`` (4 dof), RANSAC,
   reprojection threshold 4 px (the default one-way threshold), 2000 iterations, confidence 0.99,
@@ -17,10 +17,10 @@ with one thread and with all threads (OpenCV's calls spread over a thread pool; 
 GIL). Reports ms per query (wall, best of --repeat, and the process CPU time of that run), OpenCV's time over the project's (the ratio: > 1 means the project is
 faster), and how many pairs' inlier counts agree with OpenCV's within one inlier (OpenCV's inliers
 counted like the project's: each feature once). ``--reference-pairs`` also times the plain
-float64 matcher (:mod:`gpu_dsm.reference.match`) on a few pairs and checks both backends against
+float64 matcher (`gpu_dsm.reference.match`) on a few pairs and checks both backends against
 it there. For the torch backend it also counts, per batch (one query with its top K, one
 ``spatial_verify`` call), the operator launches and host syncs a GPU run would make
-(:func:`gpu_dsm.eval.timing.count_launches`, from ``torch.profiler``'s record of the aten
+(`gpu_dsm.eval.timing.count_launches`, from ``torch.profiler``'s record of the aten
 operators); on the CPU also with the chunks a GPU would use (the CPU's are cut to its cache).
 Without opencv-python-headless (``pip install gpu_dsm[bench]``) OpenCV is reported as
 unavailable and the rest runs.

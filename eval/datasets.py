@@ -24,8 +24,8 @@ class RevisitopDataset:
     """Ground truth and image paths of one revisitop-format dataset.
 
     ``gnd[q]`` has ``easy``, ``hard``, ``junk`` (indices into ``imlist``) and optionally ``bbx``
-    (query box ``[x0, y0, x1, y1]``; without it the whole query image is used). :meth:`load`
-    validates all of them (see :func:`validate_ground_truth`).
+    (query box ``[x0, y0, x1, y1]``; without it the whole query image is used). `load`
+    validates all of them (see `validate_ground_truth`).
     """
 
     root: Path

@@ -272,7 +272,7 @@ def check_diffusion(descriptors: torch.Tensor, device: torch.device) -> dict[str
 
 
 def _verified_rule_matches_reference(descriptors: torch.Tensor, graph, affinity: np.ndarray, alpha: float) -> bool:
-    """``global+dsm+D`` (:func:`gpu_dsm.ranking.diffuse_verified`: confident matches, seeds, fused
+    """``global+dsm+D`` (`gpu_dsm.ranking.diffuse_verified`: confident matches, seeds, fused
     score, confident first) on the graph's device equals the per-query reference, for made-up
     inlier counts with a confident match in every other query."""
     n = descriptors.shape[0]

@@ -5,10 +5,10 @@
     python -m gpu_dsm.eval.seed_diagnosis plot eval/results/seeds-holidays-811-dis.json --out docs/assets/seeds.png
 
 The stores are those of ``gpu-dsm evaluate`` (reused from ``--cache-dir``). With the default
-re-ranking and graph, for every query it records, for the paper's seeds (:func:`dsm_seeds`: the
-top 10 verified, ``inliers / max * similarity``, best 5; :func:`verified_diffusion_seeds`), each seed's database index, inlier
+re-ranking and graph, for every query it records, for the paper's seeds (`dsm_seeds`: the
+top 10 verified, ``inliers / max * similarity``, best 5; `verified_diffusion_seeds`), each seed's database index, inlier
 count, weight, whether it is a positive (Medium) and its neighbours in the kNN graph; the
-confident matches (:func:`confident_matches`) and how many of the verified seeds (the plain seeds
+confident matches (`confident_matches`) and how many of the verified seeds (the plain seeds
 and the confident matches) are positives; the positives' mean rank before (``global+dsm``) and after each diffusion; and the AP (Medium) of
 every method. ``summary`` counts, over the queries where the paper's ``global+dsm+D`` loses more
 than 0.1 AP against ``global``, how many of their seeds are positives.

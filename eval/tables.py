@@ -18,7 +18,7 @@ A docs page (or the README) holds a generated table between two marker lines::
 - ``NAME``: the evaluation of result file ``NAME.json``, a row per method;
 - ``paired A:METHOD vs B:METHOD; ...``: per comparison, method B of file ``B`` against method A
   of file ``A`` over the same queries, mean AP difference per setup with its 95% paired
-  bootstrap interval over query groups (:mod:`gpu_dsm.eval.compare`; a landmark's queries are
+  bootstrap interval over query groups (`gpu_dsm.eval.compare`; a landmark's queries are
   resampled together) and the queries that gain / lose;
 - ``landmarks SETUP A:METHOD vs B:METHOD; ...``: the same differences per query group
   (landmark) for one setup;

@@ -23,13 +23,13 @@ def sync(device: torch.device | str) -> None:
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak for :func:`peak_gpu_memory_mb` (no-op off CUDA)."""
+    """Start a new peak for `peak_gpu_memory_mb` (no-op off CUDA)."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gpu_memory_mb(device: torch.device | str) -> float | None:
-    """Peak CUDA memory allocated since :func:`reset_peak_memory`, in MiB; None off CUDA."""
+    """Peak CUDA memory allocated since `reset_peak_memory`, in MiB; None off CUDA."""
     if torch.device(device).type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

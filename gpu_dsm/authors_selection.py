@@ -5,15 +5,15 @@ The rules of the reference code (MATLAB, VLFeat), per image and scale, all tenso
 1. levels: activations (scaled as ``DetectorConfig.levels`` says) rounded half away from zero,
    saturated at 255 (MATLAB's ``uint8``); delta: 1000-bin histogram (MATLAB ``hist``) of the
    non-zero float values, the centre of the last bin whose cumulative share is below 0.6,
-   rounded, capped at 12 (:func:`reference_delta`);
+   rounded, capped at 12 (`reference_delta`);
 2. MSER of both polarities; rows ordered as ``vl_mser`` lists them: channel, dark-on-bright
-   before bright-on-dark, then by grey value and seed pixel (:attr:`MSERRegions.seed`);
+   before bright-on-dark, then by grey value and seed pixel (`MSERRegions.seed`);
 3. each region's centroid and second moments as ``vl_mser`` computes them, in single precision
-   (:func:`vlfeat_moments`); regions with an exactly singular covariance dropped, THEN channels
-   with more than 36 of the rest, THEN regions where ``chol`` fails (:func:`cholesky_fails`);
+   (`vlfeat_moments`); regions with an exactly singular covariance dropped, THEN channels
+   with more than 36 of the rest, THEN regions where ``chol`` fails (`cholesky_fails`);
 4. strength: the largest value of ``fms`` (the scaled activations the reference reads) inside the
    1-sigma ellipse, as the reference fills it: ``vl_frame2oell``'s frame, 40 vertices rounded half
-   away from zero, Octave's ``poly2mask`` scanline fill (:func:`ellipse_strength`). A feature
+   away from zero, Octave's ``poly2mask`` scanline fill (`ellipse_strength`). A feature
    whose ellipse box (clipped to the map) is one pixel high or wide, or whose ellipse holds no
    activation, is dropped;
 5. database images: NMS over all features of the scale on the ellipse boxes (inclusive pixel
@@ -27,7 +27,7 @@ Measured against the authors' code run in Octave 7 with VLFeat 0.9 (``vl_mser``)
 package's ``poly2mask`` on the same activations: identical features. Where this can depart from
 it: MATLAB's own ``poly2mask`` decides boundary pixels on a 5x5 sub-pixel grid (here: Octave's);
 the seed pixel that orders regions of equal grey value in one channel is VLFeat's in 98.5% of
-regions (:attr:`MSERRegions.seed`), which matters only for ties; the single-precision moments
+regions (`MSERRegions.seed`), which matters only for ties; the single-precision moments
 are exact while a region's coordinate sums stay below 2**24.
 """
 from __future__ import annotations
@@ -169,11 +169,11 @@ def ellipse_polygons(mean32: torch.Tensor, moments: torch.Tensor) -> tuple[torch
     draws: ``vl_frame2oell`` maps the moments to ``A = [a 0; b c]`` (``a = sqrt(Sxx)``,
     ``b = Sxy / max(a, 1e-18)``, ``c = sqrt(max(Syy - b^2, 0))``), then ``A [cos t; sin t]`` (BLAS:
     ``y = fma(c, sin t, b cos t)``) plus the centre ``mean + 1``; ``t``: ``linspace(0, 2 pi, 40)``.
-    ``mean32`` ``(n, 2)`` and ``moments`` ``(n, 3)`` as :func:`vlfeat_moments` returns them; the
+    ``mean32`` ``(n, 2)`` and ``moments`` ``(n, 3)`` as `vlfeat_moments` returns them; the
     vertices are float64 map pixels, on their device. The square roots are correctly rounded, as
     Octave's (the C library's ``sqrt``), whatever MKL and the CPU do with ``torch.sqrt``
-    (:func:`gpu_dsm.kernels.precision.correctly_rounded_sqrt`); the fused multiply-add is emulated
-    exactly (:func:`gpu_dsm.kernels.precision.fused_multiply_add`)."""
+    (`gpu_dsm.kernels.precision.correctly_rounded_sqrt`); the fused multiply-add is emulated
+    exactly (`gpu_dsm.kernels.precision.fused_multiply_add`)."""
     m = moments.double()
     a = correctly_rounded_sqrt(m[:, 0])
     b = m[:, 1] / a.clamp(min=1e-18)
@@ -233,14 +233,14 @@ def ellipse_strength(scaled: torch.Tensor, acts: torch.Tensor, channel: torch.Te
                      moments: torch.Tensor, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Largest value inside each feature's 1-sigma ellipse, the reference's way
-    (``cmp_mser_regions``): the polygon of :func:`ellipse_polygons`, its vertices rounded half away
-    from zero, filled as Octave's ``poly2mask`` does (:func:`_polygon_rows`).
+    (``cmp_mser_regions``): the polygon of `ellipse_polygons`, its vertices rounded half away
+    from zero, filled as Octave's ``poly2mask`` does (`_polygon_rows`).
 
     Args:
         scaled: ``(K, H, W)`` the float values the reference sees (its ``fms``), one image and scale.
         acts: ``(K, H, W)`` the activations (reported strength), on the device of ``scaled``.
         channel, mean32, moments: ``(n,)`` int64 channels, and ``(n, 2)`` / ``(n, 3)`` float32
-            from :func:`vlfeat_moments`.
+            from `vlfeat_moments`.
         max_elements: memory budget per chunk (pixels x span pairs).
     Returns:
         ``rank (n,)`` float64, the largest ``scaled`` value in the mask (the reference's strength);

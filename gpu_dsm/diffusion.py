@@ -4,27 +4,27 @@ For each query, solve ``(I - alpha S) f = y`` by conjugate gradient, all queries
 queries are the columns of one dense ``(N, Q)`` matrix, so every iteration is one sparse-dense
 product. ``y`` holds the seeds:
 
-- :func:`plain_seeds`: the query's ``kq`` most similar database images, similarity^gamma
+- [`plain_seeds`][gpu_dsm.diffusion.plain_seeds]: the query's ``kq`` most similar database images, similarity^gamma
   (Iscen et al.);
-- :func:`verified_seeds` (the default, ``DiffusionConfig.seeds = "verified"``): the plain seeds,
-  and every *confidently* verified image of the re-ranked top-k (:func:`confident_matches`: its
+- [`verified_seeds`][gpu_dsm.diffusion.verified_seeds] (the default, ``DiffusionConfig.seeds = "verified"``): the plain seeds,
+  and every *confidently* verified image of the re-ranked top-k ([`confident_matches`][gpu_dsm.diffusion.confident_matches]: its
   inliers stand out from those of the query's other candidates) at the weight of the query's best
   match. With no confident image they are the plain seeds;
-- :func:`dsm_seeds` (``seeds = "paper"``): the top ``candidates`` after spatial re-ranking,
+- [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds] (``seeds = "paper"``): the top ``candidates`` after spatial re-ranking,
   weight ``inliers / max inliers * similarity``, keeping the best ``keep`` (paper 4.1; the
   reference code's off-by-one keeps 4). If no candidate has an inlier, the similarity^gamma of
   the top ``keep`` are the seeds (the plain query).
 
-The final score of an image is :func:`fused_scores`: ``(1 - w)`` times its diffusion score over
+The final score of an image is [`fused_scores`][gpu_dsm.diffusion.fused_scores]: ``(1 - w)`` times its diffusion score over
 the query's largest plus ``w`` times the similarity^gamma of its place in the ranking diffusion
 refines, over the best (``DiffusionConfig.similarity_weight``; ``w = 0`` is the paper's diffusion
 score alone), ties in that ranking's order. With verified seeds the confident images come first,
-in their verified order (:func:`confident_first`). Why: ``docs/diffusion.md`` measures each part.
+in their verified order ([`confident_first`][gpu_dsm.diffusion.confident_first]). Why: ``docs/diffusion.md`` measures each part.
 
 The solve runs on the connected components of the graph that hold a seed (the rest of ``f`` is
 exactly zero), with the products and column reductions of ``gpu_dsm.kernels``. With
 ``DiffusionConfig.truncation_size`` R it runs, per query, on the sub-graph of its top R images
-(truncated diffusion, :func:`truncated_conjugate_gradient`): the large-database setting.
+(truncated diffusion, [`truncated_conjugate_gradient`][gpu_dsm.diffusion.truncated_conjugate_gradient]): the large-database setting.
 """
 from __future__ import annotations
 
@@ -166,12 +166,12 @@ def conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: torch.Tenso
     runs on the connected components of the graph that hold a seed of some column: elsewhere
     every iterate is exactly zero, so the result is the same, for less work on fragmented
     graphs (mutual kNN graphs often are). ``backend``: the sparse backend of the operator built
-    from a sparse ``affinity`` (``gpu_dsm.kernels.sparse``; a :class:`SparseOperator` keeps its
+    from a sparse ``affinity`` (``gpu_dsm.kernels.sparse``; a `SparseOperator` keeps its
     own); the column reductions follow it (``"torch"``: ``torch.linalg.vecdot``).
 
     Args:
         affinity: ``(N, N)`` sparse (COO or CSR) symmetric ``S``, any device (the ``"scipy"``
-            backend: the CPU), or its :class:`SparseOperator`.
+            backend: the CPU), or its `SparseOperator`.
         rhs: ``(N, Q)`` finite floating point seeds ``Y``, on the operator's device; never modified.
         alpha: ``0 < alpha < 1``; tol: relative residual at which a column stops; max_iter: iterations at most.
     Returns:
@@ -213,7 +213,7 @@ def truncated_conjugate_gradient(affinity: torch.Tensor | SparseOperator, rhs: t
 
     Args:
         affinity: ``(N, N)`` sparse symmetric ``S`` (any device; the ``"scipy"`` backend: the
-            CPU), or its :class:`SparseOperator`.
+            CPU), or its `SparseOperator`.
         rhs: ``(N, Q)`` finite floating point seeds, any device (moved to the operator's); every
             non-zero of column ``q`` must lie on ``candidates[q]``.
         candidates: ``(Q, R)`` integer database indices, distinct within a row (e.g. the initial
@@ -266,7 +266,7 @@ def _checked_rhs(rhs, n: int, alpha: float) -> torch.Tensor:
 
 
 def _conjugate_gradient(op: SparseOperator, rhs: torch.Tensor, alpha: float, tol: float, max_iter: int) -> tuple[torch.Tensor, CGInfo]:
-    """Batched CG on ``op``'s internal order (see :func:`conjugate_gradient`); overwrites ``rhs``."""
+    """Batched CG on ``op``'s internal order (see `conjugate_gradient`); overwrites ``rhs``."""
     return _solve(lambda p, out: op.shifted_product(p, alpha, out=out), rhs, tol, max_iter, op.backend)
 
 
@@ -422,7 +422,7 @@ def confident_matches(inliers: torch.Tensor, mads: float = 8.0, ratio: float = 2
 
 def verified_seeds(similarities: torch.Tensor, ranks: torch.Tensor, confident: torch.Tensor, num_nodes: int,
                    query_k: int = 10, gamma: float = 3.0) -> torch.Tensor:
-    """``(N, Q)`` seeds: the query's plain seeds (:func:`plain_seeds`), and every confidently
+    """``(N, Q)`` seeds: the query's plain seeds ([`plain_seeds`][gpu_dsm.diffusion.plain_seeds]), and every confidently
     verified image at the weight of the query's best match, ``max(similarity_1, 0)^gamma``.
 
     A confident match is as likely relevant as the query's nearest neighbour, whatever its own
@@ -433,7 +433,7 @@ def verified_seeds(similarities: torch.Tensor, ranks: torch.Tensor, confident: t
         similarities: ``(Q, >= K)`` finite real initial scores, best first (initial order).
         ranks: ``(Q, >= K)`` integer database indices in ``0..num_nodes - 1``, in the same order.
         confident: ``(Q, K)`` bool, the confident candidates among the first ``K`` of ``ranks``
-            (:func:`confident_matches`), on the device of ``ranks``.
+            ([`confident_matches`][gpu_dsm.diffusion.confident_matches]), on the device of ``ranks``.
         num_nodes: ``N``, the database images.
     Returns:
         ``(N, Q)`` float32 on the device of ``ranks``.
@@ -470,7 +470,7 @@ def fused_scores(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch.
     ``f`` is each image's diffusion score and ``s`` the similarity of its place in ``ranks``
     (negative counts as 0), both divided by the query's largest, so the two terms share the scale
     ``[0, 1]``. For the initial ranking ``s`` is the image's own similarity; for a re-ranked one
-    (:func:`gpu_dsm.ranking.diffuse_verified`) the ``j``-th best similarity goes to the image at
+    ([`gpu_dsm.ranking.diffuse_verified`][gpu_dsm.ranking.diffuse_verified]) the ``j``-th best similarity goes to the image at
     place ``j``, so the term keeps the re-ranked order.
     Diffusion then re-orders the initial ranking instead of replacing it: an image diffusion does
     not reach keeps its initial similarity's share, ahead of a reached image the query does not
@@ -479,7 +479,7 @@ def fused_scores(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch.
     larger database) get the diffusion term only.
 
     Args:
-        scores: ``(N, Q)`` real diffusion scores (:func:`diffuse`), any device.
+        scores: ``(N, Q)`` real diffusion scores ([`diffuse`][gpu_dsm.diffusion.diffuse]), any device.
         similarities: ``(Q, M)`` finite real scores of the places of ``ranks``.
         ranks: ``(Q, M)`` integer database indices, distinct within a row, in ``0..N - 1``.
         weight: in ``[0, 1)``. gamma: the exponent of the similarities (the seeds' gamma).
@@ -560,7 +560,7 @@ def confident_first(ranking: torch.Tensor, indices: torch.Tensor, confident: tor
         ranking: ``(Q, M)`` int64 database indices, best first, distinct within a row.
         indices: ``(Q, K)`` int64 database indices of the verified candidates in their verified
             order (each one in its row of ``ranking``).
-        confident: ``(Q, K)`` bool, which of them are confident (:func:`confident_matches`).
+        confident: ``(Q, K)`` bool, which of them are confident ([`confident_matches`][gpu_dsm.diffusion.confident_matches]).
     All on one device. Returns:
         ``(Q, M)`` int64: the confident images in their verified order, then the rest of
         ``ranking`` in its order.
@@ -602,7 +602,7 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
     """Full ranking ``(Q, N)`` by diffusion scores ``(N, Q)``, ties (unreached images) in initial order.
 
     Args:
-        scores: ``(N, Q)`` real diffusion scores (:func:`diffuse`).
+        scores: ``(N, Q)`` real diffusion scores ([`diffuse`][gpu_dsm.diffusion.diffuse]).
         initial_ranks: ``(Q, N)`` int64 database indices of each query's initial ranking, best
             first, on the device of ``scores``.
     Returns:
@@ -621,27 +621,27 @@ def diffusion_ranking(scores: torch.Tensor, initial_ranks: torch.Tensor) -> torc
 
 def diffuse(graph: KnnGraph | SparseOperator | torch.Tensor, seeds: torch.Tensor,
             config: DiffusionConfig | None = None, ranks: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
-    """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a :class:`KnnGraph` (its
-    product operator is built once and kept), a :class:`SparseOperator` (its own backend), or a
+    """Diffusion scores ``(N, Q)`` for seeds ``(N, Q)`` on a graph: a [`KnnGraph`][gpu_dsm.graph.KnnGraph] (its
+    product operator is built once and kept), a `SparseOperator` (its own backend), or a
     sparse affinity; ``config.sparse_backend`` chooses the products of the first and last.
 
     With ``config.truncation_size`` R, each query is solved on the sub-graph of its first R
     images of ``ranks`` (``(Q, >= R)`` int64 database indices, best first; required then):
-    :func:`truncated_conjugate_gradient`. Scores are zero outside them.
+    [`truncated_conjugate_gradient`][gpu_dsm.diffusion.truncated_conjugate_gradient]. Scores are zero outside them.
 
-    Warns (:class:`ConvergenceWarning`) when CG stops at ``max_iter`` with a column's relative
+    Warns ([`ConvergenceWarning`][gpu_dsm.diffusion.ConvergenceWarning]) when CG stops at ``max_iter`` with a column's relative
     residual above ``tol`` (the reference code's 20 iterations often do at alpha = 0.99): the
     result is then the truncated solve, and the warning says by how much.
 
     Args:
         graph: the database's graph; its products run on its device (the ``"scipy"`` backend: the CPU).
-        seeds: ``(N, Q)`` finite floating point (:func:`plain_seeds`, :func:`dsm_seeds`), on the
+        seeds: ``(N, Q)`` finite floating point ([`plain_seeds`][gpu_dsm.diffusion.plain_seeds], [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds]), on the
             graph's device (any device with ``truncation_size``); converted to the solve's dtype.
-        config: alpha, tolerance, iterations, dtype, backend, truncation (default :class:`DiffusionConfig`).
+        config: alpha, tolerance, iterations, dtype, backend, truncation (default [`DiffusionConfig`][gpu_dsm.diffusion.DiffusionConfig]).
         ranks: ``(Q, >= R)`` integer database indices, any device; only with ``truncation_size``.
     Returns:
         ``(F, CGInfo)``: ``F`` ``(N, Q)`` on the graph's device, in ``config.dtype`` (a
-        :class:`SparseOperator` graph: its own dtype); ``CGInfo.relative_residual`` ``(Q,)`` likewise.
+        `SparseOperator` graph: its own dtype); ``CGInfo.relative_residual`` ``(Q,)`` likewise.
 
     Examples:
         Five images in two components (``{0, 1, 2}`` and ``{3, 4}``) and one query whose initial

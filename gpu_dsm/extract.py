@@ -143,8 +143,8 @@ def _forward_scale(backbone: Backbone, batch: torch.Tensor, scale: float, skip_s
 
 
 def default_batch_size(device: torch.device | str) -> int:
-    """Images per forward pass when :attr:`ExtractConfig.batch_size` is ``None``: 1 on the CPU
-    (measured fastest there, see :class:`ExtractConfig`), 16 on an accelerator."""
+    """Images per forward pass when `ExtractConfig.batch_size` is ``None``: 1 on the CPU
+    (measured fastest there, see [`ExtractConfig`][gpu_dsm.extract.ExtractConfig]), 16 on an accelerator."""
     return 1 if torch.device(device).type == "cpu" else 16
 
 
@@ -153,16 +153,16 @@ def iterate_activations(
     backbone: Backbone, images: Sequence[ImageLike | ImageSpec], cfg: ExtractConfig | None = None, desc: str = "extract",
     recompute_scale_factor: bool = False,
 ) -> Iterator[ActivationBatch]:
-    """Yield :class:`ActivationBatch` es covering ``images`` (in an order chosen for batching).
+    """Yield [`ActivationBatch`][gpu_dsm.extract.ActivationBatch] es covering ``images`` (in an order chosen for batching).
 
     Each scale ``s`` is bilinear interpolation to ``floor(H s) x floor(W s)`` sampling at ``1 / s``
     (cnnimageretrieval-pytorch), or with ``recompute_scale_factor`` at ``H / floor(H s)`` (HOW's
     ``how_net.scale_image``, gtolias/how).
 
     Device and dtype follow ``backbone``; maps stay on that device. Images are read as uint8 RGB
-    (paths, or in-memory ``(H, W, 3)`` arrays / ``(3, H, W)`` tensors: :mod:`gpu_dsm.images`) and
+    (paths, or in-memory ``(H, W, 3)`` arrays / ``(3, H, W)`` tensors: [`gpu_dsm.images`][gpu_dsm.images]) and
     scaled to ``[0, 1]`` on the backbone's device. Progress is reported as ``desc`` when
-    ``cfg.progress`` (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines with the rate
+    ``cfg.progress`` (`gpu_dsm.progress.progress`: a bar on a terminal, lines with the rate
     and ETA on stderr otherwise).
 
     Examples:
@@ -202,7 +202,7 @@ def extract_activations(
     """All activations in input order: ``result[i][s]`` is image ``i`` at scale ``s``, ``(K, h, w)``,
     in the backbone's dtype on its device.
 
-    Keeps everything in memory; for a whole database use :func:`iterate_activations`.
+    Keeps everything in memory; for a whole database use [`iterate_activations`][gpu_dsm.extract.iterate_activations].
 
     Examples:
         >>> import torch

@@ -28,7 +28,7 @@ class LocalFeatures:
         scales: the scale factors, shared by all images.
         num_channels: channels of the network (visual words), for checks when matching.
     Padded rows hold zeros (and an identity frame) and ``valid == False``. All tensors are on one
-    device (:attr:`device`; the activations' device when made by :func:`gpu_dsm.detect.detect`).
+    device ([`device`][gpu_dsm.features.LocalFeatures.device]; the activations' device when made by [`gpu_dsm.detect.detect`][gpu_dsm.detect.detect]).
 
     Examples:
         >>> import torch
@@ -68,7 +68,7 @@ class LocalFeatures:
 
     @property
     def counts(self) -> torch.Tensor:
-        """``(B,)`` int64 number of valid features per image, on :attr:`device`."""
+        """``(B,)`` int64 number of valid features per image, on [`device`][gpu_dsm.features.LocalFeatures.device]."""
         return self.valid.sum(1)
 
     @property
@@ -78,7 +78,7 @@ class LocalFeatures:
 
     @property
     def cov(self) -> torch.Tensor:
-        """``(B, N, 2, 2)`` float32 covariances ``A A^T``, feature-map pixels^2, on :attr:`device`."""
+        """``(B, N, 2, 2)`` float32 covariances ``A A^T``, feature-map pixels^2, on [`device`][gpu_dsm.features.LocalFeatures.device]."""
         return self.frame @ self.frame.transpose(-1, -2)
 
     def to(self, device: torch.device | str) -> "LocalFeatures":
@@ -103,7 +103,7 @@ class LocalFeatures:
         return self._replace(**{name: getattr(self, name)[:, :n] for name in self._TENSORS if name != "map_sizes"})
 
     def image(self, i: int) -> dict[str, torch.Tensor]:
-        """The valid rows of image ``i`` as a dict of unpadded tensors, on :attr:`device`:
+        """The valid rows of image ``i`` as a dict of unpadded tensors, on [`device`][gpu_dsm.features.LocalFeatures.device]:
         ``xy (n, 2)``, ``frame (n, 2, 2)``, ``strength (n,)`` (float32), ``channel (n,)``,
         ``scale (n,)`` (int64)."""
         keep = self.valid[i]

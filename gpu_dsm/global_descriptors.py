@@ -57,7 +57,7 @@ class GlobalConfig:
 
 @dataclass
 class GlobalRecipe:
-    """A :class:`GlobalConfig` resolved for one backbone: what :func:`global_descriptor` is called with."""
+    """A [`GlobalConfig`][gpu_dsm.global_descriptors.GlobalConfig] resolved for one backbone: what [`global_descriptor`][gpu_dsm.global_descriptors.global_descriptor] is called with."""
 
     pooling: str
     p: float | torch.Tensor
@@ -76,7 +76,7 @@ class GlobalRecipe:
         return self.network_whitening.output_dim if self.network_whitening is not None else num_channels
 
     def __call__(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """:func:`global_descriptor` of one image's maps ``[(K, h_s, w_s)] * S`` -> ``(D,)``."""
+        """[`global_descriptor`][gpu_dsm.global_descriptors.global_descriptor] of one image's maps ``[(K, h_s, w_s)] * S`` -> ``(D,)``."""
         return global_descriptor(maps, self.pooling, self.p, self.multiscale_power, self.network_whitening)
 
 
@@ -86,15 +86,15 @@ def global_descriptor(maps: Sequence[torch.Tensor], pooling: str = "gem", p: flo
 
     Each scale is pooled and L2-normalised (and, with ``network_whitening``, whitened and
     L2-normalised again: a whitening layer inside the network, as in cnnimageretrieval-pytorch);
-    scales are combined by a power mean with ``multiscale_power`` (default :func:`multiscale_p`:
+    scales are combined by a power mean with ``multiscale_power`` (default [`multiscale_p`][gpu_dsm.pooling.multiscale_p]:
     GeM's p, or 1) and the result is L2-normalised (paper 4.1; cnnimageretrieval-pytorch ``extract_ms``).
 
     Args:
         maps: the image's finite activations at each scale, ``(K, h_s, w_s)``, any floating dtype,
             on one device.
-        pooling, p: as :func:`gpu_dsm.pooling.pool` (``p`` a float, or a tensor on the maps' device).
+        pooling, p: as [`gpu_dsm.pooling.pool`][gpu_dsm.pooling.pool] (``p`` a float, or a tensor on the maps' device).
         multiscale_power: exponent of the power mean over scales.
-        network_whitening: a :class:`Whitening` applied per scale (``D`` = its output dimension,
+        network_whitening: a [`Whitening`][gpu_dsm.whitening.Whitening] applied per scale (``D`` = its output dimension,
             else ``K``).
     Returns:
         ``(D,)`` float32 on the maps' device.

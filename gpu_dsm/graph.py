@@ -67,11 +67,11 @@ class GraphConfig:
 
 @dataclass
 class KnnGraph:
-    """A database's kNN graph, as built by :func:`build_knn_graph`.
+    """A database's kNN graph, as built by [`build_knn_graph`][gpu_dsm.graph.build_knn_graph].
 
     Fields:
         affinity: ``(N, N)`` sparse CSR float32 ``S = D^-1/2 W D^-1/2`` (symmetric, zero diagonal),
-            on the device of the descriptors it was built from (or where :meth:`load` put it).
+            on the device of the descriptors it was built from (or where [`load`][gpu_dsm.graph.KnnGraph.load] put it).
         k: neighbours per node used; gamma: the similarity exponent; mutual: mutual neighbours only.
     """
 
@@ -84,7 +84,7 @@ class KnnGraph:
     def operator(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> SparseOperator:
         """The product operator of ``affinity`` for diffusion (node reordering, threads, connected
         components), built on first use and kept per ``(dtype, backend)``; ``backend`` as
-        :class:`SparseOperator`'s (``"torch"``, the GPU path, runs on any device)."""
+        `SparseOperator`'s (``"torch"``, the GPU path, runs on any device)."""
         key = (dtype, backend)
         if key not in self._operators:
             self._operators[key] = SparseOperator(self.affinity, dtype, backend=backend)
@@ -118,7 +118,7 @@ class KnnGraph:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "KnnGraph":
-        """Read a graph written by :meth:`save`, its affinity on ``device``."""
+        """Read a graph written by [`save`][gpu_dsm.graph.KnnGraph.save], its affinity on ``device``."""
         state = torch_load_checked(path, _FORMAT, "graph")
         n = state["size"][0]
         if state["crow"].numel() != n + 1 or state["col"].numel() != state["values"].numel():
@@ -168,7 +168,7 @@ def exact_neighbours(x: torch.Tensor, k: int, chunk_size: int = 4096) -> tuple[t
 def faiss_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate neighbours with FAISS (HNSW, inner product); self excluded.
 
-    Same arguments and results as :func:`exact_neighbours` (the search runs on the CPU in float32;
+    Same arguments and results as [`exact_neighbours`][gpu_dsm.graph.exact_neighbours] (the search runs on the CPU in float32;
     similarities come back float32, indices int64, on the device of ``x``).
     """
     try:
@@ -197,9 +197,9 @@ def build_knn_graph(descriptors: torch.Tensor, config: GraphConfig | None = None
 
     Args:
         descriptors: ``(N, D)`` finite floating point (computed in float32), ``N > 0``, any device.
-        config: neighbours, weight exponent and backend (default :class:`GraphConfig`).
+        config: neighbours, weight exponent and backend (default [`GraphConfig`][gpu_dsm.graph.GraphConfig]).
     Returns:
-        :class:`KnnGraph` whose ``affinity`` is an ``(N, N)`` sparse CSR float32 tensor on the
+        [`KnnGraph`][gpu_dsm.graph.KnnGraph] whose ``affinity`` is an ``(N, N)`` sparse CSR float32 tensor on the
         descriptors' device.
 
     Examples:

@@ -14,12 +14,12 @@ order, then row-major position). Each feature keeps its position (feature-map pi
 scale, ``x`` = column), its scale index and its attention (``strength``).
 
 Images of one size share a forward pass and a selection call; they are never padded. The
-whitening is fitted on other images (:func:`fit_how_whitening`) from streamed moments of their
+whitening is fitted on other images ([`fit_how_whitening`][gpu_dsm.how.fit_how_whitening]) from streamed moments of their
 scale-1 descriptors (top ``n`` by attention, smoothed, not reduced).
 
 A backbone built from a HOW checkpoint (``build_backbone(name, weights="how_r18.pth")``, the
-layout of gtolias/how; :func:`gpu_dsm.backbones.checkpoint.split_how_checkpoint`) carries the
-learned reduction: :func:`describe_how` uses it when given no whitening, :func:`fit_how_whitening`
+layout of gtolias/how; `gpu_dsm.backbones.checkpoint.split_how_checkpoint`) carries the
+learned reduction: [`describe_how`][gpu_dsm.how.describe_how] uses it when given no whitening, [`fit_how_whitening`][gpu_dsm.how.fit_how_whitening]
 returns it without fitting, the layer defaults to the checkpoint's, and each scale is sampled as
 the authors' ``how_net.scale_image`` does (``recompute_scale_factor=True``). The features then
 equal the authors' ``HOWNet.forward_local`` (strength = their attention times the image's
@@ -81,7 +81,7 @@ class HOWConfig:
         self.extract_config()  # validates scales, image_size, batch_size
 
     def extract_config(self, scales: Sequence[float] | None = None) -> ExtractConfig:
-        """The :class:`ExtractConfig` HOW's maps are computed with: ``image_size``, ``upscale``,
+        """The [`ExtractConfig`][gpu_dsm.extract.ExtractConfig] HOW's maps are computed with: ``image_size``, ``upscale``,
         ``batch_size`` and ``progress`` of this config, ``scales`` (default: this config's), and
         ``small_scales="skip"``: a scale at which an image is too small for the network gives
         no maps instead of an error."""
@@ -125,7 +125,7 @@ class HOWFeatures:
 
     @classmethod
     def load(cls, path: str | Path) -> "HOWFeatures":
-        """Read features written by :meth:`save`, on the CPU. A file of another format, arrays of
+        """Read features written by [`save`][gpu_dsm.how.HOWFeatures.save], on the CPU. A file of another format, arrays of
         different lengths, image ids outside ``0..num_images - 1`` or non-finite descriptors
         raise ``ValueError``."""
         state = torch_load_checked(path, _FORMAT, "HOW features")
@@ -145,7 +145,7 @@ class HOWFeatures:
 
 
 def merge_how_features(parts: Sequence[HOWFeatures], indices: Sequence[Sequence[int]], num_images: int) -> HOWFeatures:
-    """One :class:`HOWFeatures` of ``num_images`` images from ``parts[s]`` holding images
+    """One [`HOWFeatures`][gpu_dsm.how.HOWFeatures] of ``num_images`` images from ``parts[s]`` holding images
     ``indices[s]`` (in that order): each image's rows in their order, images in index order."""
     if sorted(i for rows in indices for i in rows) != list(range(num_images)):
         raise ValueError(f"merge_how_features: the parts hold {sum(len(r) for r in indices)} images, not each of "
@@ -198,7 +198,7 @@ def smooth(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
 def reduce_map(maps: torch.Tensor, whitening: Whitening | None, dim: int) -> torch.Tensor:
     """The 1x1 reduction ``P[:dim] (u - m)`` of ``(B, K, h, w)`` -> ``(B, dim, h, w)`` float32 on
     the maps' device (identity without whitening). The product is IEEE float32 whatever TF32 or
-    matmul precision the caller set (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`): the
+    matmul precision the caller set ([`gpu_dsm.kernels.precision.ieee_float32_matmul`][kernels.precision.ieee_float32_matmul]): the
     descriptors feed ASMK's word assignment."""
     if whitening is None:
         return maps.float()
@@ -260,7 +260,7 @@ def _maps_by_scale(batch) -> list[torch.Tensor | None]:
 
 
 def how_checkpoint(backbone) -> HOWCheckpoint | None:
-    """The HOW checkpoint ``backbone`` was built from (:class:`HOWCheckpoint`: learned reduction,
+    """The HOW checkpoint ``backbone`` was built from (`HOWCheckpoint`: learned reduction,
     layer, smoothing), else ``None``."""
     return getattr(getattr(backbone, "head", None), "how", None)
 
@@ -277,11 +277,11 @@ def _check_checkpoint_config(checkpoint: HOWCheckpoint, config: HOWConfig) -> No
 @torch.no_grad()
 def describe_how(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], whitening: Whitening | None = None,
                  config: HOWConfig | None = None, desc: str = "HOW") -> HOWFeatures:
-    """:class:`HOWFeatures` of ``images`` (in input order) from ``backbone`` cut at ``config.layer``;
+    """[`HOWFeatures`][gpu_dsm.how.HOWFeatures] of ``images`` (in input order) from ``backbone`` cut at ``config.layer``;
     on the backbone's device.
 
     ``whitening``: the reduction ``(d, K)``; ``None`` takes the learned reduction of the HOW
-    checkpoint ``backbone`` was built from (:func:`how_checkpoint`; an error without one). With
+    checkpoint ``backbone`` was built from ([`how_checkpoint`][gpu_dsm.how.how_checkpoint]; an error without one). With
     such a backbone, ``config.layer`` must be ``None`` or the checkpoint's and ``config.smoothing``
     the checkpoint's, and scales are sampled as the authors' code does (``recompute_scale_factor``).
     """
@@ -328,9 +328,9 @@ def how_moments(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], con
                 desc: str = "HOW whitening") -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(count, sum (K,), sum of outer products (K, K))`` of the scale-1 descriptors (top
     ``num_features`` by attention, smoothed) of ``images`` at ``backbone``'s HOW layer: an int
-    and two float64 tensors on the backbone's device, what :func:`fit_how_whitening` learns
+    and two float64 tensors on the backbone's device, what [`fit_how_whitening`][gpu_dsm.how.fit_how_whitening] learns
     from. Moments of disjoint image sets add up, so processes can each sum a slice
-    (:mod:`gpu_dsm.shards`)."""
+    (`gpu_dsm.shards`)."""
     config = config or HOWConfig()
     net = cut_backbone(backbone, config.layer)
     k = net.out_channels
@@ -351,7 +351,7 @@ def how_moments(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], con
 def fit_how_whitening(backbone: Backbone, images: Sequence[ImageLike | ImageSpec], config: HOWConfig | None = None,
                       desc: str = "HOW whitening") -> Whitening:
     """HOW's PCA whitening of ``backbone``'s layer, learned on ``images`` (not the evaluated
-    queries): the moments of :func:`how_moments`, ``dim`` rows (:func:`pca_whitening_from_moments`).
+    queries): the moments of [`how_moments`][gpu_dsm.how.how_moments], ``dim`` rows ([`pca_whitening_from_moments`][gpu_dsm.whitening.pca_whitening_from_moments]).
 
     A backbone built from a HOW checkpoint returns the checkpoint's learned reduction instead
     (nothing is fitted, ``images`` are not read)."""

@@ -2,9 +2,9 @@
 
 The standard image protocol of revisitop and cnnimageretrieval-pytorch, exactly: RGB
 conversion, PIL's crop, PIL's ``thumbnail`` (never enlarging; Lanczos), and a query crop scaled
-as its full image is. ``upscale=True`` departs from it on purpose (see :func:`crop_bound`).
+as its full image is. ``upscale=True`` departs from it on purpose (see [`crop_bound`][gpu_dsm.images.crop_bound]).
 
-Decoding (:func:`to_rgb`): the reference loads every image with ``Image.open(path).convert('RGB')``
+Decoding ([`to_rgb`][gpu_dsm.images.to_rgb]): the reference loads every image with ``Image.open(path).convert('RGB')``
 (cnnimageretrieval-pytorch ``datasets/datahelpers.py: pil_loader``; revisitop's example code
 does the same). That is kept for every 8-bit mode; where PIL's conversion would silently
 destroy an image, the levels are mapped instead:
@@ -212,7 +212,7 @@ def load_image(spec: ImageSpec, max_size: int = 1024, upscale: bool = False) -> 
 
     Downscaling is PIL's ``thumbnail`` with Lanczos filtering (its default two-step reduction,
     ``reducing_gap=2``), as cnnimageretrieval-pytorch's ``imresize``; with ``upscale`` a smaller
-    image is enlarged by a Lanczos ``resize``. See :func:`crop_bound` for the size of query crops.
+    image is enlarged by a Lanczos ``resize``. See [`crop_bound`][gpu_dsm.images.crop_bound] for the size of query crops.
 
     Examples:
         A 200 x 150 crop of a 400 x 300 image keeps the scale of its full image (fitted into
@@ -242,5 +242,5 @@ def load_image(spec: ImageSpec, max_size: int = 1024, upscale: bool = False) -> 
 
 
 def as_specs(images: Sequence[ImageLike | ImageSpec]) -> list[ImageSpec]:
-    """Every item as an :class:`ImageSpec` (an image without a box when it is not one already)."""
+    """Every item as an [`ImageSpec`][gpu_dsm.images.ImageSpec] (an image without a box when it is not one already)."""
     return [im if isinstance(im, ImageSpec) else ImageSpec(im) for im in images]

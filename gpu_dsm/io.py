@@ -119,7 +119,7 @@ def publish_directory(staged: str | Path, path: str | Path) -> Path:
 
 
 def unfinished_directories(path: str | Path) -> list[Path]:
-    """Temporary directories :func:`atomic_directory` left for ``path`` when its process was killed
+    """Temporary directories [`atomic_directory`][gpu_dsm.io.atomic_directory] left for ``path`` when its process was killed
     before it could clean up (SIGKILL, power loss). Only safe to remove while holding the lock
     that guards writing ``path``."""
     path = Path(path)
@@ -281,7 +281,7 @@ def _defaultdict_of_lists(default_factory=None) -> dict:
 
 def _checkpoint_globals() -> list:
     """What HOW training checkpoints pickle besides tensors, plain data and numpy scalars: their
-    scores' ``defaultdict(list)``, built by :func:`_defaultdict_of_lists` (never by the callable
+    scores' ``defaultdict(list)``, built by `_defaultdict_of_lists` (never by the callable
     the pickle names), and ``list``, its default factory."""
     return [(_defaultdict_of_lists, "collections.defaultdict"), list]
 
@@ -331,7 +331,7 @@ def _torch_reason(exc: Exception) -> str:
 
 
 def torch_load_checked(path: str | Path, file_format: str, what: str) -> dict:
-    """Load a state dict written by :func:`torch_save` whose ``"format"`` is ``file_format``;
+    """Load a state dict written by [`torch_save`][gpu_dsm.io.torch_save] whose ``"format"`` is ``file_format``;
     errors name ``what`` (e.g. "whitening") and the path. Never runs code from the file."""
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,7 @@ kornia's LAF of a feature is a ``(2, 3)`` matrix ``[A | c]`` in image pixels: th
 DSM feature is an ellipse in feature-map pixels of its own scale with centre ``xy`` and frame
 ``F`` (``F F^T`` = the region's covariance), so its LAF is ``[radius * S F | S (xy + 1/2) - 1/2]``
 with ``S = diag(image width / map width, image height / map height)`` for that scale: activation
-pixels sit at the centres of their cells (as :func:`gpu_dsm.visualize.feature_to_image` draws
+pixels sit at the centres of their cells (as `gpu_dsm.visualize.feature_to_image` draws
 them). ``radius`` 1 is the 1-sigma ellipse (the reference code's ellipse); 2 is the outline of the
 uniform region with the region's second moments.
 
@@ -39,7 +39,7 @@ def features_to_laf(features: LocalFeatures, image_sizes: torch.Tensor, radius: 
     """LAFs of ``features`` in pixels of images of ``image_sizes``.
 
     Args:
-        features: a :class:`LocalFeatures` table of ``B`` images, ``N`` rows each.
+        features: a [`LocalFeatures`][gpu_dsm.features.LocalFeatures] table of ``B`` images, ``N`` rows each.
         image_sizes: ``(B, 2)`` ``(width, height)`` in image pixels (integer or float; a tensor,
             array or list), on the features' device.
         radius: the outline drawn, in standard deviations (1: the 1-sigma ellipse).
@@ -73,9 +73,9 @@ def features_to_laf(features: LocalFeatures, image_sizes: torch.Tensor, radius: 
 
 
 def laf_to_features(laf: torch.Tensor, template: LocalFeatures, image_sizes: torch.Tensor, radius: float = 1.0) -> LocalFeatures:
-    """The inverse of :func:`features_to_laf`: ``template`` with centres and frames read off ``laf``
+    """The inverse of [`features_to_laf`][gpu_dsm.laf.features_to_laf]: ``template`` with centres and frames read off ``laf``
     ``(B, N, 2, 3)`` (floating point, image pixels, on the template's device; channels, scales,
-    strengths and validity are kept). ``image_sizes`` and ``radius`` as for :func:`features_to_laf`;
+    strengths and validity are kept). ``image_sizes`` and ``radius`` as for [`features_to_laf`][gpu_dsm.laf.features_to_laf];
     the new ``xy`` and ``frame`` are float32 in feature-map pixels.
 
     A LAF's ``A`` may be any invertible matrix (kornia rotates and shears them); the frame kept is

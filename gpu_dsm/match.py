@@ -15,8 +15,8 @@ For each (query, candidate) pair and each of the ``S x S`` (query scale, candida
 Steps 2-4 run per group of correspondences (a pair's scale pair) by one of two backends
 (``MatchConfig.backend``):
 
-- ``"native"``: a C kernel on the CPU (:mod:`gpu_dsm.kernels.fsm`), threads over groups, with the
-  float64 operations of the plain matcher (:mod:`gpu_dsm.reference.match`);
+- ``"native"``: a C kernel on the CPU (`gpu_dsm.kernels.fsm`), threads over groups, with the
+  float64 operations of the plain matcher (`gpu_dsm.reference.match`);
 - ``"torch"``: tensor passes on any device, with the plain matcher's float64 operations on
   ``(groups, hypotheses, correspondences)`` tensors: groups sorted by size and padded into
   chunks whose ``groups x hypotheses x correspondences`` stays under ``max_elements``, the
@@ -215,7 +215,7 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         query_index: ``(P,)`` which query each candidate belongs to (default: all query 0).
         config: matching parameters (paper defaults).
     Returns:
-        :class:`MatchResult` over the ``P`` pairs, on the features' device.
+        [`MatchResult`][gpu_dsm.match.MatchResult] over the ``P`` pairs, on the features' device.
 
     On any device the call reads from the device four times (the numbers of scales and channels
     with the range check of ``query_index``, the number of correspondences, the group sizes, the
@@ -477,7 +477,7 @@ def _fit(mask: torch.Tensor, monomials: torch.Tensor) -> tuple[torch.Tensor, tor
     """Least-squares hypotheses ``(6, G, K)`` on the inliers ``mask (G, K, C)`` and whether each is
     valid ``(G, K)``: the normal equations solved by Cramer's rule with the formulas of
     reference/match.py ``solve_normal_equations``, each family of terms one batched operation;
-    ``monomials (G, C, 11)`` from :func:`_monomials`."""
+    ``monomials (G, C, 11)`` from `_monomials`."""
     sums = torch.bmm(mask.to(monomials.dtype), monomials)
     n, sx, sy, sxx, sxy, syy, su, sxu, sv, sxv, syv = sums.unbind(-1)
     det2, m_yy, m_xy, m_xyy, a_num, tx_num, r_v, q_v, r_w, q_w = _products(
@@ -516,7 +516,7 @@ def _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_hos
     """Best count ``(G,)``, params ``(G, 5)`` and inlier mask ``(N,)`` of every group, by tensor passes.
 
     Two passes over chunks of groups of similar size, planned on the host from ``sizes_host``
-    (:func:`_plan_chunks`), without host syncs: every hypothesis of every group scored, the best
+    (`_plan_chunks`), without host syncs: every hypothesis of every group scored, the best
     ``max(lo_hypotheses, 1)`` of each kept; then their local optimisation and the winner's inliers.
     """
     device = candidates.device

@@ -1,6 +1,6 @@
 """Maximally stable extremal regions (MSER) of many maps at once, with VLFeat's semantics.
 
-:func:`mser` reproduces ``vl_mser`` (VLFeat 0.9.x ``mser.c``) exactly, as a threshold-level
+[`mser`][gpu_dsm.mser.mser] reproduces ``vl_mser`` (VLFeat 0.9.x ``mser.c``) exactly, as a threshold-level
 formulation that handles every map of a batch in one pass:
 
 1. ``u`` is the map itself (dark-on-bright) or ``255 - map`` (bright-on-dark, VLFeat's
@@ -58,7 +58,7 @@ _PAGE_SIDE = 2048  # side of the pages that level-set tiles are packed into for 
 
 @dataclass
 class MSERRegions:
-    """Regions found by :func:`mser`, one row per region, ordered by map then level.
+    """Regions found by [`mser`][gpu_dsm.mser.mser], one row per region, ordered by map then level.
 
     Fields:
         map_index: ``(N,)`` int64, flat index of the region's map over the leading dimensions of
@@ -80,7 +80,7 @@ class MSERRegions:
             one polarity in the order of ``(value of u, seed)`` (used by ``DetectorConfig.reference()``).
         num_maps: number of maps searched.
 
-    All tensors are on the device of the ``levels`` that :func:`mser` was given.
+    All tensors are on the device of the ``levels`` that [`mser`][gpu_dsm.mser.mser] was given.
     """
 
     map_index: torch.Tensor
@@ -462,7 +462,7 @@ def mser(
             pixels at or below it); about 40 bytes each at the peak (measured). The C kernel
             needs a few arrays of one map's size per thread.
     Returns:
-        :class:`MSERRegions` on ``levels``' device, coordinates in pixels of the maps. Maps
+        [`MSERRegions`][gpu_dsm.mser.MSERRegions] on ``levels``' device, coordinates in pixels of the maps. Maps
         smaller than 3x3 and empty inputs give no regions; so do constant maps.
 
     Examples:

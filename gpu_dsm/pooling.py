@@ -70,11 +70,11 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
 
 
 def pool(x: torch.Tensor, method: str, p: float | torch.Tensor = 3.0) -> torch.Tensor:
-    """Dispatch to :func:`gem`, :func:`mac` or :func:`spoc` by name.
+    """Dispatch to [`gem`][gpu_dsm.pooling.gem], [`mac`][gpu_dsm.pooling.mac] or [`spoc`][gpu_dsm.pooling.spoc] by name.
 
     Args:
         x: ``(B, K, H, W)`` floating point activations, ``H, W >= 1``.
-        method: one of :data:`POOLINGS`; ``"gemmp"`` is :func:`gem` with a ``(K,)`` tensor ``p``,
+        method: one of `POOLINGS`; ``"gemmp"`` is [`gem`][gpu_dsm.pooling.gem] with a ``(K,)`` tensor ``p``,
             one exponent per channel.
         p: GeM's exponent (``gem``: a float or ``(1,)`` tensor; ``gemmp``: ``(K,)``).
     Returns:

@@ -38,7 +38,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts steps of a loop and reports them (see the module docstring); made by :func:`progress`.
+    """Counts steps of a loop and reports them (see the module docstring); made by `progress`.
 
     Args:
         total: number of steps (``None``: unknown, lines then give no percentage or ETA).
@@ -127,7 +127,7 @@ class Progress:
 
 
 def progress(total: int | None, desc: str, enabled: bool = True, unit: str = "img", **options) -> Progress:
-    """A :class:`Progress` for a loop of ``total`` steps: a bar on a terminal, a line per tenth
+    """A `Progress` for a loop of ``total`` steps: a bar on a terminal, a line per tenth
     of the total or per 30 s in a log, nothing when ``enabled`` is false. ``options``: the other
-    arguments of :class:`Progress` (``stream``, ``every_seconds``, ``every_fraction``, ``clock``)."""
+    arguments of `Progress` (``stream``, ``every_seconds``, ``every_fraction``, ``clock``)."""
     return Progress(total, desc, enabled, unit, **options)

@@ -100,7 +100,7 @@ class RerankResult:
             re-ranked ``top_k``).
         inliers: ``(Q, K)`` int64 inlier counts, in that order (0 beyond ``top_k``).
         order: ``(Q, K)`` int64 positions in the initial top-k, in the new order.
-        match: the :class:`MatchResult` of the ``Q * min(top_k, K)`` verified pairs in the
+        match: the [`MatchResult`][gpu_dsm.match.MatchResult] of the ``Q * min(top_k, K)`` verified pairs in the
             initial order (``None`` where results of several batches were merged).
     All tensors are on the device of the candidates' features.
     """
@@ -152,17 +152,17 @@ class DSMReranker(nn.Module):
 
     ``forward(query_features, candidate_features, similarities, indices=None)``:
 
-    - ``query_features``: :class:`LocalFeatures` of ``Q`` queries.
-    - ``candidate_features``: :class:`LocalFeatures` of ``Q * K`` candidates, query-major
+    - ``query_features``: [`LocalFeatures`][gpu_dsm.features.LocalFeatures] of ``Q`` queries.
+    - ``candidate_features``: [`LocalFeatures`][gpu_dsm.features.LocalFeatures] of ``Q * K`` candidates, query-major
       (the ``K`` candidates of query 0 in initial order, then query 1, ...).
     - ``similarities``: ``(Q, K)`` initial similarities (or any score decreasing with rank).
     - ``indices``: ``(Q, K)`` database indices of the candidates (default ``0..K-1``).
 
-    Only the first ``top_k`` of each row are re-ranked; returns :class:`RerankResult`, on the
+    Only the first ``top_k`` of each row are re-ranked; returns [`RerankResult`][gpu_dsm.rerank.RerankResult], on the
     candidate features' device (``similarities`` and ``indices`` are moved there; query and
     candidate features must share a device). With no candidates (``K = 0``) or no queries
     (``Q = 0``) the result is empty: every tensor ``(Q, K)`` with a zero side, and a
-    :class:`MatchResult` of no pairs.
+    [`MatchResult`][gpu_dsm.match.MatchResult] of no pairs.
 
     Examples:
         A query with six features (one per channel) and three candidates: two with the same
@@ -226,10 +226,10 @@ def rerank_by_inliers(inliers: torch.Tensor, similarities: torch.Tensor, indices
     """Re-rank the first ``kk = min(config.top_k, K)`` candidates of each query from their
     inlier counts ``(Q, >= kk)`` (integer, initial order) and similarities (finite real) / indices
     (int64) ``(Q, K)``, by ``config.score``; the rest keep their place. Stable: ties keep the
-    initial order. The :class:`RerankResult` (``match=None``) is on the similarities' device.
+    initial order. The [`RerankResult`][gpu_dsm.rerank.RerankResult] (``match=None``) is on the similarities' device.
 
     Verification is independent per pair, so the inliers of a query's top 100 also give the
-    re-ranking of its top 20 (:mod:`gpu_dsm.eval.sweep` relies on it)."""
+    re-ranking of its top 20 (`gpu_dsm.eval.sweep` relies on it)."""
     q, k = similarities.shape
     kk = min(config.top_k, k)
     device = similarities.device
@@ -252,7 +252,7 @@ def gather_local(source: LocalSource, indices: Sequence[int] | torch.Tensor, dev
     """The local features of images ``indices`` (in that order, repeats allowed) on ``device``.
 
     ``indices``: database rows, a sequence of ints or an integer tensor (any device). A
-    :class:`LocalFeatures` table (any device) is indexed on its device and the rows moved; a
+    [`LocalFeatures`][gpu_dsm.features.LocalFeatures] table (any device) is indexed on its device and the rows moved; a
     feature store reads them from its memory map.
     """
     if isinstance(source, LocalFeatures):
@@ -268,16 +268,16 @@ def rerank_top_k(reranker: DSMReranker, queries: LocalSource, database: LocalSou
     """DSM re-ranking of the top of every query's ranking (paper 3.6).
 
     Args:
-        reranker: the :class:`DSMReranker` (its ``config.top_k`` candidates are verified).
+        reranker: the [`DSMReranker`][gpu_dsm.rerank.DSMReranker] (its ``config.top_k`` candidates are verified).
         queries, database: where the local features of the queries / database images come from.
         ranks: ``(Q, N)`` int64 database indices of each query's ranking, best first (on the CPU).
         similarities: ``(Q, >= K)`` their initial scores, real, any device (moved to ``device``).
         device: where verification runs (the local features are gathered there).
         query_batch: queries verified at once: bounds memory to ``query_batch * top_k`` candidate tables.
-        show_progress: report progress (:func:`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
+        show_progress: report progress (`gpu_dsm.progress.progress`: a bar on a terminal, lines in a log).
     Returns:
         ``(new ranks (Q, N), re-ranking of the top-k)``: the new ranks int64 on the device of
-        ``ranks``, the top-k re-ordered and the rest unchanged; the :class:`RerankResult` ``(Q, K)``
+        ``ranks``, the top-k re-ordered and the rest unchanged; the [`RerankResult`][gpu_dsm.rerank.RerankResult] ``(Q, K)``
         on the CPU (int64 ``indices``, ``inliers`` and ``order``, float64 ``scores``; its ``match``
         is ``None``: per-batch results are not merged).
     """

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 -m gpu_dsm extract --dataset roxford5k --out stores/
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m gpu_dsm extract ...
 
-Each rank describes a slice of the images balanced by pixel count (:func:`balanced_slices`) and
+Each rank describes a slice of the images balanced by pixel count (`balanced_slices`) and
 writes it as a shard store beside the final one (``<store>.shard-<rank>of<world>``, written
 atomically like every store). Once every rank is done, rank 0 merges the shards, image by image in
 the images' order, into the store one process would have written (same descriptors and features
@@ -89,7 +89,7 @@ def balanced_slices(costs: Sequence[float], world: int) -> list[list[int]]:
 
 
 def pixel_costs(specs: Sequence[ImageSpec], image_size: int, upscale: bool) -> list[int]:
-    """Pixels each image is extracted at (file headers only): the cost :func:`balanced_slices` balances."""
+    """Pixels each image is extracted at (file headers only): the cost `balanced_slices` balances."""
     return [w * h for w, h in (target_size(s, image_size, upscale) for s in specs)]
 
 
@@ -162,7 +162,7 @@ def run_sharded(ranks: Ranks, costs: Sequence[float], path: Path, make_shard: Ca
 
 def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str], path: Path, costs: Sequence[float],
                   write: Callable[[list[ImageSpec], list[str], Path], FeatureStore], log=print) -> FeatureStore:
-    """The store of ``specs`` at ``path``, its images split over ``ranks`` by ``costs`` (:func:`run_sharded`):
+    """The store of ``specs`` at ``path``, its images split over ``ranks`` by ``costs`` (`run_sharded`):
     ``write(specs, names, shard_path)`` writes one shard; every rank returns the merged store."""
     run_sharded(ranks, costs, path, lambda rows, own: write([specs[i] for i in rows], [names[i] for i in rows], own),
                 lambda own, rows: _valid_shard(own, [names[i] for i in rows]),

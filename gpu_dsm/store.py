@@ -1,7 +1,7 @@
 """The feature store: what extraction writes to disk for a set of images.
 
 A store is a directory, published atomically once complete and staged so that an interrupted
-write resumes (see :class:`StoreWriter`)::
+write resumes (see [`StoreWriter`][gpu_dsm.store.StoreWriter])::
 
     meta.json          format/version, image names, the options that produced it, array shapes
     global.npy         (N, D) float32 global descriptors, row i = image i
@@ -134,15 +134,15 @@ class StoreWriter:
     every ``min_chunk_seconds``), and when the block raises, the finished images are committed:
     their data are flushed to disk, then one record per image is appended to a journal. A later
     writer of the same ``path``, ``names``, ``global_dim``, ``options`` and ``local`` (with
-    ``resume``) takes the committed images over: :meth:`missing` lists the images still to add,
-    :attr:`resumed` counts those kept. A staged write of anything else is discarded. The published
+    ``resume``) takes the committed images over: [`missing`][gpu_dsm.store.StoreWriter.missing] lists the images still to add,
+    `resumed` counts those kept. A staged write of anything else is discarded. The published
     store does not depend on the order in which images were added or on interruptions (local
     features are laid out in image order), so a resumed write gives the same files as an
     uninterrupted one. A second writer of the same store at the same time is refused. An
     ``OSError`` while writing (a full disk) names the store; the files written through memory maps
     have their blocks reserved when created, so a full disk is that error, never a SIGBUS.
 
-    Tensors given to :meth:`add_global` and :meth:`add_local` may be on any device and of any
+    Tensors given to [`add_global`][gpu_dsm.store.StoreWriter.add_global] and [`add_local`][gpu_dsm.store.StoreWriter.add_local] may be on any device and of any
     real dtype: they are copied to the CPU and stored in the dtypes of the module docstring.
 
     Examples:
@@ -364,7 +364,7 @@ class StoreWriter:
 
         Args:
             index: the image's row.
-            features: unpadded, as :meth:`LocalFeatures.image` returns: ``xy (n, 2)``,
+            features: unpadded, as [`LocalFeatures.image`][gpu_dsm.features.LocalFeatures.image] returns: ``xy (n, 2)``,
                 ``frame (n, 2, 2)`` (lower-triangular; feature-map pixels), ``strength (n,)``,
                 ``channel (n,)``, ``scale (n,)``, any device; an empty dict for no features.
             map_sizes: ``(S, 2)`` integer ``(height, width)`` of the image's map at each scale.
@@ -490,7 +490,7 @@ class StoreWriter:
 
 
 class FeatureStore:
-    """A store opened for reading (memory-mapped); written by :class:`StoreWriter` (example there).
+    """A store opened for reading (memory-mapped); written by [`StoreWriter`][gpu_dsm.store.StoreWriter] (example there).
 
     Readers return CPU tensors (float32 descriptors) unless given a ``device``, and numpy arrays
     for counts.
@@ -601,7 +601,7 @@ class FeatureStore:
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
-        """Padded :class:`LocalFeatures` of images ``indices`` (all by default, repeats allowed),
+        """Padded [`LocalFeatures`][gpu_dsm.features.LocalFeatures] of images ``indices`` (all by default, repeats allowed),
         read from the memory map: the images' rows of every array requested from disk at once
         (``madvise``), one gather of them per array, one copy to ``device``. ``capacity``: rows per image (default the largest count read). Coordinates are float32
         feature-map pixels, as the detector wrote them."""
@@ -641,7 +641,7 @@ class FeatureStore:
         """The raw memory-mapped arrays, read-only: per feature ``xy (F, 2)``, ``frame (F, 3)``
         (``a11, a21, a22``), ``strength``, ``channel``, ``scale``; per image ``start``, ``count``,
         ``map_sizes (N, S, 2)``. Nothing is checked or copied: for tools that process a store
-        wholesale (:meth:`local_features` is the checked reader)."""
+        wholesale ([`local_features`][gpu_dsm.store.FeatureStore.local_features] is the checked reader)."""
         if self._local is None:
             raise ValueError(f"feature store {self.path} holds no local features (extract with a detector)")
         return {**self._local, "start": self._start, "count": self._count, "map_sizes": self._sizes}
@@ -655,7 +655,7 @@ class FeatureStore:
 class StoreStack:
     """Several stores read as one database, in order: image ``i`` of the stack is image
     ``i - offset[s]`` of the store ``s`` that holds it (a dataset's database followed by
-    distractors). Offers the reading side of :class:`FeatureStore`.
+    distractors). Offers the reading side of [`FeatureStore`][gpu_dsm.store.FeatureStore].
     """
 
     def __init__(self, stores: Sequence[FeatureStore]):
@@ -709,7 +709,7 @@ class StoreStack:
         return idx, [(s, np.nonzero(owner == s)[0]) for s in range(len(self.stores)) if (owner == s).any()]
 
     def global_descriptors(self, indices: Sequence[int] | None = None) -> torch.Tensor:
-        """As :meth:`FeatureStore.global_descriptors`, over the stack: ``(n, D)`` float32 on the CPU."""
+        """As [`FeatureStore.global_descriptors`][gpu_dsm.store.FeatureStore.global_descriptors], over the stack: ``(n, D)`` float32 on the CPU."""
         if indices is None:
             return torch.cat([store.global_descriptors() for store in self.stores])
         idx, parts = self._split(indices)
@@ -719,7 +719,7 @@ class StoreStack:
         return out
 
     def feature_counts(self, indices: Sequence[int] | None = None) -> np.ndarray:
-        """As :meth:`FeatureStore.feature_counts`, over the stack: ``(n,)`` int64 numpy array."""
+        """As [`FeatureStore.feature_counts`][gpu_dsm.store.FeatureStore.feature_counts], over the stack: ``(n,)`` int64 numpy array."""
         idx, parts = self._split(indices)
         out = np.zeros(idx.size, dtype=np.int64)
         for s, pos in parts:
@@ -728,7 +728,7 @@ class StoreStack:
 
     def local_features(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                        capacity: int | None = None) -> LocalFeatures:
-        """As :meth:`FeatureStore.local_features`, over the stack (on ``device``)."""
+        """As [`FeatureStore.local_features`][gpu_dsm.store.FeatureStore.local_features], over the stack (on ``device``)."""
         idx, parts = self._split(indices)
         if capacity is None:
             capacity = int(self.feature_counts(idx).max(initial=0))

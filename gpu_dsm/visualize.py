@@ -1,8 +1,8 @@
 """Pictures of what DSM does, drawn with Pillow (no plotting library needed).
 
-- :func:`draw_matches`: a query and a candidate side by side with the inlier ellipses and the
+- `draw_matches`: a query and a candidate side by side with the inlier ellipses and the
   correspondence lines (the DSM paper's figure 5).
-- :func:`draw_inlier_histogram`: distributions of inlier counts of positive and negative
+- `draw_inlier_histogram`: distributions of inlier counts of positive and negative
   images over all queries (the paper's figure 6).
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def draw_matches(
 
     ``query_points`` / ``candidate_points``: ``(xy (m, 2), frame (m, 2, 2))`` floating point CPU
     tensors of the ``m`` inlier correspondences, already in pixels of the respective images
-    (:func:`feature_to_image`). Returns an RGB image, the two side by side (and the title above).
+    (`feature_to_image`). Returns an RGB image, the two side by side (and the title above).
     """
     gap = 10
     height = max(query_image.height, candidate_image.height) + (24 if title else 0)

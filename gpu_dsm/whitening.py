@@ -1,11 +1,11 @@
 """Learned whitening of global descriptors: PCA whitening and supervised whitening (Lw).
 
-A :class:`Whitening` is an affine map ``y = P x + b`` (``P``: ``(d, D)``, ``b``: ``(d,)``)
+A [`Whitening`][gpu_dsm.whitening.Whitening] is an affine map ``y = P x + b`` (``P``: ``(d, D)``, ``b``: ``(d,)``)
 followed by L2 normalisation. It is fitted once, saved, loaded and applied:
 
-- :func:`fit_pca_whitening`: PCA whitening learned on a set of descriptors (SPoC paper;
+- [`fit_pca_whitening`][gpu_dsm.whitening.fit_pca_whitening]: PCA whitening learned on a set of descriptors (SPoC paper;
   cnnimageretrieval-pytorch ``pcawhitenlearn``).
-- :func:`fit_supervised_whitening`: Mikolajczyk & Matas' learned whitening from matching pairs
+- [`fit_supervised_whitening`][gpu_dsm.whitening.fit_supervised_whitening]: Mikolajczyk & Matas' learned whitening from matching pairs
   (cnnimageretrieval-pytorch ``whitenlearn``; DSM paper 4.1 "supervised whitening"):
   ``m = mean(X_q)``, ``S = cov(X_q - X_p)``, ``P = chol(S)^-1``, then rotate by the eigenvectors
   of ``P (X - m) (X - m)^T P^T`` sorted by decreasing eigenvalue.
@@ -48,8 +48,8 @@ class Whitening:
         bias: ``(d,)`` ``b``, same dtype and device as ``projection``.
         method: how it was learned: ``"pca"``, ``"supervised"`` (or a checkpoint's label).
 
-    :meth:`apply` and :meth:`project` compute in the descriptors' dtype on their device (the
-    parameters are moved there); :meth:`save` writes them from the CPU.
+    [`apply`][gpu_dsm.whitening.Whitening.apply] and [`project`][gpu_dsm.whitening.Whitening.project] compute in the descriptors' dtype on their device (the
+    parameters are moved there); [`save`][gpu_dsm.whitening.Whitening.save] writes them from the CPU.
     """
 
     projection: torch.Tensor  # (d, D)
@@ -100,7 +100,7 @@ class Whitening:
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
-        """Read a whitening written by :meth:`save`; its tensors are on the CPU."""
+        """Read a whitening written by [`save`][gpu_dsm.whitening.Whitening.save]; its tensors are on the CPU."""
         state = torch_load_checked(path, _FORMAT, "whitening")
         return cls(projection=state["projection"], bias=state["bias"], method=state["method"])
 
@@ -125,7 +125,7 @@ def fit_pca_whitening(descriptors: torch.Tensor, dim: int | None = None, eps: fl
 
     ``dim`` defaults to the numerical rank (at most ``N - 1``): directions with an eigenvalue
     below ``eps`` times the largest carry no information and would be blown up by 1/sqrt.
-    Fitted in float64; the :class:`Whitening` holds float32 ``(dim, D)`` / ``(dim,)`` tensors on
+    Fitted in float64; the [`Whitening`][gpu_dsm.whitening.Whitening] holds float32 ``(dim, D)`` / ``(dim,)`` tensors on
     the descriptors' device.
     """
     x = _check_descriptors(descriptors, "fit_pca_whitening")
@@ -148,7 +148,7 @@ def fit_supervised_whitening(
     ``descriptors``: ``(N, D)`` finite floating point, on the CPU; the index tensors: ``(M,)``
     integer rows of ``descriptors``. ``eps`` is a ridge (relative to the mean variance) added to
     the intra-pair covariance, so it is invertible also with fewer pairs than dimensions. Fitted in
-    float64; the :class:`Whitening` holds float32 ``(D, D)`` / ``(D,)`` tensors on the CPU.
+    float64; the [`Whitening`][gpu_dsm.whitening.Whitening] holds float32 ``(D, D)`` / ``(D,)`` tensors on the CPU.
 
     Examples:
         >>> import torch
@@ -181,11 +181,11 @@ def pca_whitening_from_moments(count: int, total: torch.Tensor, outer: torch.Ten
                                clip: float = 1e-14) -> Whitening:
     """PCA whitening from streamed moments of ``count`` descriptors: ``total = sum x`` ``(D,)`` and
     ``outer = sum x x^T`` ``(D, D)`` (float64 sums, on one device), so a large set never has to be
-    in memory. The :class:`Whitening` holds float32 ``(dim, D)`` / ``(dim,)`` tensors on their device.
+    in memory. The [`Whitening`][gpu_dsm.whitening.Whitening] holds float32 ``(dim, D)`` / ``(dim,)`` tensors on their device.
 
     HOW's rule (the reference's ``pcawhitenlearn_shrinkage`` with shrinkage 1): covariance over
     ``count``, eigenvalues sorted descending and clipped at ``clip``, ``P`` = the first ``dim`` rows
-    of ``Lambda^-1/2 E^T``, ``y = P (x - m)``; :meth:`Whitening.project` applies it without L2.
+    of ``Lambda^-1/2 E^T``, ``y = P (x - m)``; [`Whitening.project`][gpu_dsm.whitening.Whitening.project] applies it without L2.
     """
     if count < 2:
         raise ValueError(f"PCA whitening needs at least 2 descriptors, got {count}")
@@ -205,11 +205,11 @@ def resolve_whitening(choice: "str | Path | Whitening | None", head, num_scales:
     """``(label, whitening)`` applied to global descriptors at search time, from one choice:
 
     - ``None``: the learned whitening of the weights (``head``, a
-      :class:`gpu_dsm.backbones.checkpoint.RetrievalHead`: cnnimageretrieval-pytorch's
+      `gpu_dsm.backbones.checkpoint.RetrievalHead`: cnnimageretrieval-pytorch's
       ``meta['Lw'][name]['ms']`` for several scales, ``['ss']`` for one) if they carry one, else none;
     - ``"checkpoint"`` or ``"checkpoint:NAME"``: the weights' learned whitening (required);
     - ``"none"``: none;
-    - a :class:`Whitening`, or the path of a saved one.
+    - a [`Whitening`][gpu_dsm.whitening.Whitening], or the path of a saved one.
     """
     if isinstance(choice, Whitening):
         return "given", choice

@@ -1,10 +1,10 @@
 """Fast spatial matching in C on the CPU (``kernels/fsm.c``), groups split over threads.
 
-:func:`verify_groups` runs the whole per-group search of :mod:`gpu_dsm.match` (every
+`verify_groups` runs the whole per-group search of `gpu_dsm.match` (every
 single-correspondence hypothesis scored against the group's correspondences with the scale gate
 and each feature counted once, local optimisation of the best, the first best kept) in one pass
 of compiled code per group, with the float64 operations of the plain matcher
-(:mod:`gpu_dsm.reference.match`), so its inlier decisions are that matcher's. Threads take
+(`gpu_dsm.reference.match`), so its inlier decisions are that matcher's. Threads take
 contiguous ranges of groups of about equal work (``sum of size^2``); the ctypes call releases
 the GIL. The C code reads raw memory: group offsets and the query-row order are checked here,
 candidate rows by the kernel as it reads them.
@@ -73,7 +73,7 @@ def verify_groups(starts: torch.Tensor, xy1: torch.Tensor, xy2: torch.Tensor, fr
             these); candidate rows in ``[0, num_rows)``.
         threshold: inlier threshold, pixels; max_scale_change: scale gate (>= 1);
         symmetric: symmetric transfer error (else one-way); lo_*: local optimisation
-            (:class:`gpu_dsm.match.MatchConfig`).
+            (`gpu_dsm.match.MatchConfig`).
         threads: at most this many threads (default ``torch.get_num_threads()``), each with at
             least ``evaluations_per_thread`` evaluations.
     Returns:

@@ -1,8 +1,8 @@
 """ASMK inverted-file scoring in C on the CPU (``kernels/asmk_scores.c``), rows split over threads.
 
-:func:`inverted_file_scores` adds, for every query row ``(query, word, code)`` and every database
+`inverted_file_scores` adds, for every query row ``(query, word, code)`` and every database
 entry of that word, ``sigma(similarity)`` into a dense ``(Q, N)`` float64 score block: the same
-sums as the tensor path of :class:`gpu_dsm.asmk.ASMKIndex` (which runs on any device), in one
+sums as the tensor path of `gpu_dsm.asmk.ASMKIndex` (which runs on any device), in one
 pass per comparison instead of a dozen tensor passes. Threads share the work by comparisons:
 with at least as many queries as threads each thread owns whole queries and writes its score
 rows directly; with fewer, each thread sums its rows into a block of its own and the blocks are

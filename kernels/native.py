@@ -2,13 +2,13 @@
 
 Some inner loops (ASMK's inverted-file scoring: a popcount, a table lookup and a scattered add per
 comparison) cost ten or more tensor passes in torch and one pass in C. Their sources sit beside
-this module (``kernels/<name>.c``); :func:`load` compiles one with ``$CC`` (default ``cc``)
+this module (``kernels/<name>.c``); `load` compiles one with ``$CC`` (default ``cc``)
 ``-O3 -shared -fPIC`` into a cache folder (``$GPU_DSM_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/gpu_dsm/kernels``, else ``~/.cache/gpu_dsm/kernels``) under a name that hashes
 the source, the flags, the compiler's version and the machine, so an edited source or another
 compiler builds anew and a stale library is never loaded. The library is written to a temporary
 file and renamed into place: concurrent first uses and interrupted builds never leave a partial
-library. Where no compiler works, :func:`load` raises :class:`NativeUnavailable` naming the
+library. Where no compiler works, `load` raises `NativeUnavailable` naming the
 reason; callers with a torch path fall back to it (``backend="auto"``).
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _compiler_version(compiler: str) -> str:
 def load(name: str) -> ctypes.CDLL:
     """The compiled ``kernels/<name>.c``, built into the cache folder if it is not there yet.
 
-    Raises :class:`NativeUnavailable` (no compiler, the build failed, the library cannot be
+    Raises `NativeUnavailable` (no compiler, the build failed, the library cannot be
     loaded), with the compiler's message. Built or refused once per process.
     """
     built = _build(name)

@@ -7,16 +7,16 @@ float32 matrix product process-wide: ``torch.backends.cuda.matmul.allow_tf32 = T
 (also bfloat16 in oneDNN on the CPU), or the ``fp32_precision`` attributes behind them (PyTorch
 docs, "TensorFloat-32 (TF32) on Ampere (and later) devices"). Kernels whose results must not
 depend on that (ASMK's nearest visual words, where a rounded product changes an assignment, and
-HOW's reduction of the descriptors assigned) run their products inside :func:`ieee_float32_matmul`.
+HOW's reduction of the descriptors assigned) run their products inside [`ieee_float32_matmul`][kernels.precision.ieee_float32_matmul].
 
 Correctly rounded arithmetic beyond ``+ - * /``. On the CPU, ``torch.sqrt`` of a float64 or
 float32 tensor goes through MKL's vector math (``vdSqrt`` in its high-accuracy mode, at most 1 ulp
 from the exact root: Intel oneMKL "Vector Mathematics Performance and Accuracy Data"), not the
 IEEE square root instruction, and which code path MKL takes depends on the processor, the tensor's
-length and ``MKL_CBWR`` / ``MKL_ENABLE_INSTRUCTIONS``. :func:`correctly_rounded_sqrt` turns any
+length and ``MKL_CBWR`` / ``MKL_ENABLE_INSTRUCTIONS``. [`correctly_rounded_sqrt`][kernels.precision.correctly_rounded_sqrt] turns any
 result within an ulp or two into the correctly rounded one (IEEE 754 ``squareRoot``, what C's
-``sqrt``, Python's ``math.sqrt``, Octave and CUDA's ``sqrt`` return); :func:`two_product` and
-:func:`fused_multiply_add` are error-free transformations from ``+ - *`` alone (Dekker 1971,
+``sqrt``, Python's ``math.sqrt``, Octave and CUDA's ``sqrt`` return); [`two_product`][kernels.precision.two_product] and
+[`fused_multiply_add`][kernels.precision.fused_multiply_add] are error-free transformations from ``+ - *`` alone (Dekker 1971,
 "A floating-point technique for extending the available precision"), so they give the same bits
 on every device.
 """
@@ -117,7 +117,7 @@ def _sqrt_step(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     ``(s + u/2)^2`` iff ``r = x - s^2 > s u + u^2/4``; ``x`` and ``s^2`` are multiples of ``u^2``,
     so iff ``r > s u``. With ``d`` the gap down (``u/2`` when ``s`` is a power of two), ``x`` lies
     below ``(s - d/2)^2`` iff ``r <= -s d``. ``s u`` and ``s d`` are doubles, and the computed ``r``
-    is its exact value rounded once (``s^2 = p + e`` exactly by :func:`two_product`, ``x - p`` is
+    is its exact value rounded once (``s^2 = p + e`` exactly by `two_product`, ``x - p`` is
     exact by Sterbenz's lemma), so by the monotonicity of rounding both comparisons are those of the
     exact ``r``. A square root never falls on a midpoint: no ties."""
     p, e = two_product(s, s)
@@ -136,7 +136,7 @@ def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
 
     ``torch.sqrt`` gives a first approximation (correctly rounded on CUDA; within 1 ulp from MKL on
     the CPU, Intel's documented bound for its high-accuracy mode), then two exact correction steps
-    (:func:`_sqrt_step`) each move it one ulp towards the correctly rounded root where it is not
+    (`_sqrt_step`) each move it one ulp towards the correctly rounded root where it is not
     there yet: any first approximation within two ulps ends correctly rounded. Values below ``2**-900`` or above ``2**1000`` are scaled by an even
     power of two first (exact), so subnormals and the largest doubles are covered. ``sqrt(-0)`` is
     ``-0``, negative values and NaN give NaN, ``inf`` gives ``inf``.

@@ -3,10 +3,10 @@
 A hypothesis maps query points to candidate points by ``x2 = T x1 + t`` with ``T`` lower
 triangular ``[[a, 0], [b, c]]`` (5 dof: translation, anisotropic scale, vertical shear; no
 rotation, "upright" images). Its parameters are packed as ``(a, b, c, tx, ty)``.
-:func:`hypotheses_from_frames` gives each correspondence's own hypothesis; :func:`count_unique`
+`hypotheses_from_frames` gives each correspondence's own hypothesis; `count_unique`
 counts the distinct features among a hypothesis' inliers, so that each feature counts once;
 ``ERRORS`` names the transfer errors (``MatchConfig.error``). They serve the tensor passes of
-:func:`gpu_dsm.match.spatial_verify`, which score the hypotheses (docs/matching.md).
+`gpu_dsm.match.spatial_verify`, which score the hypotheses (docs/matching.md).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 ``SparseOperator(S)`` wraps a symmetric sparse ``(N, N)`` tensor for repeated products with
 dense ``X`` ``(N, Q)``: ``S @ X`` and the conjugate-gradient operator ``X - alpha S X``
-(:meth:`SparseOperator.shifted_product`). It works in an internal node order; callers move dense
-matrices in and out with :meth:`to_internal` / :meth:`from_internal`. :meth:`restricted` gives
+(`SparseOperator.shifted_product`). It works in an internal node order; callers move dense
+matrices in and out with `to_internal` / `from_internal`. `restricted` gives
 the operator of an induced sub-graph (e.g. the connected components a batch of queries reaches,
-:meth:`reached_by`); :meth:`induced_blocks` the block-diagonal operator of one induced sub-graph
+`reached_by`); `induced_blocks` the block-diagonal operator of one induced sub-graph
 per query (truncated diffusion).
 
 - ``"scipy"`` (the CPU path): the reverse Cuthill-McKee order, which puts graph neighbours close
@@ -79,8 +79,8 @@ class SparseOperator:
         threads: scipy path: threads sharing a product (default: ``torch.get_num_threads()``).
 
     Dense operands are ``(N, Q)`` in ``dtype`` on ``device``, in the internal order: the scipy
-    path may renumber the nodes, so dense matrices go through :meth:`to_internal` on the way in
-    and :meth:`from_internal` on the way out.
+    path may renumber the nodes, so dense matrices go through `to_internal` on the way in
+    and `from_internal` on the way out.
 
     Examples:
         The path graph ``0 - 1 - 2`` and an isolated node ``3``:
@@ -222,7 +222,7 @@ class SparseOperator:
         """The block-diagonal operator of the sub-graphs induced by each row of ``nodes``.
 
         Args:
-            nodes: ``(B, R)`` integer internal node indices (:meth:`internal_index`), distinct
+            nodes: ``(B, R)`` integer internal node indices (`internal_index`), distinct
                 within a row, any device (moved to the operator's).
 
         Returns:
@@ -278,7 +278,7 @@ class SparseOperator:
 
     def from_internal(self, dense: torch.Tensor) -> torch.Tensor:
         """The rows of ``dense`` ``(N, ...)`` (internal order) in the caller's order: the inverse
-        of :meth:`to_internal`, a permuted copy of the same dtype and device or ``dense`` itself."""
+        of `to_internal`, a permuted copy of the same dtype and device or ``dense`` itself."""
         return dense if self._inverse is None else dense[self._inverse]
 
     def original_index(self, internal: torch.Tensor) -> torch.Tensor:
@@ -311,7 +311,7 @@ class SparseOperator:
             raise ValueError(f"expected a dense ({self.shape[1]}, Q) matrix, got {tuple(dense.shape)}")
 
     def __matmul__(self, dense: torch.Tensor) -> torch.Tensor:
-        """``S @ dense`` with ``dense`` ``(N, Q)`` in the internal order (see :meth:`to_internal`),
+        """``S @ dense`` with ``dense`` ``(N, Q)`` in the internal order (see `to_internal`),
         in the operator's dtype on its device; the result ``(N, Q)`` likewise."""
         self._check(dense)
         if self._torch is not None:

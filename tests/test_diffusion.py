@@ -18,7 +18,7 @@ def _clustered(n, d=32, clusters=20, noise=0.6, seed=0):
 
 
 def _reference_affinity(x, k, gamma):
-    """Dense mutual kNN affinity with plain loops (:mod:`gpu_dsm.reference.graph`)."""
+    """Dense mutual kNN affinity with plain loops (``gpu_dsm.reference.graph``)."""
     return dense_mutual_knn(x.double().numpy(), k, gamma)
 
 

@@ -39,7 +39,7 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
         distances in their dtype, computed as ``|x|^2 + (|c|^2 - 2 x.c)``, words ranked by the
         bracket (float64 inputs give exact assignments up to ties). The products are IEEE float32
         for float32 inputs whatever the caller's TF32 / matmul precision settings
-        (:func:`gpu_dsm.kernels.precision.ieee_float32_matmul`).
+        ([`gpu_dsm.kernels.precision.ieee_float32_matmul`][kernels.precision.ieee_float32_matmul]).
 
     Examples:
         >>> import torch
@@ -60,9 +60,9 @@ def nearest_words(descriptors: torch.Tensor, codebook: torch.Tensor, k: int = 1,
 
 def nearest_words_checked(x: torch.Tensor, c: torch.Tensor, k: int, memory_budget: int = 1 << 30
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nearest_words` of inputs its caller has already checked (finite floating point, same
+    """`nearest_words` of inputs its caller has already checked (finite floating point, same
     device and width, ``1 <= k <= K``): the library's own loops call it so a block is not checked
-    twice. Same results (dtypes, device) as :func:`nearest_words`."""
+    twice. Same results (dtypes, device) as `nearest_words`."""
     c = c.to(x.dtype)
     # |x - c|^2 = |x|^2 + (|c|^2 - 2 x.c): words are ranked by the bracket, which one product of
     # [x, 1] with [-2c, |c|^2] gives without a pass for the sum; |x|^2 is added to the k kept
@@ -85,7 +85,7 @@ def nearest_words_checked(x: torch.Tensor, c: torch.Tensor, k: int, memory_budge
 
 def _group_size(n: int, k: int) -> int | None:
     """A divisor of ``n`` near ``sqrt(n / k)`` (the group length that minimises the work of
-    :func:`smallest`), or ``None`` if there is none within a factor of 2."""
+    `smallest`), or ``None`` if there is none within a factor of 2."""
     target = math.sqrt(n / k)
     sizes = range(max(2, math.ceil(target / 2)), math.floor(2 * target) + 1)
     return next((s for s in sorted(sizes, key=lambda s: abs(s - target)) if n % s == 0), None)
@@ -118,7 +118,7 @@ def smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def kmeans_objective(descriptors: torch.Tensor, codebook: torch.Tensor, memory_budget: int = 1 << 30) -> float:
     """Mean squared distance of ``descriptors (F, d)`` to their nearest word of ``codebook (K, d)``
-    (squared descriptor units, computed in float64 from :func:`nearest_words`; lower is better).
+    (squared descriptor units, computed in float64 from [`nearest_words`][gpu_dsm.asmk.nearest_words]; lower is better).
 
     Examples:
         >>> import torch

@@ -36,7 +36,7 @@ class WordVectors:
 
 def aggregate_residuals(descriptors: torch.Tensor, image_ids: torch.Tensor, codebook: torch.Tensor, assignments: int,
                         memory_budget: int = 1 << 30) -> WordVectors:
-    """:class:`WordVectors` of ``descriptors (F, d)`` of images ``image_ids (F,)`` (int >= 0), each
+    """[`WordVectors`][gpu_dsm.asmk.WordVectors] of ``descriptors (F, d)`` of images ``image_ids (F,)`` (int >= 0), each
     feature assigned to its ``assignments`` nearest words of ``codebook (K, d)``.
 
     ``descriptors`` and ``codebook`` are finite floating point, ``image_ids`` integer, all on one
@@ -120,7 +120,7 @@ def binary_codes(vectors: torch.Tensor) -> torch.Tensor:
 
 def normalized_codes(vectors: torch.Tensor) -> torch.Tensor:
     """Non-binary codes ``V / (||V|| + 1e-6)`` of ``vectors (E, d)``: same shape, dtype (float64
-    from :func:`aggregate_residuals`, as the reference) and device."""
+    from `aggregate_residuals`, as the reference) and device."""
     return vectors / (vectors.norm(dim=1, keepdim=True) + 1e-6)
 
 
@@ -141,7 +141,7 @@ def code_similarity(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
 def match_weights(a: torch.Tensor, b: torch.Tensor, dim: int, alpha: float, tau: float) -> torch.Tensor:
     """Row-wise ``sigma(s)`` of codes ``a``, ``b`` (``(E, B)``, one device): ``(E,)`` float64.
     Packed bits: ``s`` takes one of the ``d + 1`` values ``1 - 2 h / d``, so ``sigma`` is read from
-    a table indexed by the Hamming distance ``h`` (the same float64 values :func:`selectivity`
+    a table indexed by the Hamming distance ``h`` (the same float64 values `selectivity`
     computes, in one gather)."""
     if a.dtype == torch.uint8:
         return distance_weights(a.shape[-1], dim, alpha, tau, a.device)[hamming(a, b)]

@@ -44,14 +44,14 @@ def _codes(vectors: WordVectors, binary: bool) -> torch.Tensor:
 class ASMKIndex:
     """An ASMK inverted file over ``num_images`` database images (see the module docstring).
 
-    Fields (all on one device, :attr:`device`):
+    Fields (all on one device, [`device`][gpu_dsm.asmk.ASMKIndex.device]):
         codebook: ``(K, d)`` floating point visual words.
         offsets: ``(K + 1,)`` int64, the entries of word ``w`` are ``offsets[w]:offsets[w + 1]``.
         image_ids: ``(E,)`` int32 (int64 beyond 2^31 images), database image of every entry.
         codes: ``(E, B)`` uint8 packed bits (``B = ceil(d / 8)``), or ``(E, d)`` float64 vectors
             (``config.binary=False``).
         image_words: ``(N,)`` int64, distinct words of each database image.
-        config: the :class:`ASMKConfig` it was built with.
+        config: the [`ASMKConfig`][gpu_dsm.asmk.ASMKConfig] it was built with.
 
     Examples:
         Three database images of 20 random 8-D descriptors each, 16 random words; the query holds
@@ -166,9 +166,9 @@ class ASMKIndex:
 
     def search_codes(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int,
                      k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`search` from the queries' aggregated codes: one row per (query, word) pair,
+        """[`search`][gpu_dsm.asmk.ASMKIndex.search] from the queries' aggregated codes: one row per (query, word) pair,
         sorted by query (``query (E,)`` and ``word (E,)`` int64, ``codes (E, B)`` of the index's
-        dtype and width), on the index's device. Returns as :meth:`search`."""
+        dtype and width), on the index's device. Returns as [`search`][gpu_dsm.asmk.ASMKIndex.search]."""
         cfg = self.config
         q, n = int(num_queries), self.num_images
         k = n if k is None else min(int(k), n)
@@ -216,7 +216,7 @@ class ASMKIndex:
         return self._score_block_torch(query, word, codes, num_queries)
 
     def _score_block_torch(self, query: torch.Tensor, word: torch.Tensor, codes: torch.Tensor, num_queries: int) -> torch.Tensor:
-        """:meth:`_score_block` in tensor passes, on any device: one row per (query word,
+        """`_score_block` in tensor passes, on any device: one row per (query word,
         database entry) pair, chunked to the memory budget."""
         cfg = self.config
         n = self.num_images
@@ -256,7 +256,7 @@ class ASMKIndex:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "ASMKIndex":
-        """Read an index written by :meth:`save`, its tensors on ``device``."""
+        """Read an index written by [`save`][gpu_dsm.asmk.ASMKIndex.save], its tensors on ``device``."""
         state = torch_load_checked(path, _FORMAT, "ASMK index")
         try:
             config = ASMKConfig(**state["config"])

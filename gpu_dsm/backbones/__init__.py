@@ -1,4 +1,4 @@
-"""Backbones: build a network by name, with real weights, as a :class:`Backbone`.
+"""Backbones: build a network by name, with real weights, as a `Backbone`.
 
 ==================== ======== ====== ===================================================
 name                 channels stride weights
@@ -15,7 +15,7 @@ and EfficientNet-Lite.
 
 A ResNet's weights file may also be a HOW checkpoint (gtolias/how ``how_r18.pth``,
 ``how_r50-.pth``): the trunk ends at HOW's layer (R50-: ``layer3``, 1024-D, stride 16) and
-``backbone.head.how`` carries its learned reduction (:func:`split_how_checkpoint`).
+``backbone.head.how`` carries its learned reduction (`split_how_checkpoint`).
 """
 from __future__ import annotations
 
@@ -174,23 +174,23 @@ def build_backbone(name: str, weights: str | Path = "default", upsample: bool = 
     """Build backbone ``name`` in eval mode on the CPU.
 
     Args:
-        name: one of :data:`BACKBONES`.
+        name: one of `BACKBONES`.
         weights: ``"default"`` for the bundled ImageNet weights (EfficientNet-Lite only; any other
-            backbone raises a ``ValueError`` saying which file to pass, :func:`weights_needed`),
+            backbone raises a ``ValueError`` saying which file to pass, `weights_needed`),
             ``"none"`` for random initialisation (with a ``UserWarning``), or the path of a weights file: a plain state
             dict of the architecture, a cnnimageretrieval-pytorch retrieval checkpoint
             (its GeM ``p``, whitening and normalisation go to ``backbone.head``), or a HOW checkpoint
-            (gtolias/how, e.g. ``how_r18.pth``, ``how_r50-.pth``; :func:`split_how_checkpoint`): the
+            (gtolias/how, e.g. ``how_r18.pth``, ``how_r50-.pth``; `split_how_checkpoint`): the
             network's ``features`` then end at HOW's layer (R18: ``layer4``, 512-D, stride 32; -R50:
             ``layer3``, 1024-D, stride 16, the checkpoint has no later weights), there is no classifier,
             ``mean`` / ``std`` are the checkpoint's, and ``backbone.head.how.reduction`` is its learned
-            reduction, which :func:`gpu_dsm.how.describe_how` uses in place of a fitted whitening.
+            reduction, which `gpu_dsm.how.describe_how` uses in place of a fitted whitening.
         upsample: apply activation upsampling "↑" (paper 4.1): stride 32 -> 16, same weights.
         trust_weights_file: unpickle ``weights`` in full. By default only tensors, plain data and
             numpy arrays are read, so a crafted file cannot run code; a file that needs more is
             refused with an error saying so.
     Returns:
-        A :class:`Backbone` with float32 weights on the CPU (move it with ``.to(device, dtype)``),
+        A `Backbone` with float32 weights on the CPU (move it with ``.to(device, dtype)``),
         mapping ``(B, 3, H, W)`` RGB in ``[0, 1]`` to activations ``(B, K, h, w)``.
     """
     if name not in BACKBONES:

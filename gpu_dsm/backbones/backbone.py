@@ -1,4 +1,4 @@
-"""The :class:`Backbone` module: RGB images -> last convolutional activations."""
+"""The `Backbone` module: RGB images -> last convolutional activations."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,7 +24,7 @@ class Backbone(nn.Module):
             a single activation pixel.
         head: pooling ``p`` / whitening / normalisation carried by a retrieval checkpoint.
         activation_bound: largest possible activation (6 for ReLU6 networks), else ``None``.
-        halvings: rounding ("ceil" or "floor") of each stride-2 step, giving :meth:`output_size`.
+        halvings: rounding ("ceil" or "floor") of each stride-2 step, giving `output_size`.
         classifier: the ImageNet classifier on top of ``features`` when the weights have one
             (``logits = classifier(activations)``), else ``None``.
     """

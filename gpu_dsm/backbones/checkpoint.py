@@ -1,5 +1,5 @@
 """Reading weights files: plain state dicts, cnnimageretrieval-pytorch retrieval checkpoints and
-HOW checkpoints (gtolias/how: backbone, learned 1x1 reduction; :func:`split_how_checkpoint`).
+HOW checkpoints (gtolias/how: backbone, learned 1x1 reduction; `split_how_checkpoint`).
 
 A retrieval checkpoint (Radenović et al., cnnimageretrieval-pytorch) is a dict with
 ``state_dict`` (keys ``features.*``, ``pool.p``, optionally ``whiten.weight`` / ``whiten.bias``)
@@ -41,7 +41,7 @@ class RetrievalHead:
     """What a retrieval checkpoint carries besides the convolutional weights.
 
     Fields:
-        pooling: ``meta['pooling']`` (one of :data:`CHECKPOINT_POOLINGS`), ``None`` without a checkpoint.
+        pooling: ``meta['pooling']`` (one of `CHECKPOINT_POOLINGS`), ``None`` without a checkpoint.
         gem_p: learned GeM exponent: a float (``gem``) or a ``(K,)`` float32 CPU tensor, one per
             channel (``gemmp``).
         network_whitening: the checkpoint's ``whiten`` layer. cnnimageretrieval-pytorch applies it
@@ -50,8 +50,8 @@ class RetrievalHead:
         learned_whitening: ``meta['Lw']``: per training set name, ``{"ss": ..., "ms": ...}``, the
             whitenings learned for single- and multi-scale descriptors, applied after extraction
             (float64 CPU tensors, as the checkpoint's numpy arrays).
-        how: a HOW checkpoint's learned reduction, layer and smoothing (:class:`HOWCheckpoint`);
-            :func:`gpu_dsm.how.describe_how` uses its reduction in place of a fitted whitening.
+        how: a HOW checkpoint's learned reduction, layer and smoothing (`HOWCheckpoint`);
+            `gpu_dsm.how.describe_how` uses its reduction in place of a fitted whitening.
         mean, std: the checkpoint's input normalisation per RGB channel (``None``: the network's).
         meta: the checkpoint's ``meta`` dict.
     """
@@ -86,7 +86,7 @@ def read_weights_file(path: str | Path, trust: bool = False) -> dict[str, Any]:
     """Load a weights file on the CPU with a clear error when it is missing or unreadable.
 
     The file is read without executing code (``weights_only``; see
-    :func:`gpu_dsm.io.torch_load_weights`) unless ``trust``.
+    `gpu_dsm.io.torch_load_weights`) unless ``trust``.
     """
     obj = torch_load_weights(path, "weights file", trust=trust)
     if not isinstance(obj, dict):
@@ -123,7 +123,7 @@ def split_retrieval_checkpoint(obj: dict[str, Any], architecture: str | None = N
     pooling/whitening head.
 
     Refuses, with an error naming the format, what is not reproduced exactly: poolings other
-    than :data:`CHECKPOINT_POOLINGS` (``rmac``), regional pooling (``regional``, R-GeM with its own
+    than `CHECKPOINT_POOLINGS` (``rmac``), regional pooling (``regional``, R-GeM with its own
     whitening), local whitening (``local_whitening``), state-dict keys of any other layer, and a
     checkpoint of another architecture than ``architecture``.
     """
@@ -214,13 +214,13 @@ class HOWCheckpoint:
     Fields:
         architecture: ``resnet18`` / ``resnet50`` / ``resnet101``.
         skip_layer: trunk blocks dropped from the end (0: up to ``layer4``; 1: up to ``layer3``, "-R50").
-        layer: the map HOW reads (:data:`HOW_SKIP_LAYERS`); the backbone's ``features`` end there.
+        layer: the map HOW reads (`HOW_SKIP_LAYERS`); the backbone's ``features`` end there.
         reduction: the learned 1x1 conv with bias (``dim_reduction``, in the first format ``whiten``)
-            as a :class:`Whitening`: ``projection (d, K)`` = the conv weight ``(d, K, 1, 1)``,
+            as a `Whitening`: ``projection (d, K)`` = the conv weight ``(d, K, 1, 1)``,
             ``bias (d,)``, float32 on the CPU; HOW applies it without L2 normalisation.
         smoothing: kernel size of the average smoothing before the reduction (1: none).
         runtime: the checkpoint's test-time settings (``image_size``, ``features_num``, ``scales``,
-            ``mean_std``), informative: :class:`gpu_dsm.how.HOWConfig` decides.
+            ``mean_std``), informative: `gpu_dsm.how.HOWConfig` decides.
         format: ``"how/2020"`` (``_version`` + ``net_params``) or ``"how/first"`` (``meta`` only,
             the layout ``_convert_checkpoint`` converts).
     """
@@ -263,7 +263,7 @@ def _how_params(obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def split_how_checkpoint(obj: dict[str, Any], architecture: str | None = None) -> tuple[dict[str, torch.Tensor], RetrievalHead]:
     """Return the ``features.*`` weights (prefix removed; tensors as loaded, on the CPU) and a
-    head whose ``how`` is the :class:`HOWCheckpoint` (learned reduction, layer, smoothing) and
+    head whose ``how`` is the `HOWCheckpoint` (learned reduction, layer, smoothing) and
     whose ``mean`` / ``std`` are the checkpoint's input normalisation (``runtime['mean_std']``,
     first format ``meta['mean']`` / ``['std']``).
 
@@ -273,8 +273,8 @@ def split_how_checkpoint(obj: dict[str, Any], architecture: str | None = None) -
     (the children of torchvision's ResNet without ``avgpool``/``fc``, the last ``skip_layer``
     dropped), ``dim_reduction.weight (d, K, 1, 1)`` / ``.bias (d,)`` (first format: ``whiten.*``).
     Optimizer, scheduler and scores are ignored. Refused, with an error naming it: another
-    architecture than ``architecture`` or one outside :data:`HOW_ARCHITECTURES`, a ``skip_layer``
-    outside :data:`HOW_SKIP_LAYERS`, no reduction layer, state-dict keys of any other layer.
+    architecture than ``architecture`` or one outside `HOW_ARCHITECTURES`, a ``skip_layer``
+    outside `HOW_SKIP_LAYERS`, no reduction layer, state-dict keys of any other layer.
     """
     params, version = _how_params(obj)
     state = obj["state_dict"]

@@ -126,10 +126,10 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite classifier; :meth:`forward_features` gives the last conv activations.
+    """EfficientNet-Lite classifier; `forward_features` gives the last conv activations.
 
     Shapes: ``(B, 3, H, W)`` normalised RGB -> features ``(B, 1280, ceil(H/32), ceil(W/32))``
-    (stride 16 after :meth:`dilate_last_stage`) -> logits ``(B, num_classes)``; outputs in the
+    (stride 16 after `dilate_last_stage`) -> logits ``(B, num_classes)``; outputs in the
     input's dtype on its device (the module's).
 
     Examples:

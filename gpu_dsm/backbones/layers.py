@@ -45,7 +45,7 @@ class _LiteUpTo(nn.Module):
 
 
 def backbone_layers(name: str) -> list[str]:
-    """The layer names :func:`cut_backbone` accepts for backbone ``name``."""
+    """The layer names `cut_backbone` accepts for backbone ``name``."""
     if name.startswith("resnet"):
         return list(_RESNET_LAYERS)
     if name == "vgg16":
@@ -62,8 +62,8 @@ def how_checkpoint_layer(backbone: Backbone) -> str | None:
 
 
 def cut_backbone(backbone: Backbone, layer: str | None = None) -> Backbone:
-    """``backbone`` up to ``layer`` (default :data:`HOW_LAYERS`; for a HOW checkpoint's backbone,
-    the checkpoint's layer, the last it has), as a :class:`Backbone` whose ``forward`` gives that
+    """``backbone`` up to ``layer`` (default `HOW_LAYERS`; for a HOW checkpoint's backbone,
+    the checkpoint's layer, the last it has), as a `Backbone` whose ``forward`` gives that
     layer's map ``(B, K_layer, h, w)`` (``h ~ H / its stride``); the last layer returns ``backbone``.
     The cut network shares the backbone's weights, device and dtype."""
     name = backbone.name

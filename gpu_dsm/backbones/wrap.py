@@ -1,4 +1,4 @@
-"""Any network as a :class:`Backbone`: a plain ``nn.Module`` mapping images to activation maps.
+"""Any network as a `Backbone`: a plain ``nn.Module`` mapping images to activation maps.
 
 A module with ``forward_features`` (timm's convention) is called through it.
 
@@ -49,7 +49,7 @@ def _probe(features, side_h: int, side_w: int, device: torch.device, dtype: torc
 def as_backbone(module: nn.Module, stride: int | None = None, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None, activation_bound: float | None = None,
                 name: str | None = None) -> Backbone:
-    """``module`` as a :class:`Backbone` (returned unchanged when it already is one), on the
+    """``module`` as a `Backbone` (returned unchanged when it already is one), on the
     device and in the dtype of the module's first floating point parameter or buffer (the CPU and
     float32 for a module without any).
 

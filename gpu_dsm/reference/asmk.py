@@ -34,7 +34,7 @@ def scores(codebook, db_descriptors, db_ids, num_images, q_descriptors, q_ids, n
            db_assignments=1, q_assignments=5, binary=True, alpha=3.0, tau=0.0):
     """``(num_queries, num_images)`` float64 numpy array of ASMK scores, normalised by
     sqrt(|C_X|) sqrt(|C_Q|). Descriptors ``(F, d)`` and the codebook ``(K, d)`` are array-likes
-    (computed in float64), the ids sequences of integers, as :func:`aggregate` takes them."""
+    (computed in float64), the ids sequences of integers, as `aggregate` takes them."""
     codebook = np.asarray(codebook, dtype=np.float64)
     d = codebook.shape[1]
     db = aggregate(db_descriptors, db_ids, codebook, db_assignments)

@@ -1,10 +1,10 @@
 """Plain, loop-by-loop references of the DSM detector: one channel, one region, one pixel at a time.
 
-Two sets of rules, both on top of the VLFeat MSER port :func:`gpu_dsm.reference.mser.mser_reference`:
+Two sets of rules, both on top of the VLFeat MSER port `gpu_dsm.reference.mser.mser_reference`:
 
-* :func:`default_image_features`: the default rules of :func:`gpu_dsm.detect.detect`
-  (``DetectorConfig()``, the module docstring of :mod:`gpu_dsm.detect`);
-* :func:`authors_image_features`: the DSM authors' feature code (github osimeoni/DSM,
+* `default_image_features`: the default rules of `gpu_dsm.detect.detect`
+  (``DetectorConfig()``, the module docstring of `gpu_dsm.detect`);
+* `authors_image_features`: the DSM authors' feature code (github osimeoni/DSM,
   ``dsm/features/cmp_mser_regions.m``, ``cmp_nms.m``, ``get_max_feats_ms.m``, ``utils/nms.m``), run
   as in Octave 7 with VLFeat 0.9 and the image package's ``poly2mask``: what
   ``DetectorConfig.reference()`` must compute. Each step below names the line it follows.
@@ -157,7 +157,7 @@ def default_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
 
 
 def default_image_features(maps, bound: float | None, is_query: bool, max_features: int = 512, stats=None, **rules):
-    """The default rules on one image: per scale :func:`default_scale_features`, then the
+    """The default rules on one image: per scale `default_scale_features`, then the
     ``max_features`` strongest over the scales (ties: scale order, then each scale's order).
     ``maps``: the image's activations, one ``(K, h_s, w_s)`` real numpy array per scale."""
     stats = stats if stats is not None else {}
@@ -397,7 +397,7 @@ def authors_scale_features(acts: np.ndarray, bound: float | None, is_query: bool
 
 
 def authors_image_features(maps, bound: float | None, is_query: bool, ms_tot_max: int = 512, stats=None, **rules):
-    """All scales: :func:`authors_scale_features` per scale, then ``get_max_feats_ms``'s multi-scale
+    """All scales: `authors_scale_features` per scale, then ``get_max_feats_ms``'s multi-scale
     cut (the ``ms_tot_max`` strongest, stable over the scales in order). ``maps``: one
     ``(K, h_s, w_s)`` real numpy array per scale."""
     stats = stats if stats is not None else {}

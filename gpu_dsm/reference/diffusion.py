@@ -1,6 +1,6 @@
 """Plain reference of spatially verified diffusion, one query at a time with lists and loops.
 
-``verified_diffusion_ranking`` follows :func:`gpu_dsm.ranking.diffuse_verified` (seeds
+``verified_diffusion_ranking`` follows `gpu_dsm.ranking.diffuse_verified` (seeds
 ``"verified"``) step by step: the confident matches of the query's verified candidates (median
 and median absolute deviation of their inlier counts), the seeds, a direct float64 solve of
 ``(I - alpha S) f = y``, the fused score (the similarity of each image's place in the re-ranked
@@ -37,7 +37,7 @@ def verified_diffusion_ranking(affinity: np.ndarray, initial: Sequence[tuple[int
         affinity: ``(N, N)`` dense symmetric ``S`` (float64 numpy).
         initial: ``(database index, similarity)`` of every image, in the initial order (best first).
         verified: ``(database index, inliers)`` of the verified top ``K``, in the re-ranked order.
-        alpha, query_k, gamma, mads, ratio, weight: as :class:`gpu_dsm.diffusion.DiffusionConfig`
+        alpha, query_k, gamma, mads, ratio, weight: as `gpu_dsm.diffusion.DiffusionConfig`
             (``alpha``, ``query_k``, ``gamma``, ``confident_mads``, ``confident_ratio``,
             ``similarity_weight``).
     Returns:

@@ -2,7 +2,7 @@
 
 ``dense_mutual_knn(x, k, gamma)``: ``D^-1/2 W D^-1/2`` with ``W_ij = max(x_i . x_j, 0)^gamma`` when
 ``i`` and ``j`` are among each other's ``k`` nearest neighbours (ties by index), else 0; float64,
-dense ``(N, N)``. :func:`gpu_dsm.graph.build_knn_graph` is checked against it.
+dense ``(N, N)``. `gpu_dsm.graph.build_knn_graph` is checked against it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The plain fast spatial matcher: one pair, one scale pair, one hypothesis at a time, in float64.
 
-It defines what :func:`gpu_dsm.match.spatial_verify` computes (paper 3.5; the DSM reference code's
+It defines what `gpu_dsm.match.spatial_verify` computes (paper 3.5; the DSM reference code's
 matcher) in the most direct form, and is the oracle its backends are tested against and the
 baseline of ``eval/bench_match.py``; it ships with the package for that benchmark. Definitions
-(see :mod:`gpu_dsm.match`):
+(see `gpu_dsm.match`):
 
 - correspondences of a scale pair: all same-channel (query feature ``i``, candidate feature
   ``j``) pairs, in the order of ``(i, j)``;
@@ -202,14 +202,14 @@ def match_pair(q: dict, c: dict, threshold: float = 2.0, max_scale: float = 3.0,
 
 
 def verify_pair(q: dict, c: dict, **kwargs) -> int:
-    """Best inlier count of one pair (:func:`match_pair`'s ``inliers``)."""
+    """Best inlier count of one pair (`match_pair`'s ``inliers``)."""
     return match_pair(q, c, **kwargs).inliers
 
 
 def verify_pair_details(q: dict, c: dict, config=None) -> dict:
-    """:func:`match_pair` with the parameters of a :class:`gpu_dsm.match.MatchConfig` (default
+    """`match_pair` with the parameters of a `gpu_dsm.match.MatchConfig` (default
     one if ``None``) on ``LocalFeatures.image`` dicts (tensors or arrays), as a dict: ``inliers``,
-    ``transform`` (``None`` without inliers), ``scale_pair`` and ``matches`` (see :class:`PairMatch`)."""
+    ``transform`` (``None`` without inliers), ``scale_pair`` and ``matches`` (see `PairMatch`)."""
     if config is None:
         from gpu_dsm.match import MatchConfig
 
