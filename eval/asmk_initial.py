@@ -1,15 +1,15 @@
 """HOW + ASMK as the initial ranking of an evaluation (``gpu-dsm evaluate --initial asmk``).
 
-The run's :class:`gpu_dsm.pipeline.DSMRetrieval` does every step, each kept in the run's cache
-folder (:mod:`gpu_dsm.cache`):
+The run's `gpu_dsm.pipeline.DSMRetrieval` does every step, each kept in the run's cache
+folder (`gpu_dsm.cache`):
 
-1. :meth:`~gpu_dsm.pipeline.DSMRetrieval.fit_asmk` on the codebook images (``--codebook-data``:
+1. `fit_asmk` on the codebook images (``--codebook-data``:
    the evaluated database, other datasets' databases, image folders; never the evaluated queries)
    learns HOW's PCA whitening (scale 1), then the k-means codebook on their HOW descriptors (all
    scales);
-2. :meth:`~gpu_dsm.pipeline.DSMRetrieval.describe_how` gives the HOW descriptors of the database
+2. `describe_how` gives the HOW descriptors of the database
    (and distractors) and of the queries;
-3. :meth:`~gpu_dsm.pipeline.DSMRetrieval.build_asmk_index` the inverted file of the database,
+3. `build_asmk_index` the inverted file of the database,
    which the module searches.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def how_feature_sets(cfg, dataset: RevisitopDataset, base: Path, backbone: Calla
     database (and ``cfg``'s distractors) and the queries, each kept in the cache folder ``base``.
 
     Under torchrun (``ranks`` of a distributed job) every step is shared by the ranks
-    (:meth:`gpu_dsm.pipeline.DSMRetrieval.fit_how_whitening`, :meth:`~gpu_dsm.pipeline.DSMRetrieval.describe_how`);
+    (`gpu_dsm.pipeline.DSMRetrieval.fit_how_whitening`, `describe_how`);
     rank 0 gets the sets, the other ranks ``None``.
     """
     from gpu_dsm.eval.run import run_cache
@@ -151,9 +151,9 @@ def _feature_sets(retrieval: DSMRetrieval, cfg, dataset: RevisitopDataset, sourc
 def asmk_index(cfg, retrieval: DSMRetrieval, dataset: RevisitopDataset) -> ASMKArtifacts:
     """The ASMK inverted file of the database (with ``cfg``'s distractors) and the queries' HOW features.
 
-    ``cfg`` is the run's :class:`gpu_dsm.eval.run.RunConfig` (``cfg.asmk`` an :class:`ASMKRun`),
-    ``retrieval`` its :class:`gpu_dsm.pipeline.DSMRetrieval` with the network and the run's cache:
-    it learns HOW's whitening and the codebook on the codebook images (:meth:`~DSMRetrieval.fit_asmk`),
+    ``cfg`` is the run's `gpu_dsm.eval.run.RunConfig` (``cfg.asmk`` an `ASMKRun`),
+    ``retrieval`` its `gpu_dsm.pipeline.DSMRetrieval` with the network and the run's cache:
+    it learns HOW's whitening and the codebook on the codebook images (`fit_asmk`),
     describes the images and builds the index.
     """
     run: ASMKRun = cfg.asmk

@@ -4,7 +4,7 @@ plain VLFeat port, level-step recall.
     python -m gpu_dsm.eval.bench_detect --skip-reference --out eval/results/bench-detect.json
 
 1. Speed, on ``--threads`` threads (default one): per image (3 scales), the time of each stage of
-   :func:`gpu_dsm.detect.detect` with the default rules: levels and delta, MSER (regions,
+   `gpu_dsm.detect.detect` with the default rules: levels and delta, MSER (regions,
    stability, moments), and the rest (clutter, strength, caps, NMS, frames: the whole call minus
    the two), for the C kernel (``backend="native"``, the CPU default) and for the tensor path
    with scipy labelling (what the CPU ran before the kernel, and what ``labelling="scipy"``

@@ -15,15 +15,15 @@ The simulated database (written once under ``--work``, reused while its paramete
   half: 0.55 k measured on holidays-811 at k = 5), a ``--cross-fraction`` of them outside the
   node's cluster so the graph is one component (diffusion cannot restrict itself to a few
   clusters: the costly case), weights drawn as similarity^3, normalised like
-  :func:`gpu_dsm.graph.build_knn_graph`.
+  `gpu_dsm.graph.build_knn_graph`.
 
-Both are ordinary ``gpu_dsm`` files: a :class:`FeatureStore` directory and a saved :class:`KnnGraph`.
+Both are ordinary ``gpu_dsm`` files: a `FeatureStore` directory and a saved `KnnGraph`.
 Queries: ``--queries`` source query tables (cycled) with simulated global descriptors drawn like
 the database's. Stages, ``--batch`` queries at a time, each timed on its own: ``search`` (the top
 ``max(--top-k, --output-k, R)`` of the global descriptors, read through the memory map),
 ``gather`` (the candidates' tables from disk), ``verify`` (spatial verification,
-:class:`DSMReranker`), ``diffuse`` (the library's ``global+dsm+D``,
-:func:`gpu_dsm.ranking.diffuse_verified`: seeds from the verified top, CG on the whole graph or,
+`DSMReranker`), ``diffuse`` (the library's ``global+dsm+D``,
+`gpu_dsm.ranking.diffuse_verified`: seeds from the verified top, CG on the whole graph or,
 with ``--truncation-size R``, on each query's top R, the fused ranking of the searched images),
 ``rank`` (its top ``--output-k``, on the host). Reported: ms per
 query per stage, peak memory (process RSS, memory-mapped pages included; CUDA allocations on a
@@ -157,7 +157,7 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set since :func:`_reset_peak_rss` (``VmHWM``), in MiB."""
+    """Peak resident set since `_reset_peak_rss` (``VmHWM``), in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -173,7 +173,7 @@ def _disk_bytes(path: Path) -> int:
 
 @dataclass
 class SimulatedDatabase:
-    """What :func:`prepare` made or found: the store and graph, and how they were drawn."""
+    """What `prepare` made or found: the store and graph, and how they were drawn."""
 
     store: FeatureStore
     graph: KnnGraph
@@ -218,11 +218,11 @@ def query_path(store: FeatureStore, index: GlobalIndex, graph: KnnGraph, queries
                diffusion: DiffusionConfig | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Run the query path for every query, ``batch`` at a time, timing each stage.
 
-    ``queries_global (Q, D)`` and ``query_tables`` (:class:`LocalFeatures` of ``Q`` queries) on
+    ``queries_global (Q, D)`` and ``query_tables`` (`LocalFeatures` of ``Q`` queries) on
     ``device``; ``graph`` on ``device``. Returns ``{"seconds": {stage: total}, "indices": (Q, top_k)
     re-ranked candidates, "inliers": (Q, top_k), "searched": (Q, S) the global search's top
     ``S = max(top_k, output_k, R)``, "ranking": (Q, output_k) (the library's
-    ``global+dsm+D`` of the searched top ``max(top_k, output_k, R)``, :func:`diffuse_verified`),
+    ``global+dsm+D`` of the searched top ``max(top_k, output_k, R)``, `diffuse_verified`),
     "cg_iterations": [...], "peak_rss_mb": {stage: MiB}}``.
     """
     device = torch.device(device)

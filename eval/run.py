@@ -1,11 +1,11 @@
-"""Evaluation runs: the revisited protocol around :class:`gpu_dsm.pipeline.DSMRetrieval`.
+"""Evaluation runs: the revisited protocol around `gpu_dsm.pipeline.DSMRetrieval`.
 
 A run extracts (or reuses) the feature stores of a dataset, hands them to the run's
 ``DSMRetrieval``, which ranks the database by every method its configuration turns on, scores
 each ranking by the protocol and writes JSON. ``results`` holds one entry per method:
 ``"global"`` (the initial ranking by the global descriptor), ``"global+dsm"`` (re-ranked),
 ``"global+D"`` and ``"global+dsm+D"`` (with diffusion), and the ``"asmk"`` variants. What a run
-depends on is its :class:`gpu_dsm.eval.run_config.RunConfig`.
+depends on is its `gpu_dsm.eval.run_config.RunConfig`.
 """
 from __future__ import annotations
 
@@ -53,16 +53,16 @@ def write_store(
 
 
 def run_cache(cfg: RunConfig, folder: str | Path, log=print, ranks: Ranks | None = None) -> ArtifactCache:
-    """The run's cache folder (:class:`gpu_dsm.cache.ArtifactCache`), keyed on the run's options."""
+    """The run's cache folder (`gpu_dsm.cache.ArtifactCache`), keyed on the run's options."""
     return ArtifactCache(folder, cfg.options(), log, ranks)
 
 
 def dataset_stores(cfg: RunConfig, dataset: RevisitopDataset, cache: ArtifactCache | str | Path, log=print,
                    timing: dict | None = None, ranks: Ranks | None = None, backbone: Callable[[], Backbone] | None = None):
     """Stores of the database and of the (cropped) queries in ``cache`` (a folder, or the run's
-    :class:`gpu_dsm.cache.ArtifactCache`), extracted once (:meth:`ArtifactCache.stores`).
+    `gpu_dsm.cache.ArtifactCache`), extracted once (`ArtifactCache.stores`).
 
-    With ``cfg.distractors`` the database is a :class:`StoreStack` of the dataset's own images
+    With ``cfg.distractors`` the database is a `StoreStack` of the dataset's own images
     followed by the distractors (their store is keyed on their images alone, so one extraction
     serves every dataset). ``timing`` receives the seconds each extraction took (``None`` for a
     store reused from the cache). With ``ranks`` of a torchrun job each rank extracts a slice of a
@@ -173,7 +173,7 @@ def evaluate_dataset(cfg: RunConfig, out: str | Path | None = None, log=print, p
     """Run the evaluation of ``cfg`` and return (and write to ``out``) the results dict.
 
     Everything that can fail without extracting (paths, device, backends, queries) is checked
-    first (:func:`preflight`).
+    first (`preflight`).
     """
     dataset = RevisitopDataset.load(cfg.data_root, cfg.dataset)
     preflight(cfg, dataset, files={"--out": out, "--plot-inliers": plot_inliers}, dirs={"--cache-dir": cfg.cache_dir})
@@ -210,7 +210,7 @@ def dataset_outputs(datasets: Sequence[str], out: str | Path | None, summary: st
 
 def evaluate_datasets(cfgs: Sequence[RunConfig], outs: Sequence[str | Path | None], summary: str | Path | None = None,
                       log=print, plot_inliers: str | Path | None = None) -> dict[str, Any]:
-    """:func:`evaluate_dataset` for each config (one per dataset, checked up front, all before any
+    """`evaluate_dataset` for each config (one per dataset, checked up front, all before any
     extraction), then the summary table across them, printed and written to ``summary`` (markdown)
     and ``summary`` with suffix ``.json``."""
     from gpu_dsm.eval.summary import format_markdown, summarize
@@ -259,7 +259,7 @@ def _plot_inliers(path, candidates: torch.Tensor, inliers: torch.Tensor, gnd) ->
 
 
 def make_retrieval(cfg: RunConfig, cache: ArtifactCache | None = None, backbone: Backbone | None = None) -> DSMRetrieval:
-    """The run's :class:`DSMRetrieval` on the run's device, with the run's learned whitening and
+    """The run's `DSMRetrieval` on the run's device, with the run's learned whitening and
     ``cache``; without ``backbone`` it has no network (the stores hold what it describes)."""
     whitening = cfg.resolved_whitening()[1]
     return DSMRetrieval(backbone, cfg.retrieval, whitening=whitening if whitening is not None else "none",

@@ -1,4 +1,4 @@
-"""What an evaluation run depends on: :class:`RunConfig`, recorded in every results file."""
+"""What an evaluation run depends on: `RunConfig`, recorded in every results file."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +20,9 @@ from gpu_dsm.eval.datasets import DistractorSet
 @dataclass
 class RunConfig:
     """Everything an evaluation run depends on (recorded in the results file): the dataset, the
-    :class:`RetrievalConfig` of every stage (``retrieval.rerank`` ``None``: global descriptors only),
+    `RetrievalConfig` of every stage (``retrieval.rerank`` ``None``: global descriptors only),
     and what the harness adds around it: the network, whitening, distractors, codebook images, cache.
-    The flagged fields are command-line options (:mod:`gpu_dsm.config_cli`)."""
+    The flagged fields are command-line options (`gpu_dsm.config_cli`)."""
 
     data_root: str
     dataset: str

@@ -6,26 +6,26 @@
     stores = cache.stores([StoreRequest(...)], write)   # feature stores, extracted once
 
 Every artifact is a file (or, for a feature store, a folder) in the cache folder named by a digest
-of everything it depends on (:func:`cache_digest`), so a changed option, weights file or image
+of everything it depends on ([`cache_digest`][gpu_dsm.cache.cache_digest]), so a changed option, weights file or image
 gives a new name and a stale artifact is never served:
 
-- feature store: ``network`` (less :data:`SEARCH_TIME_OPTIONS`), the images (paths, sizes,
-  modification times, boxes), then the detector options; a :class:`gpu_dsm.store.FeatureStore`;
+- feature store: ``network`` (less `SEARCH_TIME_OPTIONS`), the images (paths, sizes,
+  modification times, boxes), then the detector options; a [`gpu_dsm.store.FeatureStore`][gpu_dsm.store.FeatureStore];
 - kNN graph: the database's whitened global descriptors (their bytes), the graph options;
-  :meth:`gpu_dsm.graph.KnnGraph.save`;
-- HOW whitening: the network, the HOW options, the training images; :meth:`gpu_dsm.whitening.Whitening.save`;
-- HOW features: the HOW whitening's name (or its bytes), the images; :meth:`gpu_dsm.how.HOWFeatures.save`;
-- ASMK codebook: the training features' names, words, k-means iterations, seed; :func:`save_codebook`;
+  [`gpu_dsm.graph.KnnGraph.save`][gpu_dsm.graph.KnnGraph.save];
+- HOW whitening: the network, the HOW options, the training images; [`gpu_dsm.whitening.Whitening.save`][gpu_dsm.whitening.Whitening.save];
+- HOW features: the HOW whitening's name (or its bytes), the images; [`gpu_dsm.how.HOWFeatures.save`][gpu_dsm.how.HOWFeatures.save];
+- ASMK codebook: the training features' names, words, k-means iterations, seed; [`save_codebook`][gpu_dsm.cache.save_codebook];
 - ASMK index: the codebook's name, the database features' names, the ASMK options;
-  :meth:`gpu_dsm.asmk.ASMKIndex.save`.
+  [`gpu_dsm.asmk.ASMKIndex.save`][gpu_dsm.asmk.ASMKIndex.save].
 
-:meth:`ArtifactCache.get` returns the artifact when it is there and readable; otherwise it builds
-it, saves it atomically (:func:`gpu_dsm.io.atomic_write`) and returns it. A corrupt artifact (its
+[`ArtifactCache.get`][gpu_dsm.cache.ArtifactCache.get] returns the artifact when it is there and readable; otherwise it builds
+it, saves it atomically ([`gpu_dsm.io.atomic_write`][gpu_dsm.io.atomic_write]) and returns it. A corrupt artifact (its
 loader raises ``ValueError``) is reported and rebuilt. A lock file per artifact makes a second run
 on the same cache wait for the first and reuse what it wrote; under torchrun (``ranks``,
-:mod:`gpu_dsm.shards`) the job is one run, so its ranks take no lock: rank 0 saves and the other
+`gpu_dsm.shards`) the job is one run, so its ranks take no lock: rank 0 saves and the other
 ranks load what it saved. The cache remembers the name of every artifact it returned
-(:meth:`ArtifactCache.name_of`): an artifact made from others is keyed on their names.
+([`ArtifactCache.name_of`][gpu_dsm.cache.ArtifactCache.name_of]): an artifact made from others is keyed on their names.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def content_digest(*tensors: torch.Tensor | None) -> str:
 
 def images_key(images: Sequence[Any]) -> dict[str, Any] | None:
     """What a set of image files is keyed on: their resolved paths, sizes and modification times
-    (:func:`gpu_dsm.io.stat_digest`) and query boxes; ``None`` for images in memory (arrays, PIL
+    ([`gpu_dsm.io.stat_digest`][gpu_dsm.io.stat_digest]) and query boxes; ``None`` for images in memory (arrays, PIL
     images), which have no file to key on."""
     specs = []
     for image in images:
@@ -107,7 +107,7 @@ def save_codebook(codebook: torch.Tensor, path: str | Path) -> Path:
 
 
 def load_codebook(path: str | Path) -> torch.Tensor:
-    """Read a codebook written by :func:`save_codebook`, on the CPU; a file of another format or
+    """Read a codebook written by [`save_codebook`][gpu_dsm.cache.save_codebook], on the CPU; a file of another format or
     a codebook that is not a finite ``(K, d)`` tensor raises ``ValueError`` naming the file."""
     codebook = torch_load_checked(path, CODEBOOK_FORMAT, "ASMK codebook").get("codebook")
     if not isinstance(codebook, torch.Tensor) or codebook.ndim != 2 or not torch.isfinite(codebook).all():
@@ -117,7 +117,7 @@ def load_codebook(path: str | Path) -> torch.Tensor:
 
 @dataclass
 class StoreRequest:
-    """One feature store :meth:`ArtifactCache.stores` finds or extracts: the images of ``split``
+    """One feature store [`ArtifactCache.stores`][gpu_dsm.cache.ArtifactCache.stores] finds or extracts: the images of ``split``
     (``"database"``, ``"queries"``, ...) of the image set ``owner`` found in ``folder``."""
 
     split: str
@@ -136,8 +136,8 @@ class ArtifactCache:
         network: what the network's outputs depend on, recorded in each store: ``backbone`` (its
             name), ``weights_sha256``, ``upsample``, ``dtype``, the extraction and global-descriptor
             options, ``detector`` (``None``: global descriptors only); entries in
-            :data:`SEARCH_TIME_OPTIONS` are not keyed (e.g. :meth:`gpu_dsm.eval.run.RunConfig.options`).
-            ``None``: :func:`network_identity` of the module that uses the cache.
+            `SEARCH_TIME_OPTIONS` are not keyed (e.g. `gpu_dsm.eval.run.RunConfig.options`).
+            ``None``: [`network_identity`][gpu_dsm.cache.network_identity] of the module that uses the cache.
         log: where progress lines go.
         ranks: this process's place in a torchrun job (default: one process).
 
@@ -187,7 +187,7 @@ class ArtifactCache:
         saves, and the others, once it has, load what it saved, so all ranks hold the same object.
         A build that writes the file itself (rank 0's merge of shards; ``None`` on the other ranks)
         is not saved again, and the other ranks keep ``None``. ``timing``: the entry of
-        :attr:`timing` that receives the seconds (``None`` when reused).
+        `timing` that receives the seconds (``None`` when reused).
         """
         if name in self._by_name:
             return self._by_name[name]
@@ -231,7 +231,7 @@ class ArtifactCache:
         """``(global part, full name)`` of a request's store.
 
         The global part keys everything the global descriptors depend on: the network's options
-        (less :data:`SEARCH_TIME_OPTIONS`), the image set and split, and the images (names, sizes
+        (less `SEARCH_TIME_OPTIONS`), the image set and split, and the images (names, sizes
         and modification times of the files, query boxes), so a changed file gives a new store.
         The full name adds the detector options (``-global`` for global descriptors only).
         """
@@ -269,14 +269,14 @@ class ArtifactCache:
     def stores(self, requests: Sequence[StoreRequest],
                write: Callable[[StoreRequest, Sequence[ImageSpec], Sequence[str], Path], FeatureStore]) -> list[FeatureStore]:
         """The store of each request, found in the cache or written by ``write(request, images,
-        names, path)`` (which publishes it atomically, e.g. :meth:`gpu_dsm.pipeline.DSMRetrieval.write_store`).
+        names, path)`` (which publishes it atomically, e.g. [`gpu_dsm.pipeline.DSMRetrieval.write_store`][gpu_dsm.pipeline.DSMRetrieval.write_store]).
 
         A lock per store makes a second run on the same cache wait for the first and reuse what it
         wrote; a store's lock is released only once the next one's is taken (every run takes them
         in the same order, so no deadlock), so a run that waited on one store never overtakes the
         first on the next. An unfinished store a killed run left is removed before the store is
         written. Under torchrun each rank writes a balanced slice of a missing store (by pixels, at
-        the network's ``extract`` image size) and rank 0 merges them (:func:`gpu_dsm.shards.write_sharded`).
+        the network's ``extract`` image size) and rank 0 merges them (`gpu_dsm.shards.write_sharded`).
         """
         ranks = self.ranks
         found = []
@@ -347,7 +347,7 @@ class ArtifactCache:
     def how_features(self, label: str, whitening: Whitening, images: Sequence[Any],
                      build: Callable[[Path], HOWFeatures | None]) -> HOWFeatures | None:
         """HOW features of the image files ``images`` with ``whitening`` (keyed on the name of the
-        whitening's file when this cache gave it, see :meth:`remember`); ``build(path)`` makes them
+        whitening's file when this cache gave it, see [`remember`][gpu_dsm.cache.ArtifactCache.remember]); ``build(path)`` makes them
         (under torchrun: writes them at ``path`` itself, and returns them on rank 0 only)."""
         keyed = {"whitening": self.name_of(whitening.projection) or content_digest(whitening.projection, whitening.bias),
                  **images_key(images)}

@@ -2,7 +2,7 @@
 ``search``.
 
 The options of every stage are generated from its configuration dataclass's fields
-(:mod:`gpu_dsm.config_cli`), so each default is written once and each help states it and its
+(`gpu_dsm.config_cli`), so each default is written once and each help states it and its
 source. Every combination is checked: an option that would have no effect is a one-line error
 (exit 2); the presets ``--paper-rerank`` and ``--paper-diffusion`` turn their stage on.
 """
@@ -63,7 +63,7 @@ def _add_asmk_args(p: argparse.ArgumentParser, extract: bool = False) -> None:
 
 def _run_config(args: argparse.Namespace, data_root: str, dataset: str, cache_dir: str | None, local: bool,
                 why_off: str = ""):
-    """The validated :class:`RunConfig` of the options for ``dataset``; ``local``: local features
+    """The validated `RunConfig` of the options for ``dataset``; ``local``: local features
     (re-ranking) on, else ``why_off`` ends the error of an option that needs them."""
     retrieval = retrieval_from_args(args, local, why_off)
     if retrieval.initial != "asmk":

@@ -15,12 +15,12 @@ Metadata keys:
 - ``type``: the parser of the value (default: the type of the default); ``choices``, ``nargs``,
   ``metavar``, ``dest`` (default: the flag without ``--`` and ``no-``, dashes as underscores) as argparse's.
 - ``needs``: ``{other_field: allowed values}`` of the same config: the option has an effect only then,
-  and giving it otherwise is an error (:func:`config_from_args`).
+  and giving it otherwise is an error ([`config_from_args`][gpu_dsm.config_cli.config_from_args]).
 - ``stage``: a stage besides its own config's that the option acts in (``"rerank"``: the seeds of
-  diffusion after re-ranking); the command line refuses it when that stage is off (:func:`given_flags`).
+  diffusion after re-ranking); the command line refuses it when that stage is off ([`given_flags`][gpu_dsm.config_cli.given_flags]).
 
 Every generated option defaults to ``None`` on the command line, so ``None`` means "not given" and
-the dataclass keeps its own default: :func:`given` lists what the user set.
+the dataclass keeps its own default: [`given`][gpu_dsm.config_cli.given] lists what the user set.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def add_options(parser, cls, names: Iterable[str] | None = None, exclude: Iterab
 
 
 def given(cls, args: argparse.Namespace) -> dict[str, Any]:
-    """``{field name: value}`` of ``cls``'s options given in ``args`` (parsed from :func:`add_options`)."""
+    """``{field name: value}`` of ``cls``'s options given in ``args`` (parsed from [`add_options`][gpu_dsm.config_cli.add_options])."""
     return {f.name: getattr(args, dest(f)) for f in option_fields(cls) if getattr(args, dest(f), None) is not None}
 
 

@@ -47,7 +47,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def config_from_json(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """The ``cls`` config that :func:`config_to_json` wrote as ``data``; fields it lacks take
+    """The ``cls`` config that [`config_to_json`][gpu_dsm.configs.config_to_json] wrote as ``data``; fields it lacks take
     their defaults. An unknown field, or a value of the wrong kind, raises ``ValueError`` naming
     its dotted path."""
     if not isinstance(data, dict):

@@ -5,9 +5,9 @@ strength, the channel acting as the visual word. Per image and scale, in order (
 and the reference code; where the rules differ from the authors' feature code, listed in
 docs/detector.md, ``DetectorConfig.reference()`` runs theirs, ``gpu_dsm.authors_selection``):
 
-1. activations -> levels 0..255 (:func:`activations_to_levels`), delta from the 60% point of
-   the cumulative histogram of the non-zero levels, capped at 12 (:func:`auto_delta`);
-2. MSER on all channels at once (:func:`gpu_dsm.mser.mser`); :func:`detect` runs one
+1. activations -> levels 0..255 ([`activations_to_levels`][gpu_dsm.detect.activations_to_levels]), delta from the 60% point of
+   the cumulative histogram of the non-zero levels, capped at 12 ([`auto_delta`][gpu_dsm.detect.auto_delta]);
+2. MSER on all channels at once ([`gpu_dsm.mser.mser`][gpu_dsm.mser.mser]); [`detect`][gpu_dsm.detect.detect] runs one
    call for all the maps of a batch that share a size (all images, all channels);
 3. drop channels with more than 36 regions (cluttered), then regions with a singular covariance
    (the reference code removes singular ones first: ``DetectorConfig.reference()`` follows it);
@@ -118,7 +118,7 @@ class DetectorConfig:
         the float histogram, VLFeat's single-precision moments, singular regions removed before the
         clutter count, strength inside the 1-sigma ellipse as ``poly2mask`` fills it, NMS on ellipse
         boxes before the per-channel cap, the reference's tie order
-        (:mod:`gpu_dsm.authors_selection`). Other fields keep their defaults (the same values)."""
+        (`gpu_dsm.authors_selection`). Other fields keep their defaults (the same values)."""
         return cls(**{"rules": "reference", "polarity": "both", "strength": "max", **overrides})
 
     def __post_init__(self):
@@ -147,7 +147,7 @@ class DetectorConfig:
 
 
 def _scaled(acts: torch.Tensor, mode: str, bound: float | None) -> torch.Tensor:
-    """The float values that are rounded into levels (see :func:`activations_to_levels`)."""
+    """The float values that are rounded into levels (see `activations_to_levels`)."""
     # the extremes are finite iff every value is (NaN propagates through both): one pass
     if acts.numel() and not torch.isfinite(torch.stack(torch.aminmax(acts))).all():
         raise ValueError(f"activations contain {(~torch.isfinite(acts)).sum().item()} NaN/Inf values")
@@ -209,7 +209,7 @@ def auto_delta(levels: torch.Tensor, quantile: float = 0.6, cap: int = 12, bins:
 
 
 def _auto_delta_uint8(levels: torch.Tensor, quantile: float, cap: int, bins: int) -> int:
-    """:func:`auto_delta` of uint8 levels (fewer than 2^24) from their 256-bin count, the same result.
+    """`auto_delta` of uint8 levels (fewer than 2^24) from their 256-bin count, the same result.
 
     Every non-zero level is an integer, so the cumulative histogram of the ``bins`` bins changes
     only at the bins holding a level, and there it equals the cumulative count of the levels up to
@@ -236,7 +236,7 @@ def _auto_delta_uint8(levels: torch.Tensor, quantile: float, cap: int, bins: int
 
 def _cholesky_lower(cov: torch.Tensor) -> torch.Tensor:
     """Lower-triangular ``A`` with ``A A^T = cov`` for positive definite ``(n, 2, 2)``; the square
-    roots correctly rounded (:func:`gpu_dsm.kernels.precision.correctly_rounded_sqrt`), so a frame
+    roots correctly rounded (`gpu_dsm.kernels.precision.correctly_rounded_sqrt`), so a frame
     does not depend on MKL's code path, the CPU or how many regions share the call."""
     a = correctly_rounded_sqrt(cov[:, 0, 0].clamp(min=0))
     b = cov[:, 1, 0] / a
@@ -378,14 +378,14 @@ def detect_images(maps_per_image: Sequence[Sequence[torch.Tensor]], cfg: Detecto
                    bound: float | None) -> list[dict]:
     """Features of a batch of images, one unpadded dict per image, from per-image activations
     ``[(K, h_s, w_s)] * S`` (floating point or uint8, on one device). All maps of one size (every
-    image and channel) share one MSER call. ``bound``: as ``activation_bound`` of :func:`detect`
+    image and channel) share one MSER call. ``bound``: as ``activation_bound`` of [`detect`][gpu_dsm.detect.detect]
     (``None``: ``cfg.activation_bound``).
 
     Each dict holds ``n <= cfg.max_features`` features, strongest first, on the activations'
     device: ``xy (n, 2)`` float32 centres ``(x, y)`` and ``frame (n, 2, 2)`` float32
     lower-triangular frames, both in feature-map pixels of the feature's scale; ``strength (n,)``
     float32 (activation units); ``channel (n,)`` and ``scale (n,)`` int64.
-    :meth:`gpu_dsm.features.LocalFeatures.from_images` pads them into a table."""
+    [`gpu_dsm.features.LocalFeatures.from_images`][gpu_dsm.features.LocalFeatures.from_images] pads them into a table."""
     bound = bound if bound is not None else cfg.activation_bound
     for maps in maps_per_image:
         for acts in maps:
@@ -423,7 +423,7 @@ def detect(
             used by ``levels="range"`` / ``"auto"``; default ``cfg.activation_bound``. Without a bound,
             ``"auto"`` rounds the raw activations (VGG/ResNet) and warns if that leaves few levels.
     Returns:
-        :class:`LocalFeatures` with capacity ``cfg.max_features``, on the activations' device:
+        [`LocalFeatures`][gpu_dsm.features.LocalFeatures] with capacity ``cfg.max_features``, on the activations' device:
         ``xy (B, N, 2)`` float32 centres and ``frame (B, N, 2, 2)`` float32 frames in feature-map
         pixels of each feature's scale, ``strength (B, N)`` float32 in activation units,
         ``channel`` / ``scale (B, N)`` int64, ``valid (B, N)`` bool, ``map_sizes (B, S, 2)``
@@ -452,10 +452,10 @@ def detect(
 
 
 class DSMDetector(nn.Module):
-    """``nn.Module`` wrapper of :func:`detect` holding a :class:`DetectorConfig` and the activation bound.
+    """``nn.Module`` wrapper of [`detect`][gpu_dsm.detect.detect] holding a [`DetectorConfig`][gpu_dsm.detect.DetectorConfig] and the activation bound.
 
-    ``forward(maps_per_image, is_query=False, scales=())`` takes the activations :func:`detect`
-    takes and returns its :class:`LocalFeatures`, on the activations' device. The module holds no
+    ``forward(maps_per_image, is_query=False, scales=())`` takes the activations [`detect`][gpu_dsm.detect.detect]
+    takes and returns its [`LocalFeatures`][gpu_dsm.features.LocalFeatures], on the activations' device. The module holds no
     tensors: it works on any device as is.
 
     Examples:
@@ -478,5 +478,5 @@ class DSMDetector(nn.Module):
         return cls(config, backbone.activation_bound)
 
     def forward(self, maps_per_image, is_query: bool = False, scales: Sequence[float] = ()) -> LocalFeatures:
-        """:func:`detect` with this module's configuration and activation bound."""
+        """[`detect`][gpu_dsm.detect.detect] with this module's configuration and activation bound."""
         return detect(maps_per_image, self.config, is_query, scales, self.activation_bound)

@@ -513,7 +513,7 @@ def fused_scores(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch.
 
 def fused_ranking(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch.Tensor, weight: float,
                   gamma: float = 3.0) -> torch.Tensor:
-    """The images of ``ranks`` ordered by :func:`fused_scores`, ties in the order of ``ranks``:
+    """The images of ``ranks`` ordered by [`fused_scores`][gpu_dsm.diffusion.fused_scores], ties in the order of ``ranks``:
     ``diffusion_ranking(fused_scores(...), ranks)``, computed on the places of ``ranks`` only.
 
     For a top-M of a large database (truncated diffusion at a million images) this reads the
@@ -522,7 +522,7 @@ def fused_ranking(scores: torch.Tensor, similarities: torch.Tensor, ranks: torch
     same, so the ranking is identical.
 
     Args:
-        scores: ``(N, Q)`` real diffusion scores (:func:`diffuse`), any device.
+        scores: ``(N, Q)`` real diffusion scores ([`diffuse`][gpu_dsm.diffusion.diffuse]), any device.
         similarities: ``(Q, M)`` finite real scores of the places of ``ranks``.
         ranks: ``(Q, M)`` integer database indices, distinct within a row, in ``0..N - 1``.
         weight: in ``[0, 1)``. gamma: the exponent of the similarities.

@@ -47,7 +47,7 @@ def similarity_topk(
 
 
 def _topk(queries: torch.Tensor, database: torch.Tensor, k: int | None, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`similarity_topk` of checked inputs (a checked database is not scanned again)."""
+    """`similarity_topk` of checked inputs (a checked database is not scanned again)."""
     n = database.shape[0]
     k = n if k is None else min(int(k), n)
     if n == 0 or k == 0:
@@ -161,12 +161,12 @@ class SearchConfig:
 
 
 class GlobalIndex:
-    """Top-k search of global descriptors behind :func:`similarity_topk`'s interface.
+    """Top-k search of global descriptors behind [`similarity_topk`][gpu_dsm.knn.similarity_topk]'s interface.
 
     ``GlobalIndex.build(database (N, D), SearchConfig(backend=...))`` then
     ``index.search(queries (Q, D), k) -> (scores (Q, k), indices (Q, k))``, on the queries' device.
-    ``"exact"`` is :func:`similarity_topk` (it keeps the database tensor, on its device, and moves
-    it to the queries' device per search). ``"compact"`` (:func:`compact_projection`) keeps the
+    ``"exact"`` is [`similarity_topk`][gpu_dsm.knn.similarity_topk] (it keeps the database tensor, on its device, and moves
+    it to the queries' device per search). ``"compact"`` ([`compact_projection`][gpu_dsm.knn.compact_projection]) keeps the
     database too, and beside it its projection on ``compact_dim`` leading eigenvectors of its second
     moment: a search scans the compact descriptors, re-scores each query's best ``shortlist`` by the
     full descriptors and ranks them by those exact similarities; what it loses is the images the

@@ -27,7 +27,7 @@ formulation that handles every map of a batch in one pass:
 
 Arithmetic follows VLFeat's single precision, so thresholds and ties fall the same way.
 
-On the CPU the default backend is a C kernel (:mod:`gpu_dsm.kernels.mser`): VLFeat's union-find
+On the CPU the default backend is a C kernel (`gpu_dsm.kernels.mser`): VLFeat's union-find
 over each map's support, one pass per map, with the kept regions' moments summed in the order of
 the tensor path above; both give the same regions bit for bit. The tensor path is the GPU's, and
 the CPU's where no C compiler works.
@@ -370,7 +370,7 @@ def _dark_regions(u, peak_source, delta, max_variation, min_diversity, min_area,
 
 
 def _native_regions(u, peak_source, delta, max_variation, min_diversity, min_area, max_area):
-    """:func:`_dark_regions` of all maps ``u`` by the C kernel (CPU; ``peak_source`` real)."""
+    """`_dark_regions` of all maps ``u`` by the C kernel (CPU; ``peak_source`` real)."""
     source = peak_source if peak_source.dtype in (torch.float32, torch.float64) else peak_source.double()
     found = mser_kernel.mser_maps(u.to(torch.uint8), delta, source, max_variation=max_variation,
                                   min_diversity=min_diversity, min_area=min_area, max_area=max_area)
@@ -380,7 +380,7 @@ def _native_regions(u, peak_source, delta, max_variation, min_diversity, min_are
 
 
 def _use_native(backend: str, device: torch.device, values: torch.Tensor | None) -> bool:
-    """Whether :func:`mser` runs the C kernel for ``backend`` (see :data:`BACKENDS`)."""
+    """Whether `mser` runs the C kernel for ``backend`` (see `BACKENDS`)."""
     if backend not in BACKENDS:
         raise ValueError(f"mser: backend must be one of {BACKENDS}, got {backend!r}")
     exact_values = values is None or values.dtype.is_floating_point

@@ -1,12 +1,12 @@
 """A folder of one's own photos: index it, then search it with a query photo (``gpu-dsm index`` /
 ``gpu-dsm search``, or these functions from a script).
 
-:func:`index_folder` describes every image of a folder (its sub-folders included; files named
+[`index_folder`][gpu_dsm.photos.index_folder] describes every image of a folder (its sub-folders included; files named
 ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.tif``, ``.tiff``, ``.webp``, ``.ppm``, ``.pgm``; other
 files are left alone) with a named network and writes the saved retrieval of
-:meth:`gpu_dsm.pipeline.DSMRetrieval.save`. The descriptions go first into a feature store beside
-the output (``.<name>.store``), which an interrupted run resumes (:class:`gpu_dsm.store.StoreWriter`).
-:func:`search_folder_index` ranks the indexed photos for one query photo (or a box of it) by the
+[`gpu_dsm.pipeline.DSMRetrieval.save`][gpu_dsm.pipeline.DSMRetrieval.save]. The descriptions go first into a feature store beside
+the output (``.<name>.store``), which an interrupted run resumes ([`gpu_dsm.store.StoreWriter`][gpu_dsm.store.StoreWriter]).
+[`search_folder_index`][gpu_dsm.photos.search_folder_index] ranks the indexed photos for one query photo (or a box of it) by the
 method saved with the index and returns each result's path, similarity and inliers.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def check_image(path: str | Path, what: str = "image") -> Path:
 
 def find_images(folder: str | Path) -> list[Path]:
     """The image files under ``folder`` (by suffix, case-insensitive, sub-folders included), in
-    sorted order, each checked by :func:`check_image`. A missing folder, or one without images,
+    sorted order, each checked by [`check_image`][gpu_dsm.photos.check_image]. A missing folder, or one without images,
     raises."""
     folder = Path(folder)
     if not folder.exists():
@@ -72,11 +72,11 @@ def index_folder(folder: str | Path, out: str | Path, backbone: str = "efficient
     """Index the images of ``folder`` into the saved retrieval ``out`` (module docstring).
 
     Args:
-        folder: the photos (:func:`find_images`); the index names them by absolute path.
+        folder: the photos ([`find_images`][gpu_dsm.photos.find_images]); the index names them by absolute path.
         out: the saved retrieval's folder (replaced atomically when it exists).
-        backbone, weights, upsample: the network, as :func:`gpu_dsm.backbones.build_backbone`
-            (:func:`search_folder_index` rebuilds it from them).
-        config: the method (default :class:`RetrievalConfig`'s defaults: global ranking and DSM
+        backbone, weights, upsample: the network, as `gpu_dsm.backbones.build_backbone`
+            ([`search_folder_index`][gpu_dsm.photos.search_folder_index] rebuilds it from them).
+        config: the method (default [`RetrievalConfig`][gpu_dsm.pipeline.RetrievalConfig]'s defaults: global ranking and DSM
             re-ranking); ``config.extract.progress`` shows progress.
         device: where the network runs.
         log: where messages go.
@@ -120,7 +120,7 @@ def _finished(path: Path, names: list[str], options: dict[str, Any]) -> FeatureS
 
 def load_folder_index(index: str | Path, device: str | torch.device = "cpu", progress: bool = False):
     """``(retrieval, index)`` of a saved retrieval whose network was built by name
-    (:func:`index_folder`), rebuilt from the name and weights it records."""
+    ([`index_folder`][gpu_dsm.photos.index_folder]), rebuilt from the name and weights it records."""
     index = Path(index)
     meta = read_meta(index)
     network = meta.get("network")
@@ -136,7 +136,7 @@ def load_folder_index(index: str | Path, device: str | torch.device = "cpu", pro
 
 def search_folder_index(index: str | Path, query: str | Path, box: Sequence[float] | None = None, top: int = 10,
                         device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Rank the photos of a saved index (:func:`index_folder`) for one query photo.
+    """Rank the photos of a saved index ([`index_folder`][gpu_dsm.photos.index_folder]) for one query photo.
 
     Args:
         index: the saved retrieval.

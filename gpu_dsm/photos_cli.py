@@ -1,6 +1,6 @@
 """The ``gpu-dsm index`` and ``gpu-dsm search`` subcommands: a folder of one's own photos
-(:mod:`gpu_dsm.photos`). ``index`` takes the network options and the generated extraction and
-detector options (:mod:`gpu_dsm.retrieval_options`); ``search`` runs the method the index was saved with."""
+(`gpu_dsm.photos`). ``index`` takes the network options and the generated extraction and
+detector options (`gpu_dsm.retrieval_options`); ``search`` runs the method the index was saved with."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ def _default_device() -> str:
 
 
 def add_index_parser(sub) -> argparse.ArgumentParser:
-    """``gpu-dsm index FOLDER --out INDEX`` (:func:`gpu_dsm.photos.index_folder`)."""
+    """``gpu-dsm index FOLDER --out INDEX`` (`gpu_dsm.photos.index_folder`)."""
     p = sub.add_parser("index", help="index a folder of your own photos for gpu-dsm search",
                        description="Describe every image of FOLDER (sub-folders included; suffixes "
                                    f"{', '.join(IMAGE_SUFFIXES)}) with global descriptors and DSM local features and "
@@ -47,7 +47,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def add_search_parser(sub) -> argparse.ArgumentParser:
-    """``gpu-dsm search INDEX QUERY`` (:func:`gpu_dsm.photos.search_folder_index`)."""
+    """``gpu-dsm search INDEX QUERY`` (`gpu_dsm.photos.search_folder_index`)."""
     p = sub.add_parser("search", help="search an index of gpu-dsm index with a query photo",
                        description="Rank the photos of INDEX for the QUERY photo (or a box of it) with the index's "
                                    "method (global ranking, DSM re-ranking of its top 100, paper 3.6) and print each "

@@ -8,23 +8,23 @@
     result.methods["global+dsm"]                  # every method on the way, as (Q, N) rankings
 
 Any network works: a plain ``nn.Module`` mapping ``(B, 3, H, W)`` images to ``(B, K, h, w)``
-activations (:func:`gpu_dsm.backbones.wrap.as_backbone` measures its stride). Inputs may be images
-(paths, arrays, PIL images, :class:`ImageSpec`), activations (a ``(B, K, H, W)`` tensor, one per
-scale, or per-image lists), or feature stores (:meth:`DSMRetrieval.from_store`: a database larger
+activations ([`gpu_dsm.backbones.wrap.as_backbone`][gpu_dsm.backbones.wrap.as_backbone] measures its stride). Inputs may be images
+(paths, arrays, PIL images, [`ImageSpec`][gpu_dsm.images.ImageSpec]), activations (a ``(B, K, H, W)`` tensor, one per
+scale, or per-image lists), or feature stores ([`DSMRetrieval.from_store`][gpu_dsm.pipeline.DSMRetrieval.from_store]: a database larger
 than memory, its local features read on demand). Learned state (the whitening of global
 descriptors, HOW's whitening and the ASMK codebook) lives in buffers: ``state_dict()`` holds it,
-``.to()`` moves it. With a cache folder (``DSMRetrieval(..., cache="folder")``, :mod:`gpu_dsm.cache`)
+``.to()`` moves it. With a cache folder (``DSMRetrieval(..., cache="folder")``, [`gpu_dsm.cache`][gpu_dsm.cache])
 what it learns and builds from image files is kept there and found again by the next run.
 
-The index is a separate object (:class:`DescribedImages`), as the module is one method and an
-index one database; both are saved to one folder and read back (:mod:`gpu_dsm.saved`)::
+The index is a separate object ([`DescribedImages`][gpu_dsm.ranking.DescribedImages]), as the module is one method and an
+index one database; both are saved to one folder and read back ([`gpu_dsm.saved`][gpu_dsm.saved])::
 
     retrieval.save("my_index", index)                       # config, learned state, index
     retrieval = DSMRetrieval.load("my_index", backbone)      # checked: format, backbone
     index = retrieval.load_index("my_index")                 # checked: config, learned state
     result = retrieval.search(query_images, index)           # ranks as before saving
 
-A ranking from any other model goes through the same stages (:meth:`DSMRetrieval.rerank`)::
+A ranking from any other model goes through the same stages ([`DSMRetrieval.rerank`][gpu_dsm.pipeline.DSMRetrieval.rerank])::
 
     result = retrieval.rerank(query_images, database_images, scores, indices)  # (Q, K) each
     result.ranks                                  # (Q, K): given -> DSM re-ranking -> diffusion
@@ -65,7 +65,7 @@ INITIAL_RANKINGS = ("global", "asmk")
 
 @dataclass
 class RetrievalConfig:
-    """Every stage of :class:`DSMRetrieval`; ``None`` turns re-ranking or diffusion off."""
+    """Every stage of [`DSMRetrieval`][gpu_dsm.pipeline.DSMRetrieval]; ``None`` turns re-ranking or diffusion off."""
 
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
@@ -113,20 +113,20 @@ class LearnedState(nn.Module):
 
     def set(self, name: str, tensor: torch.Tensor | None) -> None:
         """Hold a detached float32 copy of ``tensor`` (on its device) as buffer ``name``, one of
-        :attr:`NAMES`, or clear it (``None``); an unknown name raises ``KeyError``."""
+        `NAMES`, or clear it (``None``); an unknown name raises ``KeyError``."""
         if name not in self.NAMES:
             raise KeyError(name)
         self._buffers[name] = None if tensor is None else tensor.detach().float().clone()
 
     def whitening(self, prefix: str = "") -> Whitening | None:
-        """The :class:`Whitening` held under ``prefix`` (``""``: global descriptors', ``"how_"``:
+        """The [`Whitening`][gpu_dsm.whitening.Whitening] held under ``prefix`` (``""``: global descriptors', ``"how_"``:
         HOW's): its float32 buffers, on their device (the module's after ``.to()``), not copied;
         ``None`` when absent."""
         projection, bias = self._buffers[f"{prefix}whitening_projection"], self._buffers[f"{prefix}whitening_bias"]
         return None if projection is None else Whitening(projection=projection, bias=bias)
 
     def set_whitening(self, whitening: Whitening | None, prefix: str = "") -> None:
-        """Hold ``whitening``'s projection and bias under ``prefix`` (as :meth:`set`: float32
+        """Hold ``whitening``'s projection and bias under ``prefix`` (as [`set`][gpu_dsm.pipeline.LearnedState.set]: float32
         copies, on their device), or clear both (``None``)."""
         self.set(f"{prefix}whitening_projection", None if whitening is None else whitening.projection)
         self.set(f"{prefix}whitening_bias", None if whitening is None else whitening.bias)
@@ -150,19 +150,19 @@ class DSMRetrieval(nn.Module):
 
     Args:
         backbone: any ``nn.Module`` mapping ``(B, 3, H, W)`` RGB images to ``(B, K, h, w)``
-            activations (a :class:`Backbone` from :func:`gpu_dsm.build_backbone`, a torchvision
+            activations (a `Backbone` from `gpu_dsm.build_backbone`, a torchvision
             trunk, a timm model with ``forward_features``), or ``None`` for a module that only ranks
             what was described elsewhere (activations, feature stores).
-        config: the stages (:class:`RetrievalConfig`).
-        whitening: learned whitening of global descriptors: a :class:`Whitening`, a saved one's
+        config: the stages ([`RetrievalConfig`][gpu_dsm.pipeline.RetrievalConfig]).
+        whitening: learned whitening of global descriptors: a [`Whitening`][gpu_dsm.whitening.Whitening], a saved one's
             path, ``"none"``, or ``None`` for the one the backbone's checkpoint carries (if any).
         how_whitening, codebook: HOW's reduction and the ASMK codebook ``(K, d)``
-            (:meth:`fit_asmk` learns both).
+            ([`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns both).
         stride, mean, std, activation_bound: facts of a plain ``backbone``
-            (:func:`gpu_dsm.backbones.wrap.as_backbone`: stride measured, ImageNet normalisation).
-        cache: a folder (or an :class:`gpu_dsm.cache.ArtifactCache`) where what the module
+            ([`gpu_dsm.backbones.wrap.as_backbone`][gpu_dsm.backbones.wrap.as_backbone]: stride measured, ImageNet normalisation).
+        cache: a folder (or an [`gpu_dsm.cache.ArtifactCache`][gpu_dsm.cache.ArtifactCache]) where what the module
             learns and builds from image files is kept between runs and found again: HOW's
-            whitening, HOW features and the codebook (:meth:`fit_asmk`, :meth:`describe_how`), the
+            whitening, HOW features and the codebook ([`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk], [`describe_how`][gpu_dsm.pipeline.DSMRetrieval.describe_how]), the
             ASMK index, the kNN graph; ``None`` (default): nothing is kept.
     """
 
@@ -194,13 +194,13 @@ class DSMRetrieval(nn.Module):
     @property
     def how_whitening(self) -> Whitening | None:
         """HOW's learned reduction ``(d, K)`` (float32, on the module's device), with the ASMK
-        initial ranking; ``None`` until :meth:`fit_asmk` learns it or the constructor is given it."""
+        initial ranking; ``None`` until [`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns it or the constructor is given it."""
         return self.learned.whitening("how_")
 
     @property
     def codebook(self) -> torch.Tensor | None:
         """The ASMK codebook ``(K, d)`` float32 on the module's device; ``None`` until
-        :meth:`fit_asmk` learns it or the constructor is given it."""
+        [`fit_asmk`][gpu_dsm.pipeline.DSMRetrieval.fit_asmk] learns it or the constructor is given it."""
         return self.learned.codebook
 
     @property
@@ -245,7 +245,7 @@ class DSMRetrieval(nn.Module):
 
     def fit_asmk(self, images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[ImageLike | ImageSpec]]
                  ) -> "DSMRetrieval":
-        """Learn HOW's whitening (:meth:`fit_how_whitening`) and the ASMK codebook on ``images``
+        """Learn HOW's whitening ([`fit_how_whitening`][gpu_dsm.pipeline.DSMRetrieval.fit_how_whitening]) and the ASMK codebook on ``images``
         (never the queries): a list, or named image sets ``{label: images}`` (their HOW features
         are cached one file per set, under its label). With a cache, each step is found there or
         learned and kept."""
@@ -336,7 +336,7 @@ class DSMRetrieval(nn.Module):
         return DescribedImages(self._whiten(descriptors), local, how=how, names=_names(inputs))
 
     def describe_activations(self, maps_per_image: Activations, is_query: bool = False) -> DescribedImages:
-        """:meth:`describe` of activations computed elsewhere."""
+        """[`describe`][gpu_dsm.pipeline.DSMRetrieval.describe] of activations computed elsewhere."""
         if not is_activations(maps_per_image):
             per_image_maps(maps_per_image)  # raises, naming the accepted forms
         return self.describe(maps_per_image, is_query)
@@ -375,7 +375,7 @@ class DSMRetrieval(nn.Module):
         and, with re-ranking on, local features. ``options`` go into the store's metadata.
 
         Resumable: an interrupted write (Ctrl-C, a crash) keeps its finished images, and the same
-        call describes only the missing ones (:class:`StoreWriter`); the store is the same."""
+        call describes only the missing ones ([`StoreWriter`][gpu_dsm.store.StoreWriter]); the store is the same."""
         net = self._network("write_store")
         local = {"scales": list(self.config.extract.scales), "num_channels": net.out_channels} if self.local_features else None
         dim = self.config.global_.resolve(net).descriptor_dim(net.out_channels)
@@ -482,11 +482,11 @@ class DSMRetrieval(nn.Module):
     def rerank(self, queries: Sequence[ImageLike | ImageSpec] | Activations | DescribedImages | FeatureStore,
                database: Sequence[ImageLike | ImageSpec] | DescribedImages | FeatureStore | StoreStack,
                scores: torch.Tensor, indices: torch.Tensor) -> SearchResult:
-        """DSM re-ranking and diffusion of a ranking from any model (:func:`gpu_dsm.ranking.rank_given`).
+        """DSM re-ranking and diffusion of a ranking from any model ([`gpu_dsm.ranking.rank_given`][gpu_dsm.ranking.rank_given]).
 
         Args:
             queries: the ``Q`` queries (images, activations, described, or a store).
-            database: an index (:meth:`index`, :meth:`load_index`), a feature store, or the
+            database: an index ([`index`][gpu_dsm.pipeline.DSMRetrieval.index], [`load_index`][gpu_dsm.pipeline.DSMRetrieval.load_index]), a feature store, or the
                 database images (image ``i`` is ``database[i]``). Of images only those in
                 ``indices`` are described, for their local features; with diffusion on
                 (``config.diffusion``) every image is, as diffusion needs the whole database's
@@ -494,7 +494,7 @@ class DSMRetrieval(nn.Module):
             scores: ``(Q, K)`` the model's finite similarities, best first, any device.
             indices: ``(Q, K)`` its database indices, in the same order, any device.
         Returns:
-            A :class:`SearchResult` of ``(Q, K)`` rankings on the CPU: ``result.ranks`` is the
+            A [`SearchResult`][gpu_dsm.ranking.SearchResult] of ``(Q, K)`` rankings on the CPU: ``result.ranks`` is the
             configured method's (``"given+dsm"``, ``"given+dsm+D"``, ...), ``result.reranked``
             the re-ranking with its inliers; the configured initial ranking is not computed.
         """
@@ -529,9 +529,9 @@ class DSMRetrieval(nn.Module):
     def save(self, folder: str | Path, index: DescribedImages | None = None,
              network: dict[str, Any] | None = None) -> Path:
         """Write the module (config, learned state, the backbone's fingerprint; not the network's
-        weights) and, if given, ``index`` to ``folder``, atomically (:mod:`gpu_dsm.saved`). Local
+        weights) and, if given, ``index`` to ``folder``, atomically ([`gpu_dsm.saved`][gpu_dsm.saved]). Local
         features go into a feature store, copied from a store chunk by chunk (never all in memory).
-        ``network``: ``{"name", "weights", "upsample"}``, how :func:`gpu_dsm.build_backbone`
+        ``network``: ``{"name", "weights", "upsample"}``, how `gpu_dsm.build_backbone`
         rebuilds the backbone (recorded for ``gpu-dsm search``). Returns the folder."""
         from gpu_dsm.saved import save_retrieval
 
@@ -563,7 +563,7 @@ class DSMRetrieval(nn.Module):
         return module
 
     def load_index(self, folder: str | Path) -> DescribedImages:
-        """The index saved in ``folder`` (:meth:`save`), checked against this module (backbone,
+        """The index saved in ``folder`` ([`save`][gpu_dsm.pipeline.DSMRetrieval.save]), checked against this module (backbone,
         config, learned state: a mismatch raises a ``ValueError`` naming it): global descriptors on
         the module's device, local features memory-mapped from the saved feature store."""
         from gpu_dsm.saved import load_index
@@ -573,7 +573,7 @@ class DSMRetrieval(nn.Module):
     def verify(self, queries: DescribedImages, index: DescribedImages, query: int, candidate: int,
                match: MatchConfig | None = None) -> MatchResult:
         """Spatial verification of one query against one database image (for pictures: the
-        matches and inliers of :class:`MatchResult`), with ``match`` (default: the re-ranker's)."""
+        matches and inliers of [`MatchResult`][gpu_dsm.match.MatchResult]), with ``match`` (default: the re-ranker's)."""
         if queries.local is None or index.local is None:
             raise ValueError("verify: the queries and the database need local features")
         match = match or (self.config.rerank or RerankConfig()).match
@@ -581,8 +581,8 @@ class DSMRetrieval(nn.Module):
                               gather_local(index.local, [candidate], self.device), config=match)
 
     def forward(self, queries, database) -> SearchResult:
-        """``module(queries, database)``: :meth:`search` of ``queries`` in ``database``, which is
-        indexed first (:meth:`index`) unless it is already :class:`DescribedImages`."""
+        """``module(queries, database)``: [`search`][gpu_dsm.pipeline.DSMRetrieval.search] of ``queries`` in ``database``, which is
+        indexed first ([`index`][gpu_dsm.pipeline.DSMRetrieval.index]) unless it is already [`DescribedImages`][gpu_dsm.ranking.DescribedImages]."""
         return self.search(queries, database if isinstance(database, DescribedImages) else self.index(database))
 
 
@@ -596,7 +596,7 @@ def _image_sets(images: Sequence[ImageLike | ImageSpec] | Mapping[str, Sequence[
 
 @dataclass
 class _Database:
-    """What :func:`rank_given` reads of a database: its size, local features and kNN graph."""
+    """What `rank_given` reads of a database: its size, local features and kNN graph."""
 
     num_images: int
     local: Any = None
@@ -604,7 +604,7 @@ class _Database:
 
 
 def _names(inputs) -> list[str] | None:
-    """The paths of images given by path (or :class:`ImageSpec` of a path); ``None`` when any is
+    """The paths of images given by path (or `ImageSpec` of a path); ``None`` when any is
     in memory."""
     names = []
     for item in inputs:

@@ -2,18 +2,18 @@
 
 Data flows one way:
 
-1. an initial ranking of the whole database for every query: :class:`GlobalRanking` (global
-   descriptors, exact or FAISS) or :class:`ASMKRanking` (HOW + ASMK); both
+1. an initial ranking of the whole database for every query: [`GlobalRanking`][gpu_dsm.ranking.GlobalRanking] (global
+   descriptors, exact or FAISS) or [`ASMKRanking`][gpu_dsm.ranking.ASMKRanking] (HOW + ASMK); both
    ``search(queries, k) -> (scores (Q, k), indices (Q, k))``;
-2. :func:`gpu_dsm.rerank.rerank_top_k`: DSM spatial verification of each query's top-k, with local features
-   gathered from memory (:class:`LocalFeatures`) or from a feature store, a batch of queries at a time;
-3. :func:`diffuse_initial` / :func:`diffuse_verified`: diffusion on the database's kNN graph,
+2. [`gpu_dsm.rerank.rerank_top_k`][gpu_dsm.rerank.rerank_top_k]: DSM spatial verification of each query's top-k, with local features
+   gathered from memory ([`LocalFeatures`][gpu_dsm.features.LocalFeatures]) or from a feature store, a batch of queries at a time;
+3. [`diffuse_initial`][gpu_dsm.ranking.diffuse_initial] / [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified]: diffusion on the database's kNN graph,
    seeded by the initial top of each query or by its spatially verified top.
 
-:func:`rank_methods` runs them and names each result as the evaluation does: ``global``,
+[`rank_methods`][gpu_dsm.ranking.rank_methods] runs them and names each result as the evaluation does: ``global``,
 ``global+dsm``, ``global+D``, ``global+dsm+D``, and with the ASMK initial ranking ``asmk``,
 ``asmk+dsm``, ``asmk+dsm+D`` (``asmk+D`` when diffusion runs without re-ranking).
-:func:`rank_given` runs stages 2 and 3 on a top-k that any other model ranked: ``given``,
+[`rank_given`][gpu_dsm.ranking.rank_given] runs stages 2 and 3 on a top-k that any other model ranked: ``given``,
 ``given+dsm``, ``given+D``, ``given+dsm+D``.
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ class DescribedImages:
     Fields:
         global_descriptors: ``(N, D)`` float32, L2-normalised, whitened when the module has a
             learned whitening; on the module's device.
-        local: DSM local features: a :class:`LocalFeatures` table in memory, or a
-            :class:`FeatureStore` / :class:`StoreStack` they are gathered from; ``None`` without
+        local: DSM local features: a [`LocalFeatures`][gpu_dsm.features.LocalFeatures] table in memory, or a
+            [`FeatureStore`][gpu_dsm.store.FeatureStore] / [`StoreStack`][gpu_dsm.store.StoreStack] they are gathered from; ``None`` without
             re-ranking.
         how: HOW features (with the ASMK initial ranking), else ``None``.
-        search_index: a database's global search index (:class:`GlobalIndex`).
+        search_index: a database's global search index ([`GlobalIndex`][gpu_dsm.knn.GlobalIndex]).
         asmk: a database's ASMK inverted file.
         graph: a database's kNN graph (with diffusion).
         names: the images' names (their paths when described from paths; a store's names), or
@@ -95,13 +95,13 @@ class GlobalRanking:
     index: GlobalIndex
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top ``k`` of every query by its ``global_descriptors`` ``(Q, D)`` (:meth:`GlobalIndex.search`).
+        """Top ``k`` of every query by its ``global_descriptors`` ``(Q, D)`` ([`GlobalIndex.search`][gpu_dsm.knn.GlobalIndex.search]).
 
         Returns:
             ``(scores (Q, k), indices (Q, k))`` on the device of the queries' descriptors, best
             first: cosine similarities (their dtype for the exact index, float32 from FAISS) and
             int64 database indices. ``k=None``: ``(Q, N)``; the images an approximate index did not
-            return come last, with score ``-inf`` (:func:`complete_ranking`).
+            return come last, with score ``-inf`` ([`complete_ranking`][gpu_dsm.ranking.complete_ranking]).
         """
         n = self.index.num_images
         scores, indices = self.index.search(queries.global_descriptors, n if k is None else k)
@@ -118,7 +118,7 @@ class ASMKRanking:
 
     def search(self, queries: DescribedImages, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``k`` of every query by the ASMK similarity of its HOW features (``queries.how``,
-        moved to the index's device; :meth:`ASMKIndex.search`).
+        moved to the index's device; [`ASMKIndex.search`][gpu_dsm.asmk.ASMKIndex.search]).
 
         Returns:
             ``(scores (Q, k) float64, indices (Q, k) int64)`` on the index's device, best first
@@ -164,7 +164,7 @@ def complete_ranking(scores: torch.Tensor, indices: torch.Tensor, num_images: in
 def diffuse_initial(graph: KnnGraph | SparseOperator, similarities: torch.Tensor, ranks: torch.Tensor,
                     config: DiffusionConfig) -> tuple[torch.Tensor, CGInfo]:
     """Diffusion seeded by each query's ``config.query_k`` most similar images (Iscen et al.
-    2017), ranked by :func:`fused_scores` (:func:`fused_ranking`): ``(ranking (Q, M), CGInfo)``.
+    2017), ranked by [`fused_scores`][gpu_dsm.diffusion.fused_scores] ([`fused_ranking`][gpu_dsm.diffusion.fused_ranking]): ``(ranking (Q, M), CGInfo)``.
 
     ``similarities`` ``(Q, M)`` real scores and ``ranks`` ``(Q, M)`` int64 database indices of
     the initial ranking, best first, any device (moved to the graph's); ``M`` is the whole
@@ -183,17 +183,17 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     """Diffusion seeded by the spatially verified top of each query: ``(ranking (Q, M), CGInfo)``.
 
     ``config.seeds``: ``"verified"`` seeds each query with its plain seeds and its confident
-    matches (:func:`verified_seeds`, :func:`confident_matches`) and puts the confident matches
-    first (:func:`confident_first`); ``"paper"``: :func:`dsm_seeds` (paper 3.6, 4.1). Both rank
-    by :func:`fused_scores` with the similarity of each image's place in ``reranked_ranks`` (the
+    matches ([`verified_seeds`][gpu_dsm.diffusion.verified_seeds], [`confident_matches`][gpu_dsm.diffusion.confident_matches]) and puts the confident matches
+    first ([`confident_first`][gpu_dsm.diffusion.confident_first]); ``"paper"``: [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds] (paper 3.6, 4.1). Both rank
+    by [`fused_scores`][gpu_dsm.diffusion.fused_scores] with the similarity of each image's place in ``reranked_ranks`` (the
     ``j``-th best initial similarity at place ``j``): diffusion refines the re-ranked ranking. A
     query whose verification found nothing (no inliers, so the re-ranked order is the initial
-    one) gets exactly :func:`diffuse_initial`'s ranking.
+    one) gets exactly [`diffuse_initial`][gpu_dsm.ranking.diffuse_initial]'s ranking.
 
     Args:
         graph: the database's graph (or its operator).
         similarities: ``(Q, M)`` real initial scores in the initial order, best first.
-        reranked: the re-ranking of each query's top ``K`` (:func:`rerank_top_k`).
+        reranked: the re-ranking of each query's top ``K`` ([`rerank_top_k`][gpu_dsm.rerank.rerank_top_k]).
         reranked_ranks: ``(Q, M)`` int64 database indices: the initial ranking with its top ``K``
             re-ordered (the order of ties). ``M``: the whole database or a top-M of it.
     Inputs on any device (moved to the graph's). With truncated diffusion (``truncation_size`` R
@@ -222,12 +222,12 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
 
 def verified_diffusion_seeds(similarities: torch.Tensor, reranked: RerankResult, reranked_ranks: torch.Tensor,
                              num_nodes: int, config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The seeds of :func:`diffuse_verified` for ``config.seeds``: ``(seeds (N, Q), confident)``.
+    """The seeds of [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified] for ``config.seeds``: ``(seeds (N, Q), confident)``.
 
-    ``"verified"``: :func:`verified_seeds` of the initial ranking with the confident matches
-    (:func:`confident_matches`), which are returned ``(Q, K)`` bool in the re-ranked order;
-    ``"paper"``: :func:`dsm_seeds` of the re-ranked top ``K``, and ``confident`` is ``None``.
-    Inputs as :func:`diffuse_verified`'s, on the device of ``similarities``; the seeds are float32 there.
+    ``"verified"``: [`verified_seeds`][gpu_dsm.diffusion.verified_seeds] of the initial ranking with the confident matches
+    ([`confident_matches`][gpu_dsm.diffusion.confident_matches]), which are returned ``(Q, K)`` bool in the re-ranked order;
+    ``"paper"``: [`dsm_seeds`][gpu_dsm.diffusion.dsm_seeds] of the re-ranked top ``K``, and ``confident`` is ``None``.
+    Inputs as [`diffuse_verified`][gpu_dsm.ranking.diffuse_verified]'s, on the device of ``similarities``; the seeds are float32 there.
     """
     device = similarities.device
     k = reranked.order.shape[1]
@@ -268,11 +268,11 @@ class SearchResult:
     Fields:
         ranks: ``(Q, N)`` the final ranking of the configured method (``method``): diffusion's
             order when diffusion is on, else the re-ranked one, else the initial one. Of a given
-            top-k (:func:`rank_given`): ``(Q, K)``, a re-ordering of it.
+            top-k ([`rank_given`][gpu_dsm.ranking.rank_given]): ``(Q, K)``, a re-ordering of it.
         method: its name (``"global+dsm+D"``, ``"asmk+dsm"``, ``"given+dsm"``, ...).
         methods: ``{name: (Q, N) ranking}`` of every method computed, in the evaluation's order.
         stages: ``{"global": ..., "asmk": ...}`` (or ``{"given": ...}``) each initial ranking with
-            its re-ranking (:class:`InitialStages`).
+            its re-ranking ([`InitialStages`][gpu_dsm.ranking.InitialStages]).
         diagnostics: seconds per stage (``timing``) and conjugate-gradient figures (``diffusion``).
     Properties ``initial``, ``similarities`` and ``reranked`` are those of the configured initial ranking.
     """
@@ -358,7 +358,7 @@ def rank_given(queries: DescribedImages, database: DescribedImages, scores: torc
                device: torch.device | str = "cpu", query_batch: int = 8, show_progress: bool = False) -> SearchResult:
     """The stages after the initial ranking, for a ranking given by any model: DSM re-ranking of
     its top (``rerank``) and diffusion on ``database.graph`` (``diffusion``), plain and seeded by
-    the verified images, exactly as :func:`rank_methods` runs them after its own rankings.
+    the verified images, exactly as [`rank_methods`][gpu_dsm.ranking.rank_methods] runs them after its own rankings.
 
     Args:
         queries: the described queries (their local features with ``rerank``).
@@ -370,7 +370,7 @@ def rank_given(queries: DescribedImages, database: DescribedImages, scores: torc
         indices: ``(Q, K)`` integer database indices in ``0..N - 1``, distinct within a row, in
             the same order; any device. ``K`` may be ``N``: a full ranking.
     Returns:
-        A :class:`SearchResult` of ``(Q, K)`` rankings on the CPU, methods ``given``,
+        A [`SearchResult`][gpu_dsm.ranking.SearchResult] of ``(Q, K)`` rankings on the CPU, methods ``given``,
         ``given+dsm`` (with ``rerank``), ``given+D`` and ``given+dsm+D`` (with ``diffusion``):
         each a re-ordering of ``indices``.
     """

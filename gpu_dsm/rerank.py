@@ -31,7 +31,7 @@ class LocalSubset:
     re-ranking of a given top-k needs when only its images were described.
 
     Args:
-        table: :class:`LocalFeatures` of ``n`` images.
+        table: [`LocalFeatures`][gpu_dsm.features.LocalFeatures] of ``n`` images.
         rows: ``(n,)`` their distinct database indices, ascending (any integer sequence).
     """
 

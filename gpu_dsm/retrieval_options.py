@@ -1,7 +1,7 @@
-"""The command-line options of :class:`RetrievalConfig`'s stages and the validated configuration they give.
+"""The command-line options of `RetrievalConfig`'s stages and the validated configuration they give.
 
-The options are generated from the stage configs' field metadata (:mod:`gpu_dsm.config_cli`);
-:func:`retrieval_from_args` builds the :class:`RetrievalConfig` and refuses, in one line, an option
+The options are generated from the stage configs' field metadata (`gpu_dsm.config_cli`);
+`retrieval_from_args` builds the `RetrievalConfig` and refuses, in one line, an option
 that would have no effect (its stage off, or a sibling setting it does not act with). The presets
 ``--paper-rerank`` and ``--paper-diffusion`` turn their stage on.
 """
@@ -111,7 +111,7 @@ def _diffusion(args: argparse.Namespace) -> tuple[DiffusionConfig | None, GraphC
 
 
 def retrieval_from_args(args: argparse.Namespace, local: bool = True, why_off: str = "with --rerank none") -> RetrievalConfig:
-    """The validated :class:`RetrievalConfig` of parsed options (absent ones keep the configs'
+    """The validated `RetrievalConfig` of parsed options (absent ones keep the configs'
     defaults); ``local``: local features and re-ranking on, else ``why_off`` ends the one-line
     error of an option that needs them. Raises ``ValueError`` naming the option."""
     extract = config_from_args(ExtractConfig, args)

@@ -1,13 +1,13 @@
-"""A :class:`~gpu_dsm.pipeline.DSMRetrieval` and its index on disk (``retrieval.save`` / ``DSMRetrieval.load``).
+"""A [`DSMRetrieval`][gpu_dsm.pipeline.DSMRetrieval] and its index on disk (``retrieval.save`` / ``DSMRetrieval.load``).
 
-A saved retrieval is a folder, published atomically (:func:`gpu_dsm.io.atomic_directory`)::
+A saved retrieval is a folder, published atomically ([`gpu_dsm.io.atomic_directory`][gpu_dsm.io.atomic_directory])::
 
     retrieval.json    format/version, the config (JSON), the backbone's fingerprint (and, if
                       given, how to rebuild it by name), and of the index: its image names and
                       which parts it holds
     learned.pt        the learned state (whitening, HOW whitening, ASMK codebook): tensors only
     index/global.npy  (N, D) float32 global descriptors as search uses them (whitened)
-    index/local/      the local features: a feature store (docs "Feature store"), memory-mapped
+    index/local/      the local features: a feature store (docs "Feature store format"), memory-mapped
     index/search.npy  a FAISS search index, serialised (exact search keeps none: it is the descriptors)
     index/graph.pt    the kNN graph (with diffusion)
     index/asmk.pt     the ASMK inverted file (initial ranking "asmk")
@@ -87,7 +87,7 @@ def _feed(digest, obj: Any) -> None:
 
 
 def backbone_fingerprint(backbone) -> dict[str, Any] | None:
-    """What identifies a :class:`~gpu_dsm.backbones.backbone.Backbone` (``None`` for none): its
+    """What identifies a `Backbone` (``None`` for none): its
     name, weights label, stride, channels, dtype, and ``digest``, a SHA-256 of its weights, input
     normalisation and retrieval head (pooling, GeM ``p``, in-network whitening)."""
     if backbone is None:
@@ -135,7 +135,7 @@ def _index_fields(meta: dict[str, Any], config) -> list[str]:
 
 def check_config(meta: dict[str, Any], config, folder: Path) -> None:
     """Raise ``ValueError`` naming the first config field that changes what the saved index holds
-    and differs between it and ``config`` (:data:`INDEX_FIELDS`), or re-ranking on an index
+    and differs between it and ``config`` (`INDEX_FIELDS`), or re-ranking on an index
     without local features."""
     differences = config_differences(meta["config"], config_to_json(config), _index_fields(meta, config), RUNTIME_FIELDS)
     if differences:
@@ -187,7 +187,7 @@ def read_learned(folder: str | Path) -> dict[str, torch.Tensor]:
 def check_learned(folder: Path, meta: dict[str, Any], learned, config) -> None:
     """Raise ``ValueError`` when the learned state the index depends on (the whitening of global
     descriptors; with an ASMK index HOW's whitening and the codebook) differs from ``learned``
-    (a :class:`~gpu_dsm.pipeline.LearnedState`)."""
+    (a [`LearnedState`][gpu_dsm.pipeline.LearnedState])."""
     saved = read_learned(folder)
     names = ["whitening_projection", "whitening_bias"]
     if (meta.get("index") or {}).get("asmk") and config.initial == "asmk":
@@ -255,7 +255,7 @@ def save_retrieval(retrieval, folder: str | Path, index: DescribedImages | None 
                    network: dict[str, Any] | None = None) -> Path:
     """Write ``retrieval`` (config, learned state, backbone fingerprint) and, if given, ``index``
     to ``folder``, atomically (module docstring); returns the folder. ``network``: how the
-    backbone is rebuilt by name, :func:`gpu_dsm.backbones.build_backbone`'s arguments
+    backbone is rebuilt by name, `gpu_dsm.backbones.build_backbone`'s arguments
     (``{"name", "weights", "upsample"}``), recorded for tools that load without a script
     (``gpu-dsm search``)."""
     folder = Path(folder)

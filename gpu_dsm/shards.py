@@ -171,7 +171,7 @@ def write_sharded(ranks: Ranks, specs: Sequence[ImageSpec], names: Sequence[str]
 
 
 def sharded_how_whitening(backbone, images: Sequence[ImageSpec], how: HOWConfig, ranks: Ranks) -> Whitening:
-    """HOW's whitening of ``images`` (:func:`gpu_dsm.how.fit_how_whitening`) with the moments
+    """HOW's whitening of ``images`` (`gpu_dsm.how.fit_how_whitening`) with the moments
     summed over the ranks' slices of the images; every rank gets the same whitening."""
     if not ranks.distributed or how_checkpoint(backbone) is not None:  # a HOW checkpoint's reduction is not fitted
         return fit_how_whitening(backbone, images, how)

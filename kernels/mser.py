@@ -1,6 +1,6 @@
 """MSER of many maps in C on the CPU (``kernels/mser.c``), maps split over threads.
 
-:func:`mser_maps` finds the regions :func:`gpu_dsm.mser.mser` finds, VLFeat's (``vl/mser.c``), with
+`mser_maps` finds the regions `gpu_dsm.mser.mser` finds, VLFeat's (``vl/mser.c``), with
 one union-find pass per map over the pixels below the map's top value (activations after a ReLU
 are mostly zero: the support is a few percent of the map), and computes the kept regions'
 moments with the float64 operations of the tensor path in the same order, so both paths give the
@@ -74,7 +74,7 @@ def mser_maps(u: torch.Tensor, delta: torch.Tensor, values: torch.Tensor, *, max
         u: ``(M, H, W)`` uint8 CPU tensor, the maps.
         delta: ``(M,)`` int64, VLFeat's ``Delta`` per map (>= 1).
         values: ``(M, H, W)`` float32 or float64 CPU tensor, whose maximum and sum over each region are reported.
-        max_variation, min_diversity, min_area, max_area: as :func:`gpu_dsm.mser.mser`.
+        max_variation, min_diversity, min_area, max_area: as `gpu_dsm.mser.mser`.
         threads: at most this many threads (default ``torch.get_num_threads()``), each with at
             least ``pixels_per_thread`` pixels.
     Returns:
