@@ -232,6 +232,8 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     in_range, num_scales, num_channels = _batch_facts(query, candidates, query_index)
     if not in_range:
         raise ValueError("query_index points outside the query table")
+    if choose_backend(cfg.backend, device) == "native":
+        return _verify_native(query, candidates, query_index, num_scales, num_channels, cfg)
     num_pairs, scale_pairs = candidates.num_images, num_scales * num_scales
     corr = tentative_correspondences(query, candidates, query_index, num_scales, num_channels)
     num_corr = corr["group"].numel()
@@ -247,11 +249,7 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     groups = _select(per_group > 0, len(sizes_host))
     sizes = per_group.index_select(0, groups)
     starts = torch.cumsum(sizes, 0) - sizes
-    if choose_backend(cfg.backend, device) == "native":
-        best_count, best_params, mask = _verify_native(query, candidates, query_index, corr, sizes, cfg)
-    else:
-        best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host,
-                                                      cfg)
+    best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host, cfg)
     return _winners(corr, groups, sizes, best_count, best_params, mask, num_pairs, num_scales, n_corr)
 
 
@@ -314,18 +312,13 @@ def choose_backend(wanted: str, device: torch.device | str) -> str:
     return "native"
 
 
-def _verify_native(query, candidates, query_index, corr, sizes, cfg: MatchConfig):
-    """Best count ``(G,)``, params ``(G, 5)`` and inlier mask ``(N,)`` of every group, by the C kernel."""
-    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
-    q_at = query_index.index_select(0, pair) * query.capacity + qrow
-    c_at = pair * candidates.capacity + crow
-    starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-    return fsm.verify_groups(
-        starts, query.xy.reshape(-1, 2).index_select(0, q_at), candidates.xy.reshape(-1, 2).index_select(0, c_at),
-        query.frame.reshape(-1, 2, 2).index_select(0, q_at), candidates.frame.reshape(-1, 2, 2).index_select(0, c_at),
-        qrow, crow, max(candidates.capacity, 1), threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
-        symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor,
-        lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)
+def _verify_native(query, candidates, query_index, num_scales: int, num_channels: int, cfg: MatchConfig) -> MatchResult:
+    """Every pair verified by the C kernel from the feature tables, correspondences included."""
+    out = fsm.verify_pairs(query, candidates, query_index, max(num_scales, 1), max(num_channels, 1),
+                           threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
+                           symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses,
+                           lo_factor=cfg.lo_factor, lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)
+    return MatchResult(**out)
 
 
 # Tensor passes: chunks of the hypotheses x correspondences work. Per device type, a chunk's fixed
