@@ -229,11 +229,11 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         query_index = torch.zeros(candidates.num_images, dtype=torch.long, device=device)
     query_index = query_index.to(device=device, dtype=torch.long)
     _check_inputs(query, candidates, query_index)
+    if choose_backend(cfg.backend, device) == "native":
+        return _verify_native(query, candidates, query_index, cfg)
     in_range, num_scales, num_channels = _batch_facts(query, candidates, query_index)
     if not in_range:
         raise ValueError("query_index points outside the query table")
-    if choose_backend(cfg.backend, device) == "native":
-        return _verify_native(query, candidates, query_index, num_scales, num_channels, cfg)
     num_pairs, scale_pairs = candidates.num_images, num_scales * num_scales
     corr = tentative_correspondences(query, candidates, query_index, num_scales, num_channels)
     num_corr = corr["group"].numel()
@@ -312,13 +312,22 @@ def choose_backend(wanted: str, device: torch.device | str) -> str:
     return "native"
 
 
-def _verify_native(query, candidates, query_index, num_scales: int, num_channels: int, cfg: MatchConfig) -> MatchResult:
-    """Every pair verified by the C kernel from the feature tables, correspondences included."""
-    out = fsm.verify_pairs(query, candidates, query_index, max(num_scales, 1), max(num_channels, 1),
-                           threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
-                           symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses,
-                           lo_factor=cfg.lo_factor, lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)
-    return MatchResult(**out)
+def _verify_native(query, candidates, query_index, cfg: MatchConfig) -> MatchResult:
+    """Every pair verified by the C kernel from the feature tables, correspondences included. The
+    tables' recorded scales and channels size the kernel's (channel, scale) counts; where a feature
+    lies outside them (or none are recorded), the sizes are read from the tables (``_batch_facts``)."""
+    settings = dict(threshold=cfg.threshold, max_scale_change=cfg.max_scale_change, symmetric=cfg.error == "symmetric",
+                    lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor, lo_rounds=cfg.lo_rounds,
+                    lo_min_inliers=cfg.lo_min_inliers)
+    recorded = (max(len(query.scales), len(candidates.scales)), max(query.num_channels, candidates.num_channels))
+    if min(recorded) >= 1:
+        try:
+            return MatchResult(**fsm.verify_pairs(query, candidates, query_index, *recorded, **settings))
+        except fsm.OutOfRange:
+            pass
+    _, num_scales, num_channels = _batch_facts(query, candidates, query_index)
+    return MatchResult(**fsm.verify_pairs(query, candidates, query_index, max(num_scales, 1), max(num_channels, 1),
+                                          **settings))
 
 
 # Tensor passes: chunks of the hypotheses x correspondences work. Per device type, a chunk's fixed

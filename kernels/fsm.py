@@ -103,11 +103,15 @@ def _ranges(work: torch.Tensor, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+class OutOfRange(ValueError):
+    """A valid feature row has a scale or a channel outside the ones the kernel was given."""
+
+
 def _check(status: list[int], num_scales: int, num_channels: int) -> None:
     if any(s < 0 for s in status):
         raise MemoryError("the C spatial-matching kernel could not allocate its scratch memory")
     if sum(status):
-        raise ValueError(f"{sum(status)} valid feature rows have a scale outside 0..{num_scales - 1} or a channel "
+        raise OutOfRange(f"{sum(status)} valid feature rows have a scale outside 0..{num_scales - 1} or a channel "
                          f"outside 0..{num_channels - 1}")
 
 

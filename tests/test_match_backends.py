@@ -136,6 +136,22 @@ def test_kernel_inputs_are_checked_before_the_c_code_reads_memory(native_kernel)
     assert choose_backend("auto", "meta") == "torch"
 
 
+def test_native_backend_reads_the_sizes_from_the_tables_where_the_recorded_ones_are_short(native_kernel):
+    q, c = _random_tables(5)
+    qi = torch.zeros(c.num_images, dtype=torch.long)
+    short = [dataclasses.replace(t, num_channels=5, scales=(1.0,)) for t in (q, c)]
+    want = spatial_verify(q, c, qi, MatchConfig(backend="native"))
+    got = spatial_verify(*short, qi, MatchConfig(backend="native"))
+    assert torch.equal(got.inliers, want.inliers) and torch.equal(got.matches, want.matches)
+    assert torch.equal(got.scale_pair, want.scale_pair) and want.inliers.max() >= 12
+    bad = dataclasses.replace(c, scale=c.scale.clone())
+    bad.scale[2, 3] = -1
+    with pytest.raises(ValueError, match="1 valid feature rows have a scale outside"):
+        spatial_verify(q, bad, qi, MatchConfig(backend="native"))
+    with pytest.raises(ValueError, match="query_index points outside"):
+        spatial_verify(q, c, qi + 1, MatchConfig(backend="native"))
+
+
 def test_kernel_reads_float64_tables_as_they_are(native_kernel):
     q, c = _random_tables(4)
     qi = torch.zeros(c.num_images, dtype=torch.long)
