@@ -9,11 +9,12 @@ float64 operations of the plain matcher (:mod:`gpu_dsm.reference.match`), so its
 are that matcher's. :func:`correspondences` gives the kernel's tentative correspondences
 themselves, in the layout of :func:`gpu_dsm.match.tentative_correspondences`.
 
-A first pass counts each pair's correspondences and its ``sum of size^2`` work (group sizes from
-per-(scale, channel) counts, no correspondence built); threads then take contiguous ranges of
-pairs of about equal work, and the ctypes calls release the GIL. The C code reads raw memory:
-shapes, devices and ``query_index`` are checked here, scales and channels by the kernel as it
-reads them.
+Where more than one thread is allowed, a first pass counts each pair's ``sum of size^2`` work
+(group sizes from per-(channel, scale) counts, no correspondence built) and threads take
+contiguous ranges of pairs of about equal work; the ctypes calls release the GIL. The winners'
+inlier correspondences come back in buffers the kernel allocates, copied into the padded
+``matches`` and freed. The C code reads raw memory: shapes, devices and ``query_index`` are
+checked here, scales and channels by the kernel as it reads them (:class:`OutOfRange`).
 """
 from __future__ import annotations
 
