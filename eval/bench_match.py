@@ -10,8 +10,10 @@ correspondences (every scale pair of every (query, candidate) pair, feature-map 
   passes (``torch``), from the feature tables (correspondences included);
 - OpenCV: ``cv2.estimateAffine2D`` (6 dof) and ``cv2.estimateAffinePartial2D`` (4 dof), RANSAC,
   reprojection threshold 4 px (the default one-way threshold), 2000 iterations, confidence 0.99,
-  one call per scale pair of at least 3 correspondences, the pair's count the best over its scale
-  pairs, from correspondences already gathered (their gathering is not timed);
+  from correspondences already gathered (their gathering is not timed), two ways: one call per
+  scale pair of at least 3 correspondences, the pair's count the best over its scale pairs (the
+  project's groups); and one call per image pair with all its scale pairs' correspondences, their
+  points brought to the feature map of the first scale (``map_sizes``);
 
 with one thread and with all threads (OpenCV's calls spread over a thread pool; it releases the
 GIL). Reports ms per query (wall, best of --repeat, and the process CPU time of that run), OpenCV's time over the project's (the ratio: > 1 means the project is
@@ -50,6 +52,7 @@ from gpu_dsm.match import MatchConfig, spatial_verify, tentative_correspondences
 from gpu_dsm.reference.match import match_pair
 
 RANSAC = {"ransacReprojThreshold": 4.0, "maxIters": 2000, "confidence": 0.99}
+OPENCV_METHODS = ("estimateAffine2D", "estimateAffinePartial2D")
 
 
 def real_tables(data_root: str | Path, dataset: str = "roxford5k-mini", top_k: int = 100, image_size: int = 1024,
@@ -83,6 +86,31 @@ def correspondence_groups(query: LocalFeatures, candidates: LocalFeatures, query
         rows = slice(start, start + n)
         out.append((g, np.ascontiguousarray(x1[rows]), np.ascontiguousarray(x2[rows]), corr["qrow"][rows].numpy(),
                     corr["crow"][rows].numpy()))
+        start += n
+    return out
+
+
+def pair_correspondences(query: LocalFeatures, candidates: LocalFeatures, query_index: torch.Tensor,
+                         num_scales: int):
+    """Per (query, candidate) pair with correspondences, all its scale pairs together: ``(pair, x1 (C, 2)
+    float32, x2 (C, 2) float32, qrow, crow)``, points in pixels of the first scale's feature map."""
+    corr = tentative_correspondences(query, candidates, query_index, num_scales)
+    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
+    qi = query_index[pair]
+
+    def first_scale(features, image, row):
+        sizes = features.map_sizes[image].float()  # (C, S, 2) (height, width)
+        scale = features.scale[image, row]
+        ratio = sizes[:, 0].flip(-1) / sizes.gather(1, scale[:, None, None].expand(-1, 1, 2))[:, 0].flip(-1)
+        return (features.xy[image, row] * ratio).numpy()
+
+    x1, x2 = first_scale(query, qi, qrow), first_scale(candidates, pair, crow)
+    pairs, sizes = torch.unique_consecutive(pair, return_counts=True)
+    out, start = [], 0
+    for p, n in zip(pairs.tolist(), sizes.tolist()):
+        rows = slice(start, start + n)
+        out.append((p, np.ascontiguousarray(x1[rows]), np.ascontiguousarray(x2[rows]), qrow[rows].numpy(),
+                    crow[rows].numpy()))
         start += n
     return out
 
@@ -157,10 +185,13 @@ def compare_with_opencv(args, device: torch.device) -> dict:
                    "correspondences_per_pair_median": int(per_pair.median()), "correspondences_per_pair_max": int(per_pair.max()),
                    "hypothesis_evaluations_per_query": int((sizes.long() ** 2).sum()) // max(num_queries, 1)},
         "opencv": cv2.__version__ if cv2 is not None else "unavailable (pip install opencv-python-headless)",
-        "opencv_settings": {**RANSAC, "method": "RANSAC", "calls": "one per scale pair with >= 3 correspondences"},
+        "opencv_settings": {**RANSAC, "method": "RANSAC",
+                            "calls": "one per scale pair with >= 3 correspondences (estimateAffine2D, "
+                                     "estimateAffinePartial2D), or one per image pair, all scale pairs' correspondences "
+                                     "in the first scale's pixels (*_per_pair)"},
         "runs": {},
     }
-    groups = correspondence_groups(q, c, qi, num_scales)
+    calls = {"": correspondence_groups(q, c, qi, num_scales), "_per_pair": pair_correspondences(q, c, qi, num_scales)}
     all_threads = args.threads or os.cpu_count() or 1
     saved_threads = torch.get_num_threads()
     qd, cd, qid = q.to(device), c.to(device), qi.to(device)
@@ -188,23 +219,22 @@ def compare_with_opencv(args, device: torch.device) -> dict:
         if "native" in counts:
             run["native_equals_torch"] = bool((counts["native"] == counts["torch"]).all())
         project_counts = counts.get("native", counts["torch"])
-        if cv2 is not None:
-            for method in ("estimateAffine2D", "estimateAffinePartial2D"):
-                seconds, cpu, cv_counts = _best_of(args.repeat,
-                                                   lambda: opencv_counts(cv2, method, groups, num_pairs, threads))
-                ms = 1000 * seconds / num_queries
-                entry = {"ms_per_query": round(ms, 2), "cpu_ms_per_query": round(1000 * cpu / num_queries, 2),
-                         "pairs_within_one_inlier": int((np.abs(cv_counts - project_counts) <= 1).sum()),
-                         "pairs": num_pairs, "inliers_mean": round(float(cv_counts.mean()), 2)}
-                for backend in ("native", "torch"):
-                    if backend in run:
-                        entry[f"ratio_vs_{backend}"] = round(ms / run[backend]["ms_per_query"], 2)
-                run[method] = entry
+        for method, suffix in [(m, x) for x in calls for m in OPENCV_METHODS] if cv2 is not None else []:
+            seconds, cpu, cv_counts = _best_of(args.repeat, lambda: opencv_counts(cv2, method, calls[suffix], num_pairs,
+                                                                                  threads))
+            ms = 1000 * seconds / num_queries
+            entry = {"ms_per_query": round(ms, 2), "cpu_ms_per_query": round(1000 * cpu / num_queries, 2),
+                     "pairs_within_one_inlier": int((np.abs(cv_counts - project_counts) <= 1).sum()),
+                     "pairs": num_pairs, "inliers_mean": round(float(cv_counts.mean()), 2)}
+            for backend in ("native", "torch"):
+                if backend in run:
+                    entry[f"ratio_vs_{backend}"] = round(ms / run[backend]["ms_per_query"], 2)
+            run[method + suffix] = entry
         run["project_inliers_mean"] = round(float(project_counts.mean()), 2)
         result["runs"][f"{threads}_threads"] = run
         line = ", ".join(f"{k} {v['ms_per_query']:.1f} ms/query" for k, v in run.items() if isinstance(v, dict))
         print(f"{threads} thread(s): {line}")
-        for method in ("estimateAffine2D", "estimateAffinePartial2D"):
+        for method in [m + x for x in calls for m in OPENCV_METHODS]:
             if method in run and "ratio_vs_native" in run[method]:
                 print(f"  {method}: {run[method]['ratio_vs_native']}x the native kernel's time, "
                       f"{run[method]['pairs_within_one_inlier']}/{num_pairs} pairs within one inlier")

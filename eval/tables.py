@@ -272,8 +272,10 @@ def format_match(spec: str, results: dict[str, dict]) -> str:
     tables = r["tables"]
     lines = ["| threads | method | ms per query | CPU ms per query | time over the C kernel's | pairs within one inlier |",
              "| --- | --- | --- | --- | --- | --- |"]
-    labels = {"native": "C kernel (`native`)", "torch": "tensor path (`torch`)",
-              "estimateAffine2D": "`cv2.estimateAffine2D`", "estimateAffinePartial2D": "`cv2.estimateAffinePartial2D`"}
+    labels = {"native": "C kernel (`native`)", "torch": "tensor path (`torch`)"}
+    for method in ("estimateAffine2D", "estimateAffinePartial2D"):
+        labels[f"{method}_per_pair"] = f"`cv2.{method}`, a call per image pair"
+        labels[method] = f"`cv2.{method}`, a call per scale pair"
     for threads, run in r["runs"].items():
         native = run.get("native", {}).get("ms_per_query")
         for method, label in labels.items():

@@ -15,8 +15,10 @@ For each (query, candidate) pair and each of the ``S x S`` (query scale, candida
 Steps 2-4 run per group of correspondences (a pair's scale pair) by one of two backends
 (``MatchConfig.backend``):
 
-- ``"native"``: a C kernel on the CPU (`gpu_dsm.kernels.fsm`), threads over groups, with the
-  float64 operations of the plain matcher (`gpu_dsm.reference.match`);
+- ``"native"``: a C kernel on the CPU (:mod:`gpu_dsm.kernels.fsm`) that runs steps 1-5 per pair
+  from the padded feature tables (the correspondences included, no tensor work per pair), threads
+  over ranges of pairs, with the float64 operations of the plain matcher
+  (:mod:`gpu_dsm.reference.match`);
 - ``"torch"``: tensor passes on any device, with the plain matcher's float64 operations on
   ``(groups, hypotheses, correspondences)`` tensors: groups sorted by size and padded into
   chunks whose ``groups x hypotheses x correspondences`` stays under ``max_elements``, the
@@ -70,7 +72,7 @@ class MatchConfig:
     # torch backend's memory budget: groups x hypotheses x correspondences per chunk (about 32 bytes each)
     max_elements: int = 2**25
     # "auto" | "native" (C kernel, CPU) | "torch" (any device); auto: the C kernel on the CPU where
-    # it builds (11-13x faster than torch there on the real top-100 tables, eval/bench_match.py), torch elsewhere
+    # it builds (14x faster than torch there on the real top-100 tables, eval/bench_match.py), torch elsewhere
     backend: str = "auto"
 
     def __post_init__(self):
@@ -232,6 +234,8 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
         query_index = torch.zeros(candidates.num_images, dtype=torch.long, device=device)
     query_index = query_index.to(device=device, dtype=torch.long)
     _check_inputs(query, candidates, query_index)
+    if choose_backend(cfg.backend, device) == "native":
+        return _verify_native(query, candidates, query_index, cfg)
     in_range, num_scales, num_channels = _batch_facts(query, candidates, query_index)
     if not in_range:
         raise ValueError("query_index points outside the query table")
@@ -250,11 +254,7 @@ def spatial_verify(query: LocalFeatures, candidates: LocalFeatures, query_index:
     groups = _select(per_group > 0, len(sizes_host))
     sizes = per_group.index_select(0, groups)
     starts = torch.cumsum(sizes, 0) - sizes
-    if choose_backend(cfg.backend, device) == "native":
-        best_count, best_params, mask = _verify_native(query, candidates, query_index, corr, sizes, cfg)
-    else:
-        best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host,
-                                                      cfg)
+    best_count, best_params, mask = _verify_torch(query, candidates, query_index, corr, sizes, starts, sizes_host, cfg)
     return _winners(corr, groups, sizes, best_count, best_params, mask, num_pairs, num_scales, n_corr)
 
 
@@ -317,18 +317,22 @@ def choose_backend(wanted: str, device: torch.device | str) -> str:
     return "native"
 
 
-def _verify_native(query, candidates, query_index, corr, sizes, cfg: MatchConfig):
-    """Best count ``(G,)``, params ``(G, 5)`` and inlier mask ``(N,)`` of every group, by the C kernel."""
-    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
-    q_at = query_index.index_select(0, pair) * query.capacity + qrow
-    c_at = pair * candidates.capacity + crow
-    starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-    return fsm.verify_groups(
-        starts, query.xy.reshape(-1, 2).index_select(0, q_at), candidates.xy.reshape(-1, 2).index_select(0, c_at),
-        query.frame.reshape(-1, 2, 2).index_select(0, q_at), candidates.frame.reshape(-1, 2, 2).index_select(0, c_at),
-        qrow, crow, max(candidates.capacity, 1), threshold=cfg.threshold, max_scale_change=cfg.max_scale_change,
-        symmetric=cfg.error == "symmetric", lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor,
-        lo_rounds=cfg.lo_rounds, lo_min_inliers=cfg.lo_min_inliers)
+def _verify_native(query, candidates, query_index, cfg: MatchConfig) -> MatchResult:
+    """Every pair verified by the C kernel from the feature tables, correspondences included. The
+    tables' recorded scales and channels size the kernel's (channel, scale) counts; where a feature
+    lies outside them (or none are recorded), the sizes are read from the tables (``_batch_facts``)."""
+    settings = dict(threshold=cfg.threshold, max_scale_change=cfg.max_scale_change, symmetric=cfg.error == "symmetric",
+                    lo_hypotheses=cfg.lo_hypotheses, lo_factor=cfg.lo_factor, lo_rounds=cfg.lo_rounds,
+                    lo_min_inliers=cfg.lo_min_inliers)
+    recorded = (max(len(query.scales), len(candidates.scales)), max(query.num_channels, candidates.num_channels))
+    if min(recorded) >= 1:
+        try:
+            return MatchResult(**fsm.verify_pairs(query, candidates, query_index, *recorded, **settings))
+        except fsm.OutOfRange:
+            pass
+    _, num_scales, num_channels = _batch_facts(query, candidates, query_index)
+    return MatchResult(**fsm.verify_pairs(query, candidates, query_index, max(num_scales, 1), max(num_channels, 1),
+                                          **settings))
 
 
 # Tensor passes: chunks of the hypotheses x correspondences work. Per device type, a chunk's fixed

@@ -28,6 +28,8 @@ def test_bench_match_runs_on_cached_tables(tmp_path, native_kernel):
         else:
             assert 0 <= run["estimateAffine2D"]["pairs_within_one_inlier"] <= 6
             assert run["estimateAffinePartial2D"]["ratio_vs_native"] > 0
+            assert 0 <= run["estimateAffine2D_per_pair"]["pairs_within_one_inlier"] <= 6
+            assert run["estimateAffinePartial2D_per_pair"]["ms_per_query"] > 0
     assert result["reference"]["agree"] is True
     counted = result["torch_launches"]
     assert counted["batches"] == 1 and counted["launches_per_batch"] > 0 and counted["host_syncs_per_batch"] >= 1

@@ -86,52 +86,80 @@ def test_native_equals_the_plain_matcher_on_many_to_many_tables(cfg, native_kern
         assert torch.equal(torch_result.inliers, result.inliers) and torch.equal(torch_result.matches, result.matches)
 
 
-def _kernel_inputs(seed=0):
-    q, c = _random_tables(seed)
+_KERNEL_SETTINGS = dict(threshold=4.0, max_scale_change=3.0, symmetric=False, lo_hypotheses=5, lo_factor=4.0,
+                        lo_rounds=2, lo_min_inliers=4)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threads_split_the_pairs_without_changing_results(threads, native_kernel):
+    q, c = _random_tables(0)
     qi = torch.zeros(c.num_images, dtype=torch.long)
-    corr = tentative_correspondences(q, c, qi, 3)
-    _, sizes = torch.unique_consecutive(corr["group"], return_counts=True)
-    starts = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-    pair, qrow, crow = corr["pair"], corr["qrow"], corr["crow"]
-    args = [starts, q.xy[qi[pair], qrow], c.xy[pair, crow], q.frame[qi[pair], qrow], c.frame[pair, crow], qrow, crow,
-            c.capacity]
-    kwargs = dict(threshold=4.0, max_scale_change=3.0, symmetric=False, lo_hypotheses=5, lo_factor=4.0, lo_rounds=2,
-                  lo_min_inliers=4)
-    return args, kwargs
+    one = fsm.verify_pairs(q, c, qi, 3, 12, **_KERNEL_SETTINGS, threads=1)
+    many = fsm.verify_pairs(q, c, qi, 3, 12, **_KERNEL_SETTINGS, threads=threads, evaluations_per_thread=1)
+    assert 1 < len(fsm._Pairs(q, c, qi, 3, 12).ranges(threads, 1)) <= threads
+    for name in ("inliers", "scale_pair", "matches", "correspondences"):
+        assert torch.equal(one[name], many[name]), name
+    assert torch.equal(one["transform"].isnan(), many["transform"].isnan())
+    assert torch.equal(one["transform"].nan_to_num(), many["transform"].nan_to_num())
+    assert int(one["inliers"].max()) >= 12
 
 
-@pytest.mark.parametrize("threads", [2, 3, 7])
-def test_threads_split_the_groups_without_changing_results(threads, native_kernel):
-    args, kwargs = _kernel_inputs()
-    one = fsm.verify_groups(*args, **kwargs, threads=1)
-    many = fsm.verify_groups(*args, **kwargs, threads=threads, evaluations_per_thread=1)
-    assert len(fsm._ranges(args[0][1:] - args[0][:-1], threads)) == threads
-    assert all(torch.equal(a, b) for a, b in zip(one[:1] + one[2:], many[:1] + many[2:]))
-    assert torch.equal(one[1].isnan(), many[1].isnan())
-    assert torch.equal(torch.nan_to_num(one[1]), torch.nan_to_num(many[1]))
-    assert int(one[0].max()) >= 12
+def test_kernel_correspondences_equal_the_sort_merge_join(native_kernel):
+    q, c = _random_tables(3)
+    qi = torch.tensor([0, 0, 0, 0, 0, 0])
+    want = tentative_correspondences(q, c, qi, 3, 12)
+    got = fsm.correspondences(q, c, qi, 3, 12)
+    assert want["pair"].numel() > 100 and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_kernel_inputs_are_checked_before_the_c_code_reads_memory(native_kernel):
-    args, kwargs = _kernel_inputs()
-    starts, xy1, xy2, f1, f2, qrow, crow, num_rows = args
-    with pytest.raises(ValueError, match="sorted by query row"):
-        fsm.verify_groups(starts, xy1, xy2, f1, f2, qrow.flip(0), crow, num_rows, **kwargs)
-    bad = crow.clone()
-    bad[5] = num_rows
-    with pytest.raises(ValueError, match="1 candidate rows outside"):
-        fsm.verify_groups(starts, xy1, xy2, f1, f2, qrow, bad, num_rows, **kwargs)
-    with pytest.raises(ValueError, match="starts must rise"):
-        fsm.verify_groups(starts[:-1], xy1, xy2, f1, f2, qrow, crow, num_rows, **kwargs)
-    with pytest.raises(ValueError, match="do not fit together"):
-        fsm.verify_groups(starts, xy1[:-1], xy2, f1, f2, qrow, crow, num_rows, **kwargs)
+    q, c = _random_tables(0)
+    qi = torch.zeros(c.num_images, dtype=torch.long)
+    with pytest.raises(ValueError, match="query_index points outside"):
+        fsm.verify_pairs(q, c, qi + 1, 3, 12, **_KERNEL_SETTINGS)
+    with pytest.raises(ValueError, match="query_index must be"):
+        fsm.verify_pairs(q, c, qi[:-1], 3, 12, **_KERNEL_SETTINGS)
+    bad = dataclasses.replace(c, channel=c.channel.clone())
+    bad.channel[1, 0] = -1
+    with pytest.raises(ValueError, match="1 valid feature rows have a scale outside 0..2 or a channel outside 0..11"):
+        fsm.verify_pairs(q, bad, qi, 3, 12, **_KERNEL_SETTINGS)
+    with pytest.raises(ValueError, match="channel outside 0..4"):
+        fsm.correspondences(q, c, qi, 3, 5)
+    with pytest.raises(ValueError, match="do not fit"):
+        fsm.verify_pairs(q, dataclasses.replace(c, xy=c.xy[:, :-1]), qi, 3, 12, **_KERNEL_SETTINGS)
     with pytest.raises(ValueError, match="runs on the CPU"):
-        fsm.verify_groups(starts, xy1.to("meta"), xy2, f1, f2, qrow, crow, num_rows, **kwargs)
+        fsm.verify_pairs(q, c.to("meta"), qi, 3, 12, **_KERNEL_SETTINGS)
     with pytest.raises(ValueError, match="backend='native' runs on the CPU"):
         choose_backend("native", "meta")
     with pytest.raises(ValueError, match="backend must be one of"):
         MatchConfig(backend="cuda")
     assert choose_backend("auto", "meta") == "torch"
+
+
+def test_native_backend_reads_the_sizes_from_the_tables_where_the_recorded_ones_are_short(native_kernel):
+    q, c = _random_tables(5)
+    qi = torch.zeros(c.num_images, dtype=torch.long)
+    short = [dataclasses.replace(t, num_channels=5, scales=(1.0,)) for t in (q, c)]
+    want = spatial_verify(q, c, qi, MatchConfig(backend="native"))
+    got = spatial_verify(*short, qi, MatchConfig(backend="native"))
+    assert torch.equal(got.inliers, want.inliers) and torch.equal(got.matches, want.matches)
+    assert torch.equal(got.scale_pair, want.scale_pair) and want.inliers.max() >= 12
+    bad = dataclasses.replace(c, scale=c.scale.clone())
+    bad.scale[2, 3] = -1
+    with pytest.raises(ValueError, match="1 valid feature rows have a scale outside"):
+        spatial_verify(q, bad, qi, MatchConfig(backend="native"))
+    with pytest.raises(ValueError, match="query_index points outside"):
+        spatial_verify(q, c, qi + 1, MatchConfig(backend="native"))
+
+
+def test_kernel_reads_float64_tables_as_they_are(native_kernel):
+    q, c = _random_tables(4)
+    qi = torch.zeros(c.num_images, dtype=torch.long)
+    wide = [dataclasses.replace(t, xy=t.xy.double() + 1e-9, frame=t.frame.double()) for t in (q, c)]
+    cfg = MatchConfig(backend="native")
+    got = spatial_verify(*wide, qi, cfg)
+    wrong, worst = _compare(got, _plain(*wide, qi, cfg), transform_tolerance=0.0)
+    assert wrong == [] and worst == 0.0 and got.inliers.max() >= 12
 
 
 def test_without_a_compiler_auto_falls_back_and_native_names_the_reason(tmp_path, monkeypatch):

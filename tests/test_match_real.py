@@ -1,12 +1,15 @@
 """Both backends of spatial verification against the plain float64 matcher on every pair of the real
 roxford5k-mini top-100 tables (8 queries x 100 candidates, 1024 px), with both error types at the
-default and the paper's thresholds: inlier counts, inlier correspondences, scale pairs, transforms."""
+default and the paper's thresholds: inlier counts, inlier correspondences, scale pairs, transforms; and
+the C kernel's tentative correspondences against the tensor path's sort-merge join there."""
 import dataclasses
 
 import pytest
+import torch
 
 from gpu_dsm.eval.bench_match import real_tables
-from gpu_dsm.match import MatchConfig, spatial_verify
+from gpu_dsm.kernels import fsm
+from gpu_dsm.match import MatchConfig, _batch_facts, spatial_verify, tentative_correspondences
 from test_match_backends import _compare, _plain
 
 CONFIGS = {
@@ -41,3 +44,13 @@ def test_both_backends_equal_the_plain_matcher_on_every_real_pair(top100, name, 
     assert (native_result.inliers >= 10).sum() >= 3 and native_result.inliers.max() >= 15
 
 
+
+
+def test_kernel_correspondences_equal_the_join_on_every_real_pair(top100, native_kernel):
+    query, candidates, query_index = top100
+    _, num_scales, num_channels = _batch_facts(query, candidates, query_index)
+    want = tentative_correspondences(query, candidates, query_index, num_scales, num_channels)
+    got = fsm.correspondences(query, candidates, query_index, num_scales, num_channels)
+    assert want["pair"].numel() > 100_000 and torch.unique(want["pair"]).numel() == 800
+    for name in ("pair", "qrow", "crow", "group"):
+        assert torch.equal(got[name], want[name]), name
