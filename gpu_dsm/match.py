@@ -15,10 +15,10 @@ For each (query, candidate) pair and each of the ``S x S`` (query scale, candida
 Steps 2-4 run per group of correspondences (a pair's scale pair) by one of two backends
 (``MatchConfig.backend``):
 
-- ``"native"``: a C kernel on the CPU (:mod:`gpu_dsm.kernels.fsm`) that runs steps 1-5 per pair
+- ``"native"``: a C kernel on the CPU (`gpu_dsm.kernels.fsm`) that runs steps 1-5 per pair
   from the padded feature tables (the correspondences included, no tensor work per pair), threads
   over ranges of pairs, with the float64 operations of the plain matcher
-  (:mod:`gpu_dsm.reference.match`);
+  (`gpu_dsm.reference.match`);
 - ``"torch"``: tensor passes on any device, with the plain matcher's float64 operations on
   ``(groups, hypotheses, correspondences)`` tensors: groups sorted by size and padded into
   chunks whose ``groups x hypotheses x correspondences`` stays under ``max_elements``, the

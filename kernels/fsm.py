@@ -1,20 +1,20 @@
 """Fast spatial matching in C on the CPU (``kernels/fsm.c``), pairs split over threads.
 
-:func:`verify_pairs` runs the whole of :func:`gpu_dsm.match.spatial_verify` for each (query,
+`verify_pairs` runs the whole of `gpu_dsm.match.spatial_verify` for each (query,
 candidate) pair from the padded feature tables, in one pass of compiled code per pair: the
 tentative correspondences of every scale pair (same channel, in (query row, candidate row)
 order), every single-correspondence hypothesis scored against its group with the scale gate and
 each feature counted once, local optimisation of the best, the first best group kept. It uses the
-float64 operations of the plain matcher (:mod:`gpu_dsm.reference.match`), so its inlier decisions
-are that matcher's. :func:`correspondences` gives the kernel's tentative correspondences
-themselves, in the layout of :func:`gpu_dsm.match.tentative_correspondences`.
+float64 operations of the plain matcher (`gpu_dsm.reference.match`), so its inlier decisions
+are that matcher's. `correspondences` gives the kernel's tentative correspondences
+themselves, in the layout of `gpu_dsm.match.tentative_correspondences`.
 
 Where more than one thread is allowed, a first pass counts each pair's ``sum of size^2`` work
 (group sizes from per-(channel, scale) counts, no correspondence built) and threads take
 contiguous ranges of pairs of about equal work; the ctypes calls release the GIL. The winners'
 inlier correspondences come back in buffers the kernel allocates, copied into the padded
 ``matches`` and freed. The C code reads raw memory: shapes, devices and ``query_index`` are
-checked here, scales and channels by the kernel as it reads them (:class:`OutOfRange`).
+checked here, scales and channels by the kernel as it reads them (`OutOfRange`).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
 
 def _table(features, name: str) -> tuple[_Table, list[torch.Tensor]]:
     """The C view of a feature table (``xy``, ``frame``, ``channel``, ``scale``, ``valid`` as in
-    :class:`gpu_dsm.features.LocalFeatures`) and the tensors it points into (kept alive by the caller)."""
+    `gpu_dsm.features.LocalFeatures`) and the tensors it points into (kept alive by the caller)."""
     xy, frame, channel, scale, valid = (getattr(features, k) for k in ("xy", "frame", "channel", "scale", "valid"))
     if any(t.device.type != "cpu" for t in (xy, frame, channel, scale, valid)):
         raise ValueError(f"the C spatial-matching kernel runs on the CPU; the {name} features are on {xy.device}")
@@ -168,12 +168,12 @@ def _run(parts: int, call) -> list:
 def correspondences(query, candidates, query_index: torch.Tensor, num_scales: int,
                     num_channels: int) -> dict[str, torch.Tensor]:
     """The tentative correspondences the kernel builds: all same-channel (query feature, candidate
-    feature) pairs per scale pair, as :func:`gpu_dsm.match.tentative_correspondences` gives them
+    feature) pairs per scale pair, as `gpu_dsm.match.tentative_correspondences` gives them
     (flat ``pair``, ``qrow``, ``crow``, ``group = pair * S^2 + query scale * S + candidate scale``,
     sorted by group then (query row, candidate row)).
 
     Args:
-        query, candidates: ``Q`` and ``P`` images' feature tables (:class:`gpu_dsm.features.LocalFeatures`), on the CPU.
+        query, candidates: ``Q`` and ``P`` images' feature tables (`gpu_dsm.features.LocalFeatures`), on the CPU.
         query_index: ``(P,)`` the query of each candidate.
         num_scales, num_channels: ``S`` and ``C``; every valid row's scale in ``[0, S)``, channel in ``[0, C)``.
     """
@@ -195,7 +195,7 @@ def verify_pairs(query, candidates, query_index: torch.Tensor, num_scales: int, 
     """Spatial verification of every (query, candidate) pair, on the CPU, from the feature tables.
 
     Args:
-        query, candidates, query_index, num_scales, num_channels: as :func:`correspondences`.
+        query, candidates, query_index, num_scales, num_channels: as `correspondences`.
         threshold: inlier threshold, pixels; max_scale_change: scale gate (>= 1);
         symmetric: symmetric transfer error (else one-way); lo_*: local optimisation
             (`gpu_dsm.match.MatchConfig`).
@@ -205,7 +205,7 @@ def verify_pairs(query, candidates, query_index: torch.Tensor, num_scales: int, 
         ``inliers (P,)`` int64 (each feature once), ``transform (P, 5)`` float64 ``(a, b, c, tx, ty)``
         (NaN where no inlier), ``scale_pair (P, 2)`` int64 (-1 where no inlier), ``matches (P, M, 2)``
         int64 (the winner's inlier (query row, candidate row) in that order, -1 padding) and
-        ``correspondences (P,)`` int64: the fields of :class:`gpu_dsm.match.MatchResult`.
+        ``correspondences (P,)`` int64: the fields of `gpu_dsm.match.MatchResult`.
     """
     pairs = _Pairs(query, candidates, query_index, num_scales, num_channels)
     n = pairs.num_pairs
