@@ -206,8 +206,11 @@ def diffuse_verified(graph: KnnGraph | SparseOperator, similarities: torch.Tenso
     device = graph.device
     similarities, reranked_ranks = similarities.to(device), reranked_ranks.to(device)
     seeds, confident = verified_diffusion_seeds(similarities, reranked, reranked_ranks, graph.num_nodes, config)
-    if config.truncation_size is not None and config.truncation_size < reranked_ranks.shape[1]:
-        top = reranked_ranks[:, :config.truncation_size]
+    r = config.truncation_size
+    # every seed lies in the first max(K, query_k) of the ranking (the verified top K, the initial top
+    # query_k), so only a smaller R leaves seeds out
+    if r is not None and r < reranked_ranks.shape[1] and r < max(reranked.order.shape[1], config.query_k):
+        top = reranked_ranks[:, :r]
         kept = seeds.T.gather(1, top)
         seeds = torch.zeros_like(seeds)
         seeds.T.scatter_(1, top, kept)
