@@ -18,26 +18,21 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 from gpu_dsm.config_cli import add_options, config_from_args, given_flags
 from gpu_dsm.eval.run_config import RunConfig
 from gpu_dsm.photos_cli import add_index_parser, add_search_parser
-from gpu_dsm.retrieval_options import (add_extraction_options, add_initial_options, add_ranking_options, refuse,
-                                       retrieval_from_args)
+from gpu_dsm.retrieval_options import (add_extraction_options, add_initial_options, add_ranking_options, default_device,
+                                       refuse, retrieval_from_args)
 
 NETWORK = ("backbone", "weights", "trust_weights_file", "upsample", "device", "dtype")  # RunConfig's network fields
 
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Network, extraction, global descriptor and detector options."""
     g = p.add_argument_group("network and extraction")
     add_options(g, RunConfig, names=NETWORK)
-    p.set_defaults(device=_default_device())
+    p.set_defaults(device=default_device())
     add_extraction_options(p, g)
 
 

@@ -7,19 +7,13 @@ import argparse
 import dataclasses
 import json
 
-import torch
-
 from gpu_dsm.config_cli import add_options, given
 from gpu_dsm.eval.run_config import RunConfig
 from gpu_dsm.io import json_safe
 from gpu_dsm.photos import IMAGE_SUFFIXES, format_results, index_folder, search_folder_index
-from gpu_dsm.retrieval_options import add_extraction_options, retrieval_from_args
+from gpu_dsm.retrieval_options import add_extraction_options, default_device, retrieval_from_args
 
 NETWORK = ("backbone", "weights", "upsample", "device")  # the network options of RunConfig an index takes
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_index_parser(sub) -> argparse.ArgumentParser:
@@ -33,7 +27,7 @@ def add_index_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the index folder to write (replaced atomically when it exists)")
     g = p.add_argument_group("network and extraction")
     add_options(g, RunConfig, names=NETWORK)
-    p.set_defaults(device=_default_device())
+    p.set_defaults(device=default_device())
     add_extraction_options(p, g)
     p.set_defaults(func=cmd_index)
     return p
@@ -60,7 +54,7 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
                         "whole photo)")
     p.add_argument("--top", type=int, default=10, help="results printed (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (default: a table)")
-    p.add_argument("--device", default=_default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_search)
     return p
 

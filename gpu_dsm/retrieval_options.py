@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from gpu_dsm.asmk import ASMKConfig
 from gpu_dsm.config_cli import add_options, config_from_args, given_flags
 from gpu_dsm.detect import DetectorConfig
@@ -21,6 +23,11 @@ from gpu_dsm.knn import SearchConfig
 from gpu_dsm.match import MatchConfig
 from gpu_dsm.pipeline import RetrievalConfig
 from gpu_dsm.rerank import RerankConfig
+
+
+def default_device() -> str:
+    """The ``--device`` default of every subcommand: ``cuda`` when available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_extraction_options(p: argparse.ArgumentParser, group=None) -> None:
