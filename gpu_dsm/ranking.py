@@ -334,10 +334,7 @@ def rank_methods(queries: DescribedImages, database: DescribedImages, initial: s
     if initial not in ("global", "asmk"):
         raise ValueError(f"initial must be 'global' or 'asmk', got {initial!r}")
     device = torch.device(device)
-    if rerank is not None and (queries.local is None or database.local is None):
-        raise ValueError("re-ranking needs the local features of the queries and of the database")
-    if diffusion is not None and database.graph is None:
-        raise ValueError("diffusion needs the database's kNN graph (DescribedImages.graph)")
+    _check_stage_inputs(queries, database, rerank, diffusion)
     if initial == "asmk" and database.asmk is None:
         raise ValueError("initial='asmk' needs the database's ASMK index (DescribedImages.asmk)")
     timing: dict[str, float] = {}
@@ -395,14 +392,20 @@ def rank_given(queries: DescribedImages, database: DescribedImages, scores: torc
         raise ValueError(f"the given indices must lie in 0..{n - 1} (the database's images)")
     if indices.shape[1] > 1 and bool((indices.sort(1).values.diff(dim=1) == 0).any()):
         raise ValueError("the given indices repeat an image within a query's ranking")
-    if rerank is not None and (queries.local is None or database.local is None):
-        raise ValueError("re-ranking needs the local features of the queries and of the database")
-    if diffusion is not None and database.graph is None:
-        raise ValueError("diffusion needs the database's kNN graph (DescribedImages.graph)")
+    _check_stage_inputs(queries, database, rerank, diffusion)
     stages = {"given": InitialStages(scores.detach().cpu().float(), indices)}
     reranker = DSMReranker(rerank) if rerank is not None else None
     return _refine(queries, database, stages, ["given"], ["given"], "given", reranker, diffusion, device, query_batch,
                    show_progress, {})
+
+
+def _check_stage_inputs(queries: DescribedImages, database: DescribedImages, rerank: RerankConfig | None,
+                        diffusion: DiffusionConfig | None) -> None:
+    """What re-ranking and diffusion read: local features of both sides, the database's graph."""
+    if rerank is not None and (queries.local is None or database.local is None):
+        raise ValueError("re-ranking needs the local features of the queries and of the database")
+    if diffusion is not None and database.graph is None:
+        raise ValueError("diffusion needs the database's kNN graph (DescribedImages.graph)")
 
 
 def _verified_timing(name: str) -> str:
