@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from gpu_dsm.backbones import BACKBONES, build_backbone
+from gpu_dsm.backbones import build_backbone
 from gpu_dsm.configs import config_to_json
 from gpu_dsm.images import ImageSpec
 from gpu_dsm.io import check_output_dir
@@ -85,8 +85,6 @@ def index_folder(folder: str | Path, out: str | Path, backbone: str = "efficient
     """
     images = find_images(folder)
     out = check_output_dir(out, "--out")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; known backbones: {', '.join(sorted(BACKBONES))}")
     config = config or RetrievalConfig()
     retrieval = DSMRetrieval(build_backbone(backbone, weights, upsample=upsample).to(device), config)
     names = [str(path.resolve()) for path in images]
